@@ -1,0 +1,411 @@
+"""Architecture configs for READ: frozen dataclasses with named size factories.
+
+One code path, N data records (house style §3): `ReadConfig.read_7b()`, `ReadConfig.read_13b()` and
+`ReadConfig.tiny()` build the whole model; the component configs (`LlamaConfig`, `ClipVisionConfig`,
+`SamConfig`, `LoraConfig`, `SaspConfig`) are usable on their own.
+
+`from_hf_config()` turns a HF `config.json` dict (LLaVA/READ/SESAME/LISA, or plain LLaMA) into a
+`LlamaConfig` and **raises** on any attribute it does not understand: a silently ignored `rope_scaling`
+or `tie_word_embeddings` is the classic conversion bug (penzai's `handled_or_ignored_attributes`).
+
+Reference: ../shared/docs/read_reference.md §1, §2.1-2.7, §3.6, §6.1, §10.3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+
+# Token ids fixed by the released tokenizer (read_reference.md §2.3).
+SEG_TOKEN_ID = 32000
+IM_START_TOKEN_ID = 32001
+IM_END_TOKEN_ID = 32002
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+VOCAB_SIZE = 32003
+
+
+class ConfigError(ValueError):
+    """A configuration that read_jax does not understand or cannot honour."""
+
+
+def _dtype(name: str):
+    try:
+        return jnp.dtype(name)
+    except TypeError as e:  # pragma: no cover - message clarity only
+        raise ConfigError(f"unknown dtype {name!r}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA-2 / Vicuna-v1.5 decoder (HF `LlamaForCausalLM` of transformers 4.31)."""
+
+    vocab_size: int = VOCAB_SIZE
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    # Compute dtype and parameter dtype: fp32 for parity tests, bf16 for the released sizes.
+    dtype: str = "bfloat16"
+    param_dtype: str = "bfloat16"
+    # Rematerialise each decoder layer in the backward pass (gradient checkpointing, §6.1).
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        _dtype(self.dtype), _dtype(self.param_dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def compute_dtype(self):
+        return _dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return _dtype(self.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig:
+    """CLIP ViT-L/14-336 vision tower (HF `CLIPVisionModel`), as LLaVA-1.5 uses it."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # LLaVA takes hidden_states[select_layer] and drops CLS ("patch" feature).
+    select_layer: int = -2
+    dtype: str = "bfloat16"
+    param_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError("CLIP image_size must be a multiple of patch_size")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"unsupported CLIP hidden_act {self.hidden_act!r}")
+        if not -self.num_hidden_layers <= self.select_layer < 0:
+            raise ConfigError(f"select_layer {self.select_layer} out of range")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side (24 at full size)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens handed to the LLM (576 at full size)."""
+        return self.grid_size**2
+
+    @property
+    def compute_dtype(self):
+        return _dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return _dtype(self.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+    """SAM ViT-H (Meta's `segment_anything`, `build_sam_vit_h`)."""
+
+    # Image encoder.
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    use_rel_pos: bool = True
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    # Prompt encoder / mask decoder.
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    transformer_depth: int = 2
+    transformer_mlp_dim: int = 2048
+    transformer_num_heads: int = 8
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    # Non-persistent buffers of `Sam` (not in checkpoints).
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    dtype: str = "bfloat16"
+    param_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError("SAM image_size must be a multiple of patch_size")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ConfigError(f"global_attn_indexes {bad} outside encoder depth {self.encoder_depth}")
+
+    @property
+    def image_embedding_size(self) -> int:
+        """Side of the image embedding grid (64 at full size)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def low_res_mask_size(self) -> int:
+        """Side of the decoder's low-resolution mask logits (256 at full size)."""
+        return 4 * self.image_embedding_size
+
+    @property
+    def compute_dtype(self):
+        return _dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return _dtype(self.param_dtype)
+
+
+# READ's LoRA targets: q_proj and v_proj of every LLaMA layer, nothing in CLIP/SAM/projector/fcs (§6.1).
+LORA_TARGET_REGEX = r"(.*/)?model/layers/\d+/self_attn/(q_proj|v_proj)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """PEFT-compatible LoRA: W + (alpha / r) * B @ A on the matched Linear layers."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_regex: str = LORA_TARGET_REGEX
+    # Number of modules the regex must match; None means 2 x num_hidden_layers (q and v per layer).
+    expected_matches: int | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclasses.dataclass(frozen=True)
+class SaspConfig:
+    """Similarity-as-Points (READ §3). Everything the paper varies is here, not in the source.
+
+    mode:
+      "threshold": the released rule: min-max map on a `grid_size` grid, positives >= t_pos (value desc),
+        negatives in [0, t_neg] (value asc), then neutrals in raster order, first `num_points`.
+      "topk": Appendix B's "points only": the `num_points // 2` highest cells as positives and the same
+        number of lowest cells as negatives.
+    """
+
+    grid_size: int = 12
+    num_points: int = 30
+    t_pos: float = 0.8
+    t_neg: float = 0.2
+    use_dtoc: bool = True
+    mode: str = "threshold"
+    # The reference computes the dot product and the DtoC min-max in bf16 (fp32 accumulation).
+    similarity_dtype: str = "bfloat16"
+    # Half width (in pixels) of the exact DtoC window: exp(-d^2) < 1e-30 beyond it.
+    dtoc_radius: int = 9
+    # Epsilon added to the min-max range: a flat map must not give NaN (reference bug §13.8).
+    minmax_eps: float = 1e-12
+
+    def __post_init__(self):
+        if self.mode not in ("threshold", "topk"):
+            raise ConfigError(f"unknown SasP mode {self.mode!r}")
+        if not 0.0 <= self.t_neg < self.t_pos <= 1.0:
+            raise ConfigError(f"need 0 <= t_neg < t_pos <= 1, got {self.t_neg}/{self.t_pos}")
+        if self.num_points < 1:
+            raise ConfigError("num_points must be >= 1")
+        if self.num_points > self.grid_size**2:
+            raise ConfigError(f"num_points {self.num_points} exceeds the {self.grid_size}^2 grid")
+        if self.mode == "topk" and self.num_points % 2:
+            raise ConfigError("topk mode needs an even num_points (half positive, half negative)")
+
+    @classmethod
+    def read_7b(cls, **kw) -> "SaspConfig":
+        """Released READ-7B setting: 12x12 grid, 30 points, 0.8/0.2."""
+        return cls(**{**dict(grid_size=12, num_points=30, t_pos=0.8, t_neg=0.2), **kw})
+
+    @classmethod
+    def read_13b_eval(cls, **kw) -> "SaspConfig":
+        """Released READ-13B evaluation setting: 24x24 grid, 60 points, 0.6/0.2."""
+        return cls(**{**dict(grid_size=24, num_points=60, t_pos=0.6, t_neg=0.2), **kw})
+
+
+# What READ trains (§6.1 step 7 + LoRA), as path regexes over the ReadModel parameter tree.
+READ_TRAINABLE_REGEXES = (
+    r"(.*/)?lora_[ab]",
+    r"(.*/)?model/embed_tokens/.*",
+    r"(.*/)?lm_head/.*",
+    r"(.*/)?visual_model/mask_decoder/.*",
+    r"(.*/)?text_hidden_fcs/.*",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadConfig:
+    """The whole READ model: LLaVA-1.5 (LLaMA + CLIP + projector) + fcs + SasP + SAM."""
+
+    llama: LlamaConfig = LlamaConfig()
+    clip: ClipVisionConfig = ClipVisionConfig()
+    sam: SamConfig = SamConfig()
+    lora: LoraConfig | None = LoraConfig()
+    sasp: SaspConfig = SaspConfig()
+    # text_hidden_fcs output (the SAM prompt dim).
+    out_dim: int = 256
+    # Static maximum of [SEG] tokens per conversation row handled under jit (extra ones are dropped).
+    max_segs: int = 4
+    seg_token_id: int = SEG_TOKEN_ID
+    im_start_token_id: int = IM_START_TOKEN_ID
+    im_end_token_id: int = IM_END_TOKEN_ID
+    image_token_index: int = IMAGE_TOKEN_INDEX
+    trainable_regexes: tuple[str, ...] = READ_TRAINABLE_REGEXES
+
+    def __post_init__(self):
+        if self.out_dim != self.sam.prompt_embed_dim:
+            raise ConfigError(f"out_dim {self.out_dim} != SAM prompt_embed_dim {self.sam.prompt_embed_dim}")
+        if self.sasp.grid_size > self.clip.grid_size:
+            raise ConfigError("SasP grid cannot be finer than the CLIP patch grid")
+        if self.llama.vocab_size <= max(self.seg_token_id, self.im_start_token_id, self.im_end_token_id):
+            raise ConfigError("vocab_size must cover [SEG], <im_start>, <im_end>")
+
+    @property
+    def mm_hidden_size(self) -> int:
+        return self.clip.hidden_size
+
+    def replace(self, **kw) -> "ReadConfig":
+        return dataclasses.replace(self, **kw)
+
+    def with_dtype(self, dtype: str, param_dtype: str | None = None) -> "ReadConfig":
+        """Same architecture, another compute/parameter dtype for every component."""
+        p = param_dtype or dtype
+        return self.replace(
+            llama=dataclasses.replace(self.llama, dtype=dtype, param_dtype=p),
+            clip=dataclasses.replace(self.clip, dtype=dtype, param_dtype=p),
+            sam=dataclasses.replace(self.sam, dtype=dtype, param_dtype=p),
+        )
+
+    # ---- size factories -------------------------------------------------------------------------
+    @classmethod
+    def read_7b(cls, **kw) -> "ReadConfig":
+        return cls(**{**dict(llama=LlamaConfig(), lora=LoraConfig(r=8), sasp=SaspConfig.read_7b()), **kw})
+
+    @classmethod
+    def read_13b(cls, **kw) -> "ReadConfig":
+        llama = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                            num_attention_heads=40, num_key_value_heads=40)
+        return cls(**{**dict(llama=llama, lora=LoraConfig(r=64), sasp=SaspConfig.read_13b_eval()), **kw})
+
+    @classmethod
+    def tiny(cls, dtype: str = "float32", **kw) -> "ReadConfig":
+        """A CPU-sized READ with the real token ids, CLIP grid (24x24 = 576 tokens) and SasP rule.
+
+        The vocabulary stays 32003 so that [SEG]/<im_start>/<im_end> keep their ids; SAM works on a
+        256-pixel frame (16x16 embedding, 64x64 low-res masks) with the ViT-H layout in miniature.
+        """
+        llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                            dtype=dtype, param_dtype=dtype)
+        clip = ClipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=2, dtype=dtype, param_dtype=dtype)
+        sam = SamConfig(image_size=256, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                        window_size=7, global_attn_indexes=(1,), prompt_embed_dim=32,
+                        transformer_mlp_dim=64, transformer_num_heads=2, iou_head_hidden_dim=32,
+                        mask_in_chans=4, dtype=dtype, param_dtype=dtype)
+        return cls(**{**dict(llama=llama, clip=clip, sam=sam, out_dim=32, lora=LoraConfig(r=4),
+                             sasp=SaspConfig.read_7b()), **kw})
+
+
+# ---- HF config bridge ---------------------------------------------------------------------------------
+
+# Attributes of a LLaVA/READ/SESAME/LISA config.json that we map, check, or knowingly ignore.
+_HF_MAPPED = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+}
+_HF_CHECKED = {  # attribute -> accepted values
+    "hidden_act": {"silu"},
+    "tie_word_embeddings": {False},
+    "rope_scaling": {None},
+    "pretraining_tp": {1},
+    "attention_bias": {False},
+    "mm_projector_type": {"mlp2x_gelu"},
+    "mm_vision_select_layer": {-2},
+    "mm_vision_select_feature": {"patch"},
+    "mm_use_im_start_end": {True},
+    "mm_use_im_patch_token": {False},
+    "mm_hidden_size": {1024},
+    "image_aspect_ratio": {"square", "pad"},
+    "out_dim": {256},
+    "model_type": {"llava", "llama", "llava_llama"},
+}
+_HF_IGNORED = {
+    # bookkeeping, generation and training-only flags
+    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
+    "transformers_version", "use_cache", "initializer_range", "train_mask_decoder", "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter", "mm_vision_tower", "vision_tower", "mm_patch_merge_type", "tokenizer_padding_side",
+    "tokenizer_model_max_length", "model_max_length", "seg_token_idx", "max_length", "freeze_mm_vision_resampler",
+    "tune_mm_vision_resampler", "mm_resampler_type", "unfreeze_mm_vision_tower", "mm_vision_tower_lr",
+    "mm_projector_lr", "use_mm_proj", "image_grid_pinpoints", "dtype", "head_dim", "mlp_bias",
+    "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
+}
+
+
+def from_hf_config(hf: Mapping[str, Any] | str, *, dtype: str = "bfloat16",
+                   param_dtype: str | None = None) -> LlamaConfig:
+    """LlamaConfig from a HF config dict or config.json path; raises on anything not understood."""
+    if isinstance(hf, str):
+        with open(hf) as f:
+            hf = json.load(f)
+    unknown = sorted(set(hf) - _HF_MAPPED - set(_HF_CHECKED) - _HF_IGNORED)
+    if unknown:
+        raise ConfigError(f"config.json has attributes read_jax does not handle: {unknown}")
+    bad = {k: hf[k] for k, ok in _HF_CHECKED.items() if k in hf and hf[k] not in ok}
+    if bad:
+        raise ConfigError(f"config.json has unsupported values: {bad}")
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise ConfigError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if hf.get("mlp_bias"):
+        raise ConfigError("mlp_bias=True is not supported")
+    kw = {k: hf[k] for k in _HF_MAPPED if k in hf}
+    kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", LlamaConfig.num_attention_heads))
+    return LlamaConfig(**kw, dtype=dtype, param_dtype=param_dtype or dtype)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_config_from_dict(d: Mapping[str, Any]) -> ReadConfig:
+    """Inverse of `config_to_dict` for a ReadConfig (used by the converter's config json)."""
+    def tup(x):
+        return tuple(x) if isinstance(x, Sequence) and not isinstance(x, str) else x
+
+    sam = {k: tup(v) for k, v in d["sam"].items()}
+    return ReadConfig(
+        llama=LlamaConfig(**d["llama"]), clip=ClipVisionConfig(**d["clip"]), sam=SamConfig(**sam),
+        lora=None if d.get("lora") is None else LoraConfig(**d["lora"]), sasp=SaspConfig(**d["sasp"]),
+        **{k: tup(v) for k, v in d.items() if k not in ("llama", "clip", "sam", "lora", "sasp")},
+    )
