@@ -1,0 +1,166 @@
+"""Device mesh, regex -> rule parameter sharding, and a few logical activation constraints.
+
+Model code carries no sharding annotations (house style §5, big_vision `sharding.py`): parameters are
+placed by a strategy, a list of `(path_regex, rule)` pairs where the first match wins:
+
+  * "replicate": the whole leaf on every device;
+  * "fsdp": shard the largest dimension that is divisible by the `fsdp` axis size (only for leaves of
+    at least `min_fsdp_bytes`; smaller ones are replicated: sharding a LayerNorm scale buys nothing).
+
+Activations get constraints with logical names resolved by `LOGICAL_RULES` (maxtext's idea in miniature):
+`constrain(x, ("act_batch", "act_len", "act_emb"))` is a no-op outside `use_mesh(mesh)`.
+
+Mesh axes: `data` (pure data parallelism: parameters replicated) and `fsdp` (data parallel too, with
+parameters and optimizer state sharded). The batch is split over both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")
+LOGICAL_RULES: dict[str, Any] = {
+    "act_batch": DATA_AXES,
+    "act_len": None,
+    "act_emb": None,
+}
+DEFAULT_STRATEGY = (
+    (r".*", "fsdp"),
+)
+
+_current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("read_jax_mesh", default=None)
+
+
+def initialize_distributed() -> None:
+    """Multi-host runs: connect the processes (TPU pods and SLURM/GPU clusters auto-detect)."""
+    if jax.process_count() == 1:
+        with contextlib.suppress(Exception):
+            jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh; -1 takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one mesh axis can be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+    return Mesh(np.asarray(devices).reshape(data, fsdp), DATA_AXES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+    """Make `mesh` the target of `constrain` (and jax's ambient mesh) inside the block."""
+    token = _current_mesh.set(mesh)
+    try:
+        with mesh:
+            yield mesh
+    finally:
+        _current_mesh.reset(token)
+
+
+def logical_spec(names: Sequence[str | None]) -> P:
+    return P(*[LOGICAL_RULES.get(n) if n is not None else None for n in names])
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names; identity when no mesh is active."""
+    mesh = _current_mesh.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    spec = logical_spec(names)
+    # Skip constraints that do not divide (e.g. a batch of 1 during generation).
+    for dim, axes in zip(x.shape, spec):
+        if axes is not None:
+            size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+            if dim % size:
+                return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _fsdp_spec(shape: Sequence[int], itemsize: int, mesh: Mesh, min_bytes: int) -> P:
+    n = mesh.shape["fsdp"]
+    if n == 1 or int(np.prod(shape)) * itemsize < min_bytes:
+        return P()
+    # Largest dimension divisible by the fsdp axis size.
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for i in order:
+        if shape[i] % n == 0:
+            spec = [None] * len(shape)
+            spec[i] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def spec_for(path: str, shape: Sequence[int], dtype, mesh: Mesh, strategy=DEFAULT_STRATEGY,
+             min_fsdp_bytes: int = 1 << 20) -> P:
+    for pattern, rule in strategy:
+        if re.fullmatch(pattern, path):
+            if rule == "replicate":
+                return P()
+            if rule == "fsdp":
+                return _fsdp_spec(shape, np.dtype(dtype).itemsize, mesh, min_fsdp_bytes)
+            raise ValueError(f"unknown sharding rule {rule!r} for {pattern!r}")
+    raise ValueError(f"no sharding rule matches parameter {path!r}")
+
+
+def _path_of(keypath) -> str:
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name in ("value", "raw_value"):
+                continue
+            parts.append(k.name)
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def tree_shardings(tree, mesh: Mesh, strategy=DEFAULT_STRATEGY, min_fsdp_bytes: int = 1 << 20):
+    """NamedSharding for every leaf of a (possibly abstract) pytree, by '/'-joined path."""
+    def one(keypath, leaf):
+        spec = spec_for(_path_of(keypath), leaf.shape, leaf.dtype, mesh, strategy, min_fsdp_bytes)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis split over every data-parallel axis."""
+    return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Place a host batch (numpy) on the mesh, leading axis over the data axes.
+
+    Multi-host: every process passes its local shard; `make_array_from_process_local_data` assembles
+    the global array.
+    """
+    def put(x):
+        x = np.asarray(x)
+        sh = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+        if jax.process_count() > 1:
+            return jax.make_array_from_process_local_data(sh, x)
+        return jax.device_put(x, sh)
+
+    return jax.tree_util.tree_map(put, batch)

@@ -1,0 +1,101 @@
+"""Losses vs a torch transcription of READ.py:46-89, 560-598 (read_reference.md §5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from read_jax.losses import LossWeights, ce_loss, mask_losses, read_loss
+from tests.helpers import require_torch
+
+
+def _torch_reference(torch, logits, labels, preds, gts):
+    """Reference formulas: HF CE; per image sigmoid_ce/dice * n_i, / (N + 1e-8)."""
+    F = torch.nn.functional
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    ce = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+    def sigmoid_ce(p, t, n):
+        loss = F.binary_cross_entropy_with_logits(p, t, reduction="none")
+        return loss.flatten(1, 2).mean(1).sum() / (n + 1e-8)
+
+    def dice(p, t, n, scale=1000, eps=1e-6):
+        p = p.sigmoid().flatten(1, 2)
+        t = t.flatten(1, 2)
+        num = 2 * (p / scale * t).sum(-1)
+        den = (p / scale).sum(-1) + (t / scale).sum(-1)
+        return (1 - (num + eps) / (den + eps)).sum() / (n + 1e-8)
+
+    bce_sum = dice_sum = 0.0
+    n_tot = 0
+    for p, t in zip(preds, gts):
+        n = t.shape[0]
+        bce_sum = bce_sum + sigmoid_ce(p, t, n) * n
+        dice_sum = dice_sum + dice(p, t, n) * n
+        n_tot += n
+    return ce, bce_sum / (n_tot + 1e-8), dice_sum / (n_tot + 1e-8)
+
+
+def _canvas(arrs, H, W):
+    out = np.zeros((len(arrs), H, W), np.float32)
+    valid = np.zeros((len(arrs), H, W), bool)
+    for i, a in enumerate(arrs):
+        out[i, : a.shape[0], : a.shape[1]] = a
+        valid[i, : a.shape[0], : a.shape[1]] = True
+    return out, valid
+
+
+def test_losses_match_torch_reference_with_padding_and_mixed_sizes():
+    torch = require_torch()
+    rng = np.random.default_rng(0)
+    R, T, V = 3, 9, 17
+    logits = rng.normal(size=(R, T, V)).astype(np.float32) * 3
+    labels = rng.integers(0, V, size=(R, T))
+    labels[:, :4] = -100
+    labels[2] = -100  # a row with no supervised token
+    # Two images: 2 masks of 7x5, 1 mask of 4x9; canvas 8x10 with one empty slot.
+    sizes = [(7, 5), (7, 5), (4, 9)]
+    preds = [rng.normal(size=s).astype(np.float32) * 4 for s in sizes]
+    gts = [(rng.random(s) > 0.6).astype(np.float32) for s in sizes]
+    p_can, valid = _canvas(preds + [np.zeros((1, 1), np.float32)], 8, 10)
+    g_can, _ = _canvas(gts + [np.zeros((1, 1), np.float32)], 8, 10)
+    mask_valid = np.array([True, True, True, False])
+
+    ce_t, bce_t, dice_t = _torch_reference(
+        torch, torch.tensor(logits), torch.tensor(labels),
+        [torch.tensor(np.stack(preds[:2])), torch.tensor(preds[2][None])],
+        [torch.tensor(np.stack(gts[:2])), torch.tensor(gts[2][None])])
+    loss, aux = read_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(p_can), jnp.asarray(g_can),
+                          jnp.asarray(valid), jnp.asarray(mask_valid))
+    np.testing.assert_allclose(aux["ce"], ce_t.item(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["bce"], bce_t.item(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(aux["dice"], dice_t.item(), rtol=1e-5, atol=1e-7)
+    w = LossWeights()
+    np.testing.assert_allclose(loss, ce_t.item() + w.bce * bce_t.item() + w.dice * dice_t.item(), rtol=1e-5)
+    assert int(aux["num_masks"]) == 3
+
+
+def test_no_masks_gives_zero_mask_loss_and_finite_grads():
+    logits = jnp.zeros((2, 6, 6))
+    targets = jnp.zeros((2, 6, 6))
+    valid = jnp.ones((2, 6, 6), bool)
+    bce, dice = mask_losses(logits, targets, valid, jnp.zeros(2, bool))
+    assert float(bce) == 0.0 and float(dice) == 0.0
+    g = jax.grad(lambda x: sum(mask_losses(x, targets, valid, jnp.zeros(2, bool))))(logits)
+    assert np.isfinite(np.asarray(g)).all() and float(jnp.abs(g).max()) == 0.0
+
+
+def test_ce_without_supervised_tokens_is_zero():
+    ce, n = ce_loss(jnp.ones((1, 4, 5)), jnp.full((1, 4), -100))
+    assert float(ce) == 0.0 and int(n) == 0
+
+
+def test_dice_scale_makes_eps_matter_for_tiny_masks():
+    # One GT pixel, prediction strongly off everywhere: with the /1000 scale the eps of 1e-6 is 1e-3
+    # pixels, so the dice loss is ~1 (not 0): the reference's behaviour.
+    logits = jnp.full((1, 4, 4), -20.0)
+    t = jnp.zeros((1, 4, 4)).at[0, 0, 0].set(1.0)
+    _, dice = mask_losses(logits, t, jnp.ones((1, 4, 4), bool), jnp.ones(1, bool))
+    expected = 1 - (2 * (1 / (1 + np.exp(20))) / 1000 + 1e-6) / (16 / (1 + np.exp(20)) / 1000 + 1 / 1000 + 1e-6)
+    assert float(dice) == pytest.approx(expected, rel=1e-5)
