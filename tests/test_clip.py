@@ -1,0 +1,124 @@
+"""CLIP vision tower vs transformers' `CLIPVisionModel` (tiny config, random weights, fp32).
+
+LLaVA's feature is `hidden_states[select_layer][:, 1:]` (read_reference.md §2.2); the weights are copied
+through `read_jax.convert.clip`'s table, the one the real converter uses.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from read_jax.clip import ClipVisionModel
+from read_jax.config import ClipVisionConfig, ReadConfig
+from read_jax.convert.clip import CLIP_VISION_IGNORE, CLIP_VISION_RULES, clip_ignore, clip_rules
+from read_jax.convert.common import ConversionError, abstract_leaves, convert, export_leaves, load_leaves
+from tests.helpers import require_torch, state_dict_numpy
+
+
+def _tiny(**kw) -> ClipVisionConfig:
+    # The tiny READ CLIP keeps the real 336/14 geometry (576 patches), so the LLaVA index maths is exercised.
+    return dataclasses.replace(ReadConfig.tiny().clip, **kw)
+
+
+def _hf_clip(torch, cfg: ClipVisionConfig):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    hf_cfg = CLIPVisionConfig(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.num_channels,
+        layer_norm_eps=cfg.layer_norm_eps, hidden_act=cfg.hidden_act, attn_implementation="eager")
+    model = CLIPVisionModel(hf_cfg).eval()
+    # HF initialises LayerNorms to (1, 0) and biases to 0; perturb everything so a swapped scale/bias,
+    # a missing bias or a transposed kernel cannot hide.
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _checkpoint_keys(sd: dict) -> dict:
+    """transformers 5 keeps CLIPVisionModel's layers at the top level in memory (its loader strips the on-disk
+    `vision_model.` prefix); the openai checkpoint and READ's transformers-4.31 layout carry the prefix, and
+    that is what the table maps."""
+    return {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in sd.items()}
+
+
+def _load(cfg: ClipVisionConfig, sd: dict) -> ClipVisionModel:
+    # Built abstractly and filled from the table (house style §8): the strict converter guarantees every leaf
+    # is loaded, and it skips the eager random init (seconds of per-op dispatch on a shared CPU).
+    model = nnx.eval_shape(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)))
+    leaves = convert(sd, CLIP_VISION_RULES, abstract_leaves(model), ignore=CLIP_VISION_IGNORE)
+    load_leaves(model, leaves)
+    return model
+
+
+@pytest.mark.parametrize("act,select_layer", [("quick_gelu", -2), ("gelu", -1)])
+def test_parity_with_hf_clip(act, select_layer):
+    torch = require_torch()
+    cfg = _tiny(hidden_act=act, select_layer=select_layer)
+    ref = _hf_clip(torch, cfg)
+    pixels = torch.randn(2, cfg.num_channels, cfg.image_size, cfg.image_size)
+    want = ref(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:].numpy()
+
+    model = _load(cfg, _checkpoint_keys(state_dict_numpy(ref)))
+    got = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)))  # NCHW->NHWC
+    assert got.shape == (2, cfg.num_patches, cfg.hidden_size) == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_after_the_selected_one_are_not_run():
+    """select_layer=-2 must skip the last layer: poisoning its weights with NaN changes nothing."""
+    torch = require_torch()
+    cfg = _tiny()
+    model = _load(cfg, _checkpoint_keys(state_dict_numpy(_hf_clip(torch, cfg))))
+    x = jax.random.normal(jax.random.key(1), (1, cfg.image_size, cfg.image_size, 3))
+    run = nnx.jit(lambda m, x: m(x))  # parameters are jit inputs: editing them below does not recompile
+    before = run(model, x)
+    last = model.vision_model.encoder.layers[cfg.num_hidden_layers - 1]
+    last.mlp.fc1.kernel[...] = jnp.full_like(last.mlp.fc1.kernel[...], jnp.nan)
+    np.testing.assert_array_equal(np.asarray(run(model, x)), np.asarray(before))
+    assert model.num_layers_run == cfg.num_hidden_layers - 1
+    # ... while poisoning the selected layer itself does reach the output.
+    sel = model.vision_model.encoder.layers[cfg.num_hidden_layers - 2]
+    sel.mlp.fc1.kernel[...] = jnp.full_like(sel.mlp.fc1.kernel[...], jnp.nan)
+    assert np.isnan(np.asarray(run(model, x))).all()
+
+
+def test_table_covers_hf_keys_under_the_llava_prefix():
+    """The READ/LLaVA layout (`model.vision_tower.vision_tower.`) converts through the prefixed table, the
+    `position_ids` buffer is ignored by name, and an unknown key is an error, not a silent skip."""
+    torch = require_torch()
+    cfg = _tiny()
+    sd = _checkpoint_keys(state_dict_numpy(_hf_clip(torch, cfg)))
+    sd["vision_model.embeddings.position_ids"] = np.arange(cfg.num_patches + 1)[None]
+    pre = "model.vision_tower.vision_tower."
+    src = {pre + k: v for k, v in sd.items()}
+    abstract = nnx.eval_shape(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)))
+    target = {"vision_tower/" + k: v for k, v in abstract_leaves(abstract).items()}
+    out = convert(src, clip_rules(pre, "vision_tower/"), target, ignore=clip_ignore(pre))
+    assert set(out) == set(target)
+    np.testing.assert_array_equal(
+        out["vision_tower/vision_model/encoder/layers/1/self_attn/q_proj/kernel"],
+        sd["vision_model.encoder.layers.1.self_attn.q_proj.weight"].T)
+    # The table inverts (export to the HF layout): every key comes back bit-exact.
+    back = export_leaves(out, clip_rules(pre, "vision_tower/"))
+    assert set(back) == set(src) - {pre + "vision_model.embeddings.position_ids"}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, src[k])
+    with pytest.raises(ConversionError, match="visual_projection"):
+        convert({**src, "visual_projection.weight": np.zeros((4, 4))}, clip_rules(pre, "vision_tower/"),
+                target, ignore=clip_ignore(pre))
+
+
+def test_bad_pixel_layout_is_rejected():
+    cfg = _tiny()
+    # Abstract parameters: the check runs before any compute.
+    model = nnx.eval_shape(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="NHWC"):
+        model(jnp.zeros((1, 3, cfg.image_size, cfg.image_size)))  # NCHW by mistake
+
+# The full-size (read_7b) CLIP + projector parameter count vs transformers is in test_llava.py.
