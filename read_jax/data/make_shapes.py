@@ -1,0 +1,397 @@
+"""A small generated reasoning-segmentation set in ReasonSeg's on-disk format ("shapes").
+
+    python -m read_jax.data.make_shapes --out DIR [--num-train 200 --num-val 40 --num-test 40 --seed 0]
+
+writes `DIR/{train,val,test}/shapes_{split}_{i:05d}.{jpg,json}`: scenes of coloured shapes (circle,
+triangle, square, pentagon, hexagon, star) at several image sizes and aspect ratios, each json in the
+labelme layout ReasonSeg uses (read_reference.md §9):
+
+    {"text": [query, paraphrase, ...], "is_sentence": bool,
+     "shapes": [{"label": "target" | "ignore" | "flag", "points": [[x, y], ...], "shape_type": "polygon",
+                 "group_id": null, "flags": {}}, ...],
+     "false_premise_QA": [[query, is_sentence, answer], ...]}
+
+so `ReasonSegReader(DIR, split)` reads it like the real set. Each query needs one step of reasoning to pick
+a single object: the most corners, the largest of a colour, the smallest, the nearest object left/right/
+above/below another one, the one sharing a colour with another, the one that could roll. Some scenes add a
+faint "ghost" shape labelled "ignore" (255 in the eval GT, 0 in training) and a meaningless "flag" polygon
+(skipped by the reader), exercising both conventions. False-premise queries name a colour/shape pair that
+is absent and answer with a correction naming what is there.
+
+Everything is a pure function of (seed, split, index): the same command writes the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (215, 45, 40),
+    "green": (45, 160, 70),
+    "blue": (40, 85, 215),
+    "yellow": (235, 195, 35),
+    "purple": (140, 65, 175),
+    "orange": (240, 130, 30),
+}
+# corners per shape type (a circle has none)
+SHAPES = {"circle": 0, "triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "star": 10}
+SIZES = ((320, 240), (240, 320), (400, 300), (288, 288), (448, 256), (256, 384), (360, 270), (300, 200))
+SPLITS = ("train", "val", "test")
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> np.ndarray:
+    """[N, 2] (x, y) vertices of a shape."""
+    if kind == "circle":
+        n, radii = 48, None
+    elif kind == "star":
+        n, radii = 10, np.tile([r, 0.45 * r], 5)
+    else:
+        n, radii = SHAPES[kind], None
+    ang = rot + 2 * np.pi * np.arange(n) / n
+    rad = np.full(n, r) if radii is None else radii
+    return np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], axis=1)
+
+
+def _area(p: np.ndarray) -> float:
+    x, y = p[:, 0], p[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _scene(rng: np.random.Generator) -> tuple[int, int, list[dict]]:
+    w, h = SIZES[int(rng.integers(len(SIZES)))]
+    n = int(rng.integers(3, 7))
+    shapes: list[dict] = []
+    side = min(w, h)
+    for _ in range(200):
+        if len(shapes) == n:
+            break
+        r = float(rng.uniform(0.07, 0.17) * side)
+        cx, cy = float(rng.uniform(r + 2, w - r - 2)), float(rng.uniform(r + 2, h - r - 2))
+        if any(math.hypot(cx - s["cx"], cy - s["cy"]) < r + s["r"] + 6 for s in shapes):
+            continue
+        kind = list(SHAPES)[int(rng.integers(len(SHAPES)))]
+        color = list(COLORS)[int(rng.integers(len(COLORS)))]
+        rot = (
+            float(rng.uniform(0, 2 * np.pi))
+            if kind != "square"
+            else float(rng.uniform(-0.3, 0.3) + np.pi / 4)
+        )
+        poly = _polygon(kind, cx, cy, r, rot)
+        shapes.append(
+            dict(kind=kind, color=color, cx=cx, cy=cy, r=r, poly=poly, area=_area(poly), corners=SHAPES[kind])
+        )
+    return w, h, shapes
+
+
+def _name(s: dict) -> str:
+    return f"{s['color']} {s['kind']}"
+
+
+def _unique(shapes: list[dict], key: Callable[[dict], object], value) -> list[int]:
+    return [i for i, s in enumerate(shapes) if key(s) == value]
+
+
+# Each query maker returns (target index, [texts], is_sentence) or None when it does not apply uniquely.
+def _q_most_corners(rng, shapes):
+    c = [s["corners"] for s in shapes]
+    top = max(c)
+    if c.count(top) != 1 or top == 0:
+        return None
+    return (
+        c.index(top),
+        [
+            "Which object in the picture has the largest number of corners?",
+            "Find the shape that has more corners than any other.",
+        ],
+        True,
+    )
+
+
+def _q_largest_of_color(rng, shapes):
+    colors = [s["color"] for s in shapes]
+    cands = [col for col in set(colors) if colors.count(col) >= 2]
+    if not cands:
+        return None
+    col = sorted(cands)[int(rng.integers(len(cands)))]
+    idx = [i for i, s in enumerate(shapes) if s["color"] == col]
+    areas = sorted(((shapes[i]["area"], i) for i in idx), reverse=True)
+    if areas[0][0] < 1.15 * areas[1][0]:
+        return None
+    return areas[0][1], [f"the largest {col} object", f"biggest {col} shape"], False
+
+
+def _q_smallest(rng, shapes):
+    areas = sorted((s["area"], i) for i, s in enumerate(shapes))
+    if areas[1][0] < 1.15 * areas[0][0]:
+        return None
+    return (
+        areas[0][1],
+        ["Which shape is the smallest one in this picture?", "Point out the tiniest object in the image."],
+        True,
+    )
+
+
+def _distinct_ref(rng, shapes):
+    """A reference shape whose colour + kind is unique in the scene."""
+    names = [_name(s) for s in shapes]
+    refs = [i for i, n in enumerate(names) if names.count(n) == 1]
+    return None if not refs else refs[int(rng.integers(len(refs)))]
+
+
+_DIRS = {
+    "left": (lambda s, r: r["cx"] - s["cx"], "to the left of", "on the left side of"),
+    "right": (lambda s, r: s["cx"] - r["cx"], "to the right of", "on the right side of"),
+    "above": (lambda s, r: r["cy"] - s["cy"], "above", "higher up than"),
+    "below": (lambda s, r: s["cy"] - r["cy"], "below", "lower down than"),
+}
+
+
+def _q_relation(rng, shapes):
+    ref = _distinct_ref(rng, shapes)
+    if ref is None:
+        return None
+    d = list(_DIRS)[int(rng.integers(len(_DIRS)))]
+    gap, phrase, phrase2 = _DIRS[d]
+    r = shapes[ref]
+    cands = sorted((gap(s, r), i) for i, s in enumerate(shapes) if i != ref and gap(s, r) > 8)
+    if not cands or (len(cands) > 1 and cands[1][0] - cands[0][0] < 10):
+        return None
+    n = _name(r)
+    return (
+        cands[0][1],
+        [f"Which object sits nearest {phrase} the {n}?", f"What is the closest shape {phrase2} the {n}?"],
+        True,
+    )
+
+
+def _q_same_color(rng, shapes):
+    kinds = [s["kind"] for s in shapes]
+    refs = [i for i, k in enumerate(kinds) if kinds.count(k) == 1]
+    rng.shuffle(refs)
+    for ref in refs:
+        same = [i for i, s in enumerate(shapes) if i != ref and s["color"] == shapes[ref]["color"]]
+        if len(same) == 1:
+            k = shapes[ref]["kind"]
+            return (
+                same[0],
+                [
+                    f"Which shape has the same colour as the {k}?",
+                    f"Which other object is painted in the colour of the {k}?",
+                ],
+                True,
+            )
+    return None
+
+
+def _q_could_roll(rng, shapes):
+    circles = [i for i, s in enumerate(shapes) if s["kind"] == "circle"]
+    if len(circles) != 1:
+        return None
+    return (
+        circles[0],
+        [
+            "Something in the picture would roll if you gave it a push. What is it?",
+            "Which object could roll across a table?",
+        ],
+        True,
+    )
+
+
+_EXTREMES = {
+    "leftmost": lambda s: -s["cx"],
+    "rightmost": lambda s: s["cx"],
+    "topmost": lambda s: -s["cy"],
+    "bottom-most": lambda s: s["cy"],
+}
+
+
+def _q_extreme(rng, shapes):
+    word = list(_EXTREMES)[int(rng.integers(len(_EXTREMES)))]
+    key = _EXTREMES[word]
+    order = sorted(((key(s), i) for i, s in enumerate(shapes)), reverse=True)
+    if order[0][0] - order[1][0] < 10:
+        return None
+    return order[0][1], [f"the {word} shape", f"{word} object"], False
+
+
+QUERIES = (
+    _q_extreme,
+    _q_most_corners,
+    _q_largest_of_color,
+    _q_smallest,
+    _q_relation,
+    _q_same_color,
+    _q_could_roll,
+)
+
+
+def _false_premises(rng, shapes) -> list[list]:
+    present = {(s["color"], s["kind"]) for s in shapes}
+    out = []
+    order = list(range(len(shapes)))
+    rng.shuffle(order)
+    for i in order:
+        s = shapes[i]
+        others = [c for c in COLORS if (c, s["kind"]) not in present]
+        if not others:
+            continue
+        c = others[int(rng.integers(len(others)))]
+        if rng.random() < 0.5:
+            out.append(
+                [
+                    f"the {c} {s['kind']}",
+                    False,
+                    f"There is no {c} {s['kind']} in this image, but there is a {_name(s)}.",
+                ]
+            )
+        else:
+            out.append(
+                [
+                    f"Which {s['kind']} here is {c}?",
+                    True,
+                    f"None of them: no {s['kind']} in the picture is {c}. There is a {_name(s)}, though.",
+                ]
+            )
+        if len(out) == 2:
+            break
+    return out
+
+
+def _render(rng, w: int, h: int, shapes: list[dict], ghost: dict | None) -> Image.Image:
+    base = np.asarray(rng.uniform(200, 245, 3))
+    yy, xx = np.mgrid[0:h, 0:w]
+    grad = (xx / w - 0.5)[..., None] * rng.uniform(-25, 25, 3) + (yy / h - 0.5)[..., None] * rng.uniform(
+        -25, 25, 3
+    )
+    img = np.clip(base + grad + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(img)
+    draw = ImageDraw.Draw(im)
+    if ghost is not None:  # faint: ambiguous on purpose
+        col = tuple(int(0.75 * b + 0.25 * c) for b, c in zip(base, COLORS[ghost["color"]]))
+        draw.polygon([tuple(p) for p in ghost["poly"]], fill=col)
+    for s in shapes:
+        col = COLORS[s["color"]]
+        draw.polygon([tuple(p) for p in s["poly"]], fill=col, outline=tuple(max(0, v - 50) for v in col))
+    return im
+
+
+def _points(poly: np.ndarray) -> list[list[float]]:
+    return [[round(float(x), 2), round(float(y), 2)] for x, y in poly]
+
+
+def make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict]:
+    """One (image, labelme json) pair, a pure function of (seed, split, index)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    for _ in range(100):
+        w, h, shapes = _scene(rng)
+        if len(shapes) < 3:
+            continue
+        makers = list(QUERIES)
+        rng.shuffle(makers)
+        for make in makers:
+            q = make(rng, shapes)
+            if q is not None:
+                break
+        if q is not None:
+            break
+    else:  # pragma: no cover - 100 scenes without a unique query is practically impossible
+        raise RuntimeError(f"could not build a query for {split}/{index}")
+    target, texts, is_sentence = q
+    ghost = None
+    if rng.random() < 0.2:  # a faint ghost shape in free space, labelled "ignore"
+        gw, gh, extra = _scene(rng)
+        for g in extra:
+            if (
+                g["cx"] < w - g["r"]
+                and g["cy"] < h - g["r"]
+                and all(
+                    math.hypot(g["cx"] - s["cx"], g["cy"] - s["cy"]) > g["r"] + s["r"] + 4 for s in shapes
+                )
+            ):
+                ghost = g
+                break
+    im = _render(rng, w, h, shapes, ghost)
+    ann_shapes = [
+        {
+            "label": "target",
+            "points": _points(shapes[target]["poly"]),
+            "group_id": None,
+            "shape_type": "polygon",
+            "flags": {},
+        }
+    ]
+    if ghost is not None:
+        ann_shapes.append(
+            {
+                "label": "ignore",
+                "points": _points(ghost["poly"]),
+                "group_id": None,
+                "shape_type": "polygon",
+                "flags": {},
+            }
+        )
+    if rng.random() < 0.05:
+        ann_shapes.append(
+            {
+                "label": "flag",
+                "points": [[0.0, 0.0], [4.0, 0.0], [4.0, 4.0]],
+                "group_id": None,
+                "shape_type": "polygon",
+                "flags": {},
+            }
+        )
+    ann = {
+        "text": texts,
+        "is_sentence": is_sentence,
+        "shapes": ann_shapes,
+        "false_premise_QA": _false_premises(rng, shapes),
+        "imageHeight": h,
+        "imageWidth": w,
+    }
+    return im, ann
+
+
+def write_split(out: str, split: str, num: int, seed: int, progress=None) -> list[str]:
+    d = os.path.join(out, split)
+    os.makedirs(d, exist_ok=True)
+    paths = []
+    for i in range(num):
+        im, ann = make_example(seed, split, i)
+        stem = os.path.join(d, f"shapes_{split}_{i:05d}")
+        im.save(stem + ".jpg", quality=92)
+        with open(stem + ".json", "w") as f:
+            json.dump(ann, f)
+        paths.append(stem + ".jpg")
+        if progress is not None:
+            progress.update(1)
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory (gets train/ val/ test/)")
+    p.add_argument("--num-train", type=int, default=200)
+    p.add_argument("--num-val", type=int, default=40)
+    p.add_argument("--num-test", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+    if any(n < 0 for n in counts.values()):
+        p.error("split sizes must be >= 0")
+    from tqdm import tqdm
+
+    with tqdm(total=sum(counts.values()), desc="shapes", unit="img") as bar:
+        for split, n in counts.items():
+            write_split(args.out, split, n, args.seed, bar)
+    print(f"wrote {counts} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
