@@ -40,3 +40,32 @@ def to_np(x):
     if hasattr(x, "detach"):
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
+
+
+def numpy_random_model(factory, seed: int = 0):
+    """Build an NNX model abstractly and fill every leaf with seeded numpy noise of O(1) activations.
+
+    Eager JAX init compiles one RNG kernel per parameter shape (tens of seconds on 2 cores for READ);
+    tests that need *some* random weights, not the init distribution, use this instead.
+    """
+    from flax import nnx
+
+    from read_jax.convert.common import abstract_leaves, load_leaves
+
+    rng = np.random.default_rng(seed)
+    model = nnx.eval_shape(factory)
+    leaves = {}
+    for path, v in abstract_leaves(model).items():
+        name = path.rsplit("/", 1)[-1]
+        if name in ("scale", "weight") or path.endswith("norm/scale"):
+            a = rng.uniform(0.8, 1.2, v.shape)
+        elif name == "bias":
+            a = 0.02 * rng.standard_normal(v.shape)
+        elif "embedding" in name or len(v.shape) < 2:
+            a = rng.standard_normal(v.shape) * (0.5 if len(v.shape) < 2 else 1.0)
+        else:
+            fan_in = int(np.prod(v.shape[:-1]))
+            a = rng.standard_normal(v.shape) / np.sqrt(fan_in)
+        leaves[path] = a.astype(v.dtype)
+    load_leaves(model, leaves)
+    return model

@@ -22,43 +22,13 @@ from read_jax.config import ReadConfig, SamConfig
 from read_jax.convert.common import Converter, abstract_leaves, convert, export_leaves, load_leaves
 from read_jax.convert.sam import sam_rules
 from read_jax.sam import Sam
+from tests.reference.meta_sam import meta_sam  # noqa: F401  (re-exported for the other SAM tests)
 from tests.helpers import require, require_torch, state_dict_numpy, to_np
 
 TINY = ReadConfig.tiny().sam  # 256 px, 16x16 tokens, window 7 (padded to 21), global block 1
 
 
 # ---- reference builders (shared with the other SAM test files) -------------------------------------------
-def meta_sam():
-    """Meta's `segment_anything.modeling` and `segment_anything.build_sam` modules.
-
-    The package `__init__` imports the predictor, whose transforms import torchvision, which the test extra
-    does not install; the modeling code needs torch alone. Without torchvision we register a bare package
-    (no `__init__` run) and import the two submodules from it.
-    """
-    require_torch()
-    try:
-        # importlib, not `from segment_anything import build_sam`: the package re-exports a *function*
-        # of that name.
-        return (importlib.import_module("segment_anything.modeling"),
-                importlib.import_module("segment_anything.build_sam"))
-    except ModuleNotFoundError as e:
-        if e.name == "segment_anything":
-            require("segment_anything")  # skips locally, fails under CI
-        if e.name != "torchvision":
-            raise
-    spec = importlib.util.find_spec("segment_anything")
-    pkg = types.ModuleType("segment_anything")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__spec__ = spec
-    sys.modules["segment_anything"] = pkg
-    modeling = importlib.import_module("segment_anything.modeling")
-    build_sam = importlib.import_module("segment_anything.build_sam")
-    # The builders the real `__init__` re-exports, for other tests that `from segment_anything import ...`.
-    for name in ("build_sam", "build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "sam_model_registry"):
-        setattr(pkg, name, getattr(build_sam, name))
-    return modeling, build_sam
-
-
 def build_meta_sam(cfg: SamConfig):
     """Meta's `Sam` with the architecture of `cfg`, fp32, eval mode, every tensor randomised."""
     torch = require_torch()

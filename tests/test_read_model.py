@@ -1,0 +1,213 @@
+"""READ end to end vs a torch READ assembled from transformers' LLaMA/CLIP, Meta's SAM and the SasP
+transcription (tests/reference/), with the same weights loaded through read_jax's converter tables."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from read_jax.config import ReadConfig, SaspConfig
+from read_jax.convert.common import Converter, abstract_leaves, load_leaves
+from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
+from read_jax.lora import partition_trainable
+from read_jax.read_model import ReadModel, batch_loss, seg_slots
+from read_jax.sam.transforms import get_preprocess_shape
+from tests.helpers import require_torch
+
+CANVAS = (320, 320)
+ORIG = [(240, 320), (300, 117)]  # landscape and an odd-width portrait
+
+
+def _cfg(**sasp_kw):
+    sasp = SaspConfig.read_7b(similarity_dtype="float32", **sasp_kw)
+    return ReadConfig.tiny(lora=None, sasp=sasp, max_segs=2)
+
+
+def _batch(cfg, seed=0):
+    """3 rows: image 0 with one [SEG]; image 1 with two [SEG]s; image 1 with none (a VQA-like row)."""
+    rng = np.random.default_rng(seed)
+    seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
+    head = [1, 319, s, -200, e, 13]
+    rows = [
+        head + [500, 501, 502, 9, 10, 11, seg, 29889, 2],
+        head + [600, 601, 9, seg, 603, 604, seg, 2],
+        head + [700, 701, 702, 703, 2],
+    ]
+    L = max(map(len, rows)) + 2
+    ids = np.zeros((3, L), np.int32)
+    mask = np.zeros((3, L), bool)
+    labels = np.full((3, L), -100, np.int32)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = row
+        mask[r, : len(row)] = True
+        labels[r, 9: len(row)] = row[9:]
+    sam_hw = np.array([get_preprocess_shape(h, w, cfg.sam.image_size) for h, w in ORIG], np.int32)
+    masks = np.zeros((3, 2, *CANVAS), np.uint8)
+    mvalid = np.array([[True, False], [True, True], [False, False]])
+    for r, img, k in [(0, 0, 0), (1, 1, 0), (1, 1, 1)]:
+        h, w = ORIG[img]
+        m = (rng.random((h, w)) > 0.7).astype(np.uint8)
+        m[: h // 3, : w // 2] = 1
+        masks[r, k, :h, :w] = m
+    return {
+        "images_clip": rng.normal(size=(2, 336, 336, 3)).astype(np.float32),
+        "images_sam": rng.normal(size=(2, cfg.sam.image_size, cfg.sam.image_size, 3)).astype(np.float32),
+        "sam_input_hw": sam_hw, "orig_hw": np.array(ORIG, np.int32),
+        "input_ids": ids, "attention_mask": mask, "labels": labels,
+        "conv_image": np.array([0, 1, 1], np.int32), "masks": masks, "mask_valid": mvalid,
+    }
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(cfg, torch READ, read_jax READ with the same weights)."""
+    torch = require_torch()
+    from tests.reference.read_torch import TorchRead
+
+    cfg = _cfg()
+    tm = TorchRead(cfg, seed=0).float()
+    sd, clip_sd = tm.released_state_dict()
+    model = nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
+    conv = Converter(read_rules() + clip_dir_rules(), abstract_leaves(model),
+                     ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore())
+    leaves = conv.add_all(sd).add_all(clip_sd).finish()
+    load_leaves(model, leaves)  # every leaf filled: the abstract model becomes concrete
+    torch.set_grad_enabled(True)
+    return cfg, tm, model
+
+
+def _torch_forward(cfg, tm, batch):
+    import torch
+
+    from tests.reference import sasp_torch as st
+    from tests.reference.read_torch import to_torch_batch
+
+    sc = cfg.sasp
+
+    def similarity(h_img, s):
+        return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
+
+    def to_points(sim, hw):
+        return st.similarity_map_to_points(sim, hw, down_sample=cfg.clip.grid_size // sc.grid_size,
+                                           num_points=sc.num_points, t_pos=sc.t_pos, t_neg=sc.t_neg,
+                                           use_dtoc=False)
+
+    def dtoc(sim, pts, hw):
+        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
+        return st.discrete_to_continuous(full, pts.float())
+
+    tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
+    return tb, tm(tb, (similarity, to_points, dtoc), {})
+
+
+def test_seg_slots_first_token_never_counts_and_overflow_is_dropped():
+    ids = jnp.array([[32000, 5, 32000, 32000, 32000], [1, 2, 3, 4, 5]])
+    idx, valid = seg_slots(ids, 32000, 2)
+    np.testing.assert_array_equal(np.asarray(valid), [[True, True], [False, False]])
+    np.testing.assert_array_equal(np.asarray(idx[0]), [2, 3])
+
+
+@pytest.fixture(scope="module")
+def jax_run(pair):
+    """Forward outputs, loss terms and gradients of the trainables from ONE jitted function (one compile)."""
+    cfg, _, model = pair
+    batch = _batch(cfg)
+    graphdef, trainable, frozen = partition_trainable(model, cfg.trainable_regexes)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    @jax.jit
+    def run(tr, fr, b):
+        def loss_fn(t):
+            out, aux = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
+            loss, terms = batch_loss(out, b)
+            return loss, (terms, out, aux)
+
+        (_, (terms, out, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
+        return terms, out, aux, grads
+
+    terms, out, aux, grads = run(trainable, frozen, jb)
+    return batch, terms, out, aux, grads
+
+
+def test_forward_matches_torch_reference(pair, jax_run):
+    cfg, tm, model = pair
+    batch, _, out, aux, _ = jax_run
+    tb, tout = _torch_forward(cfg, tm, batch)
+
+    np.testing.assert_allclose(np.asarray(out["logits"]), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4)
+    valid = np.asarray(out["seg_valid"])
+    np.testing.assert_array_equal(valid, [[True, False], [True, True], [False, False]])
+    slots = [(0, 0), (1, 0), (1, 1)]
+    assert len(tout["segs"]) == len(slots)
+    for (r, k), ts in zip(slots, tout["segs"]):
+        assert ts["row"] == r
+        h, w = ORIG[batch["conv_image"][r]]
+        np.testing.assert_allclose(np.asarray(aux["read/pred_embeddings"][r, k]), ts["pred_emb"].detach().numpy(),
+                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(aux["sasp/labels"][r, k]), ts["labels"].numpy())
+        np.testing.assert_allclose(np.asarray(aux["sasp/points"][r, k]), ts["points"].detach().numpy(), atol=1e-3)
+        got = np.asarray(out["mask_logits"][r, k])
+        np.testing.assert_allclose(got[:h, :w], ts["mask"].detach().numpy(), atol=1e-4, rtol=1e-4)
+        assert np.all(got[h:] == 0) and np.all(got[:, w:] == 0)
+
+
+def test_losses_and_gradients_match_torch_reference(pair, jax_run):
+    import torch
+
+    from read_jax.convert.common import convert
+    from tests.reference.read_torch import torch_losses
+
+    cfg, tm, model = pair
+    batch, terms, _, _, grads = jax_run
+    tm.zero_grad()
+    tb, tout = _torch_forward(cfg, tm, batch)
+    gts = []
+    for r, k in [(0, 0), (1, 0), (1, 1)]:
+        h, w = ORIG[batch["conv_image"][r]]
+        gts.append(torch.from_numpy((batch["masks"][r, k, :h, :w] == 1).astype(np.float32)))
+    tl = torch_losses(tout, gts)
+    tl["loss"].backward()
+
+    for name in ("ce", "bce", "dice", "loss"):
+        np.testing.assert_allclose(float(terms[name]), tl[name].item(), rtol=1e-5, atol=1e-6)
+
+    # Torch grads of the trainables under released key names -> read_jax paths through the same table.
+    named = dict(tm.named_parameters())
+    tgrads = {}
+    for k, p in named.items():
+        g = np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()  # unused: IoU head
+        if k.startswith("llm.model.embed_tokens") or k.startswith("llm.lm_head"):
+            tgrads[k[len("llm."):]] = g
+        elif k.startswith("text_hidden_fcs.") or k.startswith("visual_model.mask_decoder."):
+            tgrads["model." + k] = g
+    target = abstract_leaves(grads)
+    expected = convert(tgrads, read_rules(), target)
+    got = abstract_leaves(grads)
+    assert set(got) == set(expected)
+    for path, g in expected.items():
+        a = np.asarray(got[path], np.float64)
+        # 1e-4 relative; the absolute floor covers gradients that are zero in exact arithmetic (the IoU head
+        # is unused; softmax is invariant to the key bias) and come out as ~1e-10 rounding noise.
+        assert np.linalg.norm(a - g) <= 1e-4 * np.linalg.norm(g) + 1e-8, path
+    # The DtoC gradient path reaches the LLM: the [SEG] token's embedding row gets mask-loss gradient.
+    assert np.abs(np.asarray(got["llava/language_model/model/embed_tokens/embedding"][cfg.seg_token_id])).sum() > 0
+
+
+def test_rows_without_seg_get_no_mask_and_jit_compiles_once(pair):
+    cfg, _, model = pair
+    batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
+    traces = []
+
+    @nnx.jit(static_argnames=("canvas_hw",))
+    def fwd(m, b, canvas_hw):
+        traces.append(1)
+        return m(b, canvas_hw=canvas_hw)[0]["seg_valid"]
+
+    v1 = fwd(model, batch, canvas_hw=CANVAS)
+    b2 = dict(batch, orig_hw=jnp.asarray([[200, 100], [150, 320]], jnp.int32))  # other sizes, same shapes
+    fwd(model, b2, canvas_hw=CANVAS)
+    assert len(traces) == 1
+    assert not bool(v1[2].any())
