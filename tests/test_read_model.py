@@ -1,7 +1,6 @@
 """READ end to end vs a torch READ assembled from transformers' LLaMA/CLIP, Meta's SAM and the SasP
 transcription (tests/reference/), with the same weights loaded through read_jax's converter tables."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

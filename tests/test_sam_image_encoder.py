@@ -8,8 +8,6 @@ import dataclasses
 import importlib
 import importlib.util
 import math
-import sys
-import types
 from functools import partial
 
 import jax
@@ -23,7 +21,7 @@ from read_jax.convert.common import Converter, abstract_leaves, convert, export_
 from read_jax.convert.sam import sam_rules
 from read_jax.sam import Sam
 from tests.reference.meta_sam import meta_sam  # noqa: F401  (re-exported for the other SAM tests)
-from tests.helpers import require, require_torch, state_dict_numpy, to_np
+from tests.helpers import require_torch, state_dict_numpy, to_np
 
 TINY = ReadConfig.tiny().sam  # 256 px, 16x16 tokens, window 7 (padded to 21), global block 1
 
