@@ -231,7 +231,7 @@ def export_leaves(leaves: Mapping[str, Array], rules: Sequence[Rule],
 def _invert_rule(rule: Rule, path: str) -> str | None:
     # Turn the target template into a regex and the source regex into a template.
     groups = re.findall(r"\(([^)]*)\)", rule.source)
-    tpat, i = "", 0
+    tpat = ""
     parts = re.split(r"(\\\d)", rule.target)
     for p in parts:
         m = re.fullmatch(r"\\(\d)", p)
