@@ -382,7 +382,7 @@ def from_hf_config(hf: Mapping[str, Any] | str, *, dtype: str = "bfloat16",
     unknown = sorted(set(hf) - _HF_MAPPED - set(_HF_CHECKED) - _HF_IGNORED)
     if unknown:
         raise ConfigError(f"config.json has attributes read_jax does not handle: {unknown}")
-    bad = {k: hf[k] for k, ok in _HF_CHECKED.items() if k in hf and hf[k] not in ok}
+    bad = {k: hf[k] for k, ok in _HF_CHECKED.items() if k in hf and not any(hf[k] == v for v in ok)}
     if bad:
         raise ConfigError(f"config.json has unsupported values: {bad}")
     if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
