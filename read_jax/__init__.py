@@ -1,7 +1,30 @@
-"""read_jax: READ (Reasoning to Attend, CVPR 2025) in JAX/Flax NNX."""
+"""read_jax: READ (Reasoning to Attend, CVPR 2025) in JAX/Flax NNX.
+
+Public API (the model modules are imported lazily so that `import read_jax` stays light):
+
+    ReadConfig (read_7b / read_13b / tiny), ReadModel, predict, load_for_inference, apply_lora, load_model
+"""
 
 from read_jax.config import (ClipVisionConfig, LlamaConfig, LoraConfig, ReadConfig, SamConfig,
                              SaspConfig)
 
-__all__ = ["ClipVisionConfig", "LlamaConfig", "LoraConfig", "ReadConfig", "SamConfig", "SaspConfig"]
+__all__ = ["ClipVisionConfig", "LlamaConfig", "LoraConfig", "ReadConfig", "SamConfig", "SaspConfig",
+           "ReadModel", "predict", "load_for_inference", "apply_lora", "load_model"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ReadModel": ("read_jax.read_model", "ReadModel"),
+    "predict": ("read_jax.inference", "predict"),
+    "load_for_inference": ("read_jax.inference", "load_for_inference"),
+    "apply_lora": ("read_jax.lora", "apply_lora"),
+    "load_model": ("read_jax.checkpoint", "load_model"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'read_jax' has no attribute {name!r}")
