@@ -356,9 +356,7 @@ _HF_CHECKED = {  # attribute -> accepted values
     "mm_vision_select_feature": {"patch"},
     "mm_use_im_start_end": {True},
     "mm_use_im_patch_token": {False},
-    "mm_hidden_size": {1024},
     "image_aspect_ratio": {"square", "pad"},
-    "out_dim": {256},
     "model_type": {"llava", "llama", "llava_llama"},
 }
 _HF_IGNORED = {
@@ -370,6 +368,8 @@ _HF_IGNORED = {
     "tune_mm_vision_resampler", "mm_resampler_type", "unfreeze_mm_vision_tower", "mm_vision_tower_lr",
     "mm_projector_lr", "use_mm_proj", "image_grid_pinpoints", "dtype", "head_dim", "mlp_bias",
     "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
+    # checked against the CLIP / SAM configs by read_jax.convert.read.build_config
+    "mm_hidden_size", "out_dim",
 }
 
 

@@ -1,0 +1,340 @@
+"""Converted checkpoints on disk: a streaming writer, and the loader that restores them sharded.
+
+A converted checkpoint (written by `convert_weights.py`, read_reference.md §10) is a directory:
+
+    config.json        the read_jax ReadConfig (`read_jax.config.config_to_dict`)
+    hf_config.json     the source checkpoint's HF config.json, kept for provenance
+    tokenizer/         the tokenizer files, copied
+    params/manifest.json
+    params/part-00000/ params/part-00001/ ...   orbax PyTree checkpoints, each a subset of the leaves
+
+Why parts: the converter streams the source shard by shard and must never hold the whole model in host
+memory twice, but orbax writes a checkpoint from a pytree that is in memory. So converted leaves are buffered
+up to `part_bytes` (256 MiB by default) and written as one orbax checkpoint per buffer ("part"); the manifest
+records which part holds which leaf, with its shape and dtype. Restoring merges the parts.
+
+Loading into a model (house style §8): `load_model` builds the model abstractly (`nnx.eval_shape`), computes
+one `NamedSharding` per leaf from `read_jax.sharding` (FSDP over all devices by default), and lets orbax read
+each device's slice of each leaf straight from disk (`ArrayRestoreArgs(sharding=...)`), so the 7B model is
+never materialised on one device or on the host. Leaves that the checkpoint does not hold on purpose (LoRA
+factors, modules that start from their init, RNG state) are created by a jitted init that returns only
+those leaves, already sharded (XLA drops the rest of the init as dead code).
+
+Leaf names are '/'-joined NNX state paths ('llava/language_model/model/layers/0/self_attn/q_proj/kernel').
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+FORMAT = "read_jax/converted-params/1"
+PARAMS_DIR = "params"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+HF_CONFIG = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_PART_BYTES = 256 << 20
+# Leaves a checkpoint may lack without error: LoRA factors start from their init (B = 0).
+DEFAULT_ALLOW_MISSING = (r"(.*/)?lora_[ab]",)
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint that is missing, incomplete, or does not fit the model it is loaded into."""
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}} (the pytree orbax stores)."""
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *head, last = path.split("/")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return out
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, p + "/"))
+        else:
+            out[p] = v
+    return out
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def _part_writer(compress: bool):
+    """A synchronous orbax writer for host numpy trees that does not copy them.
+
+    Synchronous on purpose: an async save would keep the previous part's buffers alive while the next one
+    fills. orbax's default NumpyHandler deep-copies every host array before writing (a guard against
+    concurrent mutation); the PartWriter never touches a buffered array again, so the copy only doubles the
+    memory of a part, and is switched off through a private handler registry (the global one is untouched).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.serialization.type_handler_registry import create_type_handler_registry
+
+    registry = create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler()),  # unused; keeps orbax's array metadata store enabled
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    handler = ocp.PyTreeCheckpointHandler(use_compression=compress, type_handler_registry=registry)
+    return ocp.Checkpointer(handler)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    The part buffers and orbax's write buffers are freed after each part, but glibc keeps freed chunks below
+    its (adaptive, up to 32 MiB) mmap threshold in the heap, where fragmentation pins them: measured on the
+    convert benchmark, the resident set grew by ~300 MiB over a few parts without this.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+class PartWriter:
+    """Write leaves to `directory` (the `params/` folder) as a sequence of orbax parts of <= `part_bytes`.
+
+    Usage: `w = PartWriter(dir); w.add(path, array) ...; manifest = w.close(extra={...})`. Arrays are host
+    numpy (any dtype orbax handles, bf16 included); `add` copies arrays that do not own their memory, so the
+    caller may hand in views of memory-mapped files.
+    """
+
+    def __init__(self, directory: str | os.PathLike, part_bytes: int = DEFAULT_PART_BYTES, *,
+                 compress: bool = True):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=False)
+        self.part_bytes = int(part_bytes)
+        self.compress = compress
+        self.buffer: dict[str, np.ndarray] = {}
+        self.buffered = 0
+        self.parts: list[dict] = []
+        self.leaves: dict[str, dict] = {}
+        self.written_bytes = 0
+
+    def add(self, path: str, array: np.ndarray) -> None:
+        from read_jax.convert.io import owned_copy
+
+        if path in self.leaves or path in self.buffer:
+            raise CheckpointError(f"leaf {path} written twice")
+        a = owned_copy(np.asarray(array))
+        if self.buffer and self.buffered + a.nbytes > self.part_bytes:
+            self.flush()  # keep a part within budget (a single larger leaf gets a part of its own)
+        self.buffer[path] = a
+        self.buffered += a.nbytes
+        if self.buffered >= self.part_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"part-{len(self.parts):05d}"
+        _part_writer(self.compress).save(self.directory / name, _nest(self.buffer))
+        for p, a in self.buffer.items():
+            self.leaves[p] = {"shape": list(a.shape), "dtype": str(a.dtype), "part": name}
+        self.parts.append({"dir": name, "leaves": sorted(self.buffer), "bytes": self.buffered})
+        self.written_bytes += self.buffered
+        self.buffer, self.buffered = {}, 0
+        _release_freed_memory()
+
+    def close(self, extra: Mapping[str, Any] | None = None) -> dict:
+        """Flush and write `manifest.json` (extra keys merged in); returns the manifest."""
+        self.flush()
+        manifest = {"format": FORMAT, "parts": self.parts, "leaves": dict(sorted(self.leaves.items())),
+                    **dict(extra or {})}
+        (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        return manifest
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+def params_dir(directory: str | os.PathLike) -> Path:
+    """`directory/params` for a converted checkpoint, or `directory` itself if it is the params folder."""
+    d = Path(directory)
+    return d if (d / MANIFEST).is_file() else d / PARAMS_DIR
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = params_dir(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {directory} a converted read_jax checkpoint?)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_config(directory: str | os.PathLike):
+    """The ReadConfig stored with a converted checkpoint."""
+    from read_jax.config import read_config_from_dict
+
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    return read_config_from_dict(json.loads(path.read_text()))
+
+
+def _restore_part(part_dir: Path, want: Mapping[str, Any], restore_args: Mapping[str, Any]) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    out = _checkpointer().restore(
+        part_dir, args=ocp.args.PyTreeRestore(item=_nest(want), restore_args=_nest(restore_args),
+                                              partial_restore=True))
+    return _flatten(out)
+
+
+def iter_parts(directory: str | os.PathLike, dtype=None) -> Iterator[dict[str, np.ndarray]]:
+    """Host numpy leaves, one part at a time (what export streams through). `dtype` casts on read."""
+    import orbax.checkpoint as ocp
+
+    pdir = params_dir(directory)
+    manifest = read_manifest(directory)
+    for part in manifest["parts"]:
+        want = {p: np.zeros((), np.float32) for p in part["leaves"]}  # only the tree structure is used
+        args = {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype) for p in part["leaves"]}
+        yield _restore_part(pdir / part["dir"], want, args)
+
+
+def restore_leaves(directory: str | os.PathLike, targets: Mapping[str, Any],
+                   shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the leaves named in `targets` (path -> ShapeDtypeStruct-like) from a converted checkpoint.
+
+    With `shardings` (path -> jax.sharding.Sharding) every leaf becomes a jax.Array laid out that way, each
+    device reading only its slice from disk; without, host numpy arrays. Leaves are cast to the target dtype.
+    Raises CheckpointError listing every target leaf the checkpoint lacks and every shape mismatch.
+    """
+    import orbax.checkpoint as ocp
+
+    pdir = params_dir(directory)
+    manifest = read_manifest(directory)
+    stored = manifest["leaves"]
+    problems = [f"{p}: not in the checkpoint" for p in sorted(targets) if p not in stored]
+    problems += [f"{p}: checkpoint shape {tuple(stored[p]['shape'])} != model shape {tuple(t.shape)}"
+                 for p, t in sorted(targets.items())
+                 if p in stored and tuple(stored[p]["shape"]) != tuple(t.shape)]
+    if problems:
+        raise CheckpointError(f"{pdir}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+    by_part: dict[str, list[str]] = {}
+    for p in targets:
+        by_part.setdefault(stored[p]["part"], []).append(p)
+    out: dict[str, Any] = {}
+    for part, paths in by_part.items():
+        want, args = {}, {}
+        for p in paths:
+            t = targets[p]
+            want[p] = t
+            if shardings is not None:
+                args[p] = ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=tuple(t.shape),
+                                               dtype=t.dtype)
+            else:
+                args[p] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
+        out.update(_restore_part(pdir / part, want, args))
+    return out
+
+
+def leaf_shardings(abstract: Mapping[str, Any], mesh, strategy=None, *,
+                   param_paths: Sequence[str] | None = None, min_fsdp_bytes: int = 1 << 20) -> dict[str, Any]:
+    """NamedSharding per '/'-path: `read_jax.sharding` rules for checkpointed leaves (`param_paths`),
+    replicated for everything else (RNG keys and counters: typed keys have no itemsize to shard by)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from read_jax import sharding as shd
+
+    strategy = shd.DEFAULT_STRATEGY if strategy is None else strategy
+    params = set(abstract if param_paths is None else param_paths)
+    out = {}
+    for p, t in abstract.items():
+        if p in params:
+            out[p] = NamedSharding(mesh, shd.spec_for(p, t.shape, t.dtype, mesh, strategy, min_fsdp_bytes))
+        else:
+            out[p] = NamedSharding(mesh, P())
+    return out
+
+
+def load_model(directory: str | os.PathLike, model_fn: Callable[[], Any] | None = None, *, mesh=None,
+               strategy=None, allow_missing: Sequence[str] | None = None):
+    """Build a model from a converted checkpoint, every leaf restored straight into its sharding.
+
+    Args:
+      directory: a converted checkpoint (the output of `convert_weights.py`).
+      model_fn: builds the model eagerly (e.g. `lambda: ReadModel(cfg, rngs=nnx.Rngs(0))`); only traced here
+        (abstractly, and under jit for the leaves the checkpoint lacks). Default: `ReadModel` of the stored
+        config.
+      mesh: default: every device on the `fsdp` axis (`read_jax.sharding.make_mesh(1, -1)`).
+      strategy: `read_jax.sharding` parameter rules (default FSDP on everything large).
+      allow_missing: regexes of parameter paths the checkpoint may lack (they keep their init). Default: LoRA
+        factors plus the leaves the converter recorded as left to init (`manifest["uninitialized"]`).
+    Returns:
+      The NNX model with sharded jax.Array leaves.
+    """
+    import jax
+    from flax import nnx
+
+    from read_jax import sharding as shd
+    from read_jax.convert.common import path_str
+
+    if model_fn is None:
+        cfg = load_config(directory)
+        from read_jax.read_model import ReadModel
+
+        model_fn = lambda: ReadModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    mesh = shd.make_mesh(1, -1) if mesh is None else mesh
+    manifest = read_manifest(directory)
+    if allow_missing is None:
+        recorded = [re.escape(p) for p in manifest.get("uninitialized", [])]
+        allow_missing = list(DEFAULT_ALLOW_MISSING) + recorded
+    allow = [re.compile(p) for p in allow_missing]
+
+    abstract = nnx.eval_shape(model_fn)
+    graphdef, state = nnx.split(abstract)
+    flat = list(nnx.to_flat_state(state))
+    leaves = {path_str(p): v.get_value() for p, v in flat}
+    # Checkpointed: every variable but RNG state (params, LoRA factors, buffers such as SAM's Gaussian PE).
+    params = {path_str(p) for p, v in flat if not isinstance(v, nnx.RngState)}
+    shardings = leaf_shardings(leaves, mesh, strategy, param_paths=sorted(params))
+
+    stored = manifest["leaves"]
+    from_ckpt = {p: leaves[p] for p in params if p in stored}
+    absent = sorted(p for p in params if p not in stored)
+    bad = [p for p in absent if not any(r.fullmatch(p) for r in allow)]
+    if bad:
+        raise CheckpointError(f"{directory}: {len(bad)} model parameters are not in the checkpoint:\n  "
+                              + "\n  ".join(bad))
+    extra = sorted(set(stored) - set(leaves))
+    if extra:
+        raise CheckpointError(f"{directory}: {len(extra)} checkpoint leaves have no place in the model:\n  "
+                              + "\n  ".join(extra))
+    values = restore_leaves(directory, from_ckpt, {p: shardings[p] for p in from_ckpt})
+
+    need = sorted(set(leaves) - set(values))
+    if need:
+        def init_subset():
+            st = nnx.state(model_fn())
+            fl = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(st)}
+            return {p: fl[p] for p in need}
+
+        values.update(jax.jit(init_subset, out_shardings={p: shardings[p] for p in need})())
+
+    for p, v in flat:
+        v.set_value(values[path_str(p)])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
