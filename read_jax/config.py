@@ -39,8 +39,20 @@ def _dtype(name: str):
         raise ConfigError(f"unknown dtype {name!r}") from e
 
 
+class _DtypeMixin:
+    """`dtype` (compute) and `param_dtype` (storage) strings as numpy dtypes."""
+
+    @property
+    def compute_dtype(self):
+        return _dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return _dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(_DtypeMixin):
     """LLaMA-2 / Vicuna-v1.5 decoder (HF `LlamaForCausalLM` of transformers 4.31)."""
 
     vocab_size: int = VOCAB_SIZE
@@ -75,17 +87,9 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def compute_dtype(self):
-        return _dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return _dtype(self.param_dtype)
-
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig:
+class ClipVisionConfig(_DtypeMixin):
     """CLIP ViT-L/14-336 vision tower (HF `CLIPVisionModel`), as LLaVA-1.5 uses it."""
 
     hidden_size: int = 1024
@@ -120,17 +124,9 @@ class ClipVisionConfig:
         """Image tokens handed to the LLM (576 at full size)."""
         return self.grid_size**2
 
-    @property
-    def compute_dtype(self):
-        return _dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return _dtype(self.param_dtype)
-
 
 @dataclasses.dataclass(frozen=True)
-class SamConfig:
+class SamConfig(_DtypeMixin):
     """SAM ViT-H (Meta's `segment_anything`, `build_sam_vit_h`)."""
 
     # Image encoder.
@@ -177,14 +173,6 @@ class SamConfig:
     def low_res_mask_size(self) -> int:
         """Side of the decoder's low-resolution mask logits (256 at full size)."""
         return 4 * self.image_embedding_size
-
-    @property
-    def compute_dtype(self):
-        return _dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return _dtype(self.param_dtype)
 
 
 # READ's LoRA targets: q_proj and v_proj of every LLaMA layer, nothing in CLIP/SAM/projector/fcs (§6.1).

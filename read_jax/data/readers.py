@@ -528,6 +528,15 @@ def _sem_seg_conversations(
     return mode, convs
 
 
+def _init_train_only(reader: Reader, dataset: str, mode: str, max_convs: int, seed: int,
+                     mode_weights: Sequence[float]) -> None:
+    """Common constructor part of the semantic-segmentation readers (training sets, no eval protocol)."""
+    Reader.__init__(reader, mode, max_convs, seed)
+    if mode != "train":
+        raise ValueError(f"{dataset} is a training set only (no eval protocol)")
+    reader.name, reader.dataset, reader.mode_weights = dataset, dataset, tuple(mode_weights)
+
+
 class LabelMapReader(Reader):
     """ADE20K, COCO-Stuff and Mapillary Vistas: an RGB image + a single-channel PNG of class ids.
 
@@ -548,10 +557,7 @@ class LabelMapReader(Reader):
         seed: int = 0,
         mode_weights: Sequence[float] = SEM_SEG_MODE_WEIGHTS,
     ):
-        super().__init__(mode, max_convs, seed)
-        if mode != "train":
-            raise ValueError(f"{dataset} is a training set only (no eval protocol)")
-        self.name, self.dataset, self.mode_weights = dataset, dataset, tuple(mode_weights)
+        _init_train_only(self, dataset, mode, max_convs, seed, mode_weights)
         self.ignore_ids: tuple[int, ...] = ()
         if dataset == "ade20k":
             self.classes = list(ADE20K_CLASSES)
@@ -654,10 +660,7 @@ class CocoPartReader(Reader):
         seed: int = 0,
         mode_weights: Sequence[float] = SEM_SEG_MODE_WEIGHTS,
     ):
-        super().__init__(mode, max_convs, seed)
-        if mode != "train":
-            raise ValueError(f"{dataset} is a training set only (no eval protocol)")
-        self.name, self.dataset, self.mode_weights = dataset, dataset, tuple(mode_weights)
+        _init_train_only(self, dataset, mode, max_convs, seed, mode_weights)
         if dataset == "paco_lvis":
             ann_file = os.path.join(root, "vlpart", "paco", "annotations", "paco_lvis_v1_train.json")
             img_dir = os.path.join(root, "coco")
