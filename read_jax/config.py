@@ -222,7 +222,9 @@ class SaspConfig:
     def __post_init__(self):
         if self.mode not in ("threshold", "topk"):
             raise ConfigError(f"unknown SasP mode {self.mode!r}")
-        if not 0.0 <= self.t_neg < self.t_pos <= 1.0:
+        # Traced thresholds (evaluation sweeps reuse one compile across t_pos/t_neg) skip the range check.
+        concrete = all(isinstance(t, (int, float)) for t in (self.t_pos, self.t_neg))
+        if concrete and not 0.0 <= self.t_neg < self.t_pos <= 1.0:
             raise ConfigError(f"need 0 <= t_neg < t_pos <= 1, got {self.t_neg}/{self.t_pos}")
         if self.num_points < 1:
             raise ConfigError("num_points must be >= 1")
