@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 LOGICAL_RULES: dict[str, Any] = {
@@ -141,24 +143,39 @@ def tree_shardings(tree, mesh: Mesh, strategy=DEFAULT_STRATEGY, min_fsdp_bytes: 
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis split over every data-parallel axis."""
-    return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Axis `batch_axis` (the batch) split over every data-parallel axis, the others replicated.
+
+    `batch_axis=1` is the layout of stacked micro-batches [k, N, ...] (gradient accumulation).
+    """
+    if ndim <= batch_axis:
+        return NamedSharding(mesh, P())
+    spec = [None] * ndim
+    spec[batch_axis] = DATA_AXES
+    return NamedSharding(mesh, P(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Place a host batch (numpy) on the mesh, leading axis over the data axes.
+def shard_batch(batch: dict, mesh: Mesh, batch_axis: int = 0) -> dict:
+    """Place a host batch (numpy) on the mesh, axis `batch_axis` over the data axes.
 
     Multi-host: every process passes its local shard; `make_array_from_process_local_data` assembles
-    the global array.
+    the global array. Raises ValueError (before any transfer) when a batch axis does not divide over the
+    data-parallel devices.
     """
+    n = int(np.prod([mesh.shape[a] for a in DATA_AXES]))
+    for k, x in jax.tree_util.tree_leaves_with_path(batch):
+        shape = np.shape(x)
+        if len(shape) > batch_axis and (shape[batch_axis] * jax.process_count()) % n:
+            raise ValueError(f"batch entry {jax.tree_util.keystr(k)} has {shape[batch_axis]} rows on axis {batch_axis}, not "
+                             f"divisible over the {n} data-parallel devices")
+
     def put(x):
         x = np.asarray(x)
-        sh = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+        sh = batch_sharding(mesh, x.ndim, batch_axis) if x.ndim > batch_axis else replicated(mesh)
         if jax.process_count() > 1:
             return jax.make_array_from_process_local_data(sh, x)
         return jax.device_put(x, sh)

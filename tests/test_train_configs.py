@@ -1,0 +1,134 @@
+"""Every `configs/*.py` loads through `train.py`'s flag machinery (with command-line overrides) and builds its
+abstract model (no allocation): trainable regexes match, LoRA is where the recipe says, parameters shard.
+
+Building the full 7B/13B abstract models costs ~20-40 s each on this CPU (flax's Variable.set_value probes
+`tracer.sharding`, whose error message jax builds by scanning the whole trace: quadratic in the model size), so
+the default suite builds them with 2 layers per stack (same widths, same paths and rules) and the full sizes run
+under `-m slow` (`test_full_size_7b_train_step_lowers_on_8_devices` also reports the per-device bytes).
+"""
+
+import dataclasses
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from read_jax import sharding as shd
+from read_jax import train_lib as T
+from read_jax.data import mixture as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Full-size checks run with READ_JAX_FULL=1 (they take ~30 s each); the default suite runs the shallow variants.
+FULL = pytest.mark.skipif(os.environ.get("READ_JAX_FULL", "0") != "1", reason="full-size: set READ_JAX_FULL=1")
+CONFIGS = [("tiny_shapes", None), ("tiny_shapes", "smoke"), ("read_7b_reasonseg", None), ("read_7b_refseg", None),
+           ("read_13b_reasonseg", "stage1"), ("read_13b_reasonseg", "stage2")]
+
+
+def load(name: str, arg: str | None = None, *overrides: str):
+    """`train.py`'s `--config configs/<name>.py[:arg] --config.x=y ...`, through ml_collections."""
+    path = os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else "")
+    argv = ["train.py", f"--config={path}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def shallow(cfg):
+    """The same architecture with 2 layers per stack (LLaMA, CLIP, SAM encoder)."""
+    sam = dataclasses.replace(cfg.sam, encoder_depth=2, global_attn_indexes=(1,))
+    return cfg.replace(llama=dataclasses.replace(cfg.llama, num_hidden_layers=2),
+                       clip=dataclasses.replace(cfg.clip, num_hidden_layers=2), sam=sam)
+
+
+def test_every_config_file_is_covered():
+    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))} - {"__init__"}
+    assert files == {name for name, _ in CONFIGS}
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_config_loads_and_builds_an_abstract_model(name, arg):
+    c = load(name, arg)
+    cfg = T.read_config_from(c.model)
+    full = cfg
+    if cfg.llama.hidden_size > 1024:
+        cfg = shallow(cfg)
+    mesh = shd.make_mesh(data=1, fsdp=8)
+    setup = T.setup_model(cfg, mesh, strategy=T._plain(c.mesh.strategy))
+    assert all(n > 0 for r, n in setup.regex_counts.items() if not (cfg.lora is None and "lora" in r))
+    leaves = jax.tree.leaves(setup.trainable_abstract)
+    assert leaves and all(x.dtype == np.float32 for x in leaves)  # fp32 master copies
+    if cfg.lora is not None:
+        lora = [p for p, _ in _flat(setup.trainable_abstract) if p.endswith("/lora_a")]
+        assert len(lora) == 2 * cfg.llama.num_hidden_layers
+        assert setup.regex_counts[r"(.*/)?model/embed_tokens/.*"] == 1
+    # The data, schedule and mixture settings are valid too.
+    dc = T.data_config_from(c.data, full)
+    assert dc.clip_size == full.clip.image_size
+    assert T.total_steps_of(c.train) >= 1
+    rates = T.parse_rates(str(c.data.rates))
+    assert (rates in M.RATE_PRESETS) if isinstance(rates, str) else set(rates) <= set(M.SOURCES)
+    if full.llama.hidden_size > 1024:
+        assert str(full.llama.dtype) == "bfloat16" and full.llama.remat
+        # FSDP: the big frozen matrices are split over the 8 devices.
+        sh = dict(_flat(setup.frozen_shardings))
+        assert sh["llava/language_model/model/layers/0/mlp/gate_proj/kernel"].spec != jax.sharding.PartitionSpec()
+
+
+def _flat(state):
+    from flax import nnx
+
+    return [("/".join(map(str, p)), v.get_value() if hasattr(v, "get_value") else v)
+            for p, v in nnx.to_flat_state(state)]
+
+
+def test_command_line_overrides_and_named_stages():
+    c = load("read_7b_reasonseg", None, "--config.train.lr=2e-5", "--config.data.root=/data", "--config.model.lora.r=16")
+    assert c.train.lr == 2e-5 and c.data.root == "/data" and T.read_config_from(c.model).lora.r == 16
+    s1, s2 = load("read_13b_reasonseg", "stage1"), load("read_13b_reasonseg", "stage2")
+    assert (s1.data.rates, s2.data.rates) == ("read_13b_stage1", "read_13b_stage2")
+    assert (s1.train.lr, s2.train.lr) == (3e-4, 1e-4)
+    assert s2.init.trainables_from and not s1.init.trainables_from
+    assert T.read_config_from(s1.model).lora.r == 64
+    assert T.read_config_from(s1.model).llama.hidden_size == 5120
+    with pytest.raises(Exception, match="stage3"):
+        load("read_13b_reasonseg", "stage3")
+    tiny = load("tiny_shapes", None, "--config.data.root=/tmp/x", "--config.train.lr=1e-4")
+    assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4
+
+
+def test_7b_step_lowers_on_8_devices_shallow():
+    """The 7B recipe's train step (bf16, remat, LoRA r=8, FSDP over 8 devices, 10-step accumulation) traces and
+    lowers without executing anything; 2 layers per stack keep it fast (full size: the slow test below)."""
+    c = load("read_7b_reasonseg")
+    report = T.memory_report(shallow(T.read_config_from(c.model)), c, mesh=shd.make_mesh(data=1, fsdp=8),
+                             lower=True, accum=2, length=256, images_per_device=1)
+    assert report["lowered"]
+    assert report["trainable_bytes_per_device"] > 0 and report["optimizer_bytes_per_device"] == pytest.approx(
+        2 * report["trainable_bytes_per_device"], rel=0.01)
+
+
+@pytest.mark.slow
+@FULL
+def test_full_size_7b_train_step_lowers_on_8_devices():
+    c = load("read_7b_reasonseg")
+    report = T.memory_report(T.read_config_from(c.model), c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
+    print(report)
+    assert report["lowered"]
+    gib = 1 << 30
+    # bf16 frozen base (~7.4B parameters) / 8 and fp32 trainables (~288M: embed_tokens + lm_head dominate) / 8.
+    assert 1.5 * gib < report["frozen_bytes_per_device"] < 2.0 * gib
+    assert 0.10 * gib < report["trainable_bytes_per_device"] < 0.2 * gib
+
+
+@pytest.mark.slow
+@FULL
+@pytest.mark.parametrize("name,arg", [("read_7b_reasonseg", None), ("read_13b_reasonseg", "stage1")])
+def test_full_size_abstract_models(name, arg):
+    c = load(name, arg)
+    setup = T.setup_model(T.read_config_from(c.model), shd.make_mesh(data=1, fsdp=8))
+    assert setup.num_frozen > 7e9 and 2e8 < setup.num_trainable < 1e9

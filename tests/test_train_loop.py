@@ -1,0 +1,179 @@
+"""`train.py` end to end on the generated shapes set (smoke sizes, 8 fake devices): kill -9 and resume, the NaN
+guard, what a checkpoint holds, best-by-cIoU, and reloading a run for evaluation.
+
+Every run is a `train.py` subprocess, as a user runs it. They share a persistent XLA compilation cache, so only
+the first run of each distinct step compiles it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from read_jax.data import make_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train_loop")
+    data = base / "shapes"
+    for split, n in (("train", 16), ("val", 8)):
+        make_shapes.write_split(str(data), split, n, seed=3)
+    e = dict(os.environ)
+    e.update(JAX_COMPILATION_CACHE_DIR=str(base / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+    e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    return {"base": base, "data": data, "env": e}
+
+
+def command(env, workdir, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny_shapes.py") + ":smoke",
+            "--workdir", str(workdir), f"--config.data.root={env['data']}", "--config.data.make_shapes=False",
+            f"--config.train.total_steps={STEPS}", "--config.train.log_every=1", "--config.progress=False",
+            "--config.checkpoint.every_steps=3", "--config.checkpoint.keep=2", *extra]
+
+
+def run(env, workdir, *extra, check=True):
+    p = subprocess.run(command(env, workdir, *extra), env=env["env"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, check=False)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def train_rows(workdir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["split"] == "train"}
+
+
+def finished_steps(workdir) -> list[int]:
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    """The reference run: STEPS steps in one go, validating every epoch (4 steps)."""
+    w = env["base"] / "uninterrupted"
+    run(env, w)
+    return w
+
+
+def test_kill_and_resume_gives_the_uninterrupted_losses(env, uninterrupted):
+    ref = train_rows(uninterrupted)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    w = env["base"] / "killed"
+    proc = subprocess.Popen(command(env, w), env=env["env"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not finished_steps(w) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before its first checkpoint was seen: cannot test the kill"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = max(finished_steps(w))
+    assert resumed_from < STEPS
+    before = train_rows(w)
+    p = run(env, w)
+    assert f"resumed {w} at step {resumed_from}" in p.stderr
+    after = {s: r for s, r in train_rows(w).items() if s > resumed_from}
+    # Rows written after the restart: the steps after the checkpoint, the same losses as the uninterrupted run.
+    assert sorted(after) == list(range(resumed_from + 1, STEPS + 1))
+    for s, r in after.items():
+        for k in ("loss", "ce", "bce", "dice", "l2_grads"):
+            np.testing.assert_allclose(r[k], ref[s][k], rtol=1e-6, err_msg=f"step {s} {k}")
+    # The killed process got at least to its checkpoint: its rows up to there matched too.
+    for s in range(1, resumed_from + 1):
+        np.testing.assert_allclose(before[s]["loss"], ref[s]["loss"], rtol=1e-6)
+
+
+def test_checkpoint_holds_trainables_optimizer_data_state_and_a_base_reference(uninterrupted):
+    import orbax.checkpoint as ocp
+
+    steps = finished_steps(uninterrupted)
+    assert steps == [STEPS - 3, STEPS]  # keep-N = 2
+    ck = uninterrupted / "checkpoints" / str(STEPS)
+    assert {p.name for p in ck.iterdir() if not p.name.startswith("_")} >= {"trainable", "opt_state", "data", "meta"}
+    meta = json.loads((ck / "meta" / "metadata").read_text())
+    assert meta["step"] == STEPS and meta["base"]["kind"] == "scratch" and meta["base"]["seed"] == 0
+    # The data state is the grain iterator position: STEPS batches consumed.
+    assert json.loads((ck / "data" / "process_0-of-1.json").read_text()) == {"next_index": STEPS}
+    # Only trainables are saved: no frozen tower, no LLaMA base weight.
+    tree = ocp.StandardCheckpointer().metadata(ck / "trainable").item_metadata.tree
+    paths = set(_paths(tree))
+    assert any(p.startswith("visual_model/mask_decoder/") for p in paths)
+    assert not any("vision_tower" in p or "image_encoder" in p for p in paths)
+    # Best-by-cIoU is kept separately: the validation with the highest cIoU.
+    vals = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if r["split"] == "val"]
+    assert len(vals) == STEPS // 4
+    best = max(vals, key=lambda r: r["cIoU"])
+    best_dirs = [p for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
+    assert [int(p.name) for p in best_dirs] == [best["step"]]
+    best_meta = json.loads((best_dirs[0] / "meta" / "metadata").read_text())
+    assert best_meta["metrics"]["cIoU"] == pytest.approx(best["cIoU"])
+    assert (uninterrupted / "summary.json").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (uninterrupted / "tb").iterdir())
+
+
+def _paths(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _paths(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}"
+
+
+def test_nan_guard_stops_with_step_and_batch_and_keeps_the_last_good_checkpoint(env):
+    """A huge learning rate makes the parameters overflow after the first real update (warmup: lr(0) = 0)."""
+    w = env["base"] / "nan"
+    p = run(env, w, "--config.train.lr=1e30", "--config.checkpoint.every_steps=1", check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    msg = p.stderr
+    assert "non-finite training step" in msg and "example_index" in msg and "sample_id" in msg
+    bad_step = int(msg.split("non-finite training step ")[1].split(":")[0])
+    assert bad_step >= 1
+    # Checkpoints stop at the last good step: none was written for the failing update or after it.
+    assert max(finished_steps(w)) == bad_step
+    rows = train_rows(w)
+    assert all(np.isfinite(r["loss"]) for r in rows.values()) and max(rows) <= bad_step
+
+
+def test_load_trained_restores_the_saved_trainables(uninterrupted):
+    import jax
+    from flax import nnx
+
+    from configs import tiny_shapes
+    from read_jax import train_lib as T
+
+    c = tiny_shapes.get_config("smoke")
+    model, _, meta = T.load_trained(c, uninterrupted, which="latest")
+    assert meta["step"] == STEPS
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().restore(uninterrupted / "checkpoints" / str(STEPS) / "trainable")
+    got = nnx.to_pure_dict(nnx.state(model))
+    for path in _paths(jax.tree.map(lambda x: 0, saved)):
+        a = _get(saved, path)
+        b = _get(got, path)
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=path)
+
+
+def _get(tree, path):
+    for k in path.split("/"):
+        tree = tree[int(k)] if isinstance(tree, (list, tuple)) else tree[k if k in tree else int(k)]
+    return tree
