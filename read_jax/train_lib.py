@@ -150,7 +150,8 @@ def read_config_from(model_cfg) -> ReadConfig:
 
     Fields: `preset` ('tiny' | 'read_7b' | 'read_13b'), `dtype` / `param_dtype` (every component), optional
     component overrides `llama`, `clip`, `sam`, `sasp` (dicts of dataclass fields), `lora` (a dict of LoraConfig
-    fields, or None for no LoRA), `remat` (LLaMA decoder layers), `max_segs`, `trainable_regexes`.
+    fields, or None for no LoRA), `remat` (LLaMA decoder layers), and any other `ReadConfig` field (`max_segs`,
+    `trainable_regexes`, ...). An unknown field raises ConfigError.
     """
     m = _plain(model_cfg)
     preset = m.get("preset", "tiny")
@@ -171,8 +172,12 @@ def read_config_from(model_cfg) -> ReadConfig:
         kw["llama"] = dataclasses.replace(kw.get("llama", cfg.llama), remat=bool(m["remat"]))
     if "lora" in m:
         kw["lora"] = None if m["lora"] is None else dataclasses.replace(cfg.lora or LoraConfig(), **m["lora"])
-    for k in ("max_segs", "trainable_regexes"):
-        if m.get(k) is not None:
+    top = {f.name for f in dataclasses.fields(ReadConfig)} - set(_COMPONENTS) - {"lora"}
+    unknown = set(m) - top - set(_COMPONENTS) - {"preset", "dtype", "param_dtype", "remat", "lora"}
+    if unknown:
+        raise ConfigError(f"config.model has fields {sorted(unknown)} that ReadConfig lacks")
+    for k in top & set(m):
+        if m[k] is not None:
             kw[k] = m[k]
     if "sam" in kw and "out_dim" not in kw:
         kw["out_dim"] = kw["sam"].prompt_embed_dim
@@ -835,7 +840,9 @@ def base_reference(config, cfg: ReadConfig) -> dict:
         manifest = params_dir(path) / "manifest.json"
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
         return {"kind": "converted", "path": str(Path(path).absolute()), "manifest_sha256": digest}
-    arch = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    # What determines the frozen weights: the architecture and the trainable split, not SasP or max_segs.
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("sasp", "max_segs")}
+    arch = json.dumps(arch, sort_keys=True, default=str)
     return {"kind": "scratch", "seed": int(config.init.seed),
             "config_sha256": hashlib.sha256(arch.encode()).hexdigest()}
 
@@ -860,6 +867,9 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
       which: 'best' (best-by-cIoU, falling back to the latest) or 'latest'.
     Returns:
       (nnx model, ReadConfig, meta dict of the restored checkpoint).
+    Raises:
+      FileNotFoundError without a checkpoint; ConfigError when the config's frozen base (converted checkpoint and
+      its manifest hash, or scratch seed and architecture) is not the one the run was trained on.
     """
     cfg = read_config_from(config.model)
     mesh = mesh or shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
@@ -872,11 +882,15 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
         step = mgr.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint to load")
-        tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
         target = _abstract_target(_pure(setup.trainable_abstract), _pure(setup.trainable_shardings))
         pure, _, meta = ck.restore(step, target, None, None, manager="best" if mgr is ck.best else "latest")
     finally:
         ck.close()
+    base = base_reference(config, cfg)
+    if meta.get("base") is not None and meta["base"] != base:
+        raise ConfigError(f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: "
+                          f"evaluate with the run's own config (init.checkpoint / init.seed / model)")
+    _, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
     tr = _load_into(setup.trainable_abstract, pure, setup.trainable_shardings)
     return nnx.merge(setup.graphdef, tr, fr), cfg, meta
 

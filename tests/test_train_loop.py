@@ -161,6 +161,11 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
     from read_jax import train_lib as T
 
     c = tiny_shapes.get_config("smoke")
+    # Another scratch seed is another frozen base: refused before anything is built.
+    other = tiny_shapes.get_config("smoke")
+    other.init.seed = 7
+    with pytest.raises(T.ConfigError, match="frozen base"):
+        T.load_trained(other, uninterrupted)
     model, _, meta = T.load_trained(c, uninterrupted, which="latest")
     assert meta["step"] == STEPS
     import orbax.checkpoint as ocp

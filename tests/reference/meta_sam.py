@@ -10,12 +10,16 @@ import importlib.util
 import sys
 import types
 
-from tests.helpers import require, require_torch
+from tests.helpers import require
 
 
 def meta_sam():
-    """(segment_anything.modeling, segment_anything.build_sam)."""
-    require_torch()
+    """(segment_anything.modeling, segment_anything.build_sam).
+
+    Uses `require("torch")`, not `require_torch()`: the latter also turns autograd off globally, which the
+    training benchmark and the gradient parity tests must not inherit from a mere import.
+    """
+    require("torch")
     try:
         import segment_anything.build_sam as build_sam
         import segment_anything.modeling as modeling
