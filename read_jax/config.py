@@ -272,6 +272,9 @@ class ReadConfig:
     im_end_token_id: int = IM_END_TOKEN_ID
     image_token_index: int = IMAGE_TOKEN_INDEX
     trainable_regexes: tuple[str, ...] = READ_TRAINABLE_REGEXES
+    # READ runs CLIP and SAM's image encoder under no_grad. False lets gradients into them, for models trained
+    # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still decide what updates.
+    freeze_vision_towers: bool = True
 
     def __post_init__(self):
         if self.out_dim != self.sam.prompt_embed_dim:

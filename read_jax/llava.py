@@ -244,7 +244,9 @@ class LlavaModel(nnx.Module):
           [B, P, C] image tokens in the LLM compute dtype.
         """
         # The reference runs the tower under torch.no_grad (clip_encoder.py): no gradient reaches CLIP.
-        feats = jax.lax.stop_gradient(self.vision_tower(pixel_values))  # [B, P, V]
+        feats = self.vision_tower(pixel_values)  # [B, P, V]
+        if self.config.freeze_vision_towers:
+            feats = jax.lax.stop_gradient(feats)
         return self.mm_projector(feats.astype(self.config.llama.compute_dtype))
 
     def validate(self, input_ids, images_clip, attention_mask=None, image_row_index=None,

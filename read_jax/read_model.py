@@ -19,6 +19,8 @@ What differs from the reference, on purpose (read_reference.md §13):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -94,8 +96,10 @@ class ReadModel(nnx.Module):
 
     # ---- pieces ------------------------------------------------------------------------------------------
     def image_embeddings(self, images_sam: Array) -> Array:
-        """Frozen SAM encoder (READ runs it under no_grad): float[B, S, S, 3] -> float[B, h, w, D]."""
-        return jax.lax.stop_gradient(self.visual_model.image_encoder(images_sam))
+        """SAM's encoder, frozen as in READ (no_grad) unless `freeze_vision_towers=False`:
+        float[B, S, S, 3] -> float[B, h, w, D]."""
+        emb = self.visual_model.image_encoder(images_sam)
+        return jax.lax.stop_gradient(emb) if self.config.freeze_vision_towers else emb
 
     def seg_states(self, hidden: Array, input_ids: Array, image_start: Array):
         """[SEG] hidden states (at expanded position - 1) and the image-token hidden states of each row.
@@ -222,7 +226,7 @@ def batch_loss(outputs: dict, batch: dict, weights=None) -> tuple[Array, dict]:
     bool[R, S'] (or [R]). Training targets are `mask == 1` (READ's reason_seg_dataset: 255 -> 0).
     Slots beyond S' or without a predicted [SEG] are not supervised.
     """
-    from read_jax.losses import LossWeights, read_loss
+    from read_jax.losses import LossWeights, cell_coverage, read_loss, similarity_loss
 
     weights = weights or LossWeights()
     gt = batch["masks"]
@@ -241,6 +245,17 @@ def batch_loss(outputs: dict, batch: dict, weights=None) -> tuple[Array, dict]:
     extent = batch["mask_hw"] if "mask_hw" in batch else batch["orig_hw"][conv_image]
     pv = pixel_valid(extent, canvas)[:, None]  # [R, 1, Hc, Wc]
     pv = jnp.broadcast_to(pv, logits.shape)
-    return read_loss(outputs["logits"], outputs["labels"], logits.reshape(r * s_gt, *canvas),
-                     (gt == 1).reshape(r * s_gt, *canvas), pv.reshape(r * s_gt, *canvas),
-                     valid.reshape(-1), weights)
+    loss, metrics = read_loss(outputs["logits"], outputs["labels"], logits.reshape(r * s_gt, *canvas),
+                              (gt == 1).reshape(r * s_gt, *canvas), pv.reshape(r * s_gt, *canvas),
+                              valid.reshape(-1), weights)
+    if weights.sim:
+        if "sim_logits" not in outputs:
+            raise ValueError("weights.sim > 0 needs outputs['sim_logits'] (the scaled SasP similarity map)")
+        sim = outputs["sim_logits"][:, :s_gt]  # [R, S', P]
+        grid = math.isqrt(sim.shape[-1])
+        orig = jnp.repeat(batch["orig_hw"][conv_image], s_gt, axis=0)
+        cov = cell_coverage((gt == 1).reshape(r * s_gt, *canvas), jnp.repeat(extent, s_gt, axis=0), orig, grid)
+        sim_l = similarity_loss(sim.reshape(r * s_gt, -1), cov, valid.reshape(-1))
+        loss = loss + weights.sim * sim_l
+        metrics = {**metrics, "loss": loss, "sim": sim_l}
+    return loss, metrics

@@ -210,3 +210,55 @@ def test_rows_without_seg_get_no_mask_and_jit_compiles_once(pair):
     fwd(model, b2, canvas_hw=CANVAS)
     assert len(traces) == 1
     assert not bool(v1[2].any())
+
+
+def test_vision_towers_get_gradients_only_when_unfrozen(pair):
+    """READ runs CLIP and SAM's image encoder under no_grad; `freeze_vision_towers=False` (from-scratch configs)
+    lets the mask loss reach them. Marking frozen towers trainable is refused up front."""
+    import dataclasses
+
+    from read_jax import train_lib as T
+
+    cfg, _, model = pair
+    towers = (r"llava/vision_tower/.*", r"visual_model/image_encoder/.*")
+    b = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
+    open_cfg = dataclasses.replace(cfg, freeze_vision_towers=False)
+    open_gd, _ = nnx.split(nnx.eval_shape(lambda: ReadModel(open_cfg, rngs=nnx.Rngs(0))))
+    norms = {}
+    for name, m in (("frozen", model), ("open", nnx.merge(open_gd, nnx.state(model)))):
+        graphdef, tr, fr = partition_trainable(m, towers)
+
+        def loss_fn(t, graphdef=graphdef, fr=fr):
+            out, _ = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
+            return batch_loss(out, b)[0]
+
+        g = jax.grad(loss_fn)(tr)
+        norms[name] = {p: float(jnp.abs(v).sum()) for p, v in
+                       (("/".join(map(str, k)), v.get_value()) for k, v in nnx.to_flat_state(g))}
+    assert norms["frozen"] and not any(norms["frozen"].values())
+    for prefix in ("llava/vision_tower/", "visual_model/image_encoder/"):
+        assert sum(v for p, v in norms["open"].items() if p.startswith(prefix)) > 0, prefix
+    with pytest.raises(T.ConfigError, match="freeze_vision_towers"):
+        T.check_trainable_regexes(model, cfg.replace(trainable_regexes=cfg.trainable_regexes + towers[:1]))
+    assert T.check_trainable_regexes(model, open_cfg.replace(trainable_regexes=towers))[towers[0]] > 0
+
+
+def test_similarity_term_is_added_only_when_weighted(pair, jax_run):
+    from read_jax.losses import LossWeights, cell_coverage, similarity_loss
+
+    cfg, _, _ = pair
+    batch, terms, out, aux, _ = jax_run
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    w = LossWeights(sim=0.7)
+    with pytest.raises(ValueError, match="sim_logits"):
+        batch_loss(out, b, w)
+    sim = aux["sasp/sim"] * 0.1
+    loss, t2 = batch_loss({**out, "sim_logits": sim}, b, w)
+    # Rows 0 (slot 0), 1 (slots 0, 1) carry a [SEG] and a GT; row 2 has neither.
+    hw = b["orig_hw"][b["conv_image"]]
+    cov = cell_coverage((b["masks"] == 1).reshape(6, *CANVAS), jnp.repeat(hw, 2, 0), jnp.repeat(hw, 2, 0),
+                        cfg.clip.grid_size)
+    want = similarity_loss(sim.reshape(6, -1), cov, jnp.asarray(batch["mask_valid"]).reshape(-1))
+    np.testing.assert_allclose(float(t2["sim"]), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(terms["loss"]) + 0.7 * float(want), rtol=1e-6)
+    assert float(want) > 0
