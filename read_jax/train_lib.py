@@ -105,6 +105,8 @@ def default_config():
         "lr": 3e-4, "warmup_steps": 100, "epochs": 20, "steps_per_epoch": 500, "total_steps": 0, "grad_accum": 10,
         "clip_norm": 1.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
         "ce_weight": 1.0, "bce_weight": 2.0, "dice_weight": 0.5,
+        # Not READ's: a similarity-map loss for from-scratch models (`losses.similarity_loss`); 0 = off.
+        "sim_weight": 0.0,
         "ce_max_tokens": 0,  # > 0: CE on at most this many supervised positions per micro-batch (no full logits)
         "lora_dropout": True, "seed": 42, "log_every": 10, "trainable_dtype": "float32",
         "fast_compile": False,  # compile for compile speed (tests, smoke runs)
@@ -186,7 +188,7 @@ def read_config_from(model_cfg) -> ReadConfig:
 
 def loss_weights_from(train_cfg) -> LossWeights:
     return LossWeights(ce=float(train_cfg.ce_weight), bce=float(train_cfg.bce_weight),
-                       dice=float(train_cfg.dice_weight))
+                       dice=float(train_cfg.dice_weight), sim=float(train_cfg.get("sim_weight", 0.0)))
 
 
 def total_steps_of(train_cfg) -> int:
@@ -217,6 +219,10 @@ def _path(p) -> str:
     return "/".join(str(x) for x in p)
 
 
+# The towers READ runs under no_grad (`ReadConfig.freeze_vision_towers`).
+VISION_TOWER_PREFIXES = ("llava/vision_tower/", "visual_model/image_encoder/")
+
+
 def check_trainable_regexes(abstract_model, cfg: ReadConfig) -> dict[str, int]:
     """Parameters matched per trainable regex; raises ConfigError on a regex that matches nothing.
 
@@ -227,6 +233,13 @@ def check_trainable_regexes(abstract_model, cfg: ReadConfig) -> dict[str, int]:
     dead = [r for r, n in counts.items() if n == 0 and not (cfg.lora is None and "lora" in r)]
     if dead:
         raise ConfigError(f"trainable regexes that match no parameter of the model: {dead}")
+    if cfg.freeze_vision_towers:
+        towers = [p for p in paths if p.startswith(VISION_TOWER_PREFIXES)
+                  and any(re.fullmatch(r, p) for r in cfg.trainable_regexes)]
+        if towers:
+            raise ConfigError(f"{len(towers)} parameters of frozen vision towers (e.g. {towers[0]}) are marked "
+                              "trainable; they would get no gradient. Set model.freeze_vision_towers=False to "
+                              "train them, or drop them from trainable_regexes")
     return counts
 
 
@@ -313,6 +326,9 @@ def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=
         model = load_model(base_checkpoint, setup.model_fn, mesh=setup.mesh, strategy=strategy)
         _, tr, fr = nnx.split(model, filt, ...)
         tr = jax.jit(lambda t: _as_dtype(t, tr_dtype), out_shardings=setup.trainable_shardings)(tr)
+        # The loader shards by the same rules but with its own size threshold: put the frozen leaves where the
+        # compiled step expects them (a no-op for every leaf already there).
+        fr = jax.device_put(fr, setup.frozen_shardings)
         return tr, fr
 
     def init():
@@ -423,13 +439,15 @@ def micro_loss(trainable, frozen, graphdef, batch: dict, key: Array, sc: StepCon
                    "labels": jnp.full((r, 2), IGNORE_INDEX, jnp.int32)}
     elif sc.ce_max_tokens:
         outputs, dropped = sparse_ce_outputs(model, outputs, aux, sc.ce_max_tokens)
+    if sc.weights.sim:
+        outputs = {**outputs, "sim_logits": aux["sasp/sim"] * model.config.llama.hidden_size ** -0.5}
     loss, metrics = batch_loss(outputs, batch, sc.weights)
     metrics = {**metrics, "ce_dropped_tokens": dropped}
     return loss, metrics
 
 
 def _global_norm(tree) -> Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def train_step(trainable, frozen, opt_state, batch: dict, step: Array, lr: Array, *, graphdef, tx,
@@ -443,9 +461,10 @@ def train_step(trainable, frozen, opt_state, batch: dict, step: Array, lr: Array
       step: int32[] optimizer step (folded into the dropout rng, so a resumed run draws the same masks).
       lr: float32[] this step's learning rate (`make_schedule(...)(step)`).
     Returns:
-      (trainable, opt_state, metrics): metrics is a flat dict of fp32/int scalars: loss/ce/bce/dice (means over
-      the micro-batches), num_tokens/num_masks (sums), l2_grads, l2_updates, l2_params, lr-free bookkeeping,
-      `finite` (1.0 if the update was applied; a non-finite loss or gradient leaves the state unchanged).
+      (trainable, opt_state, metrics): metrics is a flat dict of float32 scalars: loss/ce/bce/dice (means over
+      the micro-batches), num_tokens/num_masks/ce_dropped_tokens (sums), l2_grads (before clipping), l2_updates,
+      l2_params, and `finite` (1.0 if the update was applied; a non-finite loss or gradient norm leaves the
+      trainables and the optimizer state unchanged, and the host loop stops on it).
 
     Accumulation averages the micro-batch gradients, as DeepSpeed does: each micro-batch loss is its own mean
     over its supervised tokens and masks, so k micro-batches equal one k-times-larger batch exactly when the
@@ -619,22 +638,29 @@ def _root_path(template: str, root: str) -> str:
 
 
 def ensure_shapes_data(data_cfg) -> None:
-    """`data.make_shapes`: write the generated shapes set to `data.root` unless it is already there.
+    """`data.make_shapes`: make `data.root` hold the generated shapes set with `data.num_shapes` images per split.
 
-    Only process 0 writes (a shared filesystem is assumed on multi-host runs); the generator is deterministic, so
-    a set written earlier by `python -m read_jax.data.make_shapes` with the same counts is the same set.
+    A split with fewer images than asked for is (re)written with `read_jax.data.make_shapes.write_split`, which is
+    a pure function of (seed, split, index): images already there are rewritten identically, so a set made by
+    `python -m read_jax.data.make_shapes --out DIR` (200 training images by default) is topped up, not replaced.
+    Only process 0 writes (a shared filesystem is assumed on multi-host runs).
     """
     if not data_cfg.get("make_shapes"):
         return
+    import glob
+
     from read_jax.data import make_shapes
 
     root = data_cfg.root
     counts = dict(zip(make_shapes.SPLITS, _plain(data_cfg.num_shapes)))
-    missing = [s for s in make_shapes.SPLITS if not os.path.isdir(os.path.join(root, s)) and counts.get(s)]
-    if missing and jax.process_index() == 0:
-        log.info("writing the generated shapes set to %s (%s)", root, counts)
-        for split in missing:
-            make_shapes.write_split(root, split, int(counts[split]), int(data_cfg.get("shapes_seed", 0)))
+    if jax.process_index() != 0:
+        return
+    for split in make_shapes.SPLITS:
+        want = int(counts.get(split) or 0)
+        have = len(glob.glob(os.path.join(root, split, "*.jpg")))
+        if have < want:
+            log.info("writing the generated shapes set: %s/%s (%d images, %d there)", root, split, want, have)
+            make_shapes.write_split(root, split, want, int(data_cfg.get("shapes_seed", 0)))
 
 
 def build_train_iter(config, cfg: ReadConfig, *, shard_options=None):
@@ -840,8 +866,10 @@ def base_reference(config, cfg: ReadConfig) -> dict:
         manifest = params_dir(path) / "manifest.json"
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
         return {"kind": "converted", "path": str(Path(path).absolute()), "manifest_sha256": digest}
-    # What determines the frozen weights: the architecture and the trainable split, not SasP or max_segs.
-    arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("sasp", "max_segs")}
+    # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or where
+    # gradients stop.
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("sasp", "max_segs", "freeze_vision_towers")}
     arch = json.dumps(arch, sort_keys=True, default=str)
     return {"kind": "scratch", "seed": int(config.init.seed),
             "config_sha256": hashlib.sha256(arch.encode()).hexdigest()}

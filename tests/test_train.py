@@ -6,6 +6,7 @@ layout of `read_jax.data.pipeline` (the loop tests with real data are in `test_t
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -342,3 +343,56 @@ def test_config_errors_are_raised_before_compiling():
         shd.shard_batch({"x": np.zeros((1, 6, 2))}, shd.make_mesh(), batch_axis=1)
     assert T.parse_rates("reason_seg:1,sem_seg:10") == {"reason_seg": 1.0, "sem_seg": 10.0}
     assert T.parse_rates("read_7b") == "read_7b"
+
+
+def test_init_from_a_converted_checkpoint(tmp_path):
+    """`init.checkpoint`: every leaf of a converted checkpoint lands in its sharding, the trainables are fp32 master
+    copies of the stored values, LoRA factors (absent from the checkpoint) keep their init, B = 0."""
+    from read_jax.checkpoint import PartWriter
+
+    mesh = shd.make_mesh(data=2, fsdp=4)
+    setup = T.setup_model(CFG, mesh, min_fsdp_bytes=4096)
+    rng = np.random.default_rng(0)
+    stored = {}
+    writer = PartWriter(tmp_path / "params", part_bytes=1 << 20)
+    for state in (setup.trainable_abstract, setup.frozen_abstract):
+        for path, leaf in nnx.to_flat_state(state):
+            p = "/".join(map(str, path))
+            if p.endswith(("/lora_a", "/lora_b")):
+                continue
+            stored[p] = rng.normal(size=leaf.get_value().shape).astype(np.float32)
+            writer.add(p, stored[p])
+    writer.close()
+    tr, fr = T.init_params(setup, str(tmp_path))
+    for state in (tr, fr):
+        for p, v in flat_arrays(state).items():
+            if p.endswith("/lora_b"):
+                assert not np.asarray(v).any()
+            elif not p.endswith("/lora_a"):
+                np.testing.assert_array_equal(np.asarray(v), stored[p], err_msg=p)
+            assert v.sharding.spec == shd.spec_for(p, v.shape, v.dtype, mesh, shd.DEFAULT_STRATEGY, 4096), p
+    assert T.base_reference(_config(), CFG)["kind"] == "scratch"
+
+
+def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
+    """`data.make_shapes`: missing splits are written; a split with fewer images than `num_shapes` asks for is
+    topped up, and the images already there come out byte-identical (the generator is a function of the index)."""
+    import glob
+
+    from ml_collections import ConfigDict
+
+    def files(split):
+        return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(tmp_path / split / "*"))}
+
+    d = ConfigDict({"make_shapes": True, "root": str(tmp_path), "num_shapes": (3, 1, 0)})
+    T.ensure_shapes_data(d)
+    first = files("train")
+    assert len(first) == 6 and len(files("val")) == 2 and not (tmp_path / "test").exists()
+    d.num_shapes = (5, 1, 0)
+    T.ensure_shapes_data(d)
+    second = files("train")
+    assert len(second) == 10 and all(second[k] == v for k, v in first.items())
+    d.make_shapes = False
+    d.num_shapes = (9, 1, 0)
+    T.ensure_shapes_data(d)  # off: nothing written
+    assert len(files("train")) == 10
