@@ -64,6 +64,8 @@ class LlamaConfig(_DtypeMixin):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    # Std of the normal init of every Linear and the embedding (HF `_init_weights`); only matters from scratch.
+    initializer_range: float = 0.02
     # Compute dtype and parameter dtype: fp32 for parity tests, bf16 for the released sizes.
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
@@ -336,7 +338,7 @@ class ReadConfig:
 # Attributes of a LLaVA/READ/SESAME/LISA config.json that we map, check, or knowingly ignore.
 _HF_MAPPED = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+    "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "initializer_range",
 }
 _HF_CHECKED = {  # attribute -> accepted values
     "hidden_act": {"silu"},
@@ -355,7 +357,7 @@ _HF_CHECKED = {  # attribute -> accepted values
 _HF_IGNORED = {
     # bookkeeping, generation and training-only flags
     "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
-    "transformers_version", "use_cache", "initializer_range", "train_mask_decoder", "tune_mm_mlp_adapter",
+    "transformers_version", "use_cache", "train_mask_decoder", "tune_mm_mlp_adapter",
     "freeze_mm_mlp_adapter", "mm_vision_tower", "vision_tower", "mm_patch_merge_type", "tokenizer_padding_side",
     "tokenizer_model_max_length", "model_max_length", "seg_token_idx", "max_length", "freeze_mm_vision_resampler",
     "tune_mm_vision_resampler", "mm_resampler_type", "unfreeze_mm_vision_tower", "mm_vision_tower_lr",

@@ -33,12 +33,16 @@ from read_jax.layers import (
     RMSNorm,
     apply_rope,
     causal_padding_mask,
-    default_kernel_init,
     dot_product_attention,
     rope_cos_sin,
 )
 
 Array = jax.Array
+
+
+def _init(cfg: LlamaConfig):
+    """HF `LlamaPreTrainedModel._init_weights`: normal(0, initializer_range) for every Linear and the embedding."""
+    return nnx.initializers.normal(cfg.initializer_range)
 
 
 # ---- outputs and cache ------------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         lin = functools.partial(Linear, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                rngs=rngs)
+                                kernel_init=_init(cfg), rngs=rngs)
         d, h = cfg.hidden_size, cfg.head_dim
         self.q_proj = lin(d, self.num_heads * h)
         self.k_proj = lin(d, self.num_kv_heads * h)
@@ -130,7 +134,7 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         lin = functools.partial(Linear, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                rngs=rngs)
+                                kernel_init=_init(cfg), rngs=rngs)
         self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
@@ -168,7 +172,7 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                      param_dtype=cfg.weight_dtype, embedding_init=default_kernel_init,
+                                      param_dtype=cfg.weight_dtype, embedding_init=_init(cfg),
                                       rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
@@ -263,7 +267,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.weight_dtype, rngs=rngs)
+                              param_dtype=cfg.weight_dtype, kernel_init=_init(cfg), rngs=rngs)
         for layer in self.model.layers:
             layer.self_attn.implementation = attention_implementation
 

@@ -83,3 +83,22 @@ def test_with_dtype_changes_every_component():
     assert {c.llama.dtype, c.clip.dtype, c.sam.dtype} == {"bfloat16"}
     assert {c.llama.param_dtype, c.clip.param_dtype, c.sam.param_dtype} == {"float32"}
     assert dataclasses.replace(c, max_segs=1).max_segs == 1
+
+
+def test_initializer_range_is_read_and_sets_the_llama_init():
+    """HF's `initializer_range` (the std of every Linear and the embedding at init) is honoured, not ignored."""
+    import numpy as np
+    from flax import nnx
+
+    from read_jax.llama import LlamaForCausalLM
+
+    assert from_hf_config({**READ_7B_HF, "initializer_range": 0.1}).initializer_range == 0.1
+    cfg = LlamaConfig(vocab_size=4000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, dtype="float32", param_dtype="float32")
+    for std in (0.02, 0.1):
+        m = LlamaForCausalLM(dataclasses.replace(cfg, initializer_range=std), rngs=nnx.Rngs(0))
+        layer = m.model.layers[0]
+        for w in (m.model.embed_tokens.embedding, m.lm_head.kernel, layer.self_attn.q_proj.kernel,
+                  layer.mlp.down_proj.kernel):
+            x = np.asarray(w.get_value())
+            assert abs(x.mean()) < 0.1 * std and abs(x.std() / std - 1) < 0.05, (std, x.shape)
