@@ -8,7 +8,8 @@
     python evaluate.py --config configs/read_7b_reasonseg.py --checkpoint ckpt/read7b_fprefcoco \\
         --split fprefcoco_val --config.data.root=dataset
 
---checkpoint is a `train.py --workdir` (frozen base + trained trainables; best-by-cIoU unless --which=latest) or
+--checkpoint is a `train.py --workdir` (frozen base + trained trainables; best-by-cIoU unless --which=latest;
+--which=init scores the run's untrained starting point, a baseline) or
 a converted checkpoint (`convert_weights.py`, `inference.save_for_inference`: config.json + params/, whose
 config.json gives the architecture). --config supplies the data, mesh and eval settings; any field can be
 overridden with `--config.<section>.<field>=value`.
@@ -180,7 +181,7 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
         line = f"{split}: gIoU {100 * summary['gIoU']:.2f}  cIoU {100 * summary['cIoU']:.2f}  " \
                f"({summary['num_queries']} queries)"
         for k, name in (("short", "short"), ("long", "long"), ("threshold_search", "threshold search"),
-                        ("points_as_prompt", "points as prompt")):
+                        ("points_as_prompt", "points as prompt"), ("all_foreground", "all-foreground baseline")):
             if k in summary:
                 line += f"\n  {name}: gIoU {100 * summary[k]['gIoU']:.2f}  cIoU {100 * summary[k]['cIoU']:.2f}"
         if pictures is not None:
@@ -212,7 +213,9 @@ def _define_flags():
     flags.DEFINE_string("analysis", None, "Appendix B: write per-query analysis PNGs to this directory and score the "
                         "similarity points alone as plain SAM prompts (points as prompt)")
     flags.DEFINE_bool("sweep", False, "Appendix C / Table 8: sweep t_pos/t_neg x |P| and print the table")
-    flags.DEFINE_string("which", "best", "train.py workdir: 'best' (by cIoU) or 'latest' checkpoint")
+    flags.DEFINE_enum("which", "best", ["best", "latest", "init"],
+                      "train.py workdir: 'best' (by cIoU) or 'latest' checkpoint, or 'init': the run's untrained "
+                      "starting point (its frozen base and freshly initialised trainables), as a baseline")
     flags.DEFINE_integer("max-new-tokens", 512, "FP-RefCOCO generation budget (the reference: 512)")
     flags.DEFINE_integer("points-prompt-num", None, "Appendix B: number of similarity points (default: SasP's)")
     flags.DEFINE_integer("analysis-limit", None, "Appendix B: at most this many PNGs")

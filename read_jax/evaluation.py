@@ -233,7 +233,7 @@ def decode(model, enc: Mapping[str, Array], batch: Mapping[str, Array], opts: De
 
     Returns (all leading dim R):
       inter, union int32 (foreground I/U at `mask_hw`, GT 255 ignored), area int32 (predicted pixels),
-      seg_valid bool, points float32[R, Q, 2] (x, y original pixels), labels int32[R, Q];
+      fg_inter, fg_union int32 (the same for an all-foreground prediction), seg_valid bool, points float32[R, Q, 2] (x, y original pixels), labels int32[R, Q];
       with threshold_search: hist_fg, hist_all int32[R, K + 1];
       with points_prompt: pp_inter, pp_union int32, pp_points, pp_labels;
       with return_maps: pred_mask bool[R, Hc, Wc], sim_map float16[R, Hc, Wc] (+ pp_mask).
@@ -256,8 +256,11 @@ def decode(model, enc: Mapping[str, Array], batch: Mapping[str, Array], opts: De
     pred = (logits > 0) & seg_valid[:, None, None] & pv
     gt = batch["masks"]
     inter, union = intersection_union(pred, gt, pv)
+    # The all-foreground baseline (every pixel of the image predicted): what a model that ignores the query gets.
+    fg_inter, fg_union = intersection_union(pv, gt, pv)
     out = {"inter": inter, "union": union, "area": pred.sum(axis=(-1, -2), dtype=jnp.int32),
-           "seg_valid": seg_valid, "points": aux["sasp/points"], "labels": aux["sasp/labels"]}
+           "seg_valid": seg_valid, "points": aux["sasp/points"], "labels": aux["sasp/labels"],
+           "fg_inter": fg_inter, "fg_union": fg_union}
     sim_map = None
     if opts.threshold_search or opts.return_maps:
         sim_map = similarity_map_full(aux["sasp/sim"], orig_hw, mask_hw, canvas,
@@ -555,6 +558,8 @@ def summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
         out["threshold_search"] = meter(records, "ts_intersection", "ts_union")
     if records and "pp_intersection" in records[0]:
         out["points_as_prompt"] = meter(records, "pp_intersection", "pp_union")
+    if records and "fg_intersection" in records[0]:
+        out["all_foreground"] = meter(records, "fg_intersection", "fg_union")
     return out
 
 
@@ -623,6 +628,8 @@ def evaluate_reasonseg(model, batches_or_loader: Iterable[Mapping[str, Any]], *,
         valid = _row_valid(batch)
         recs = _records(batch, res, valid, tokenizer, meta_fn, seen)
         rows = np.flatnonzero(valid)
+        for rec, r in zip(recs, rows):
+            rec.update(fg_intersection=int(res["fg_inter"][r]), fg_union=int(res["fg_union"][r]))
         if threshold_search:
             thr, ti, tu = best_thresholds(res["hist_fg"][rows], res["hist_all"][rows])
             for rec, t, i, u in zip(recs, thr, ti, tu):

@@ -892,7 +892,8 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
     Args:
       config: the run's config (ConfigDict).
       workdir: `train.py --workdir`.
-      which: 'best' (best-by-cIoU, falling back to the latest) or 'latest'.
+      which: 'best' (best-by-cIoU, falling back to the latest), 'latest', or 'init' (no checkpoint is read: the
+        config's frozen base with freshly initialised trainables, the untrained baseline).
     Returns:
       (nnx model, ReadConfig, meta dict of the restored checkpoint).
     Raises:
@@ -904,6 +905,12 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
     strategy = _plain(config.mesh.strategy)
     setup = setup_model(cfg, mesh, strategy=strategy, seed=int(config.init.seed),
                         trainable_dtype=config.train.get("trainable_dtype") or None)
+    if which not in ("best", "latest", "init"):
+        raise ValueError(f"which must be 'best', 'latest' or 'init', got {which!r}")
+    base = base_reference(config, cfg)
+    if which == "init":  # the untrained starting point of the run: a baseline
+        tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
+        return nnx.merge(setup.graphdef, tr, fr), cfg, {"step": 0, "base": base}
     ck = RunCheckpoints(workdir, async_save=False)
     try:
         mgr = ck.best if which == "best" and ck.best.latest_step() is not None else ck.latest
@@ -914,7 +921,6 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
         pure, _, meta = ck.restore(step, target, None, None, manager="best" if mgr is ck.best else "latest")
     finally:
         ck.close()
-    base = base_reference(config, cfg)
     if meta.get("base") is not None and meta["base"] != base:
         raise ConfigError(f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: "
                           f"evaluate with the run's own config (init.checkpoint / init.seed / model)")

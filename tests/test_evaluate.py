@@ -167,6 +167,8 @@ def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(sin
     assert (ts["gIoU"], ts["cIoU"]) == pytest.approx(figures(recs, "ts_intersection", "ts_union"), rel=1e-12)
     pp = summary["points_as_prompt"]
     assert (pp["gIoU"], pp["cIoU"]) == pytest.approx(figures(recs, "pp_intersection", "pp_union"), rel=1e-12)
+    fg = summary["all_foreground"]
+    assert (fg["gIoU"], fg["cIoU"]) == pytest.approx(figures(recs, "fg_intersection", "fg_union"), rel=1e-12)
     for r in recs:
         assert r["iou"] == pytest.approx(r["intersection"] / (r["union"] + 1e-5) + (r["union"] == 0))
         assert r["query"].endswith("Please output segmentation mask.") and r["seg_emitted"]
@@ -175,6 +177,7 @@ def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(sin
         # The similarity map (in [0, 1]) thresholded at 0 is the whole image: the chosen threshold never does
         # worse than that, and its I/U are those of a mask inside the image.
         fg, keep = gt_stats[r["id"]]
+        assert (r["fg_intersection"], r["fg_union"]) == (fg, keep)  # all-foreground: I = GT, U = the image
         assert r["ts_iou"] >= fg / (keep + 1e-5) and r["ts_intersection"] <= fg <= r["ts_union"] <= keep
     # One compile per stage for the whole split (two batches).
     assert compiles["encode"] == 1 and compiles["decode"] == 1

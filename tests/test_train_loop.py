@@ -176,6 +176,19 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
         a = _get(saved, path)
         b = _get(got, path)
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=path)
+    # which="init": the run's untrained starting point (same frozen base, trainables as initialised), a baseline.
+    init_model, _, init_meta = T.load_trained(c, uninterrupted, which="init")
+    setup = T.setup_model(T.read_config_from(c.model), T.shd.make_mesh(), seed=int(c.init.seed))
+    tr0, _ = T.init_params(setup)
+    init_state = nnx.to_pure_dict(nnx.state(init_model))
+    moved = 0
+    for path in _paths(jax.tree.map(lambda x: 0, saved)):
+        np.testing.assert_array_equal(np.asarray(_get(init_state, path)), np.asarray(_get(nnx.to_pure_dict(tr0), path)),
+                                      err_msg=path)
+        moved += not np.array_equal(np.asarray(_get(init_state, path)), np.asarray(_get(saved, path)))
+    assert init_meta["step"] == 0 and moved > 0
+    with pytest.raises(ValueError, match="which"):
+        T.load_trained(c, uninterrupted, which="newest")
 
 
 def _get(tree, path):
