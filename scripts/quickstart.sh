@@ -15,4 +15,8 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 "$PY" train.py --config configs/tiny_shapes.py --workdir "$OUT/train" --config.data.root="$OUT/data"
 "$PY" evaluate.py --config configs/tiny_shapes.py --checkpoint "$OUT/train" --split reasonseg_test \
   --config.data.root="$OUT/data" --out "$OUT/eval" --analysis "$OUT/eval/pictures"
-echo "done: metrics in $OUT/eval/summary.json, pictures in $OUT/eval/pictures/"
+# The untrained baseline: the same run's starting point (it also prints the all-foreground baseline).
+"$PY" evaluate.py --config configs/tiny_shapes.py --checkpoint "$OUT/train" --which init --split reasonseg_test \
+  --config.data.root="$OUT/data" --out "$OUT/eval_untrained"
+echo "done in ${SECONDS}s: metrics in $OUT/eval/summary.json (untrained: $OUT/eval_untrained/summary.json), \
+pictures in $OUT/eval/pictures/"

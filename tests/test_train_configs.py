@@ -98,7 +98,7 @@ def test_command_line_overrides_and_named_stages():
     with pytest.raises(Exception, match="stage3"):
         load("read_13b_reasonseg", "stage3")
     tiny = load("tiny_shapes", None, "--config.data.root=/tmp/x", "--config.train.lr=1e-4")
-    assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4
+    assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4 and not tiny.model.freeze_vision_towers
 
 
 def test_7b_step_lowers_on_8_devices_shallow():
