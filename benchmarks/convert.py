@@ -40,10 +40,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from read_jax.config import ReadConfig  # noqa: E402
+from read_jax.config import ReadConfig
 
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "tokenizer.model"
 # Runs the converter (argv) and prints its peak RSS from a clean process (see the module docstring).

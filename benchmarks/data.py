@@ -21,13 +21,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import grain  # noqa: E402
+import grain
 
-from read_jax.config import SamConfig  # noqa: E402
-from read_jax.data import make_shapes  # noqa: E402
-from read_jax.data import mixture as M  # noqa: E402
-from read_jax.data import pipeline as P  # noqa: E402
-from read_jax.data import readers as R  # noqa: E402
+from read_jax.config import SamConfig
+from read_jax.data import make_shapes
+from read_jax.data import mixture as M
+from read_jax.data import pipeline as P
+from read_jax.data import readers as R
 
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "assets", "tokenizer")
 

@@ -5,11 +5,21 @@ Public API (the model modules are imported lazily so that `import read_jax` stay
     ReadConfig (read_7b / read_13b / tiny), ReadModel, predict, load_for_inference, apply_lora, load_model
 """
 
-from read_jax.config import (ClipVisionConfig, LlamaConfig, LoraConfig, ReadConfig, SamConfig,
-                             SaspConfig)
+from read_jax.config import ClipVisionConfig, LlamaConfig, LoraConfig, ReadConfig, SamConfig, SaspConfig
 
-__all__ = ["ClipVisionConfig", "LlamaConfig", "LoraConfig", "ReadConfig", "SamConfig", "SaspConfig",
-           "ReadModel", "predict", "load_for_inference", "apply_lora", "load_model"]
+__all__ = [
+    "ClipVisionConfig",
+    "LlamaConfig",
+    "LoraConfig",
+    "ReadConfig",
+    "ReadModel",
+    "SamConfig",
+    "SaspConfig",
+    "apply_lora",
+    "load_for_inference",
+    "load_model",
+    "predict",
+]
 __version__ = "0.1.0"
 
 _LAZY = {

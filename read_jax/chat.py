@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         print(f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
               f"{len(pred.masks)} mask(s) -> {png}")
         records.append({"question": q, "answer": pred.text, "object_present": pred.object_present,
-                        "num_masks": int(len(pred.masks)), "overlay": str(png),
+                        "num_masks": len(pred.masks), "overlay": str(png),
                         "mask_pixels": [int(m.sum()) for m in pred.masks]})
     (out / "answers.json").write_text(json.dumps(records, indent=2))
     return 0

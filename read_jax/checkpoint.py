@@ -28,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -297,7 +298,7 @@ def load_model(directory: str | os.PathLike, model_fn: Callable[[], Any] | None 
         cfg = load_config(directory)
         from read_jax.read_model import ReadModel
 
-        model_fn = lambda: ReadModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+        model_fn = lambda: ReadModel(cfg, rngs=nnx.Rngs(0))
     mesh = shd.make_mesh(1, -1) if mesh is None else mesh
     manifest = read_manifest(directory)
     if allow_missing is None:

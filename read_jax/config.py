@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -236,12 +237,12 @@ class SaspConfig:
             raise ConfigError("topk mode needs an even num_points (half positive, half negative)")
 
     @classmethod
-    def read_7b(cls, **kw) -> "SaspConfig":
+    def read_7b(cls, **kw) -> SaspConfig:
         """Released READ-7B setting: 12x12 grid, 30 points, 0.8/0.2."""
         return cls(**{**dict(grid_size=12, num_points=30, t_pos=0.8, t_neg=0.2), **kw})
 
     @classmethod
-    def read_13b_eval(cls, **kw) -> "SaspConfig":
+    def read_13b_eval(cls, **kw) -> SaspConfig:
         """Released READ-13B evaluation setting: 24x24 grid, 60 points, 0.6/0.2."""
         return cls(**{**dict(grid_size=24, num_points=60, t_pos=0.6, t_neg=0.2), **kw})
 
@@ -290,10 +291,10 @@ class ReadConfig:
     def mm_hidden_size(self) -> int:
         return self.clip.hidden_size
 
-    def replace(self, **kw) -> "ReadConfig":
+    def replace(self, **kw) -> ReadConfig:
         return dataclasses.replace(self, **kw)
 
-    def with_dtype(self, dtype: str, param_dtype: str | None = None) -> "ReadConfig":
+    def with_dtype(self, dtype: str, param_dtype: str | None = None) -> ReadConfig:
         """Same architecture, another compute/parameter dtype for every component."""
         p = param_dtype or dtype
         return self.replace(
@@ -304,17 +305,17 @@ class ReadConfig:
 
     # ---- size factories -------------------------------------------------------------------------
     @classmethod
-    def read_7b(cls, **kw) -> "ReadConfig":
+    def read_7b(cls, **kw) -> ReadConfig:
         return cls(**{**dict(llama=LlamaConfig(), lora=LoraConfig(r=8), sasp=SaspConfig.read_7b()), **kw})
 
     @classmethod
-    def read_13b(cls, **kw) -> "ReadConfig":
+    def read_13b(cls, **kw) -> ReadConfig:
         llama = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                             num_attention_heads=40, num_key_value_heads=40)
         return cls(**{**dict(llama=llama, lora=LoraConfig(r=64), sasp=SaspConfig.read_13b_eval()), **kw})
 
     @classmethod
-    def tiny(cls, dtype: str = "float32", **kw) -> "ReadConfig":
+    def tiny(cls, dtype: str = "float32", **kw) -> ReadConfig:
         """A CPU-sized READ with the real token ids, CLIP grid (24x24 = 576 tokens) and SasP rule.
 
         The vocabulary stays 32003 so that [SEG]/<im_start>/<im_end> keep their ids; SAM works on a

@@ -68,7 +68,7 @@ class IoUMeter:
         self.iou_sum += float(query_iou(inter, union).sum())
         self.count += int(inter.size)
 
-    def merge(self, other: "IoUMeter") -> "IoUMeter":
+    def merge(self, other: IoUMeter) -> IoUMeter:
         return IoUMeter(self.inter_sum + other.inter_sum, self.union_sum + other.union_sum,
                         self.iou_sum + other.iou_sum, self.count + other.count)
 

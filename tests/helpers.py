@@ -9,7 +9,7 @@ import pytest
 def require_torch():
     """Import torch, or skip locally / FAIL under CI (reference tests must run in CI)."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         if os.environ.get("CI"):
             pytest.fail("torch is required in CI: install the [test] extra")

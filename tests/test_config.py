@@ -4,8 +4,15 @@ import dataclasses
 
 import pytest
 
-from read_jax.config import (ConfigError, LlamaConfig, ReadConfig, SaspConfig, config_to_dict, from_hf_config,
-                             read_config_from_dict)
+from read_jax.config import (
+    ConfigError,
+    LlamaConfig,
+    ReadConfig,
+    SaspConfig,
+    config_to_dict,
+    from_hf_config,
+    read_config_from_dict,
+)
 
 # A READ-7B config.json with the fields of read_reference.md §10.3 (transformers 4.31 save_pretrained).
 READ_7B_HF = {

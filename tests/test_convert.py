@@ -223,7 +223,7 @@ def test_convert_bin_shards_match_torch_forward(ref, model):
             "proj": ref.mm_projector(feats), "fcs": ref.text_hidden_fcs[0](h),
             "sam_embed": emb.permute(0, 2, 3, 1), "masks": masks, "iou": iou}
 
-    nhwc = lambda x: jnp.asarray(to_np(x).transpose(0, 2, 3, 1))  # noqa: E731
+    nhwc = lambda x: jnp.asarray(to_np(x).transpose(0, 2, 3, 1))
     got = _forward(model, jnp.asarray(ids.numpy()), nhwc(pix), jnp.asarray(to_np(feats)),
                    jnp.asarray(to_np(h)), nhwc(img), jnp.asarray(to_np(pts)),
                    jnp.asarray(lab.numpy().astype(np.int32)), jnp.asarray(to_np(text)))

@@ -12,7 +12,7 @@ from PIL import Image
 from read_jax.config import ReadConfig
 from read_jax.data.conversation import build_prompt
 from read_jax.data.tokenizer import ReadTokenizer, tokenizer_image_token
-from read_jax.inference import prepare_image, predict, save_for_inference
+from read_jax.inference import predict, prepare_image, save_for_inference
 from read_jax.llama import generate_no_cache
 from read_jax.read_model import ReadModel
 from tests.helpers import numpy_random_model

@@ -20,8 +20,8 @@ from read_jax.config import ReadConfig, SamConfig
 from read_jax.convert.common import Converter, abstract_leaves, convert, export_leaves, load_leaves
 from read_jax.convert.sam import sam_rules
 from read_jax.sam import Sam
-from tests.reference.meta_sam import meta_sam  # noqa: F401  (re-exported for the other SAM tests)
 from tests.helpers import require_torch, state_dict_numpy, to_np
+from tests.reference.meta_sam import meta_sam
 
 TINY = ReadConfig.tiny().sam  # 256 px, 16x16 tokens, window 7 (padded to 21), global block 1
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class Converter:
         dtype = self.dtype or want.dtype
         self.out[dst] = np.asarray(arr).astype(dtype, copy=False)
 
-    def add_all(self, items: Mapping[str, Array] | Iterable[tuple[str, Array]]) -> "Converter":
+    def add_all(self, items: Mapping[str, Array] | Iterable[tuple[str, Array]]) -> Converter:
         for k, v in (items.items() if isinstance(items, Mapping) else items):
             self.add(k, v)
         return self

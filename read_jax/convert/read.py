@@ -46,8 +46,9 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -442,7 +443,7 @@ def resize_rows(arr: np.ndarray, vocab: int, rng: np.random.Generator) -> np.nda
 class _Written:
     """Placeholder left in `Converter.out` for a leaf already on disk (keeps `finish()`'s coverage checks)."""
 
-    __slots__ = ("shape", "dtype")
+    __slots__ = ("dtype", "shape")
 
     def __init__(self, a):
         self.shape, self.dtype = a.shape, a.dtype

@@ -27,7 +27,7 @@ import argparse
 import json
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -17,7 +17,7 @@ Sources are anything with `sample(rng) -> Example` and `__len__` (a `Reader` or 
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class Mixture:
         """Index into `self.names` of the source to draw from."""
         return int(rng.choice(len(self.probs), p=self.probs))
 
-    def sample(self, rng: np.random.Generator) -> tuple[str, "R.Example"]:
+    def sample(self, rng: np.random.Generator) -> tuple[str, R.Example]:
         k = self.choose(rng)
         return self.names[k], self.sources[k].sample(rng)
 

@@ -33,7 +33,8 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps

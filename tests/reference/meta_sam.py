@@ -21,8 +21,7 @@ def meta_sam():
     """
     require("torch")
     try:
-        import segment_anything.build_sam as build_sam
-        import segment_anything.modeling as modeling
+        from segment_anything import build_sam, modeling
         return modeling, build_sam
     except ModuleNotFoundError as e:
         if e.name != "torchvision":
