@@ -126,16 +126,8 @@ def cached_floor(model, embeds, mask, new: int, repeats: int) -> tuple[float, fl
         return jax.lax.fori_loop(0, new - 1, body, (h, jnp.zeros((b,), jnp.float32)))
 
     h0 = embeds[:, -1]
-    best = []
-    for fn, args in ((prefill, (state, embeds)), (heads, (state, h0))):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        best.append(min(times))
-    return best[0], best[1]
+    t_pre, t_heads, _, _ = timed_pair(lambda: prefill(state, embeds), lambda: heads(state, h0), repeats)
+    return min(t_pre), min(t_heads)
 
 
 def main():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -647,8 +648,6 @@ def ensure_shapes_data(data_cfg) -> None:
     """
     if not data_cfg.get("make_shapes"):
         return
-    import glob
-
     from read_jax.data import make_shapes
 
     root = data_cfg.root

@@ -22,8 +22,6 @@ from read_jax import train_lib as T
 from read_jax.data import mixture as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Full-size checks run with READ_JAX_FULL=1 (they take ~30 s each); the default suite runs the shallow variants.
-FULL = pytest.mark.skipif(os.environ.get("READ_JAX_FULL", "0") != "1", reason="full-size: set READ_JAX_FULL=1")
 CONFIGS = [("tiny_shapes", None), ("tiny_shapes", "smoke"), ("read_7b_reasonseg", None), ("read_7b_refseg", None),
            ("read_13b_reasonseg", "stage1"), ("read_13b_reasonseg", "stage2")]
 
@@ -112,8 +110,7 @@ def test_7b_step_lowers_on_8_devices_shallow():
         2 * report["trainable_bytes_per_device"], rel=0.01)
 
 
-@pytest.mark.slow
-@FULL
+@pytest.mark.slow  # full size, abstract only (~20 s each): runs in the default suite and CI
 def test_full_size_7b_train_step_lowers_on_8_devices():
     c = load("read_7b_reasonseg")
     report = T.memory_report(T.read_config_from(c.model), c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
@@ -125,8 +122,7 @@ def test_full_size_7b_train_step_lowers_on_8_devices():
     assert 0.10 * gib < report["trainable_bytes_per_device"] < 0.2 * gib
 
 
-@pytest.mark.slow
-@FULL
+@pytest.mark.slow  # full size, abstract only (~20 s each): runs in the default suite and CI
 @pytest.mark.parametrize("name,arg", [("read_7b_reasonseg", None), ("read_13b_reasonseg", "stage1")])
 def test_full_size_abstract_models(name, arg):
     c = load(name, arg)
