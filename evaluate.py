@@ -176,7 +176,7 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
         summary, records = E.evaluate_reasonseg(
             model, batches, threshold_search=threshold_search,
             points_prompt=E.points_prompt_config(cfg.sasp, points_prompt_num) if analysis else None,
-            tokenizer=tokenizer, meta_fn=E.reason_seg_meta(reader) if kind == "reasonseg" else None,
+            tokenizer=tokenizer, meta_fn=reason_seg_meta_with_kind(reader) if kind == "reasonseg" else None,
             on_maps=pictures, evaluator=ev, total=total, progress=progress, desc=split)
         line = f"{split}: gIoU {100 * summary['gIoU']:.2f}  cIoU {100 * summary['cIoU']:.2f}  " \
                f"({summary['num_queries']} queries)"
@@ -184,6 +184,8 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
                         ("points_as_prompt", "points as prompt"), ("all_foreground", "all-foreground baseline")):
             if k in summary:
                 line += f"\n  {name}: gIoU {100 * summary[k]['gIoU']:.2f}  cIoU {100 * summary[k]['cIoU']:.2f}"
+        for k, m in summary.get("by_query_kind", {}).items():
+            line += f"\n  {k} ({m['num_queries']} queries): gIoU {100 * m['gIoU']:.2f}  cIoU {100 * m['cIoU']:.2f}"
         if pictures is not None:
             meta["pictures"] = {"dir": os.path.abspath(analysis), "count": len(pictures.paths)}
     summary = {**meta, **summary}
@@ -191,6 +193,22 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
     print(line)
     print(f"wrote {s_path} and {r_path}")
     return summary
+
+
+def reason_seg_meta_with_kind(reader):
+    """`evaluation.reason_seg_meta`, plus the query kind of the generated shapes set (`make_shapes.query_kind`)
+    when the text is one of its phrasings: the summary then gives gIoU/cIoU per kind."""
+    from read_jax import evaluation as E
+    from read_jax.data.make_shapes import query_kind
+
+    base = E.reason_seg_meta(reader)
+
+    def fn(example_index: int, query_index: int) -> dict:
+        meta = base(example_index, query_index)
+        kind = query_kind(meta["text"]) if "text" in meta else None
+        return {**meta, "query_kind": kind} if kind else meta
+
+    return fn
 
 
 def _process_count() -> int:

@@ -542,7 +542,8 @@ def _records(batch: Mapping[str, Any], res: dict, valid: np.ndarray, tokenizer=N
 
 def summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
     """gIoU / cIoU of the protocol, overall and (when records carry `is_sentence`) short / long, plus the
-    optional analyses' figures. A pure function of the per-sample records (the JSONL)."""
+    optional analyses' figures and (when every record carries `query_kind`) per query kind. A pure function of
+    the per-sample records (the JSONL)."""
     def meter(recs, ki="intersection", ku="union"):
         m = IoUMeter()
         m.update(np.array([r[ki] for r in recs], np.int64), np.array([r[ku] for r in recs], np.int64))
@@ -560,6 +561,9 @@ def summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
         out["points_as_prompt"] = meter(records, "pp_intersection", "pp_union")
     if records and "fg_intersection" in records[0]:
         out["all_foreground"] = meter(records, "fg_intersection", "fg_union")
+    if records and all(r.get("query_kind") for r in records):  # the generated shapes set (`evaluate.py`)
+        kinds = sorted({r["query_kind"] for r in records})
+        out["by_query_kind"] = {k: meter([r for r in records if r["query_kind"] == k]) for k in kinds}
     return out
 
 

@@ -101,6 +101,8 @@ def default_config():
         "max_mask_side": 1024, "seed": 0, "num_workers": 0, "template": "llava_v1",
         # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train, val, test).
         "make_shapes": False, "num_shapes": (200, 40, 40),
+        # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
+        "reason_seg_false_premise": -1.0,
     })
     c.train = ConfigDict({
         "lr": 3e-4, "warmup_steps": 100, "epochs": 20, "steps_per_epoch": 500, "total_steps": 0, "grad_accum": 10,
@@ -675,8 +677,10 @@ def build_train_iter(config, cfg: ReadConfig, *, shard_options=None):
         dc = dataclasses.replace(dc, max_mask_side=side)
     rates = parse_rates(str(d.rates))
     names = tuple(rates) if isinstance(rates, Mapping) else tuple(M.RATE_PRESETS[rates])
+    fp = float(d.get("reason_seg_false_premise", -1.0))
     sources = M.build_reference_sources(d.root, names, max_convs=dc.max_convs, seed=dc.seed,
-                                        reason_seg_dir=_root_path(d.reason_seg_dir, d.root) or None)
+                                        reason_seg_dir=_root_path(d.reason_seg_dir, d.root) or None,
+                                        reason_seg_false_premise=None if fp < 0 else fp)
     mixture = M.Mixture(sources, rates, seed=dc.seed)
     ds = Pl.train_dataset(mixture, dc, cfg.sam, d.tokenizer, shard_options=shard_options)
     return iter(ds), dc

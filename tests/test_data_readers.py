@@ -432,3 +432,32 @@ def test_make_shapes_is_readable_and_deterministic(tmp_path):
     with open(os.path.join(out, "val", "shapes_val_00001.json")) as f:
         assert json.load(f) == json.loads(json.dumps(ann))
     assert make_shapes.make_example(6, "val", 1)[1] != ann
+
+
+def test_reason_seg_false_premise_share_from_the_mixture(reason_root):
+    """`data.reason_seg_false_premise` reaches the ReasonSeg reader: 0 never asks a false premise, 1 always does."""
+    from read_jax.data import mixture as M
+
+    def reader(share):
+        return M.build_reference_sources("unused", ("reason_seg",), reason_seg_dir=reason_root,
+                                         reason_seg_false_premise=share)["reason_seg"]
+
+    assert reader(None).mode_weights == R.REASON_SEG_MODE_WEIGHTS
+    never, always = reader(0.0), reader(1.0)
+    assert all(c.has_seg for i in range(len(never)) for c in never[i].conversations)
+    assert not any(c.has_seg for c in always[0].conversations)  # item 0 has a false_premise_QA
+    with pytest.raises(ValueError, match="reason_seg_false_premise"):
+        reader(1.5)
+
+
+def test_query_kind_names_the_maker_of_every_phrasing():
+    """`make_shapes.query_kind` recovers the query maker from either phrasing, and nothing else matches."""
+    seen = set()
+    for i in range(300):
+        _, ann, kind = make_shapes._make_example(0, "train", i)
+        assert kind in make_shapes.QUERY_KIND_PATTERNS
+        assert [make_shapes.query_kind(t) for t in ann["text"]] == [kind] * len(ann["text"])
+        assert all(make_shapes.query_kind(q) is None for q, _, _ in ann["false_premise_QA"])
+        seen.add(kind)
+    assert seen == set(make_shapes.QUERY_KIND_PATTERNS)  # every maker ran, so every pattern was checked
+    assert make_shapes.query_kind("the leftmost shape please") is None  # full match only

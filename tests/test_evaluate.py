@@ -124,12 +124,14 @@ class CapturingPictures(V.AnalysisPictures):
 @pytest.fixture(scope="module")
 def single(model, cfg, batches, reader, tokenizer, tmp_path_factory):
     """The single-device run with every option: (summary, records, jsonl path, pictures, compile deltas)."""
+    import evaluate
+
     out = tmp_path_factory.mktemp("single")
     pics = CapturingPictures(str(out / "pictures"), cfg.sam, V.reader_image_fn(reader))
     before = E.compile_counts()
     summary, records = E.evaluate_reasonseg(
         model, batches, threshold_search=True, points_prompt=E.points_prompt_config(cfg.sasp), tokenizer=tokenizer,
-        meta_fn=E.reason_seg_meta(reader), on_maps=pics, progress=False)
+        meta_fn=evaluate.reason_seg_meta_with_kind(reader), on_maps=pics, progress=False)
     after = E.compile_counts()
     _, jsonl = E.write_results(str(out), summary, records)
     return summary, records, jsonl, pics, {k: after[k] - before[k] for k in after}
@@ -169,6 +171,14 @@ def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(sin
     assert (pp["gIoU"], pp["cIoU"]) == pytest.approx(figures(recs, "pp_intersection", "pp_union"), rel=1e-12)
     fg = summary["all_foreground"]
     assert (fg["gIoU"], fg["cIoU"]) == pytest.approx(figures(recs, "fg_intersection", "fg_union"), rel=1e-12)
+    # Per query kind of the generated set: the kind the generator drew for each image, figures per kind.
+    drawn = {f"shapes_val_{i:05d}": make_shapes._make_example(3, "val", i)[2] for i in range(NUM_VAL)}
+    assert {r["id"]: r["query_kind"] for r in recs} == drawn
+    by_kind = summary["by_query_kind"]
+    assert set(by_kind) == set(drawn.values())
+    for k, m in by_kind.items():
+        sub = [r for r in recs if drawn[r["id"]] == k]
+        assert m["num_queries"] == len(sub) and (m["gIoU"], m["cIoU"]) == pytest.approx(figures(sub), rel=1e-12)
     for r in recs:
         assert r["iou"] == pytest.approx(r["intersection"] / (r["union"] + 1e-5) + (r["union"] == 0))
         assert r["query"].endswith("Please output segmentation mask.") and r["seg_emitted"]

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -286,8 +287,42 @@ def _points(poly: np.ndarray) -> list[list[float]]:
     return [[round(float(x), 2), round(float(y), 2)] for x, y in poly]
 
 
+# The query kind of each phrasing the makers above write (full match, case-sensitive): lets an evaluation report
+# figures per kind from the query text alone (`query_kind`), for sets written before or after this table.
+_COLOR = "(?:" + "|".join(COLORS) + ")"
+_KIND = "(?:" + "|".join(SHAPES) + ")"
+_NAMED = f"{_COLOR} {_KIND}"
+_REL = "(?:" + "|".join(p for _, p1, p2 in _DIRS.values() for p in (p1, p2)) + ")"
+QUERY_KIND_PATTERNS = {
+    "extreme": (f"the (?:{'|'.join(_EXTREMES)}) shape", f"(?:{'|'.join(_EXTREMES)}) object"),
+    "most_corners": ("Which object in the picture has the largest number of corners\\?",
+                     "Find the shape that has more corners than any other\\."),
+    "largest_of_color": (f"the largest {_COLOR} object", f"biggest {_COLOR} shape"),
+    "smallest": ("Which shape is the smallest one in this picture\\?", "Point out the tiniest object in the image\\."),
+    "relation": (f"Which object sits nearest {_REL} the {_NAMED}\\?", f"What is the closest shape {_REL} the {_NAMED}\\?"),
+    "same_color": (f"Which shape has the same colour as the {_KIND}\\?",
+                   f"Which other object is painted in the colour of the {_KIND}\\?"),
+    "could_roll": ("Something in the picture would roll if you gave it a push\\. What is it\\?",
+                   "Which object could roll across a table\\?"),
+}
+_KIND_RES = {k: [re.compile(p) for p in ps] for k, ps in QUERY_KIND_PATTERNS.items()}
+
+
+def query_kind(text: str) -> str | None:
+    """The kind of query ("extreme", "most_corners", ... the `QUERIES` makers) that wrote `text`, else None."""
+    for kind, pats in _KIND_RES.items():
+        if any(p.fullmatch(text) for p in pats):
+            return kind
+    return None
+
+
 def make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict]:
     """One (image, labelme json) pair, a pure function of (seed, split, index)."""
+    return _make_example(seed, split, index)[:2]
+
+
+def _make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict, str]:
+    """`make_example` and the kind of its query (the maker's name without `_q_`)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     for _ in range(100):
         w, h, shapes = _scene(rng)
@@ -304,6 +339,7 @@ def make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict]:
     else:  # pragma: no cover - 100 scenes without a unique query is practically impossible
         raise RuntimeError(f"could not build a query for {split}/{index}")
     target, texts, is_sentence = q
+    kind = make.__name__.removeprefix("_q_")
     ghost = None
     if rng.random() < 0.2:  # a faint ghost shape in free space, labelled "ignore"
         gw, gh, extra = _scene(rng)
@@ -355,7 +391,7 @@ def make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict]:
         "imageHeight": h,
         "imageWidth": w,
     }
-    return im, ann
+    return im, ann, kind
 
 
 def write_split(out: str, split: str, num: int, seed: int, progress=None) -> list[str]:

@@ -99,13 +99,18 @@ def build_reference_sources(
     max_convs: int = R.MAX_CONVS,
     seed: int = 0,
     reason_seg_dir: str | None = None,
+    reason_seg_false_premise: float | None = None,
 ) -> dict[str, object]:
     """The reference's sources read from a SESAME-style `dataset/` root (read_reference.md §9).
 
     sem_seg = ade20k, cocostuff, pascal_part, paco_lvis, mapillary; refer_seg = refclef, refcoco, refcoco+,
     refcocog; neg_refer_seg = R-refcoco(+/g); correct_refer_seg = fprefcoco(+/g); vqa = llava_instruct_150k;
     reason_seg = ReasonSeg|train (or `reason_seg_dir`, e.g. the generated shapes set).
+    `reason_seg_false_premise`: the share of ReasonSeg samples drawn as false-premise corrections (None: SESAME's
+    0.15, `readers.REASON_SEG_MODE_WEIGHTS`).
     """
+    if reason_seg_false_premise is not None and not 0.0 <= reason_seg_false_premise <= 1.0:
+        raise ValueError(f"reason_seg_false_premise must be in [0, 1], got {reason_seg_false_premise}")
     kw = dict(max_convs=max_convs, seed=seed)
     out: dict[str, object] = {}
     for n in names:
@@ -124,8 +129,10 @@ def build_reference_sources(
                 seed=seed,
             )
         elif n == "reason_seg":
+            fp = {} if reason_seg_false_premise is None else {
+                "mode_weights": (1.0 - reason_seg_false_premise, reason_seg_false_premise)}
             out[n] = R.ReasonSegReader(
-                reason_seg_dir or os.path.join(root, "reason_seg", "ReasonSeg"), "train", **kw
+                reason_seg_dir or os.path.join(root, "reason_seg", "ReasonSeg"), "train", **kw, **fp
             )
         else:
             raise ValueError(f"unknown source {n!r}; known: {SOURCES}")
