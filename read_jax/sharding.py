@@ -67,7 +67,7 @@ def use_mesh(mesh: Mesh):
     """Make `mesh` the target of `constrain` (and jax's ambient mesh) inside the block."""
     token = _current_mesh.set(mesh)
     try:
-        with mesh:
+        with jax.set_mesh(mesh):
             yield mesh
     finally:
         _current_mesh.reset(token)
