@@ -33,7 +33,7 @@ and the recipe departs from READ's (which fine-tunes a pretrained LLaVA and SAM)
 What limits it (measured on 200 validation queries; `evaluate.py` prints the figures per query kind): the masks
 land on *an* object far more often than on *the* queried one. Scored against every object of the scene, the
 prediction's best match is the target for 94% of "smallest" queries but 21-36% of the corner, extreme, relation
-and colour queries, and the runs below all stop near the same validation gIoU (0.28-0.30 at 1,800-2,400 steps):
+and colour queries, and the runs below all stop near the same validation gIoU (0.28-0.32 at 1,800-2,400 steps):
 CLIP at 224 px with 28-px patches and a 256-px SAM frame; a 64-wide mask decoder; three CLIP layers feeding the
 LLM instead of one (LLaVA takes `hidden_states[-2]`, so the tiny CLIP's second layer is unused); 10,000 training
 scenes instead of 2,000; and 2,400 more steps from the finished run.
