@@ -25,28 +25,43 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--hf", metavar="DIR",
-                      help="HF checkpoint directory to convert (config.json, shards, tokenizer)")
+    mode.add_argument(
+        "--hf", metavar="DIR", help="HF checkpoint directory to convert (config.json, shards, tokenizer)"
+    )
     mode.add_argument("--export", metavar="CKPT", help="read_jax checkpoint to export to the HF READ layout")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--clip", metavar="DIR",
-                   help="HF CLIP directory (READ releases do not contain the vision tower)")
-    p.add_argument("--sam", metavar="PTH",
-                   help="Meta SAM checkpoint (sam_vit_h_4b8939.pth) replacing the SAM weights")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory (must not exist unless --overwrite)"
+    )
+    p.add_argument(
+        "--clip", metavar="DIR", help="HF CLIP directory (READ releases do not contain the vision tower)"
+    )
+    p.add_argument(
+        "--sam", metavar="PTH", help="Meta SAM checkpoint (sam_vit_h_4b8939.pth) replacing the SAM weights"
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="parameter dtype of the output")
-    p.add_argument("--base", default="auto", choices=["auto", "read_7b", "read_13b", "tiny"],
-                   help="ReadConfig factory for the SAM/SasP/LoRA settings (auto: by hidden size)")
-    p.add_argument("--resize-vocab", action="store_true",
-                   help="accept a 32000-token vocabulary and append [SEG], <im_start>, <im_end> "
-                        "(N(0, 0.02) rows)")
-    p.add_argument("--lora-alpha", type=float,
-                   help="alpha of an unmerged PEFT checkpoint (default: adapter_config.json, else 16)")
+    p.add_argument(
+        "--base",
+        default="auto",
+        choices=["auto", "read_7b", "read_13b", "tiny"],
+        help="ReadConfig factory for the SAM/SasP/LoRA settings (auto: by hidden size)",
+    )
+    p.add_argument(
+        "--resize-vocab",
+        action="store_true",
+        help="accept a 32000-token vocabulary and append [SEG], <im_start>, <im_end> (N(0, 0.02) rows)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        help="alpha of an unmerged PEFT checkpoint (default: adapter_config.json, else 16)",
+    )
     p.add_argument("--merge-lora", action="store_true", help="--export: fold LoRA into the base weights")
-    p.add_argument("--part-mb", type=int, default=256,
-                   help="converted MiB buffered per orbax part (memory knob)")
-    p.add_argument("--no-compress", action="store_true",
-                   help="no zstd in the orbax parts (faster, ~20%% larger)")
+    p.add_argument(
+        "--part-mb", type=int, default=256, help="converted MiB buffered per orbax part (memory knob)"
+    )
+    p.add_argument(
+        "--no-compress", action="store_true", help="no zstd in the orbax parts (faster, ~20%% larger)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the --resize-vocab rows")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,17 +75,29 @@ def main(argv=None, *, model_fn=None) -> int:
         from read_jax.convert.export import export_checkpoint
 
         dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
-        out = export_checkpoint(args.export, args.out, merge_lora=args.merge_lora, dtype=dtype,
-                                overwrite=args.overwrite)
+        out = export_checkpoint(
+            args.export, args.out, merge_lora=args.merge_lora, dtype=dtype, overwrite=args.overwrite
+        )
         print(f"exported {args.export} -> {out}")
         return 0
     from read_jax.convert.read import convert_read_checkpoint
 
-    convert_read_checkpoint(args.hf, args.out, clip_dir=args.clip, sam_path=args.sam, dtype=args.dtype,
-                            base=args.base, resize_vocab=args.resize_vocab, lora_alpha=args.lora_alpha,
-                            seed=args.seed, part_bytes=args.part_mb << 20, compress=not args.no_compress,
-                            overwrite=args.overwrite,
-                            progress=not args.no_progress, model_fn=model_fn)
+    convert_read_checkpoint(
+        args.hf,
+        args.out,
+        clip_dir=args.clip,
+        sam_path=args.sam,
+        dtype=args.dtype,
+        base=args.base,
+        resize_vocab=args.resize_vocab,
+        lora_alpha=args.lora_alpha,
+        seed=args.seed,
+        part_bytes=args.part_mb << 20,
+        compress=not args.no_compress,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        model_fn=model_fn,
+    )
     return 0
 
 

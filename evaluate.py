@@ -53,7 +53,9 @@ def parse_split(split: str) -> tuple[str, str, str]:
     'fprefcoco_val' -> ('fp', 'fprefcoco', 'val')."""
     m = _SPLIT.fullmatch(split)
     if m is None:
-        raise ValueError(f"unknown split {split!r}: want reasonseg_<split>, one of {REFER_DATASETS} + _<split>")
+        raise ValueError(
+            f"unknown split {split!r}: want reasonseg_<split>, one of {REFER_DATASETS} + _<split>"
+        )
     dataset, sub = m.groups()
     kind = "reasonseg" if dataset == "reasonseg" else "fp" if dataset.startswith("fp") else "refer"
     return kind, dataset, sub
@@ -82,7 +84,9 @@ def load_checkpoint(config, checkpoint: str, *, which: str = "best", mesh=None):
     from read_jax.train_lib import load_trained
 
     model, _, meta = load_trained(config, path, which=which, mesh=mesh)
-    log.info("restored the %s checkpoint of %s: step %s, %s", which, path, meta.get("step"), meta.get("metrics"))
+    log.info(
+        "restored the %s checkpoint of %s: step %s, %s", which, path, meta.get("step"), meta.get("metrics")
+    )
     return model, tok_default
 
 
@@ -112,15 +116,32 @@ def eval_data_config(config, cfg, kind: str):
         kw["template"] = "vicuna_v1"  # test_read.py never sets conv_type (read_reference.md §13.7)
     dc = DataConfig(**kw)
     if dc.clip_size != cfg.clip.image_size:
-        raise ValueError(f"data.clip_size {dc.clip_size} != the model's CLIP image size {cfg.clip.image_size}: "
-                         f"set --config.data.clip_size={cfg.clip.image_size}")
+        raise ValueError(
+            f"data.clip_size {dc.clip_size} != the model's CLIP image size {cfg.clip.image_size}: "
+            f"set --config.data.clip_size={cfg.clip.image_size}"
+        )
     return dc
 
 
-def run(config, checkpoint: str, split: str, *, out: str | None = None, threshold_search: bool = False,
-        analysis: str | None = None, sweep: bool = False, which: str = "best", max_new_tokens: int = 512,
-        points_prompt_num: int | None = None, analysis_limit: int | None = None, max_batches: int | None = None,
-        mesh=None, model=None, tokenizer_dir: str | None = None, progress: bool = True) -> dict:
+def run(
+    config,
+    checkpoint: str,
+    split: str,
+    *,
+    out: str | None = None,
+    threshold_search: bool = False,
+    analysis: str | None = None,
+    sweep: bool = False,
+    which: str = "best",
+    max_new_tokens: int = 512,
+    points_prompt_num: int | None = None,
+    analysis_limit: int | None = None,
+    max_batches: int | None = None,
+    mesh=None,
+    model=None,
+    tokenizer_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Everything `evaluate.py` does; returns the summary (or the sweep table's results).
 
     `model`/`tokenizer_dir` skip loading `checkpoint` (tests, notebooks); `mesh` defaults to `config.mesh`.
@@ -133,7 +154,9 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
 
     kind, dataset, sub = parse_split(split)
     if kind == "fp" and (threshold_search or analysis or sweep):
-        raise ValueError("--threshold-search/--analysis/--sweep apply to the teacher-forced splits, not FP-RefCOCO")
+        raise ValueError(
+            "--threshold-search/--analysis/--sweep apply to the teacher-forced splits, not FP-RefCOCO"
+        )
     if mesh is None:
         mesh = shd.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
     if model is None:
@@ -149,8 +172,13 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
         batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
     out = out or os.path.join(checkpoint, "eval", split)
     ev = E.Evaluator(model, mesh)
-    meta = {"split": split, "checkpoint": os.path.abspath(checkpoint), "num_items": len(reader),
-            "sasp": dataclasses.asdict(cfg.sasp), "devices": int(mesh.size)}
+    meta = {
+        "split": split,
+        "checkpoint": os.path.abspath(checkpoint),
+        "num_items": len(reader),
+        "sasp": dataclasses.asdict(cfg.sasp),
+        "devices": int(mesh.size),
+    }
 
     if sweep:
         results = E.sweep_sasp(model, batches, evaluator=ev, total=total, progress=progress)
@@ -158,32 +186,67 @@ def run(config, checkpoint: str, split: str, *, out: str | None = None, threshol
         print(table)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "sweep.json"), "w") as f:
-            json.dump({**meta, "results": [{"t_pos": tp, "t_neg": tn, "num_points": n, **r}
-                                           for (tp, tn, n), r in sorted(results.items())]}, f, indent=2)
+            json.dump(
+                {
+                    **meta,
+                    "results": [
+                        {"t_pos": tp, "t_neg": tn, "num_points": n, **r}
+                        for (tp, tn, n), r in sorted(results.items())
+                    ],
+                },
+                f,
+                indent=2,
+            )
         with open(os.path.join(out, "sweep.txt"), "w") as f:
             f.write(table + "\n")
         return results
 
     if kind == "fp":
-        summary, records = E.evaluate_fprefcoco(model, batches, tokenizer, max_new_tokens=max_new_tokens,
-                                                evaluator=ev, total=total, progress=progress)
-        line = (f"{split}: See {100 * summary['See']:.2f}  Segment (cIoU) {100 * summary['Segment']:.2f}  "
-                f"({summary['num_queries']} queries)")
+        summary, records = E.evaluate_fprefcoco(
+            model,
+            batches,
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            evaluator=ev,
+            total=total,
+            progress=progress,
+        )
+        line = (
+            f"{split}: See {100 * summary['See']:.2f}  Segment (cIoU) {100 * summary['Segment']:.2f}  "
+            f"({summary['num_queries']} queries)"
+        )
     else:
         pictures = None
         if analysis:
             pictures = V.AnalysisPictures(analysis, cfg.sam, V.reader_image_fn(reader), limit=analysis_limit)
         summary, records = E.evaluate_reasonseg(
-            model, batches, threshold_search=threshold_search,
+            model,
+            batches,
+            threshold_search=threshold_search,
             points_prompt=E.points_prompt_config(cfg.sasp, points_prompt_num) if analysis else None,
-            tokenizer=tokenizer, meta_fn=reason_seg_meta_with_kind(reader) if kind == "reasonseg" else None,
-            on_maps=pictures, evaluator=ev, total=total, progress=progress, desc=split)
-        line = f"{split}: gIoU {100 * summary['gIoU']:.2f}  cIoU {100 * summary['cIoU']:.2f}  " \
-               f"({summary['num_queries']} queries)"
-        for k, name in (("short", "short"), ("long", "long"), ("threshold_search", "threshold search"),
-                        ("points_as_prompt", "points as prompt"), ("all_foreground", "all-foreground baseline")):
+            tokenizer=tokenizer,
+            meta_fn=reason_seg_meta_with_kind(reader) if kind == "reasonseg" else None,
+            on_maps=pictures,
+            evaluator=ev,
+            total=total,
+            progress=progress,
+            desc=split,
+        )
+        line = (
+            f"{split}: gIoU {100 * summary['gIoU']:.2f}  cIoU {100 * summary['cIoU']:.2f}  "
+            f"({summary['num_queries']} queries)"
+        )
+        for k, name in (
+            ("short", "short"),
+            ("long", "long"),
+            ("threshold_search", "threshold search"),
+            ("points_as_prompt", "points as prompt"),
+            ("all_foreground", "all-foreground baseline"),
+        ):
             if k in summary:
-                line += f"\n  {name}: gIoU {100 * summary[k]['gIoU']:.2f}  cIoU {100 * summary[k]['cIoU']:.2f}"
+                line += (
+                    f"\n  {name}: gIoU {100 * summary[k]['gIoU']:.2f}  cIoU {100 * summary[k]['cIoU']:.2f}"
+                )
         for k, m in summary.get("by_query_kind", {}).items():
             line += f"\n  {k} ({m['num_queries']} queries): gIoU {100 * m['gIoU']:.2f}  cIoU {100 * m['cIoU']:.2f}"
         if pictures is not None:
@@ -221,21 +284,40 @@ def _define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file (the one train.py used)", lock_config=False)
+    config_flags.DEFINE_config_file(
+        "config", None, "a configs/*.py file (the one train.py used)", lock_config=False
+    )
     flags.DEFINE_string("checkpoint", None, "train.py workdir or converted checkpoint directory")
-    flags.DEFINE_string("split", "reasonseg_val", "reasonseg_val|reasonseg_test|refcoco_val|refcoco+_testA|"
-                        "refcocog_test|fprefcoco_val|fprefcoco+_val|fprefcocog_val|...")
+    flags.DEFINE_string(
+        "split",
+        "reasonseg_val",
+        "reasonseg_val|reasonseg_test|refcoco_val|refcoco+_testA|"
+        "refcocog_test|fprefcoco_val|fprefcoco+_val|fprefcocog_val|...",
+    )
     flags.DEFINE_string("out", None, "output directory (default: CHECKPOINT/eval/SPLIT)")
-    flags.DEFINE_bool("threshold-search", False, "Appendix A.1: per-query best threshold (0.01 grid) of the [SEG] "
-                      "similarity map, scored as a mask")
-    flags.DEFINE_string("analysis", None, "Appendix B: write per-query analysis PNGs to this directory and score the "
-                        "similarity points alone as plain SAM prompts (points as prompt)")
+    flags.DEFINE_bool(
+        "threshold-search",
+        False,
+        "Appendix A.1: per-query best threshold (0.01 grid) of the [SEG] similarity map, scored as a mask",
+    )
+    flags.DEFINE_string(
+        "analysis",
+        None,
+        "Appendix B: write per-query analysis PNGs to this directory and score the "
+        "similarity points alone as plain SAM prompts (points as prompt)",
+    )
     flags.DEFINE_bool("sweep", False, "Appendix C / Table 8: sweep t_pos/t_neg x |P| and print the table")
-    flags.DEFINE_enum("which", "best", ["best", "latest", "init"],
-                      "train.py workdir: 'best' (by cIoU) or 'latest' checkpoint, or 'init': the run's untrained "
-                      "starting point (its frozen base and freshly initialised trainables), as a baseline")
+    flags.DEFINE_enum(
+        "which",
+        "best",
+        ["best", "latest", "init"],
+        "train.py workdir: 'best' (by cIoU) or 'latest' checkpoint, or 'init': the run's untrained "
+        "starting point (its frozen base and freshly initialised trainables), as a baseline",
+    )
     flags.DEFINE_integer("max-new-tokens", 512, "FP-RefCOCO generation budget (the reference: 512)")
-    flags.DEFINE_integer("points-prompt-num", None, "Appendix B: number of similarity points (default: SasP's)")
+    flags.DEFINE_integer(
+        "points-prompt-num", None, "Appendix B: number of similarity points (default: SasP's)"
+    )
     flags.DEFINE_integer("analysis-limit", None, "Appendix B: at most this many PNGs")
     flags.DEFINE_integer("max-batches", None, "stop after this many batches (quick looks; not the protocol)")
     flags.mark_flags_as_required(["config", "checkpoint"])
@@ -250,10 +332,20 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     f = flags.FLAGS
     try:
-        run(f.config, f.checkpoint, f.split, out=f.out, threshold_search=f["threshold-search"].value,
-            analysis=f.analysis, sweep=f.sweep, which=f.which, max_new_tokens=f["max-new-tokens"].value,
-            points_prompt_num=f["points-prompt-num"].value, analysis_limit=f["analysis-limit"].value,
-            max_batches=f["max-batches"].value)
+        run(
+            f.config,
+            f.checkpoint,
+            f.split,
+            out=f.out,
+            threshold_search=f["threshold-search"].value,
+            analysis=f.analysis,
+            sweep=f.sweep,
+            which=f.which,
+            max_new_tokens=f["max-new-tokens"].value,
+            points_prompt_num=f["points-prompt-num"].value,
+            analysis_limit=f["analysis-limit"].value,
+            max_batches=f["max-batches"].value,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         sys.exit(2)

@@ -19,8 +19,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally `file.py:arg`)",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "a configs/*.py file (optionally `file.py:arg`)", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, TensorBoard files")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -42,8 +43,10 @@ def main(argv):
     except NonFiniteLossError as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(3)
-    print(f"done: step {summary['final_step']}, validation {summary.get('val')}, "
-          f"{summary['wall_s']:.0f}s wall / {summary['cpu_s']:.0f}s CPU")
+    print(
+        f"done: step {summary['final_step']}, validation {summary.get('val')}, "
+        f"{summary['wall_s']:.0f}s wall / {summary['cpu_s']:.0f}s CPU"
+    )
 
 
 if __name__ == "__main__":

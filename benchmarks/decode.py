@@ -147,30 +147,39 @@ def main():
     ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, n)))
     text = model.embed(ids)
     image = jnp.asarray(rng.standard_normal((b, p, cfg.hidden_size)) * 0.5, cfg.compute_dtype)
-    embeds = jnp.concatenate([text[:, : n // 2], image, text[:, n // 2:]], axis=1)  # [B, T, D]
+    embeds = jnp.concatenate([text[:, : n // 2], image, text[:, n // 2 :]], axis=1)  # [B, T, D]
     mask = jnp.ones(embeds.shape[:2], bool)
     t = embeds.shape[1]
     kw = {"inputs_embeds": embeds, "attention_mask": mask, "max_new_tokens": args.new, "eos_token_id": None}
 
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), LLaMA tiny: "
-          f"D={cfg.hidden_size} L={cfg.num_hidden_layers} N={cfg.num_attention_heads} "
-          f"K={cfg.num_key_value_heads} V={cfg.vocab_size}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), LLaMA tiny: "
+        f"D={cfg.hidden_size} L={cfg.num_hidden_layers} N={cfg.num_attention_heads} "
+        f"K={cfg.num_key_value_heads} V={cfg.vocab_size}"
+    )
     print(f"prompt: batch {b} x {t} tokens ({p} image + {n} text), {args.new} new tokens, greedy, no EOS")
     times_c, times_f, (tok_c, len_c), (tok_f, len_f) = timed_pair(
-        lambda: generate(model, **kw), lambda: generate_no_cache(model, **kw), args.repeats)
+        lambda: generate(model, **kw), lambda: generate_no_cache(model, **kw), args.repeats
+    )
     # The minimum over runs is the least load-disturbed estimate (the machine may be shared).
     t_cache, t_full = min(times_c), min(times_f)
     same = bool(np.array_equal(tok_c, tok_f) and np.array_equal(len_c, len_f))
-    print(f"no-cache (full recompute per token): {t_full * 1e3:9.1f} ms  "
-          f"({t_full / args.new * 1e3:.2f} ms/token; median {np.median(times_f) * 1e3:.1f} ms)")
-    print(f"KV cache (prefill + 1-token steps):  {t_cache * 1e3:9.1f} ms  "
-          f"({t_cache / args.new * 1e3:.2f} ms/token; median {np.median(times_c) * 1e3:.1f} ms)")
+    print(
+        f"no-cache (full recompute per token): {t_full * 1e3:9.1f} ms  "
+        f"({t_full / args.new * 1e3:.2f} ms/token; median {np.median(times_f) * 1e3:.1f} ms)"
+    )
+    print(
+        f"KV cache (prefill + 1-token steps):  {t_cache * 1e3:9.1f} ms  "
+        f"({t_cache / args.new * 1e3:.2f} ms/token; median {np.median(times_c) * 1e3:.1f} ms)"
+    )
     print(f"same tokens on both paths: {same}")
     print(f"XLA FLOP ratio (no-cache / cached): {flop_ratio(model, embeds, mask, args.new):.1f}x")
     t_pre, t_head = cached_floor(model, embeds, mask, args.new, args.repeats)
-    print(f"cached-path floor: prefill {t_pre * 1e3:.1f} ms + {args.new - 1} lm_head products alone "
-          f"{t_head * 1e3:.1f} ms = {(t_pre + t_head) * 1e3:.1f} ms, i.e. at most "
-          f"{t_full / (t_pre + t_head):.1f}x even if the decoder layers of each step were free")
+    print(
+        f"cached-path floor: prefill {t_pre * 1e3:.1f} ms + {args.new - 1} lm_head products alone "
+        f"{t_head * 1e3:.1f} ms = {(t_pre + t_head) * 1e3:.1f} ms, i.e. at most "
+        f"{t_full / (t_pre + t_head):.1f}x even if the decoder layers of each step were free"
+    )
     print(f"KV-cache speedup: {t_full / t_cache:.1f}x")
     if not same:
         raise SystemExit("the cached and no-cache paths disagree")

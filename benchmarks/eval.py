@@ -87,8 +87,13 @@ def main():
     data_dir = tempfile.mkdtemp(prefix="eval_bench_")
     make_shapes.write_split(data_dir, "val", args.num, seed=0)
     reader = R.ReasonSegReader(data_dir, "val", mode="eval")
-    dc = P.DataConfig(batch_size=args.batch, max_convs=1, max_mask_side=448, length_buckets=(128,),
-                      clip_size=cfg.clip.image_size)
+    dc = P.DataConfig(
+        batch_size=args.batch,
+        max_convs=1,
+        max_mask_side=448,
+        length_buckets=(128,),
+        clip_size=cfg.clip.image_size,
+    )
     t0 = time.perf_counter()
     batches = list(P.eval_dataset(reader, dc, cfg.sam, TOKENIZER))
     t_data = time.perf_counter() - t0
@@ -114,16 +119,22 @@ def main():
     best = min(walls)
     n = len(records)
     d = jax.devices()[0]
-    print(f"device: {d.device_kind} ({jax.default_backend()}) x {len(jax.devices())}; preset {args.preset} "
-          f"(LLaMA D={cfg.llama.hidden_size} L={cfg.llama.num_hidden_layers}, SAM {cfg.sam.image_size}px "
-          f"D={cfg.sam.encoder_embed_dim}, {cfg.llama.dtype})")
-    print(f"split: {n} queries in {len(batches)} batches of {args.batch} images, text length "
-          f"{batches[0]['input_ids'].shape[1]} (+{cfg.clip.num_patches - 1} image tokens), GT canvas "
-          f"{batches[0]['masks'].shape[1:]}; data pipeline {t_data:.1f}s (not timed below)")
+    print(
+        f"device: {d.device_kind} ({jax.default_backend()}) x {len(jax.devices())}; preset {args.preset} "
+        f"(LLaMA D={cfg.llama.hidden_size} L={cfg.llama.num_hidden_layers}, SAM {cfg.sam.image_size}px "
+        f"D={cfg.sam.encoder_embed_dim}, {cfg.llama.dtype})"
+    )
+    print(
+        f"split: {n} queries in {len(batches)} batches of {args.batch} images, text length "
+        f"{batches[0]['input_ids'].shape[1]} (+{cfg.clip.num_patches - 1} image tokens), GT canvas "
+        f"{batches[0]['masks'].shape[1:]}; data pipeline {t_data:.1f}s (not timed below)"
+    )
     passes = ", ".join(f"{w:.2f}s" for w in walls)
     print(f"init {t_init:.1f}s, first batch incl. compile {t_compile:.1f}s, timed passes {passes}")
-    print(f"per query: {best / n * 1e3:.1f} ms; gIoU {100 * summary['gIoU']:.2f} cIoU {100 * summary['cIoU']:.2f} "
-          f"(random weights)")
+    print(
+        f"per query: {best / n * 1e3:.1f} ms; gIoU {100 * summary['gIoU']:.2f} cIoU {100 * summary['cIoU']:.2f} "
+        f"(random weights)"
+    )
     print(f"eval throughput: {n / best:.1f} samples/s")
 
 

@@ -32,10 +32,21 @@ jax.config.update("jax_default_matmul_precision", "float32")  # fp32 like torch'
 
 CONFIGS = {
     "tiny": ReadConfig.tiny().sam,
-    "mid": SamConfig(image_size=512, encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=3,
-                     window_size=7, global_attn_indexes=(1, 3), prompt_embed_dim=64, transformer_mlp_dim=256,
-                     transformer_num_heads=4, iou_head_hidden_dim=64, mask_in_chans=16, dtype="float32",
-                     param_dtype="float32"),
+    "mid": SamConfig(
+        image_size=512,
+        encoder_embed_dim=192,
+        encoder_depth=4,
+        encoder_num_heads=3,
+        window_size=7,
+        global_attn_indexes=(1, 3),
+        prompt_embed_dim=64,
+        transformer_mlp_dim=256,
+        transformer_num_heads=4,
+        iou_head_hidden_dim=64,
+        mask_in_chans=16,
+        dtype="float32",
+        param_dtype="float32",
+    ),
     "full": SamConfig(dtype="float32", param_dtype="float32"),
 }
 
@@ -113,14 +124,21 @@ def main(argv=None) -> float:
     got = np.asarray(decode(state, emb, j_pts, j_lab, j_txt))
     err = float(np.abs(got - torch_decode(t_emb).numpy()).max())
 
-    print(f"config={name} image={s} width={cfg.encoder_embed_dim} depth={cfg.encoder_depth} "
-          f"window={cfg.window_size} global={cfg.global_attn_indexes} prompts={n} points={args.points}")
-    print(f"devices: jax={jax.devices()[0].platform} x{jax.device_count()}, "
-          f"torch threads={torch.get_num_threads()}, reps={reps}, jax compile={compile_s:.2f}s, "
-          f"max |mask logit diff|={err:.2e}")
+    print(
+        f"config={name} image={s} width={cfg.encoder_embed_dim} depth={cfg.encoder_depth} "
+        f"window={cfg.window_size} global={cfg.global_attn_indexes} prompts={n} points={args.points}"
+    )
+    print(
+        f"devices: jax={jax.devices()[0].platform} x{jax.device_count()}, "
+        f"torch threads={torch.get_num_threads()}, reps={reps}, jax compile={compile_s:.2f}s, "
+        f"max |mask logit diff|={err:.2e}"
+    )
     print(f"{'':18s}{'jax (ms)':>10s}{'torch (ms)':>12s}{'torch/jax':>11s}")
-    for label, j, t in (("image encoder", jax_enc, torch_enc), ("prompt+decoder", jax_dec, torch_dec),
-                        ("total", jax_enc + jax_dec, torch_enc + torch_dec)):
+    for label, j, t in (
+        ("image encoder", jax_enc, torch_enc),
+        ("prompt+decoder", jax_dec, torch_dec),
+        ("total", jax_enc + jax_dec, torch_enc + torch_dec),
+    ):
         print(f"{label:18s}{1e3 * j:10.2f}{1e3 * t:12.2f}{t / j:10.2f}x")
     ratio = (torch_enc + torch_dec) / (jax_enc + jax_dec)
     print(f"SAM JAX/torch speed ratio: {ratio:.2f}x")

@@ -26,7 +26,9 @@ import sys
 import time
 
 if "--memory-7b" in sys.argv:  # must precede the jax import
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -42,8 +44,12 @@ from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
 from read_jax.sam.transforms import get_preprocess_shape
 
 CANVAS = 320
-TRAINABLE = (r"(.*/)?model/embed_tokens/.*", r"(.*/)?lm_head/.*", r"(.*/)?visual_model/mask_decoder/.*",
-             r"(.*/)?text_hidden_fcs/.*")
+TRAINABLE = (
+    r"(.*/)?model/embed_tokens/.*",
+    r"(.*/)?lm_head/.*",
+    r"(.*/)?visual_model/mask_decoder/.*",
+    r"(.*/)?text_hidden_fcs/.*",
+)
 
 
 def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int = 0) -> dict:
@@ -57,24 +63,33 @@ def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int =
         q = rng.integers(100, 30000, size=length // 2).tolist()
         a = rng.integers(100, 30000, size=4).tolist() + [cfg.seg_token_id, 29889, 2]
         row = [1, 319, cfg.im_start_token_id, -200, cfg.im_end_token_id] + q + a
-        row = row[:length - 1] + [2] if len(row) > length else row
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = True
-        labels[i, len(row) - len(a):len(row)] = row[len(row) - len(a):]
+        row = row[: length - 1] + [2] if len(row) > length else row
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
+        labels[i, len(row) - len(a) : len(row)] = row[len(row) - len(a) :]
     hw = np.array([[240, 320], [300, 200], [320, 320], [200, 280]] * images, np.int32)[:images]
     conv_image = np.arange(r, dtype=np.int32) // rows
     masks = np.zeros((r, CANVAS, CANVAS), np.uint8)
     for i in range(r):
         h, w = hw[conv_image[i]]
-        masks[i, h // 4: h // 2, w // 3: 2 * w // 3] = 1
+        masks[i, h // 4 : h // 2, w // 3 : 2 * w // 3] = 1
     s = cfg.sam.image_size
     return {
-        "images_clip": rng.normal(size=(images, cfg.clip.image_size, cfg.clip.image_size, 3)).astype(np.float32),
+        "images_clip": rng.normal(size=(images, cfg.clip.image_size, cfg.clip.image_size, 3)).astype(
+            np.float32
+        ),
         "images_sam": rng.normal(size=(images, s, s, 3)).astype(np.float32),
         "sam_input_hw": np.array([get_preprocess_shape(int(h), int(w), s) for h, w in hw], np.int32),
-        "orig_hw": hw, "input_ids": ids, "labels": labels, "attention_mask": mask, "conv_image": conv_image,
-        "conv_valid": np.ones((r,), bool), "masks": masks, "mask_valid": np.ones((r,), bool),
-        "mask_hw": hw[conv_image], "image_valid": np.ones((images,), bool),
+        "orig_hw": hw,
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "conv_image": conv_image,
+        "conv_valid": np.ones((r,), bool),
+        "masks": masks,
+        "mask_valid": np.ones((r,), bool),
+        "mask_hw": hw[conv_image],
+        "image_valid": np.ones((images,), bool),
     }
 
 
@@ -90,8 +105,11 @@ def torch_model(cfg: ReadConfig):
     tm = TorchRead(cfg, seed=0).float()
     sd, clip_sd = tm.released_state_dict()
     model = ReadModel(cfg, rngs=nnx.Rngs(0))
-    conv = Converter(read_rules() + clip_dir_rules(), abstract_leaves(nnx.eval_shape(lambda: model)),
-                     ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore())
+    conv = Converter(
+        read_rules() + clip_dir_rules(),
+        abstract_leaves(nnx.eval_shape(lambda: model)),
+        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
+    )
     load_leaves(model, conv.add_all(sd).add_all(clip_sd).finish())
     return tm, model
 
@@ -108,16 +126,27 @@ def torch_step_fn(cfg: ReadConfig, tm, batch: dict, lr: float):
         return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
 
     def to_points(sim, hw):
-        return st.similarity_map_to_points(sim, hw, down_sample=cfg.clip.grid_size // sc.grid_size,
-                                           num_points=sc.num_points, t_pos=sc.t_pos, t_neg=sc.t_neg, use_dtoc=False)
+        return st.similarity_map_to_points(
+            sim,
+            hw,
+            down_sample=cfg.clip.grid_size // sc.grid_size,
+            num_points=sc.num_points,
+            t_pos=sc.t_pos,
+            t_neg=sc.t_neg,
+            use_dtoc=False,
+        )
 
     def dtoc(sim, pts, hw):
         full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
         return st.discrete_to_continuous(full, pts.float())
 
-    train = [p for n, p in tm.named_parameters()
-             if n.startswith(("llm.model.embed_tokens", "llm.lm_head", "visual_model.mask_decoder.",
-                              "text_hidden_fcs."))]
+    train = [
+        p
+        for n, p in tm.named_parameters()
+        if n.startswith(
+            ("llm.model.embed_tokens", "llm.lm_head", "visual_model.mask_decoder.", "text_hidden_fcs.")
+        )
+    ]
     for p in tm.parameters():
         p.requires_grad_(False)
     for p in train:
@@ -148,17 +177,38 @@ def jax_step_fn(cfg: ReadConfig, model, batch: dict, lr: float, ce_max_tokens: i
     from read_jax.lora import trainable_filter
 
     mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
-    tc = ConfigDict({"lr": lr, "warmup_steps": 0, "clip_norm": 1.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0})
+    tc = ConfigDict(
+        {
+            "lr": lr,
+            "warmup_steps": 0,
+            "clip_norm": 1.0,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+        }
+    )
     tx = T.make_optimizer(tc)
     graphdef, tr, fr = nnx.split(model, trainable_filter(cfg.trainable_regexes), ...)
-    setup = T.ModelSetup(cfg, None, graphdef, jax.eval_shape(lambda: tr), jax.eval_shape(lambda: fr),
-                         shd.tree_shardings(tr, mesh), shd.tree_shardings(fr, mesh), mesh, {})
+    setup = T.ModelSetup(
+        cfg,
+        None,
+        graphdef,
+        jax.eval_shape(lambda: tr),
+        jax.eval_shape(lambda: fr),
+        shd.tree_shardings(tr, mesh),
+        shd.tree_shardings(fr, mesh),
+        mesh,
+        {},
+    )
     opt_sh, opt_abs = T.opt_state_shardings(tx, setup.trainable_abstract, setup.trainable_shardings, mesh)
     stacked = {k: v[None] for k, v in batch.items()}
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stacked.items()}
     bsh = T.micro_batch_shardings(spec, mesh)
     sc = T.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False, ce_max_tokens=ce_max_tokens)
-    compiled, stats = T.compile_step(T.jit_train_step(setup, tx, sc, opt_sh, bsh), setup, opt_abs, opt_sh, spec, bsh)
+    compiled, stats = T.compile_step(
+        T.jit_train_step(setup, tx, sc, opt_sh, bsh), setup, opt_abs, opt_sh, spec, bsh
+    )
     # A copy: the step donates its trainables, and the model must stay usable for the next variant.
     state = {"tr": jax.device_put(tr, setup.trainable_shardings, may_alias=False), "opt": None, "i": 0}
     state["opt"] = jax.jit(tx.init, out_shardings=opt_sh)(state["tr"])
@@ -166,8 +216,14 @@ def jax_step_fn(cfg: ReadConfig, model, batch: dict, lr: float, ce_max_tokens: i
     dev_batch = T.put_batch(stacked, mesh)
 
     def step():
-        state["tr"], state["opt"], m = compiled(state["tr"], fr, state["opt"], dev_batch,
-                                                jnp.asarray(state["i"], jnp.int32), jnp.asarray(lr, jnp.float32))
+        state["tr"], state["opt"], m = compiled(
+            state["tr"],
+            fr,
+            state["opt"],
+            dev_batch,
+            jnp.asarray(state["i"], jnp.int32),
+            jnp.asarray(lr, jnp.float32),
+        )
         state["i"] += 1
         return float(m["loss"])  # synchronises
 
@@ -192,13 +248,19 @@ def memory_7b() -> None:
     t0 = time.perf_counter()
     rep = T.memory_report(cfg, c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
     gib = 1 << 30
-    print(f"READ-7B train step (bf16, remat, LoRA r=8, FSDP over {rep['devices']} fake devices, accum "
-          f"{rep['accum']} x {rep['batch_images']} images x L={rep['text_length']}): lowered in {rep['lower_s']:.1f}s "
-          f"({time.perf_counter() - t0:.0f}s with eval_shape), nothing executed")
-    print(f"  parameters: {rep['frozen_params'] / 1e9:.2f}B frozen, {rep['trainable_params'] / 1e6:.1f}M trainable")
-    print(f"  per device: frozen {rep['frozen_bytes_per_device'] / gib:.3f} GiB, trainable (fp32) "
-          f"{rep['trainable_bytes_per_device'] / gib:.3f} GiB, AdamW state {rep['optimizer_bytes_per_device'] / gib:.3f}"
-          f" GiB; params + optimizer {rep['params_plus_optimizer_bytes_per_device'] / gib:.3f} GiB")
+    print(
+        f"READ-7B train step (bf16, remat, LoRA r=8, FSDP over {rep['devices']} fake devices, accum "
+        f"{rep['accum']} x {rep['batch_images']} images x L={rep['text_length']}): lowered in {rep['lower_s']:.1f}s "
+        f"({time.perf_counter() - t0:.0f}s with eval_shape), nothing executed"
+    )
+    print(
+        f"  parameters: {rep['frozen_params'] / 1e9:.2f}B frozen, {rep['trainable_params'] / 1e6:.1f}M trainable"
+    )
+    print(
+        f"  per device: frozen {rep['frozen_bytes_per_device'] / gib:.3f} GiB, trainable (fp32) "
+        f"{rep['trainable_bytes_per_device'] / gib:.3f} GiB, AdamW state {rep['optimizer_bytes_per_device'] / gib:.3f}"
+        f" GiB; params + optimizer {rep['params_plus_optimizer_bytes_per_device'] / gib:.3f} GiB"
+    )
 
 
 def main() -> None:
@@ -214,8 +276,12 @@ def main() -> None:
         return
     import torch
 
-    cfg = ReadConfig.tiny(lora=None, trainable_regexes=TRAINABLE, sasp=SaspConfig.read_7b(similarity_dtype="float32"),
-                          max_segs=1)
+    cfg = ReadConfig.tiny(
+        lora=None,
+        trainable_regexes=TRAINABLE,
+        sasp=SaspConfig.read_7b(similarity_dtype="float32"),
+        max_segs=1,
+    )
     batch = make_batch(cfg, args.images, args.rows, args.length)
     tm, model = torch_model(cfg)
     lr = 1e-4
@@ -234,15 +300,21 @@ def main() -> None:
             best = (med, threads, t_losses)
     t_med, threads, t_losses = best
     j_med = statistics.median(j_times)
-    print(f"workload: ReadConfig.tiny(), {args.images} images x {args.rows} rows x {args.length} text tokens "
-          f"(+575 image tokens), canvas {CANVAS}, {sum(p.numel() for p in tm.parameters() if p.requires_grad):,} "
-          f"trainable parameters")
+    print(
+        f"workload: ReadConfig.tiny(), {args.images} images x {args.rows} rows x {args.length} text tokens "
+        f"(+575 image tokens), canvas {CANVAS}, {sum(p.numel() for p in tm.parameters() if p.requires_grad):,} "
+        f"trainable parameters"
+    )
     print(f"first-step loss: JAX {j_losses[0]:.6f}  torch {t_losses[0]:.6f} (same weights, same batch)")
-    print(f"JAX:   {j_med * 1e3:8.1f} ms/step  {1 / j_med:6.2f} steps/s  (compile {stats['compile_s']:.1f}s, "
-          f"{stats.get('flops', 0) / 1e9:.1f} GFLOP/step)")
+    print(
+        f"JAX:   {j_med * 1e3:8.1f} ms/step  {1 / j_med:6.2f} steps/s  (compile {stats['compile_s']:.1f}s, "
+        f"{stats.get('flops', 0) / 1e9:.1f} GFLOP/step)"
+    )
     s_med = statistics.median(s_times)
-    print(f"JAX, CE on supervised positions only: {s_med * 1e3:8.1f} ms/step  {1 / s_med:6.2f} steps/s  "
-          f"(first loss {s_losses[0]:.6f}, {s_stats.get('flops', 0) / 1e9:.1f} GFLOP/step; not in the ratio)")
+    print(
+        f"JAX, CE on supervised positions only: {s_med * 1e3:8.1f} ms/step  {1 / s_med:6.2f} steps/s  "
+        f"(first loss {s_losses[0]:.6f}, {s_stats.get('flops', 0) / 1e9:.1f} GFLOP/step; not in the ratio)"
+    )
     print(f"torch: {t_med * 1e3:8.1f} ms/step  {1 / t_med:6.2f} steps/s  ({threads} thread(s))")
     print(f"train step JAX/torch: {t_med / j_med:.1f}x")
 

@@ -72,17 +72,34 @@ def get_config(arg: str | None = None):
     c.model.freeze_vision_towers = False
     c.model.trainable_regexes = TRAINABLE
     c.model.llama = {
-        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 512,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
     }
     c.model.clip = {
-        "image_size": 112, "patch_size": 14, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "image_size": 112,
+        "patch_size": 14,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
         "num_attention_heads": 2,
     }
     c.model.sam = {
-        "image_size": 128, "patch_size": 8, "encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2,
-        "window_size": 8, "global_attn_indexes": (1,), "prompt_embed_dim": 32, "transformer_mlp_dim": 64,
-        "transformer_num_heads": 2, "iou_head_hidden_dim": 32, "mask_in_chans": 4,
+        "image_size": 128,
+        "patch_size": 8,
+        "encoder_embed_dim": 32,
+        "encoder_depth": 2,
+        "encoder_num_heads": 2,
+        "window_size": 8,
+        "global_attn_indexes": (1,),
+        "prompt_embed_dim": 32,
+        "transformer_mlp_dim": 64,
+        "transformer_num_heads": 2,
+        "iou_head_hidden_dim": 32,
+        "mask_in_chans": 4,
     }
     c.model.sasp = {"grid_size": 8, "num_points": 10, "similarity_dtype": "float32"}
 
@@ -129,19 +146,39 @@ def _smoke(c) -> None:
     The towers stay frozen as in READ (a smoke run learns nothing anyway), so it exercises the stop-gradient path.
     """
     del c.model["freeze_vision_towers"]
-    c.model.trainable_regexes = tuple(r for r in TRAINABLE if "vision_tower" not in r and "image_encoder" not in r)
+    c.model.trainable_regexes = tuple(
+        r for r in TRAINABLE if "vision_tower" not in r and "image_encoder" not in r
+    )
     c.model.llama = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "max_position_embeddings": 256,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 256,
     }
     c.model.clip = {
-        "image_size": 28, "patch_size": 14, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "image_size": 28,
+        "patch_size": 14,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
         "num_attention_heads": 2,
     }
     c.model.sam = {
-        "image_size": 64, "patch_size": 16, "encoder_embed_dim": 16, "encoder_depth": 2, "encoder_num_heads": 2,
-        "window_size": 2, "global_attn_indexes": (1,), "prompt_embed_dim": 16, "transformer_depth": 1,
-        "transformer_mlp_dim": 32, "transformer_num_heads": 2, "iou_head_depth": 2, "iou_head_hidden_dim": 16,
+        "image_size": 64,
+        "patch_size": 16,
+        "encoder_embed_dim": 16,
+        "encoder_depth": 2,
+        "encoder_num_heads": 2,
+        "window_size": 2,
+        "global_attn_indexes": (1,),
+        "prompt_embed_dim": 16,
+        "transformer_depth": 1,
+        "transformer_mlp_dim": 32,
+        "transformer_num_heads": 2,
+        "iou_head_depth": 2,
+        "iou_head_hidden_dim": 16,
         "mask_in_chans": 4,
     }
     c.model.sasp = {"grid_size": 2, "num_points": 4, "similarity_dtype": "float32"}

@@ -25,8 +25,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default="chat_out", help="directory for the overlay PNGs and answers.json")
     p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "llava_v1"))
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--dtype", default=None, choices=(None, "bfloat16", "float32"),
-                   help="override the checkpoint's compute/param dtype")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=(None, "bfloat16", "float32"),
+        help="override the checkpoint's compute/param dtype",
+    )
     return p.parse_args(argv)
 
 
@@ -52,11 +56,20 @@ def main(argv=None) -> int:
         pred = predict(model, tok, image, q, max_new_tokens=args.max_new_tokens, template=args.template)
         png = out / f"answer_{i:02d}.png"
         overlay(image, pred.masks, pred.points, pred.point_labels).save(png)
-        print(f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
-              f"{len(pred.masks)} mask(s) -> {png}")
-        records.append({"question": q, "answer": pred.text, "object_present": pred.object_present,
-                        "num_masks": len(pred.masks), "overlay": str(png),
-                        "mask_pixels": [int(m.sum()) for m in pred.masks]})
+        print(
+            f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
+            f"{len(pred.masks)} mask(s) -> {png}"
+        )
+        records.append(
+            {
+                "question": q,
+                "answer": pred.text,
+                "object_present": pred.object_present,
+                "num_masks": len(pred.masks),
+                "overlay": str(png),
+                "mask_pixels": [int(m.sum()) for m in pred.masks],
+            }
+        )
     (out / "answers.json").write_text(json.dumps(records, indent=2))
     return 0
 

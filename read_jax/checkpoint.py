@@ -92,7 +92,8 @@ def _part_writer(compress: bool):
 
     registry = create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler()),  # unused; keeps orbax's array metadata store enabled
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    )
     handler = ocp.PyTreeCheckpointHandler(use_compression=compress, type_handler_registry=registry)
     return ocp.Checkpointer(handler)
 
@@ -121,8 +122,9 @@ class PartWriter:
     caller may hand in views of memory-mapped files.
     """
 
-    def __init__(self, directory: str | os.PathLike, part_bytes: int = DEFAULT_PART_BYTES, *,
-                 compress: bool = True):
+    def __init__(
+        self, directory: str | os.PathLike, part_bytes: int = DEFAULT_PART_BYTES, *, compress: bool = True
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
         self.part_bytes = int(part_bytes)
@@ -161,8 +163,12 @@ class PartWriter:
     def close(self, extra: Mapping[str, Any] | None = None) -> dict:
         """Flush and write `manifest.json` (extra keys merged in); returns the manifest."""
         self.flush()
-        manifest = {"format": FORMAT, "parts": self.parts, "leaves": dict(sorted(self.leaves.items())),
-                    **dict(extra or {})}
+        manifest = {
+            "format": FORMAT,
+            "parts": self.parts,
+            "leaves": dict(sorted(self.leaves.items())),
+            **dict(extra or {}),
+        }
         (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return manifest
 
@@ -198,8 +204,9 @@ def _restore_part(part_dir: Path, want: Mapping[str, Any], restore_args: Mapping
     import orbax.checkpoint as ocp
 
     out = _checkpointer().restore(
-        part_dir, args=ocp.args.PyTreeRestore(item=_nest(want), restore_args=_nest(restore_args),
-                                              partial_restore=True))
+        part_dir,
+        args=ocp.args.PyTreeRestore(item=_nest(want), restore_args=_nest(restore_args), partial_restore=True),
+    )
     return _flatten(out)
 
 
@@ -215,8 +222,9 @@ def iter_parts(directory: str | os.PathLike, dtype=None) -> Iterator[dict[str, n
         yield _restore_part(pdir / part["dir"], want, args)
 
 
-def restore_leaves(directory: str | os.PathLike, targets: Mapping[str, Any],
-                   shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def restore_leaves(
+    directory: str | os.PathLike, targets: Mapping[str, Any], shardings: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Restore the leaves named in `targets` (path -> ShapeDtypeStruct-like) from a converted checkpoint.
 
     With `shardings` (path -> jax.sharding.Sharding) every leaf becomes a jax.Array laid out that way, each
@@ -229,9 +237,11 @@ def restore_leaves(directory: str | os.PathLike, targets: Mapping[str, Any],
     manifest = read_manifest(directory)
     stored = manifest["leaves"]
     problems = [f"{p}: not in the checkpoint" for p in sorted(targets) if p not in stored]
-    problems += [f"{p}: checkpoint shape {tuple(stored[p]['shape'])} != model shape {tuple(t.shape)}"
-                 for p, t in sorted(targets.items())
-                 if p in stored and tuple(stored[p]["shape"]) != tuple(t.shape)]
+    problems += [
+        f"{p}: checkpoint shape {tuple(stored[p]['shape'])} != model shape {tuple(t.shape)}"
+        for p, t in sorted(targets.items())
+        if p in stored and tuple(stored[p]["shape"]) != tuple(t.shape)
+    ]
     if problems:
         raise CheckpointError(f"{pdir}: {len(problems)} problems:\n  " + "\n  ".join(problems))
     by_part: dict[str, list[str]] = {}
@@ -244,16 +254,23 @@ def restore_leaves(directory: str | os.PathLike, targets: Mapping[str, Any],
             t = targets[p]
             want[p] = t
             if shardings is not None:
-                args[p] = ocp.ArrayRestoreArgs(sharding=shardings[p], global_shape=tuple(t.shape),
-                                               dtype=t.dtype)
+                args[p] = ocp.ArrayRestoreArgs(
+                    sharding=shardings[p], global_shape=tuple(t.shape), dtype=t.dtype
+                )
             else:
                 args[p] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=t.dtype)
         out.update(_restore_part(pdir / part, want, args))
     return out
 
 
-def leaf_shardings(abstract: Mapping[str, Any], mesh, strategy=None, *,
-                   param_paths: Sequence[str] | None = None, min_fsdp_bytes: int = 1 << 20) -> dict[str, Any]:
+def leaf_shardings(
+    abstract: Mapping[str, Any],
+    mesh,
+    strategy=None,
+    *,
+    param_paths: Sequence[str] | None = None,
+    min_fsdp_bytes: int = 1 << 20,
+) -> dict[str, Any]:
     """NamedSharding per '/'-path: `read_jax.sharding` rules for checkpointed leaves (`param_paths`),
     replicated for everything else (RNG keys and counters: typed keys have no itemsize to shard by)."""
     from jax.sharding import NamedSharding
@@ -272,8 +289,14 @@ def leaf_shardings(abstract: Mapping[str, Any], mesh, strategy=None, *,
     return out
 
 
-def load_model(directory: str | os.PathLike, model_fn: Callable[[], Any] | None = None, *, mesh=None,
-               strategy=None, allow_missing: Sequence[str] | None = None):
+def load_model(
+    directory: str | os.PathLike,
+    model_fn: Callable[[], Any] | None = None,
+    *,
+    mesh=None,
+    strategy=None,
+    allow_missing: Sequence[str] | None = None,
+):
     """Build a model from a converted checkpoint, every leaf restored straight into its sharding.
 
     Args:
@@ -319,16 +342,20 @@ def load_model(directory: str | os.PathLike, model_fn: Callable[[], Any] | None 
     absent = sorted(p for p in params if p not in stored)
     bad = [p for p in absent if not any(r.fullmatch(p) for r in allow)]
     if bad:
-        raise CheckpointError(f"{directory}: {len(bad)} model parameters are not in the checkpoint:\n  "
-                              + "\n  ".join(bad))
+        raise CheckpointError(
+            f"{directory}: {len(bad)} model parameters are not in the checkpoint:\n  " + "\n  ".join(bad)
+        )
     extra = sorted(set(stored) - set(leaves))
     if extra:
-        raise CheckpointError(f"{directory}: {len(extra)} checkpoint leaves have no place in the model:\n  "
-                              + "\n  ".join(extra))
+        raise CheckpointError(
+            f"{directory}: {len(extra)} checkpoint leaves have no place in the model:\n  "
+            + "\n  ".join(extra)
+        )
     values = restore_leaves(directory, from_ckpt, {p: shardings[p] for p in from_ckpt})
 
     need = sorted(set(leaves) - set(values))
     if need:
+
         def init_subset():
             st = nnx.state(model_fn())
             fl = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(st)}

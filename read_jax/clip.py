@@ -38,8 +38,14 @@ def _activation(name: str):
 def _layer_norm(cfg: ClipVisionConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # eps from the config (flax defaults to 1e-6, torch/HF to 1e-5); two-pass variance as torch computes it
     # (the "fast" E[x^2]-E[x]^2 form loses digits when |mean| >> std, which pre-LN inputs can have).
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.weight_dtype, use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(
+        cfg.hidden_size,
+        epsilon=cfg.layer_norm_eps,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
 
 
 def _linear(cfg: ClipVisionConfig, din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -52,15 +58,22 @@ class ClipVisionEmbeddings(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.hidden_size
-        self.class_embedding = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (d,), cfg.weight_dtype))
+        self.class_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (d,), cfg.weight_dtype))
         self.patch_embedding = nnx.Conv(
-            cfg.num_channels, d, kernel_size=(cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size), padding="VALID", use_bias=False,
-            dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+            cfg.num_channels,
+            d,
+            kernel_size=(cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            rngs=rngs,
+        )
         # One row per token: CLS first, then the patches in raster order (HF `position_ids` = arange).
-        self.position_embedding = nnx.Embed(cfg.num_patches + 1, d, dtype=cfg.compute_dtype,
-                                            param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.position_embedding = nnx.Embed(
+            cfg.num_patches + 1, d, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs
+        )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """float[B, h, w, C] (NHWC, h = w = image_size) -> float[B, T, D]."""
@@ -168,10 +181,15 @@ class ClipVisionModel(nnx.Module):
           ([B, 576, 1024] at full size).
         """
         cfg = self.cfg
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (cfg.image_size, cfg.image_size,
-                                                                cfg.num_channels):
-            raise ValueError(f"CLIP expects pixel_values [B, {cfg.image_size}, {cfg.image_size}, "
-                             f"{cfg.num_channels}] (NHWC), got {tuple(pixel_values.shape)}")
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (
+            cfg.image_size,
+            cfg.image_size,
+            cfg.num_channels,
+        ):
+            raise ValueError(
+                f"CLIP expects pixel_values [B, {cfg.image_size}, {cfg.image_size}, "
+                f"{cfg.num_channels}] (NHWC), got {tuple(pixel_values.shape)}"
+            )
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixel_values))  # [B, T, D] = hidden_states[0]
         # A Python loop over layers (not data): each layer has its own parameters and HF-mirrored path.

@@ -310,8 +310,13 @@ class ReadConfig:
 
     @classmethod
     def read_13b(cls, **kw) -> ReadConfig:
-        llama = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                            num_attention_heads=40, num_key_value_heads=40)
+        llama = LlamaConfig(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+        )
         return cls(**{**dict(llama=llama, lora=LoraConfig(r=64), sasp=SaspConfig.read_13b_eval()), **kw})
 
     @classmethod
@@ -321,25 +326,68 @@ class ReadConfig:
         The vocabulary stays 32003 so that [SEG]/<im_start>/<im_end> keep their ids; SAM works on a
         256-pixel frame (16x16 embedding, 64x64 low-res masks) with the ViT-H layout in miniature.
         """
-        llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                            dtype=dtype, param_dtype=dtype)
-        clip = ClipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                num_attention_heads=2, dtype=dtype, param_dtype=dtype)
-        sam = SamConfig(image_size=256, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-                        window_size=7, global_attn_indexes=(1,), prompt_embed_dim=32,
-                        transformer_mlp_dim=64, transformer_num_heads=2, iou_head_hidden_dim=32,
-                        mask_in_chans=4, dtype=dtype, param_dtype=dtype)
-        return cls(**{**dict(llama=llama, clip=clip, sam=sam, out_dim=32, lora=LoraConfig(r=4),
-                             sasp=SaspConfig.read_7b()), **kw})
+        llama = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+        clip = ClipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+        sam = SamConfig(
+            image_size=256,
+            encoder_embed_dim=32,
+            encoder_depth=2,
+            encoder_num_heads=2,
+            window_size=7,
+            global_attn_indexes=(1,),
+            prompt_embed_dim=32,
+            transformer_mlp_dim=64,
+            transformer_num_heads=2,
+            iou_head_hidden_dim=32,
+            mask_in_chans=4,
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+        return cls(
+            **{
+                **dict(
+                    llama=llama,
+                    clip=clip,
+                    sam=sam,
+                    out_dim=32,
+                    lora=LoraConfig(r=4),
+                    sasp=SaspConfig.read_7b(),
+                ),
+                **kw,
+            }
+        )
 
 
 # ---- HF config bridge ---------------------------------------------------------------------------------
 
 # Attributes of a LLaVA/READ/SESAME/LISA config.json that we map, check, or knowingly ignore.
 _HF_MAPPED = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "initializer_range",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "initializer_range",
 }
 _HF_CHECKED = {  # attribute -> accepted values
     "hidden_act": {"silu"},
@@ -357,20 +405,49 @@ _HF_CHECKED = {  # attribute -> accepted values
 }
 _HF_IGNORED = {
     # bookkeeping, generation and training-only flags
-    "_name_or_path", "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
-    "transformers_version", "use_cache", "train_mask_decoder", "tune_mm_mlp_adapter",
-    "freeze_mm_mlp_adapter", "mm_vision_tower", "vision_tower", "mm_patch_merge_type", "tokenizer_padding_side",
-    "tokenizer_model_max_length", "model_max_length", "seg_token_idx", "max_length", "freeze_mm_vision_resampler",
-    "tune_mm_vision_resampler", "mm_resampler_type", "unfreeze_mm_vision_tower", "mm_vision_tower_lr",
-    "mm_projector_lr", "use_mm_proj", "image_grid_pinpoints", "dtype", "head_dim", "mlp_bias",
-    "attention_dropout", "output_attentions", "output_hidden_states", "return_dict",
+    "_name_or_path",
+    "architectures",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "train_mask_decoder",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "mm_vision_tower",
+    "vision_tower",
+    "mm_patch_merge_type",
+    "tokenizer_padding_side",
+    "tokenizer_model_max_length",
+    "model_max_length",
+    "seg_token_idx",
+    "max_length",
+    "freeze_mm_vision_resampler",
+    "tune_mm_vision_resampler",
+    "mm_resampler_type",
+    "unfreeze_mm_vision_tower",
+    "mm_vision_tower_lr",
+    "mm_projector_lr",
+    "use_mm_proj",
+    "image_grid_pinpoints",
+    "dtype",
+    "head_dim",
+    "mlp_bias",
+    "attention_dropout",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
     # checked against the CLIP / SAM configs by read_jax.convert.read.build_config
-    "mm_hidden_size", "out_dim",
+    "mm_hidden_size",
+    "out_dim",
 }
 
 
-def from_hf_config(hf: Mapping[str, Any] | str, *, dtype: str = "bfloat16",
-                   param_dtype: str | None = None) -> LlamaConfig:
+def from_hf_config(
+    hf: Mapping[str, Any] | str, *, dtype: str = "bfloat16", param_dtype: str | None = None
+) -> LlamaConfig:
     """LlamaConfig from a HF config dict or config.json path; raises on anything not understood."""
     if isinstance(hf, str):
         with open(hf) as f:
@@ -396,12 +473,16 @@ def config_to_dict(cfg) -> dict:
 
 def read_config_from_dict(d: Mapping[str, Any]) -> ReadConfig:
     """Inverse of `config_to_dict` for a ReadConfig (used by the converter's config json)."""
+
     def tup(x):
         return tuple(x) if isinstance(x, Sequence) and not isinstance(x, str) else x
 
     sam = {k: tup(v) for k, v in d["sam"].items()}
     return ReadConfig(
-        llama=LlamaConfig(**d["llama"]), clip=ClipVisionConfig(**d["clip"]), sam=SamConfig(**sam),
-        lora=None if d.get("lora") is None else LoraConfig(**d["lora"]), sasp=SaspConfig(**d["sasp"]),
+        llama=LlamaConfig(**d["llama"]),
+        clip=ClipVisionConfig(**d["clip"]),
+        sam=SamConfig(**sam),
+        lora=None if d.get("lora") is None else LoraConfig(**d["lora"]),
+        sasp=SaspConfig(**d["sasp"]),
         **{k: tup(v) for k, v in d.items() if k not in ("llama", "clip", "sam", "lora", "sasp")},
     )

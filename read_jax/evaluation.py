@@ -114,9 +114,17 @@ def points_prompt_config(base: SaspConfig, num_points: int | None = None) -> Sas
 # ----------------------------------------------------------------------------------------------------
 
 
-def similarity_map_full(sim: Array, orig_hw: Array, out_hw: Array, canvas_hw: tuple[int, int], *,
-                        similarity_dtype: str = "bfloat16", minmax_eps: float = 1e-12,
-                        clip_grid: int = sasp_lib.CLIP_GRID, clip_size: int = sasp_lib.CLIP_SIZE) -> Array:
+def similarity_map_full(
+    sim: Array,
+    orig_hw: Array,
+    out_hw: Array,
+    canvas_hw: tuple[int, int],
+    *,
+    similarity_dtype: str = "bfloat16",
+    minmax_eps: float = 1e-12,
+    clip_grid: int = sasp_lib.CLIP_GRID,
+    clip_size: int = sasp_lib.CLIP_SIZE,
+) -> Array:
     """The reference's `origin_sm` (read_reference.md §3.2) on a static canvas: the Fig. 4 (a) heat map.
 
     v = min-max(sim) (in bf16 like the reference when `similarity_dtype` is "bfloat16"), reshaped to g x g,
@@ -133,9 +141,11 @@ def similarity_map_full(sim: Array, orig_hw: Array, out_hw: Array, canvas_hw: tu
       float32[N, Hc, Wc] in [0, 1] inside each out_hw, 0 outside.
     """
     if sim.ndim != 2 or sim.shape[-1] != clip_grid * clip_grid:
-        raise ValueError(f"sim must be float[N, {clip_grid ** 2}], got {sim.shape}")
+        raise ValueError(f"sim must be float[N, {clip_grid**2}], got {sim.shape}")
     if orig_hw.shape != (sim.shape[0], 2) or out_hw.shape != (sim.shape[0], 2):
-        raise ValueError(f"orig_hw and out_hw must be int[{sim.shape[0]}, 2], got {orig_hw.shape}, {out_hw.shape}")
+        raise ValueError(
+            f"orig_hw and out_hw must be int[{sim.shape[0]}, 2], got {orig_hw.shape}, {out_hw.shape}"
+        )
     n, g = sim.shape[0], clip_grid
     bf16 = similarity_dtype == "bfloat16"
     s = sim.astype(jnp.float32)
@@ -148,8 +158,12 @@ def similarity_map_full(sim: Array, orig_hw: Array, out_hw: Array, canvas_hw: tu
     hc, wc = canvas_hw
     ys = jnp.broadcast_to(jnp.arange(hc, dtype=jnp.int32), (n, 1, hc))
     xs = jnp.broadcast_to(jnp.arange(wc, dtype=jnp.int32), (n, 1, wc))
-    ry = sasp_lib._axis_weights(ys, out_hw[:, 0, None, None], ph[:, None, None], clip_size, up)[:, 0]  # [N, Hc, g]
-    rx = sasp_lib._axis_weights(xs, out_hw[:, 1, None, None], pw[:, None, None], clip_size, up)[:, 0]  # [N, Wc, g]
+    ry = sasp_lib._axis_weights(ys, out_hw[:, 0, None, None], ph[:, None, None], clip_size, up)[
+        :, 0
+    ]  # [N, Hc, g]
+    rx = sasp_lib._axis_weights(xs, out_hw[:, 1, None, None], pw[:, None, None], clip_size, up)[
+        :, 0
+    ]  # [N, Wc, g]
     hi = jax.lax.Precision.HIGHEST
     m = jnp.einsum("nyi,nij->nyj", ry, v, precision=hi)
     m = jnp.einsum("nyj,nxj->nyx", m, rx, precision=hi)  # [N, Hc, Wc]
@@ -217,8 +231,9 @@ def encode(model, batch: Mapping[str, Array]) -> dict:
     """
     # The model's own teacher-forced forward without SAM; its text logits are dead code under jit.
     _, aux = model(batch, deterministic=True, compute_masks=False)
-    seg_hidden, seg_valid, _, image_hidden = model.seg_states(aux["llava/hidden"], batch["input_ids"],
-                                                              aux["llava/image_token_start"])
+    seg_hidden, seg_valid, _, image_hidden = model.seg_states(
+        aux["llava/hidden"], batch["input_ids"], aux["llava/image_token_start"]
+    )
     return {
         "seg_hidden": seg_hidden[:, 0],
         "seg_valid": seg_valid[:, 0] & batch["conv_valid"],
@@ -227,8 +242,14 @@ def encode(model, batch: Mapping[str, Array]) -> dict:
     }
 
 
-def decode(model, enc: Mapping[str, Array], batch: Mapping[str, Array], opts: DecodeOptions,
-           points_sam=None, sasp_override: SaspConfig | None = None) -> dict:
+def decode(
+    model,
+    enc: Mapping[str, Array],
+    batch: Mapping[str, Array],
+    opts: DecodeOptions,
+    points_sam=None,
+    sasp_override: SaspConfig | None = None,
+) -> dict:
     """Stage 2: SasP + SAM for the first [SEG] of every row, and the per-row figures.
 
     Returns (all leading dim R):
@@ -246,8 +267,16 @@ def decode(model, enc: Mapping[str, Array], batch: Mapping[str, Array], opts: De
     row_sam_hw = batch["sam_input_hw"][conv_image]
     mask_hw = jnp.where(batch["mask_valid"][:, None], batch["mask_hw"], 0)
     seg_valid = enc["seg_valid"]
-    _, aux = model.masks_from_states(enc["seg_hidden"], enc["image_hidden"], conv_image, batch["orig_hw"],
-                                     batch["sam_input_hw"], enc["image_emb"], canvas, sasp_cfg)
+    _, aux = model.masks_from_states(
+        enc["seg_hidden"],
+        enc["image_hidden"],
+        conv_image,
+        batch["orig_hw"],
+        batch["sam_input_hw"],
+        enc["image_emb"],
+        canvas,
+        sasp_cfg,
+    )
     # The model decodes to the original size; we decode the same low-res logits to the GT's extent (equal
     # unless the pipeline downscaled the GT). The model's own full-size masks are dead code under jit.
     low = aux["sam/low_res_masks"]  # [R, l, l]
@@ -258,26 +287,47 @@ def decode(model, enc: Mapping[str, Array], batch: Mapping[str, Array], opts: De
     inter, union = intersection_union(pred, gt, pv)
     # The all-foreground baseline (every pixel of the image predicted): what a model that ignores the query gets.
     fg_inter, fg_union = intersection_union(pv, gt, pv)
-    out = {"inter": inter, "union": union, "area": pred.sum(axis=(-1, -2), dtype=jnp.int32),
-           "seg_valid": seg_valid, "points": aux["sasp/points"], "labels": aux["sasp/labels"],
-           "fg_inter": fg_inter, "fg_union": fg_union}
+    out = {
+        "inter": inter,
+        "union": union,
+        "area": pred.sum(axis=(-1, -2), dtype=jnp.int32),
+        "seg_valid": seg_valid,
+        "points": aux["sasp/points"],
+        "labels": aux["sasp/labels"],
+        "fg_inter": fg_inter,
+        "fg_union": fg_union,
+    }
     sim_map = None
     if opts.threshold_search or opts.return_maps:
-        sim_map = similarity_map_full(aux["sasp/sim"], orig_hw, mask_hw, canvas,
-                                      similarity_dtype=sasp_cfg.similarity_dtype, minmax_eps=sasp_cfg.minmax_eps,
-                                      clip_grid=cfg.clip.grid_size, clip_size=cfg.clip.image_size)
+        sim_map = similarity_map_full(
+            aux["sasp/sim"],
+            orig_hw,
+            mask_hw,
+            canvas,
+            similarity_dtype=sasp_cfg.similarity_dtype,
+            minmax_eps=sasp_cfg.minmax_eps,
+            clip_grid=cfg.clip.grid_size,
+            clip_size=cfg.clip.image_size,
+        )
     if opts.threshold_search:
         out["hist_fg"], out["hist_all"] = threshold_histograms(sim_map, gt, pv)
     if opts.points_prompt is not None:
         sam = points_sam if points_sam is not None else model.visual_model
-        pts, labs, _ = sasp_lib.sasp(enc["image_hidden"], enc["seg_hidden"], orig_hw, opts.points_prompt,
-                                     clip_grid=cfg.clip.grid_size, clip_size=cfg.clip.image_size)
+        pts, labs, _ = sasp_lib.sasp(
+            enc["image_hidden"],
+            enc["seg_hidden"],
+            orig_hw,
+            opts.points_prompt,
+            clip_grid=cfg.clip.grid_size,
+            clip_size=cfg.clip.image_size,
+        )
         coords = apply_coords(pts.astype(jnp.float32), orig_hw, cfg.sam.image_size)
         # No text embedding: points (+ SAM's padding point) only, as plain SAM prompting.
         pe = sam.prompt_encoder
         sparse, dense = pe(coords, labs, text_embeds=None)
-        pp_low, _ = sam.mask_decoder(enc["image_emb"][conv_image], pe.get_dense_pe(), sparse, dense,
-                                     multimask_output=False)  # [R, 1, l, l]
+        pp_low, _ = sam.mask_decoder(
+            enc["image_emb"][conv_image], pe.get_dense_pe(), sparse, dense, multimask_output=False
+        )  # [R, 1, l, l]
         pp_logits = postprocess_masks_padded(pp_low, row_sam_hw, mask_hw, canvas, cfg.sam.image_size)[:, 0]
         pp_pred = (pp_logits > 0) & seg_valid[:, None, None] & pv
         out["pp_inter"], out["pp_union"] = intersection_union(pp_pred, gt, pv)
@@ -317,14 +367,22 @@ def _traced_thresholds(base: SaspConfig, t_pos: Array, t_neg: Array) -> SaspConf
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
 def _sweep_decode_jit(graphdef, state, enc, batch, opts, t_pos, t_neg):
-    return decode(nnx.merge(graphdef, state), enc, batch, opts,
-                  sasp_override=_traced_thresholds(opts.sasp, t_pos, t_neg))
+    return decode(
+        nnx.merge(graphdef, state),
+        enc,
+        batch,
+        opts,
+        sasp_override=_traced_thresholds(opts.sasp, t_pos, t_neg),
+    )
 
 
 def compile_counts() -> dict:
     """Compiled variants of each stage so far (tests check "one compile per shape")."""
-    return {"encode": _encode_jit._cache_size(), "decode": _decode_jit._cache_size(),
-            "sweep_decode": _sweep_decode_jit._cache_size()}
+    return {
+        "encode": _encode_jit._cache_size(),
+        "decode": _decode_jit._cache_size(),
+        "sweep_decode": _sweep_decode_jit._cache_size(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,21 +402,33 @@ def _check_batch(batch: Mapping[str, Any], canvas_hw: tuple[int, int] | None, me
     canvas = tuple(int(x) for x in masks[1:])
     if canvas_hw is not None and tuple(canvas_hw) != canvas:
         raise ValueError(f"canvas_hw {tuple(canvas_hw)} != the batch's GT canvas {canvas}")
-    for k, n in (("conv_image", r), ("conv_valid", r), ("mask_valid", r), ("mask_hw", r), ("orig_hw", b),
-                 ("sam_input_hw", b), ("image_valid", b)):
+    for k, n in (
+        ("conv_image", r),
+        ("conv_valid", r),
+        ("mask_valid", r),
+        ("mask_hw", r),
+        ("orig_hw", b),
+        ("sam_input_hw", b),
+        ("image_valid", b),
+    ):
         if np.shape(batch[k])[0] != n:
             raise ValueError(f"batch[{k!r}] has {np.shape(batch[k])[0]} entries, expected {n}")
     if mesh is not None and ((r * jax.process_count()) % mesh.size or (b * jax.process_count()) % mesh.size):
-        raise ValueError(f"a batch of {b} images / {r} rows does not split over the {mesh.size} devices of the "
-                         f"mesh: make the per-host batch size a multiple of the local device count")
+        raise ValueError(
+            f"a batch of {b} images / {r} rows does not split over the {mesh.size} devices of the "
+            f"mesh: make the per-host batch size a multiple of the local device count"
+        )
     return canvas
 
 
 def _row_valid(batch: Mapping[str, Any]) -> np.ndarray:
     """Rows that count: a real conversation with a GT, on a real image (padding never counts)."""
     conv_image = np.asarray(batch["conv_image"])
-    return (np.asarray(batch["conv_valid"], bool) & np.asarray(batch["mask_valid"], bool)
-            & np.asarray(batch["image_valid"], bool)[conv_image])
+    return (
+        np.asarray(batch["conv_valid"], bool)
+        & np.asarray(batch["mask_valid"], bool)
+        & np.asarray(batch["image_valid"], bool)[conv_image]
+    )
 
 
 def _local_rows(x, mesh) -> np.ndarray:
@@ -448,16 +518,31 @@ class Evaluator:
         if opts.sasp is not None and opts.sasp == self.config.sasp:
             opts = dataclasses.replace(opts, sasp=None)  # one compile for "the model's own setting"
         with self._ctx():
-            out = _decode_jit(self.graphdef, self.state, enc, self._device(batch, _DECODE_KEYS), opts,
-                              self.sam_graphdef, self.sam_state)
+            out = _decode_jit(
+                self.graphdef,
+                self.state,
+                enc,
+                self._device(batch, _DECODE_KEYS),
+                opts,
+                self.sam_graphdef,
+                self.sam_state,
+            )
         return {k: _local_rows(v, self.mesh) for k, v in out.items()}
 
-    def decode_thresholds(self, enc: dict, batch: Mapping[str, Any], opts: DecodeOptions, t_pos: float,
-                          t_neg: float) -> dict:
+    def decode_thresholds(
+        self, enc: dict, batch: Mapping[str, Any], opts: DecodeOptions, t_pos: float, t_neg: float
+    ) -> dict:
         """`decode` with `opts.sasp`'s thresholds replaced by (t_pos, t_neg), traced (one compile per |P|)."""
         with self._ctx():
-            out = _sweep_decode_jit(self.graphdef, self.state, enc, self._device(batch, _DECODE_KEYS), opts,
-                                    jnp.float32(t_pos), jnp.float32(t_neg))
+            out = _sweep_decode_jit(
+                self.graphdef,
+                self.state,
+                enc,
+                self._device(batch, _DECODE_KEYS),
+                opts,
+                jnp.float32(t_pos),
+                jnp.float32(t_neg),
+            )
         return {k: _local_rows(v, self.mesh) for k, v in out.items()}
 
     def run(self, batch: Mapping[str, Any], opts: DecodeOptions) -> dict:
@@ -473,9 +558,11 @@ class Evaluator:
 def query_text(tokenizer, ids: Sequence[int]) -> str:
     """The user's question of a prompt row (text after the image, before the last " ASSISTANT:")."""
     ids = [int(i) for i in ids if i >= 0]
-    im_end = tokenizer.convert_tokens_to_ids("<im_end>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    im_end = (
+        tokenizer.convert_tokens_to_ids("<im_end>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    )
     if im_end in ids:
-        ids = ids[ids.index(im_end) + 1:]
+        ids = ids[ids.index(im_end) + 1 :]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     text = text.split("USER:")[-1]
     return text.split("ASSISTANT:")[0].strip()
@@ -483,11 +570,14 @@ def query_text(tokenizer, ids: Sequence[int]) -> str:
 
 def _points_json(points: np.ndarray, labels: np.ndarray) -> list:
     """[[x, y, label], ...] without SAM's "not a point" entries (label -1 carries no position)."""
-    return [[round(float(x), 2), round(float(y), 2), int(lab)] for (x, y), lab in zip(points, labels) if lab != -1]
+    return [
+        [round(float(x), 2), round(float(y), 2), int(lab)] for (x, y), lab in zip(points, labels) if lab != -1
+    ]
 
 
 def reason_seg_meta(reader) -> Callable[[int, int], dict]:
     """meta_fn for a `ReasonSegReader`: is_sentence (short/long subsets of ReasonSeg test) and text[0]."""
+
     def fn(example_index: int, query_index: int) -> dict:
         items = getattr(reader, "items", None)
         if items is None or not 0 <= example_index < len(items):
@@ -498,9 +588,14 @@ def reason_seg_meta(reader) -> Callable[[int, int], dict]:
     return fn
 
 
-def _records(batch: Mapping[str, Any], res: dict, valid: np.ndarray, tokenizer=None,
-             meta_fn: Callable[[int, int], dict] | None = None,
-             seen: collections.Counter | None = None) -> list[dict]:
+def _records(
+    batch: Mapping[str, Any],
+    res: dict,
+    valid: np.ndarray,
+    tokenizer=None,
+    meta_fn: Callable[[int, int], dict] | None = None,
+    seen: collections.Counter | None = None,
+) -> list[dict]:
     """Per-query records of the counted rows of one batch.
 
     A query's index within its example is `batch["query_index"]` when the pipeline provides it; otherwise it
@@ -526,7 +621,9 @@ def _records(batch: Mapping[str, Any], res: dict, valid: np.ndarray, tokenizer=N
             "id": sid if j == 0 else f"{sid}#{j}",
             "example_index": int(ex_index[b]),
             "query": query_text(tokenizer, batch["input_ids"][r]) if tokenizer is not None else None,
-            "intersection": inter, "union": union, "iou": float(query_iou(inter, union)),
+            "intersection": inter,
+            "union": union,
+            "iou": float(query_iou(inter, union)),
             "seg_emitted": bool(res["seg_valid"][r]),
             "presence": bool(res["seg_valid"][r] and res["area"][r] > 0),
             "pred_area": int(res["area"][r]),
@@ -544,6 +641,7 @@ def summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
     """gIoU / cIoU of the protocol, overall and (when records carry `is_sentence`) short / long, plus the
     optional analyses' figures and (when every record carries `query_kind`) per query kind. A pure function of
     the per-sample records (the JSONL)."""
+
     def meter(recs, ki="intersection", ku="union"):
         m = IoUMeter()
         m.update(np.array([r[ki] for r in recs], np.int64), np.array([r[ku] for r in recs], np.int64))
@@ -571,11 +669,18 @@ def fp_summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
     """FP-RefCOCO (read_reference.md §8.4): See = accuracy of presence ([SEG] emitted AND mask non-empty)
     against the premise; Segment = cIoU over all queries (false premises have an all-zero GT)."""
     m = IoUMeter()
-    m.update(np.array([r["intersection"] for r in records], np.int64),
-             np.array([r["union"] for r in records], np.int64))
+    m.update(
+        np.array([r["intersection"] for r in records], np.int64),
+        np.array([r["union"] for r in records], np.int64),
+    )
     see = see_accuracy([r["presence"] for r in records], [r["gt_presence"] for r in records])
-    return {"See": see, "Segment": m.ciou, "gIoU": m.giou, "num_queries": m.count,
-            "num_true_premise": int(sum(r["gt_presence"] for r in records))}
+    return {
+        "See": see,
+        "Segment": m.ciou,
+        "gIoU": m.giou,
+        "num_queries": m.count,
+        "num_true_premise": int(sum(r["gt_presence"] for r in records)),
+    }
 
 
 def _iterate(batches, total: int | None, desc: str, progress: bool):
@@ -591,13 +696,24 @@ def _iterate(batches, total: int | None, desc: str, progress: bool):
 # ----------------------------------------------------------------------------------------------------
 
 
-def evaluate_reasonseg(model, batches_or_loader: Iterable[Mapping[str, Any]], *, mesh=None,
-                       canvas_hw: tuple[int, int] | None = None, sasp_cfg: SaspConfig | None = None,
-                       threshold_search: bool = False, points_prompt: SaspConfig | None = None,
-                       tokenizer=None, meta_fn: Callable[[int, int], dict] | None = None,
-                       on_maps: Callable[[Mapping[str, Any], dict, np.ndarray], None] | None = None,
-                       points_sam=None, evaluator: Evaluator | None = None, progress: bool = True,
-                       total: int | None = None, desc: str = "eval") -> tuple[dict, list[dict]]:
+def evaluate_reasonseg(
+    model,
+    batches_or_loader: Iterable[Mapping[str, Any]],
+    *,
+    mesh=None,
+    canvas_hw: tuple[int, int] | None = None,
+    sasp_cfg: SaspConfig | None = None,
+    threshold_search: bool = False,
+    points_prompt: SaspConfig | None = None,
+    tokenizer=None,
+    meta_fn: Callable[[int, int], dict] | None = None,
+    on_maps: Callable[[Mapping[str, Any], dict, np.ndarray], None] | None = None,
+    points_sam=None,
+    evaluator: Evaluator | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "eval",
+) -> tuple[dict, list[dict]]:
     """The teacher-forced protocol (ReasonSeg val/test, RefCOCO/+/g): gIoU and cIoU.
 
     The batches come from `read_jax.data.pipeline.eval_dataset` (prompt + GT answer, e.g. ReasonSeg's
@@ -626,8 +742,13 @@ def evaluate_reasonseg(model, batches_or_loader: Iterable[Mapping[str, Any]], *,
     t0 = time.perf_counter()
     for batch in _iterate(batches_or_loader, total, desc, progress):
         canvas = _check_batch(batch, canvas_hw, ev.mesh)
-        opts = DecodeOptions(canvas_hw=canvas, sasp=sasp_cfg, threshold_search=threshold_search,
-                             points_prompt=points_prompt, return_maps=on_maps is not None)
+        opts = DecodeOptions(
+            canvas_hw=canvas,
+            sasp=sasp_cfg,
+            threshold_search=threshold_search,
+            points_prompt=points_prompt,
+            return_maps=on_maps is not None,
+        )
         res = ev.run(batch, opts)
         valid = _row_valid(batch)
         recs = _records(batch, res, valid, tokenizer, meta_fn, seen)
@@ -637,13 +758,21 @@ def evaluate_reasonseg(model, batches_or_loader: Iterable[Mapping[str, Any]], *,
         if threshold_search:
             thr, ti, tu = best_thresholds(res["hist_fg"][rows], res["hist_all"][rows])
             for rec, t, i, u in zip(recs, thr, ti, tu):
-                rec.update(threshold=round(float(t), 2), ts_intersection=int(i), ts_union=int(u),
-                           ts_iou=float(query_iou(i, u)))
+                rec.update(
+                    threshold=round(float(t), 2),
+                    ts_intersection=int(i),
+                    ts_union=int(u),
+                    ts_iou=float(query_iou(i, u)),
+                )
         if points_prompt is not None:
             for rec, r in zip(recs, rows):
                 i, u = int(res["pp_inter"][r]), int(res["pp_union"][r])
-                rec.update(pp_intersection=i, pp_union=u, pp_iou=float(query_iou(i, u)),
-                           pp_points=_points_json(res["pp_points"][r], res["pp_labels"][r]))
+                rec.update(
+                    pp_intersection=i,
+                    pp_union=u,
+                    pp_iou=float(query_iou(i, u)),
+                    pp_points=_points_json(res["pp_points"][r], res["pp_labels"][r]),
+                )
         if on_maps is not None:
             on_maps(batch, res, rows)
         records.extend(recs)
@@ -655,11 +784,18 @@ def evaluate_reasonseg(model, batches_or_loader: Iterable[Mapping[str, Any]], *,
     return summary, records
 
 
-def sweep_sasp(model, batches_or_loader: Iterable[Mapping[str, Any]], *, mesh=None,
-               thresholds: Sequence[tuple[float, float]] = TABLE8_THRESHOLDS,
-               num_points: Sequence[int] = TABLE8_NUM_POINTS, base: SaspConfig | None = None,
-               evaluator: Evaluator | None = None, progress: bool = True,
-               total: int | None = None) -> dict[tuple[float, float, int], dict]:
+def sweep_sasp(
+    model,
+    batches_or_loader: Iterable[Mapping[str, Any]],
+    *,
+    mesh=None,
+    thresholds: Sequence[tuple[float, float]] = TABLE8_THRESHOLDS,
+    num_points: Sequence[int] = TABLE8_NUM_POINTS,
+    base: SaspConfig | None = None,
+    evaluator: Evaluator | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[tuple[float, float, int], dict]:
     """Appendix C / Table 8: the protocol for every (t_pos, t_neg) x |P|, LLM forward run once per batch.
 
     Returns:
@@ -668,14 +804,17 @@ def sweep_sasp(model, batches_or_loader: Iterable[Mapping[str, Any]], *, mesh=No
     ev = evaluator or Evaluator(model, mesh)
     base = base or ev.config.sasp
     # Built (and so validated) on the host before anything compiles.
-    settings = {(tp, tn, n): dataclasses.replace(base, t_pos=tp, t_neg=tn, num_points=n)
-                for tp, tn in thresholds for n in num_points}
+    settings = {
+        (tp, tn, n): dataclasses.replace(base, t_pos=tp, t_neg=tn, num_points=n)
+        for tp, tn in thresholds
+        for n in num_points
+    }
     pairs: dict[tuple, list] = {k: [] for k in settings}  # per setting: [(I, U)] of every counted query
     for batch in _iterate(batches_or_loader, total, "sweep", progress):
         canvas = _check_batch(batch, None, ev.mesh)
         valid = _row_valid(batch)
         enc = ev.encode(batch)  # the LLM once per batch
-        for (tp, tn, n) in settings:
+        for tp, tn, n in settings:
             # The static part names |P| only (thresholds of the base), so all (t_pos, t_neg) share a compile.
             opts = DecodeOptions(canvas_hw=canvas, sasp=dataclasses.replace(base, num_points=n))
             res = ev.decode_thresholds(enc, batch, opts, tp, tn)
@@ -697,8 +836,10 @@ def format_table8(results: Mapping[tuple[float, float, int], Mapping[str, float]
     head2 = "             " + "".join(f" {'gIoU':>6s} {'cIoU':>6s} " for _ in counts)
     lines = ["Table 8. Ablation study on points ratios.", head1, head2]
     for tp, tn in pairs:
-        cells = "".join(f" {100 * results[(tp, tn, n)]['gIoU']:6.2f} {100 * results[(tp, tn, n)]['cIoU']:6.2f} "
-                        for n in counts)
+        cells = "".join(
+            f" {100 * results[(tp, tn, n)]['gIoU']:6.2f} {100 * results[(tp, tn, n)]['cIoU']:6.2f} "
+            for n in counts
+        )
         lines.append(f"{tp:<6.1f} {tn:<6.1f}{cells}")
     return "\n".join(lines)
 
@@ -713,13 +854,20 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndar
     t = input_ids.shape[1]
     for r in range(len(ids)):
         n = int(np.asarray(attention_mask[r]).sum())
-        ids[r, t - n:] = input_ids[r, :n]
-        mask[r, t - n:] = True
+        ids[r, t - n :] = input_ids[r, :n]
+        mask[r, t - n :] = True
     return ids, mask
 
 
-def generate_answers(model, batch: Mapping[str, Any], *, max_new_tokens: int, eos_token_id: int = 2,
-                     pad_token_id: int = 0, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+def generate_answers(
+    model,
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int = 2,
+    pad_token_id: int = 0,
+    mesh=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy answers for every row of a prompt batch (`LlavaModel.generate`: KV cache, one jitted loop).
 
     Rows without a conversation get a copy of a real prompt (generation validates every row); their
@@ -741,14 +889,25 @@ def generate_answers(model, batch: Mapping[str, Any], *, max_new_tokens: int, eo
 
         arrays = shard_batch(arrays, mesh)
         with use_mesh(mesh):
-            tokens, lengths, _ = model.llava.generate(arrays["ids"], arrays["images"], arrays["mask"],
-                                                      arrays["conv_image"], max_new_tokens=max_new_tokens,
-                                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            tokens, lengths, _ = model.llava.generate(
+                arrays["ids"],
+                arrays["images"],
+                arrays["mask"],
+                arrays["conv_image"],
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )
     else:
-        tokens, lengths, _ = model.llava.generate(jnp.asarray(ids), jnp.asarray(arrays["images"]),
-                                                  jnp.asarray(mask), jnp.asarray(conv_image),
-                                                  max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                                  pad_token_id=pad_token_id)
+        tokens, lengths, _ = model.llava.generate(
+            jnp.asarray(ids),
+            jnp.asarray(arrays["images"]),
+            jnp.asarray(mask),
+            jnp.asarray(conv_image),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
     return _local_rows(tokens, mesh).astype(np.int32), _local_rows(lengths, mesh).astype(np.int32)
 
 
@@ -770,11 +929,19 @@ def with_answers(batch: Mapping[str, Any], tokens: np.ndarray, lengths: np.ndarr
     return {**batch, "input_ids": ids, "attention_mask": mask}
 
 
-def evaluate_fprefcoco(model, batches_or_loader: Iterable[Mapping[str, Any]], tokenizer, *, mesh=None,
-                       max_new_tokens: int = 64, total_len: int | None = None,
-                       generate_fn: Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None,
-                       evaluator: Evaluator | None = None, progress: bool = True,
-                       total: int | None = None) -> tuple[dict, list[dict]]:
+def evaluate_fprefcoco(
+    model,
+    batches_or_loader: Iterable[Mapping[str, Any]],
+    tokenizer,
+    *,
+    mesh=None,
+    max_new_tokens: int = 64,
+    total_len: int | None = None,
+    generate_fn: Callable[[Mapping[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None,
+    evaluator: Evaluator | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> tuple[dict, list[dict]]:
     """FP-RefCOCO(+/g) "See" and "Segment" through free greedy generation (read_reference.md §8.4).
 
     Per query: generate (no forced [SEG]); run one full forward over prompt + answer; presence = a [SEG]
@@ -793,16 +960,24 @@ def evaluate_fprefcoco(model, batches_or_loader: Iterable[Mapping[str, Any]], to
       `gt_presence`, IoU fields).
     """
     ev = evaluator or Evaluator(model, mesh)
+
     def default_generate(b):
         # The budget cannot pass the position table: prompt + image tokens + answer <= max_position_embeddings.
         cfg = ev.config
         room = cfg.llama.max_position_embeddings - (np.shape(b["input_ids"])[1] + cfg.clip.num_patches - 1)
         if room < 1:
-            raise ValueError(f"prompts of {np.shape(b['input_ids'])[1]} tokens leave no room to generate within "
-                             f"max_position_embeddings={cfg.llama.max_position_embeddings}")
-        return generate_answers(model, b, max_new_tokens=min(max_new_tokens, room),
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                mesh=ev.mesh)
+            raise ValueError(
+                f"prompts of {np.shape(b['input_ids'])[1]} tokens leave no room to generate within "
+                f"max_position_embeddings={cfg.llama.max_position_embeddings}"
+            )
+        return generate_answers(
+            model,
+            b,
+            max_new_tokens=min(max_new_tokens, room),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            mesh=ev.mesh,
+        )
 
     gen = generate_fn or default_generate
     records: list[dict] = []
@@ -820,8 +995,11 @@ def evaluate_fprefcoco(model, batches_or_loader: Iterable[Mapping[str, Any]], to
         recs = _records(full, res, valid, None, None, seen)
         for rec, r in zip(recs, np.flatnonzero(valid)):
             rec["query"] = query_text(tokenizer, batch["input_ids"][r]) if tokenizer is not None else None
-            rec["answer"] = tokenizer.decode(tokens[r, : lengths[r]].tolist(), skip_special_tokens=True) \
-                if tokenizer is not None else None
+            rec["answer"] = (
+                tokenizer.decode(tokens[r, : lengths[r]].tolist(), skip_special_tokens=True)
+                if tokenizer is not None
+                else None
+            )
         records.extend(recs)
     records = gather_records(records)
     wall = time.perf_counter() - t0
@@ -834,8 +1012,13 @@ def evaluate_fprefcoco(model, batches_or_loader: Iterable[Mapping[str, Any]], to
 # ---- output files ------------------------------------------------------------------------------------------
 
 
-def write_results(out_dir: str, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
-                  name: str = "summary.json", samples: str = "samples.jsonl") -> tuple[str, str]:
+def write_results(
+    out_dir: str,
+    summary: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    name: str = "summary.json",
+    samples: str = "samples.jsonl",
+) -> tuple[str, str]:
     """`out_dir/summary.json` (indented) and `out_dir/samples.jsonl` (one record per query).
 
     The records are the whole split's on every process (`gather_records`): only process 0 writes."""

@@ -85,8 +85,16 @@ def prepare_image(image: np.ndarray, cfg: ReadConfig) -> dict:
     }
 
 
-def predict(model: ReadModel, tokenizer: ReadTokenizer, image: np.ndarray, question: str, *,
-            max_new_tokens: int = 128, template: str = "llava_v1", force_answer: str | None = None) -> Prediction:
+def predict(
+    model: ReadModel,
+    tokenizer: ReadTokenizer,
+    image: np.ndarray,
+    question: str,
+    *,
+    max_new_tokens: int = 128,
+    template: str = "llava_v1",
+    force_answer: str | None = None,
+) -> Prediction:
     """Answer `question` about `image` and segment whatever the answer's [SEG]s refer to.
 
     Args:
@@ -105,10 +113,13 @@ def predict(model: ReadModel, tokenizer: ReadTokenizer, image: np.ndarray, quest
     prompt_ids = tokenizer_image_token(prompt, tokenizer)
     if force_answer is None:
         ids = jnp.asarray([prompt_ids], jnp.int32)
-        tokens, lengths, _ = model.llava.generate(ids, jnp.asarray(img["images_clip"]),
-                                                  max_new_tokens=max_new_tokens,
-                                                  eos_token_id=tokenizer.eos_token_id,
-                                                  pad_token_id=tokenizer.pad_token_id)
+        tokens, lengths, _ = model.llava.generate(
+            ids,
+            jnp.asarray(img["images_clip"]),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         gen = np.asarray(tokens[0, : int(lengths[0])]).tolist()
     else:
         gen = tokenizer.encode(force_answer, add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -117,11 +128,16 @@ def predict(model: ReadModel, tokenizer: ReadTokenizer, image: np.ndarray, quest
     full = prompt_ids + gen
     n_seg = sum(1 for t in full[1:] if t == cfg.seg_token_id)
     H, W = image.shape[:2]
-    empty = Prediction(text=text, tokens=np.asarray(gen, np.int32), masks=np.zeros((0, H, W), bool),
-                       mask_logits=np.zeros((0, H, W), np.float32), object_present=False,
-                       points=np.zeros((0, cfg.sasp.num_points, 2), np.float32),
-                       point_labels=np.zeros((0, cfg.sasp.num_points), np.int32),
-                       similarity=np.zeros((0, cfg.clip.num_patches), np.float32))
+    empty = Prediction(
+        text=text,
+        tokens=np.asarray(gen, np.int32),
+        masks=np.zeros((0, H, W), bool),
+        mask_logits=np.zeros((0, H, W), np.float32),
+        object_present=False,
+        points=np.zeros((0, cfg.sasp.num_points, 2), np.float32),
+        point_labels=np.zeros((0, cfg.sasp.num_points), np.int32),
+        similarity=np.zeros((0, cfg.clip.num_patches), np.float32),
+    )
     if n_seg == 0:
         return empty
 
@@ -139,14 +155,24 @@ def predict(model: ReadModel, tokenizer: ReadTokenizer, image: np.ndarray, quest
     logits = np.asarray(logits[0, :k, :H, :W])
     masks = logits > 0
     return Prediction(
-        text=text, tokens=np.asarray(gen, np.int32), masks=masks, mask_logits=logits,
+        text=text,
+        tokens=np.asarray(gen, np.int32),
+        masks=masks,
+        mask_logits=logits,
         object_present=bool(masks[0].any()),
-        points=np.asarray(aux["sasp/points"][0, :k]), point_labels=np.asarray(aux["sasp/labels"][0, :k]),
-        similarity=np.asarray(aux["sasp/sim"][0, :k], np.float32))
+        points=np.asarray(aux["sasp/points"][0, :k]),
+        point_labels=np.asarray(aux["sasp/labels"][0, :k]),
+        similarity=np.asarray(aux["sasp/sim"][0, :k], np.float32),
+    )
 
 
-def overlay(image: np.ndarray, masks: np.ndarray, points: np.ndarray | None = None,
-            point_labels: np.ndarray | None = None, alpha: float = 0.5):
+def overlay(
+    image: np.ndarray,
+    masks: np.ndarray,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    alpha: float = 0.5,
+):
     """A PIL image: `image` with the masks tinted and the SasP points drawn (green +, red -, grey neutral)."""
     from PIL import Image, ImageDraw
 

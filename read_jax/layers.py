@@ -69,8 +69,17 @@ class Linear(nnx.Module):
       rngs: `params` stream for the kernel init.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, kernel_init=default_kernel_init, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=default_kernel_init,
+        rngs: nnx.Rngs,
+    ):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
@@ -96,7 +105,8 @@ class Linear(nnx.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.lora_a = nnx.LoRAParam(
-            kaiming_uniform_a_sqrt5(rngs.params(), (self.in_features, rank), self.param_dtype))
+            kaiming_uniform_a_sqrt5(rngs.params(), (self.in_features, rank), self.param_dtype)
+        )
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), self.param_dtype))
         self.lora_scale = float(alpha) / rank
         self.lora_dropout = float(dropout)
@@ -170,8 +180,9 @@ def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
     return causal[None, None] & key_valid[:, None, None, :]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *,
-                          implementation: str | None = None) -> Array:
+def dot_product_attention(
+    q: Array, k: Array, v: Array, mask: Array, *, implementation: str | None = None
+) -> Array:
     """Masked scaled dot-product attention (MHA or GQA) via `jax.nn.dot_product_attention`.
 
     Args:

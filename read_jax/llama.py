@@ -76,13 +76,17 @@ class LlamaOutput:
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
     if max_len > cfg.max_position_embeddings:
-        raise ValueError(f"cache length {max_len} exceeds max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
+        raise ValueError(
+            f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+        )
     dtype = dtype or cfg.compute_dtype
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
-                   mask=jnp.zeros((batch, max_len), bool))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+        mask=jnp.zeros((batch, max_len), bool),
+    )
 
 
 # ---- modules ----------------------------------------------------------------------------------------------
@@ -93,8 +97,14 @@ class LlamaAttention(nnx.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        lin = functools.partial(Linear, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                kernel_init=_init(cfg), rngs=rngs)
+        lin = functools.partial(
+            Linear,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=_init(cfg),
+            rngs=rngs,
+        )
         d, h = cfg.hidden_size, cfg.head_dim
         self.q_proj = lin(d, self.num_heads * h)
         self.k_proj = lin(d, self.num_kv_heads * h)
@@ -102,8 +112,19 @@ class LlamaAttention(nnx.Module):
         self.o_proj = lin(self.num_heads * h, d)
         self.implementation: str | None = None
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None,
-                 cache_index, *, deterministic: bool, rngs: nnx.Rngs | None, kv_len: int | None = None):
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        mask: Array,
+        kv: tuple[Array, Array] | None,
+        cache_index,
+        *,
+        deterministic: bool,
+        rngs: nnx.Rngs | None,
+        kv_len: int | None = None,
+    ):
         """x: [B, T, D]; cos/sin: [B, T, H]; kv: cached ([B, S, K, H],) * 2 or None.
 
         mask: bool[B, 1, T, S'] where S' = kv_len if given (attend to the first kv_len cache slots only, e.g.
@@ -124,8 +145,9 @@ class LlamaAttention(nnx.Module):
             kv = (k, v)
             if kv_len is not None:
                 k, v = k[:, :kv_len], v[:, :kv_len]
-        o = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                  implementation=self.implementation)  # [B, T, N, H]
+        o = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=self.implementation
+        )  # [B, T, N, H]
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim), **kw), kv
 
 
@@ -133,8 +155,14 @@ class LlamaMLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        lin = functools.partial(Linear, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                kernel_init=_init(cfg), rngs=rngs)
+        lin = functools.partial(
+            Linear,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=_init(cfg),
+            rngs=rngs,
+        )
         self.gate_proj = lin(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = lin(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = lin(cfg.intermediate_size, cfg.hidden_size)
@@ -149,18 +177,43 @@ class LlamaDecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        norm = functools.partial(RMSNorm, cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.weight_dtype)
+        norm = functools.partial(
+            RMSNorm,
+            cfg.hidden_size,
+            eps=cfg.rms_norm_eps,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+        )
         self.self_attn = LlamaAttention(cfg, rngs=rngs)
         self.mlp = LlamaMLP(cfg, rngs=rngs)
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
 
-    def __call__(self, x, cos, sin, mask, kv, cache_index, *, deterministic: bool, rngs: nnx.Rngs | None,
-                 kv_len: int | None = None):
+    def __call__(
+        self,
+        x,
+        cos,
+        sin,
+        mask,
+        kv,
+        cache_index,
+        *,
+        deterministic: bool,
+        rngs: nnx.Rngs | None,
+        kv_len: int | None = None,
+    ):
         """x: [B, T, D] -> ([B, T, D], kv); see `LlamaAttention`."""
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, cache_index,
-                               deterministic=deterministic, rngs=rngs, kv_len=kv_len)
+        a, kv = self.self_attn(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            mask,
+            kv,
+            cache_index,
+            deterministic=deterministic,
+            rngs=rngs,
+            kv_len=kv_len,
+        )
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x), deterministic=deterministic, rngs=rngs)
         return x, kv
@@ -171,16 +224,30 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                      param_dtype=cfg.weight_dtype, embedding_init=_init(cfg),
-                                      rngs=rngs)
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            embedding_init=_init(cfg),
+            rngs=rngs,
+        )
         self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.weight_dtype)
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype
+        )
 
-    def __call__(self, inputs_embeds: Array, attention_mask: Array, positions: Array | None = None,
-                 cache: KVCache | None = None, cache_index=None, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> tuple[Array, KVCache | None]:
+    def __call__(
+        self,
+        inputs_embeds: Array,
+        attention_mask: Array,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        cache_index=None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[Array, KVCache | None]:
         """inputs_embeds: [B, T, D]; attention_mask: bool[B, T]; positions: int[B, T] or None.
 
         Returns (final-norm hidden states [B, T, D], updated cache or None). Inputs are assumed validated
@@ -219,8 +286,17 @@ class LlamaModel(nnx.Module):
                 x = _remat_layer(layer, x, cos, sin, mask, keys[i], deterministic)
                 continue
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, cos, sin, mask, kv, cache_index, deterministic=deterministic,
-                          rngs=_layer_rngs(keys[i]), kv_len=kv_len)
+            x, kv = layer(
+                x,
+                cos,
+                sin,
+                mask,
+                kv,
+                cache_index,
+                deterministic=deterministic,
+                rngs=_layer_rngs(keys[i]),
+                kv_len=kv_len,
+            )
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -242,8 +318,9 @@ def _remat_layer(layer: LlamaDecoderLayer, x, cos, sin, mask, key, deterministic
     graphdef, state = nnx.split(layer)
 
     def f(state, x, cos, sin, mask, key):
-        out, _ = nnx.merge(graphdef, state)(x, cos, sin, mask, None, None, deterministic=deterministic,
-                                            rngs=_layer_rngs(key))
+        out, _ = nnx.merge(graphdef, state)(
+            x, cos, sin, mask, None, None, deterministic=deterministic, rngs=_layer_rngs(key)
+        )
         return out
 
     return jax.checkpoint(f)(state, x, cos, sin, mask, key)
@@ -266,8 +343,15 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, attention_implementation: str | None = None):
         self.config = cfg
         self.model = LlamaModel(cfg, rngs=rngs)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.weight_dtype, kernel_init=_init(cfg), rngs=rngs)
+        self.lm_head = Linear(
+            cfg.hidden_size,
+            cfg.vocab_size,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=_init(cfg),
+            rngs=rngs,
+        )
         for layer in self.model.layers:
             layer.self_attn.implementation = attention_implementation
 
@@ -279,10 +363,18 @@ class LlamaForCausalLM(nnx.Module):
         """An empty KVCache of `max_len` slots; see `init_cache`."""
         return init_cache(self.config, batch, max_len, dtype)
 
-    def __call__(self, input_ids: Array | None = None, *, inputs_embeds: Array | None = None,
-                 attention_mask: Array | None = None, positions: Array | None = None,
-                 cache: KVCache | None = None, cache_index=None, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> LlamaOutput:
+    def __call__(
+        self,
+        input_ids: Array | None = None,
+        *,
+        inputs_embeds: Array | None = None,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        cache_index=None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> LlamaOutput:
         """Forward pass.
 
         Args:
@@ -295,10 +387,12 @@ class LlamaForCausalLM(nnx.Module):
         Returns:
           LlamaOutput(logits float32[B, T, V], hidden_states [B, T, D] (final-norm output), cache).
         """
-        embeds, mask = self._check_inputs(input_ids, inputs_embeds, attention_mask, positions, cache,
-                                          cache_index)
-        h, cache = self.model(embeds, mask, positions, cache, cache_index, deterministic=deterministic,
-                              rngs=rngs)
+        embeds, mask = self._check_inputs(
+            input_ids, inputs_embeds, attention_mask, positions, cache, cache_index
+        )
+        h, cache = self.model(
+            embeds, mask, positions, cache, cache_index, deterministic=deterministic, rngs=rngs
+        )
         logits = self.lm_head(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
         return LlamaOutput(logits=logits, hidden_states=h, cache=cache)
 
@@ -328,17 +422,21 @@ class LlamaForCausalLM(nnx.Module):
             if cache_index is not None:
                 raise ValueError("cache_index given without a cache")
             if t > cfg.max_position_embeddings:
-                raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
-                                 f"{cfg.max_position_embeddings}")
+                raise ValueError(
+                    f"sequence length {t} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+                )
         else:
             if cache_index is None:
                 raise ValueError("a cache needs cache_index (the slot of the first of these T tokens)")
             if cache.mask.shape[0] != b or len(cache.k) != cfg.num_hidden_layers:
-                raise ValueError(f"cache is for batch {cache.mask.shape[0]} and {len(cache.k)} layers, "
-                                 f"inputs have batch {b} and the model {cfg.num_hidden_layers} layers")
+                raise ValueError(
+                    f"cache is for batch {cache.mask.shape[0]} and {len(cache.k)} layers, "
+                    f"inputs have batch {b} and the model {cfg.num_hidden_layers} layers"
+                )
             if isinstance(cache_index, int) and not 0 <= cache_index <= cache.max_length - t:
-                raise ValueError(f"{t} tokens at slot {cache_index} overflow the cache of "
-                                 f"{cache.max_length} slots")
+                raise ValueError(
+                    f"{t} tokens at slot {cache_index} overflow the cache of {cache.max_length} slots"
+                )
             if t > cache.max_length:
                 raise ValueError(f"{t} tokens do not fit a cache of {cache.max_length} slots")
         return inputs_embeds, mask
@@ -369,8 +467,10 @@ def _prepare_generate(model, input_ids, inputs_embeds, attention_mask, max_new_t
             raise ValueError(f"inputs_embeds must be [B, T, {cfg.hidden_size}], got {inputs_embeds.shape}")
         b, t, _ = inputs_embeds.shape
     if t + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the position budget "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the position budget "
+            f"max_position_embeddings={cfg.max_position_embeddings}"
+        )
     if attention_mask is None:
         attention_mask = jnp.ones((b, t), bool)
     elif attention_mask.shape != (b, t):
@@ -391,8 +491,9 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 # EOS and pad ids are traced (not static) so that changing them does not recompile.
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "use_cache"))
-def _generate_jit(graphdef, state, input_ids, inputs_embeds, mask, eos, pad_id, *, max_new_tokens: int,
-                  use_cache: bool):
+def _generate_jit(
+    graphdef, state, input_ids, inputs_embeds, mask, eos, pad_id, *, max_new_tokens: int, use_cache: bool
+):
     model = nnx.merge(graphdef, state)
     if inputs_embeds is None:
         embeds = model.embed(input_ids)
@@ -457,9 +558,16 @@ def _generate_jit(graphdef, state, input_ids, inputs_embeds, mask, eos, pad_id, 
     return tokens, lengths
 
 
-def generate(model: LlamaForCausalLM, *, inputs_embeds: Array | None = None, input_ids: Array | None = None,
-             attention_mask: Array | None = None, max_new_tokens: int,
-             eos_token_id: int | Sequence[int] | None, pad_token_id: int = 0) -> tuple[Array, Array]:
+def generate(
+    model: LlamaForCausalLM,
+    *,
+    inputs_embeds: Array | None = None,
+    input_ids: Array | None = None,
+    attention_mask: Array | None = None,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int = 0,
+) -> tuple[Array, Array]:
     """Greedy decoding with the KV cache: one prefill call, then one token per `while_loop` step, in one jit.
 
     Args:
@@ -476,24 +584,50 @@ def generate(model: LlamaForCausalLM, *, inputs_embeds: Array | None = None, inp
     Raises:
       ValueError before compiling when T + M > max_position_embeddings or shapes are inconsistent.
     """
-    mask, eos = _prepare_generate(model, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                                  eos_token_id)
+    mask, eos = _prepare_generate(
+        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id
+    )
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, input_ids, inputs_embeds, mask, eos, jnp.int32(pad_token_id),
-                         max_new_tokens=max_new_tokens, use_cache=True)
+    return _generate_jit(
+        graphdef,
+        state,
+        input_ids,
+        inputs_embeds,
+        mask,
+        eos,
+        jnp.int32(pad_token_id),
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+    )
 
 
-def generate_no_cache(model: LlamaForCausalLM, *, inputs_embeds: Array | None = None,
-                      input_ids: Array | None = None, attention_mask: Array | None = None,
-                      max_new_tokens: int, eos_token_id: int | Sequence[int] | None,
-                      pad_token_id: int = 0) -> tuple[Array, Array]:
+def generate_no_cache(
+    model: LlamaForCausalLM,
+    *,
+    inputs_embeds: Array | None = None,
+    input_ids: Array | None = None,
+    attention_mask: Array | None = None,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int = 0,
+) -> tuple[Array, Array]:
     """Same contract as `generate`, but every step re-runs the full forward over a [B, T + M] buffer.
 
     This is what READ's reference does (`use_cache=False`, §4); here it is the reference for the cached
     path in tests and the baseline of `benchmarks/decode.py`.
     """
-    mask, eos = _prepare_generate(model, input_ids, inputs_embeds, attention_mask, max_new_tokens,
-                                  eos_token_id)
+    mask, eos = _prepare_generate(
+        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id
+    )
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, input_ids, inputs_embeds, mask, eos, jnp.int32(pad_token_id),
-                         max_new_tokens=max_new_tokens, use_cache=False)
+    return _generate_jit(
+        graphdef,
+        state,
+        input_ids,
+        inputs_embeds,
+        mask,
+        eos,
+        jnp.int32(pad_token_id),
+        max_new_tokens=max_new_tokens,
+        use_cache=False,
+    )

@@ -101,9 +101,15 @@ def expanded_position(input_index: Array, image_pos: Array, num_patches: int) ->
     return jnp.where(input_index > image_pos, input_index + (num_patches - 1), input_index)
 
 
-def merge_multimodal(input_ids: Array, text_embeds: Array, image_features: Array,
-                     attention_mask: Array | None = None, labels: Array | None = None, *,
-                     image_token_index: int = IMAGE_TOKEN_INDEX) -> MergedInputs:
+def merge_multimodal(
+    input_ids: Array,
+    text_embeds: Array,
+    image_features: Array,
+    attention_mask: Array | None = None,
+    labels: Array | None = None,
+    *,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+) -> MergedInputs:
     """Replace each row's `<image>` placeholder by its image tokens (static shapes, jit-friendly).
 
     Args:
@@ -139,15 +145,28 @@ def merge_multimodal(input_ids: Array, text_embeds: Array, image_features: Array
     if labels is not None:
         labels = jnp.where(in_image, IGNORE_INDEX, jnp.take_along_axis(labels, text_src, axis=1))
         labels = labels.astype(jnp.int32)
-    return MergedInputs(inputs_embeds=embeds, attention_mask=mask, positions=positions, labels=labels,
-                        image_token_start=image_pos)
+    return MergedInputs(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        positions=positions,
+        labels=labels,
+        image_token_start=image_pos,
+    )
 
 
-def validate_multimodal_inputs(input_ids, *, num_images: int, image_row_index=None, num_patches: int,
-                               max_positions: int, max_new_tokens: int = 0,
-                               image_token_index: int = IMAGE_TOKEN_INDEX,
-                               im_start_token_id: int | None = None, im_end_token_id: int | None = None,
-                               attention_mask=None) -> None:
+def validate_multimodal_inputs(
+    input_ids,
+    *,
+    num_images: int,
+    image_row_index=None,
+    num_patches: int,
+    max_positions: int,
+    max_new_tokens: int = 0,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+    im_start_token_id: int | None = None,
+    im_end_token_id: int | None = None,
+    attention_mask=None,
+) -> None:
     """Host-side checks of a multimodal batch; raises ValueError naming the problem (call before jit).
 
     Args:
@@ -165,15 +184,18 @@ def validate_multimodal_inputs(input_ids, *, num_images: int, image_row_index=No
     counts = (ids == image_token_index).sum(axis=1)
     bad = np.nonzero(counts != 1)[0]
     if bad.size:
-        raise ValueError(f"each row needs exactly one <image> placeholder ({image_token_index}); rows "
-                         f"{bad.tolist()} have {counts[bad].tolist()}")
+        raise ValueError(
+            f"each row needs exactly one <image> placeholder ({image_token_index}); rows "
+            f"{bad.tolist()} have {counts[bad].tolist()}"
+        )
     pos = (ids == image_token_index).argmax(axis=1)
     if im_start_token_id is not None:
         before = np.where(pos > 0, ids[np.arange(r), np.maximum(pos - 1, 0)], -1)
         bad = np.nonzero(before != im_start_token_id)[0]
         if bad.size:
-            raise ValueError(f"rows {bad.tolist()}: <image> is not preceded by <im_start> "
-                             f"({im_start_token_id})")
+            raise ValueError(
+                f"rows {bad.tolist()}: <image> is not preceded by <im_start> ({im_start_token_id})"
+            )
     if im_end_token_id is not None:
         after = np.where(pos < seq_len - 1, ids[np.arange(r), np.minimum(pos + 1, seq_len - 1)], -1)
         bad = np.nonzero(after != im_end_token_id)[0]
@@ -188,8 +210,10 @@ def validate_multimodal_inputs(input_ids, *, num_images: int, image_row_index=No
             raise ValueError(f"rows {bad.tolist()}: the <image> placeholder is masked out as padding")
     if image_row_index is None:
         if r != num_images:
-            raise ValueError(f"{r} rows with an <image> placeholder but {num_images} images; pass "
-                             "image_row_index to share an image between conversations")
+            raise ValueError(
+                f"{r} rows with an <image> placeholder but {num_images} images; pass "
+                "image_row_index to share an image between conversations"
+            )
     else:
         idx = np.asarray(image_row_index)
         if idx.shape != (r,):
@@ -200,8 +224,10 @@ def validate_multimodal_inputs(input_ids, *, num_images: int, image_row_index=No
     merged = seq_len + num_patches - 1
     if merged + max_new_tokens > max_positions:
         extra = f" + {max_new_tokens} new tokens" if max_new_tokens else ""
-        raise ValueError(f"sequence length {seq_len} expands to {merged} with the {num_patches} image tokens"
-                         f"{extra}, beyond the position budget max_position_embeddings={max_positions}")
+        raise ValueError(
+            f"sequence length {seq_len} expands to {merged} with the {num_patches} image tokens"
+            f"{extra}, beyond the position budget max_position_embeddings={max_positions}"
+        )
 
 
 def _is_concrete(x) -> bool:
@@ -225,11 +251,16 @@ class LlavaModel(nnx.Module):
         self.config = cfg
         self.vision_tower = ClipVisionModel(cfg.clip, rngs=rngs)
         # The projector belongs to the LLM in the reference (bf16 with it), hence the LLaMA dtypes.
-        self.mm_projector = MmProjector(cfg.mm_hidden_size, cfg.llama.hidden_size,
-                                        dtype=cfg.llama.compute_dtype, param_dtype=cfg.llama.weight_dtype,
-                                        rngs=rngs)
-        self.language_model = LlamaForCausalLM(cfg.llama, rngs=rngs,
-                                               attention_implementation=attention_implementation)
+        self.mm_projector = MmProjector(
+            cfg.mm_hidden_size,
+            cfg.llama.hidden_size,
+            dtype=cfg.llama.compute_dtype,
+            param_dtype=cfg.llama.weight_dtype,
+            rngs=rngs,
+        )
+        self.language_model = LlamaForCausalLM(
+            cfg.llama, rngs=rngs, attention_implementation=attention_implementation
+        )
 
     @property
     def num_patches(self) -> int:
@@ -249,8 +280,9 @@ class LlavaModel(nnx.Module):
             feats = jax.lax.stop_gradient(feats)
         return self.mm_projector(feats.astype(self.config.llama.compute_dtype))
 
-    def validate(self, input_ids, images_clip, attention_mask=None, image_row_index=None,
-                 max_new_tokens: int = 0) -> None:
+    def validate(
+        self, input_ids, images_clip, attention_mask=None, image_row_index=None, max_new_tokens: int = 0
+    ) -> None:
         """`validate_multimodal_inputs` with this model's sizes and token ids (shape checks always; value
         checks only when `input_ids` is concrete, i.e. outside jit)."""
         cfg = self.config
@@ -264,18 +296,32 @@ class LlavaModel(nnx.Module):
                 raise ValueError(f"{r} rows but {images_clip.shape[0]} images and no image_row_index")
             budget = cfg.llama.max_position_embeddings
             if seq_len + self.num_patches - 1 + max_new_tokens > budget:
-                raise ValueError(f"merged length {seq_len + self.num_patches - 1} + {max_new_tokens} new "
-                                 f"tokens exceeds max_position_embeddings={budget}")
+                raise ValueError(
+                    f"merged length {seq_len + self.num_patches - 1} + {max_new_tokens} new "
+                    f"tokens exceeds max_position_embeddings={budget}"
+                )
             return
         validate_multimodal_inputs(
-            input_ids, num_images=images_clip.shape[0], image_row_index=image_row_index,
-            num_patches=self.num_patches, max_positions=cfg.llama.max_position_embeddings,
-            max_new_tokens=max_new_tokens, image_token_index=cfg.image_token_index,
-            im_start_token_id=cfg.im_start_token_id, im_end_token_id=cfg.im_end_token_id,
-            attention_mask=attention_mask)
+            input_ids,
+            num_images=images_clip.shape[0],
+            image_row_index=image_row_index,
+            num_patches=self.num_patches,
+            max_positions=cfg.llama.max_position_embeddings,
+            max_new_tokens=max_new_tokens,
+            image_token_index=cfg.image_token_index,
+            im_start_token_id=cfg.im_start_token_id,
+            im_end_token_id=cfg.im_end_token_id,
+            attention_mask=attention_mask,
+        )
 
-    def merge(self, input_ids: Array, images_clip: Array, attention_mask: Array | None = None,
-              image_row_index: Array | None = None, labels: Array | None = None) -> MergedInputs:
+    def merge(
+        self,
+        input_ids: Array,
+        images_clip: Array,
+        attention_mask: Array | None = None,
+        image_row_index: Array | None = None,
+        labels: Array | None = None,
+    ) -> MergedInputs:
         """CLIP + projector + token embeddings -> the merged LLM inputs (no validation; see `__call__`)."""
         image_features = self.encode_images(images_clip)  # [B, P, C]
         if image_row_index is not None:
@@ -284,13 +330,26 @@ class LlavaModel(nnx.Module):
         # -200 is not a vocabulary row: embed a harmless id there (its embedding is replaced by the image).
         safe_ids = jnp.where(input_ids == self.config.image_token_index, 0, input_ids)
         text_embeds = self.language_model.embed(safe_ids)  # [R, L, C]
-        return merge_multimodal(input_ids, text_embeds, image_features, attention_mask, labels,
-                                image_token_index=self.config.image_token_index)
+        return merge_multimodal(
+            input_ids,
+            text_embeds,
+            image_features,
+            attention_mask,
+            labels,
+            image_token_index=self.config.image_token_index,
+        )
 
-    def __call__(self, input_ids: Array, images_clip: Array, attention_mask: Array | None = None,
-                 image_row_index: Array | None = None, labels: Array | None = None, *,
-                 deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> tuple[LlamaOutput, MergedInputs]:
+    def __call__(
+        self,
+        input_ids: Array,
+        images_clip: Array,
+        attention_mask: Array | None = None,
+        image_row_index: Array | None = None,
+        labels: Array | None = None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[LlamaOutput, MergedInputs]:
         """Multimodal forward (training / teacher forcing).
 
         Args:
@@ -308,13 +367,26 @@ class LlavaModel(nnx.Module):
         """
         self.validate(input_ids, images_clip, attention_mask, image_row_index)
         merged = self.merge(input_ids, images_clip, attention_mask, image_row_index, labels)
-        out = self.language_model(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask,
-                                  positions=merged.positions, deterministic=deterministic, rngs=rngs)
+        out = self.language_model(
+            inputs_embeds=merged.inputs_embeds,
+            attention_mask=merged.attention_mask,
+            positions=merged.positions,
+            deterministic=deterministic,
+            rngs=rngs,
+        )
         return out, merged
 
-    def generate(self, input_ids: Array, images_clip: Array, attention_mask: Array | None = None,
-                 image_row_index: Array | None = None, *, max_new_tokens: int, eos_token_id=2,
-                 pad_token_id: int = 0) -> tuple[Array, Array, MergedInputs]:
+    def generate(
+        self,
+        input_ids: Array,
+        images_clip: Array,
+        attention_mask: Array | None = None,
+        image_row_index: Array | None = None,
+        *,
+        max_new_tokens: int,
+        eos_token_id=2,
+        pad_token_id: int = 0,
+    ) -> tuple[Array, Array, MergedInputs]:
         """Greedy decoding after the merged multimodal prompt (KV cache, one jitted loop).
 
         Args:
@@ -327,9 +399,14 @@ class LlavaModel(nnx.Module):
         """
         self.validate(input_ids, images_clip, attention_mask, image_row_index, max_new_tokens=max_new_tokens)
         merged = _merge_jit(self, input_ids, images_clip, attention_mask, image_row_index)
-        tokens, lengths = llama_generate(self.language_model, inputs_embeds=merged.inputs_embeds,
-                                         attention_mask=merged.attention_mask, max_new_tokens=max_new_tokens,
-                                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        tokens, lengths = llama_generate(
+            self.language_model,
+            inputs_embeds=merged.inputs_embeds,
+            attention_mask=merged.attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
         return tokens, lengths, merged
 
 

@@ -43,13 +43,16 @@ def _default_expected(model: nnx.Module) -> int:
 
     llamas = [n for _, n in nnx.iter_graph(model) if isinstance(n, LlamaModel)]
     if len(llamas) != 1:
-        raise ValueError(f"cannot infer the expected LoRA match count: the model holds {len(llamas)} LLaMA "
-                         f"decoders; pass expected_matches")
+        raise ValueError(
+            f"cannot infer the expected LoRA match count: the model holds {len(llamas)} LLaMA "
+            f"decoders; pass expected_matches"
+        )
     return 2 * llamas[0].config.num_hidden_layers
 
 
-def apply_lora(model: nnx.Module, lora_cfg: LoraConfig, *, rngs: nnx.Rngs,
-               expected_matches: int | None = None) -> list[str]:
+def apply_lora(
+    model: nnx.Module, lora_cfg: LoraConfig, *, rngs: nnx.Rngs, expected_matches: int | None = None
+) -> list[str]:
     """Add LoRA leaves in place to every Linear whose path fully matches `lora_cfg.target_regex`.
 
     Args:
@@ -80,11 +83,15 @@ def apply_lora(model: nnx.Module, lora_cfg: LoraConfig, *, rngs: nnx.Rngs,
             else:
                 wrong_type.append(f"{p} ({type(node).__name__})")
     if wrong_type:
-        raise ValueError(f"LoRA target_regex {lora_cfg.target_regex!r} matches modules that are not "
-                         f"read_jax.layers.Linear: {wrong_type}")
+        raise ValueError(
+            f"LoRA target_regex {lora_cfg.target_regex!r} matches modules that are not "
+            f"read_jax.layers.Linear: {wrong_type}"
+        )
     if len(matched) != expected_matches:
-        raise ValueError(f"LoRA target_regex {lora_cfg.target_regex!r} matched {len(matched)} modules, "
-                         f"expected {expected_matches}; matched: {sorted(matched)}")
+        raise ValueError(
+            f"LoRA target_regex {lora_cfg.target_regex!r} matched {len(matched)} modules, "
+            f"expected {expected_matches}; matched: {sorted(matched)}"
+        )
     for p in sorted(matched):
         matched[p].add_lora(lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, rngs=rngs)
     return sorted(matched)
@@ -141,8 +148,9 @@ def trainable_filter(regexes: Sequence[str]) -> Callable[[tuple, object], bool]:
     return is_trainable
 
 
-def partition_trainable(model: nnx.Module, regexes: Sequence[str], *, require_all: bool = False
-                        ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def partition_trainable(
+    model: nnx.Module, regexes: Sequence[str], *, require_all: bool = False
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable_state, frozen_state) by `trainable_filter(regexes)`.
 
     `nnx.merge(graphdef, trainable, frozen)` rebuilds the model (the train step does this inside the loss).

@@ -87,18 +87,26 @@ def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array, m
     return (bce * w).sum() / (n + 1e-8), (dice * w).sum() / (n + 1e-8)
 
 
-def read_loss(logits, labels, mask_logits, mask_targets, pixel_valid, mask_valid,
-              weights: LossWeights = LossWeights()) -> tuple[jax.Array, dict]:
+def read_loss(
+    logits, labels, mask_logits, mask_targets, pixel_valid, mask_valid, weights: LossWeights = LossWeights()
+) -> tuple[jax.Array, dict]:
     """The total READ loss and its terms: ce_w * CE + bce_w * BCE + dice_w * Dice."""
     ce, n_tok = ce_loss(logits, labels)
     bce, dice = mask_losses(mask_logits, mask_targets, pixel_valid, mask_valid)
     loss = weights.ce * ce + weights.bce * bce + weights.dice * dice
-    return loss, {"loss": loss, "ce": ce, "bce": bce, "dice": dice,
-                  "num_tokens": n_tok, "num_masks": mask_valid.sum()}
+    return loss, {
+        "loss": loss,
+        "ce": ce,
+        "bce": bce,
+        "dice": dice,
+        "num_tokens": n_tok,
+        "num_masks": mask_valid.sum(),
+    }
 
 
-def cell_coverage(targets: jax.Array, extent_hw: jax.Array, orig_hw: jax.Array, grid: int,
-                  sub: int = 4) -> jax.Array:
+def cell_coverage(
+    targets: jax.Array, extent_hw: jax.Array, orig_hw: jax.Array, grid: int, sub: int = 4
+) -> jax.Array:
     """Fraction of each CLIP grid cell covered by the GT mask: float32[M, grid * grid] (raster order).
 
     The CLIP view is the centred min(H, W) square of the original image (READ's short-side resize + centre

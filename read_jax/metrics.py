@@ -69,8 +69,12 @@ class IoUMeter:
         self.count += int(inter.size)
 
     def merge(self, other: IoUMeter) -> IoUMeter:
-        return IoUMeter(self.inter_sum + other.inter_sum, self.union_sum + other.union_sum,
-                        self.iou_sum + other.iou_sum, self.count + other.count)
+        return IoUMeter(
+            self.inter_sum + other.inter_sum,
+            self.union_sum + other.union_sum,
+            self.iou_sum + other.iou_sum,
+            self.count + other.count,
+        )
 
     @property
     def giou(self) -> float:

@@ -46,8 +46,15 @@ class TextHiddenFcs(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         def lin(i, o):
-            layer = Linear(i, o, use_bias=True, dtype=dtype, param_dtype=param_dtype,
-                           kernel_init=kaiming_uniform_a_sqrt5, rngs=rngs)
+            layer = Linear(
+                i,
+                o,
+                use_bias=True,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=kaiming_uniform_a_sqrt5,
+                rngs=rngs,
+            )
             bound = 1.0 / float(i) ** 0.5
             layer.bias[...] = jax.random.uniform(rngs.params(), (o,), param_dtype, -bound, bound)
             return layer
@@ -90,8 +97,13 @@ class ReadModel(nnx.Module):
     def __init__(self, cfg: ReadConfig, *, rngs: nnx.Rngs, attention_implementation: str | None = None):
         self.config = cfg
         self.llava = LlavaModel(cfg, rngs=rngs, attention_implementation=attention_implementation)
-        self.text_hidden_fcs = TextHiddenFcs(cfg.llama.hidden_size, cfg.out_dim, dtype=cfg.llama.compute_dtype,
-                                             param_dtype=cfg.llama.weight_dtype, rngs=rngs)
+        self.text_hidden_fcs = TextHiddenFcs(
+            cfg.llama.hidden_size,
+            cfg.out_dim,
+            dtype=cfg.llama.compute_dtype,
+            param_dtype=cfg.llama.weight_dtype,
+            rngs=rngs,
+        )
         self.visual_model = Sam(cfg.sam, rngs=rngs)
 
     # ---- pieces ------------------------------------------------------------------------------------------
@@ -116,12 +128,23 @@ class ReadModel(nnx.Module):
         idx, valid = seg_slots(input_ids, cfg.seg_token_id, cfg.max_segs)
         pos = expanded_position(idx, image_start[:, None], p)  # [R, S]
         seg_hidden = jnp.take_along_axis(hidden, (pos - 1)[..., None], axis=1)  # [R, S, C]
-        image_hidden = jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(h, s, p, axis=0))(hidden, image_start)
+        image_hidden = jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(h, s, p, axis=0))(
+            hidden, image_start
+        )
         return seg_hidden, valid, pos, image_hidden
 
-    def masks_from_states(self, seg_hidden: Array, image_hidden: Array, seg_image: Array, orig_hw: Array,
-                          sam_input_hw: Array, image_emb: Array, canvas_hw: tuple[int, int],
-                          sasp_cfg=None, out_hw: Array | None = None) -> tuple[Array, dict]:
+    def masks_from_states(
+        self,
+        seg_hidden: Array,
+        image_hidden: Array,
+        seg_image: Array,
+        orig_hw: Array,
+        sam_input_hw: Array,
+        image_emb: Array,
+        canvas_hw: tuple[int, int],
+        sasp_cfg=None,
+        out_hw: Array | None = None,
+    ) -> tuple[Array, dict]:
         """SasP points + SAM decoding for N prompts (flattened [SEG] slots).
 
         Args:
@@ -138,23 +161,45 @@ class ReadModel(nnx.Module):
         sasp_cfg = sasp_cfg or cfg.sasp
         hw = orig_hw[seg_image]  # [N, 2]
         pred_emb = self.text_hidden_fcs(seg_hidden)  # [N, D]
-        points, labels, sasp_aux = sasp_lib.sasp(image_hidden, seg_hidden, hw, sasp_cfg,
-                                                 clip_grid=cfg.clip.grid_size, clip_size=cfg.clip.image_size)
+        points, labels, sasp_aux = sasp_lib.sasp(
+            image_hidden,
+            seg_hidden,
+            hw,
+            sasp_cfg,
+            clip_grid=cfg.clip.grid_size,
+            clip_size=cfg.clip.image_size,
+        )
         # To the SAM input frame (ResizeLongestSide.apply_coords); keeps DtoC's gradient.
         coords = apply_coords(points.astype(jnp.float32), hw, cfg.sam.image_size)
         pe = self.visual_model.prompt_encoder
         sparse, dense = pe(coords, labels, text_embeds=pred_emb[:, None, :])
-        low, _ = self.visual_model.mask_decoder(image_emb[seg_image], pe.get_dense_pe(), sparse, dense,
-                                                multimask_output=False)  # [N, 1, 4h, 4w]
+        low, _ = self.visual_model.mask_decoder(
+            image_emb[seg_image], pe.get_dense_pe(), sparse, dense, multimask_output=False
+        )  # [N, 1, 4h, 4w]
         out_hw = hw if out_hw is None else out_hw
-        masks = postprocess_masks_padded(low, sam_input_hw[seg_image], out_hw, canvas_hw, cfg.sam.image_size)[:, 0]
-        aux = {"sasp/points": points, "sasp/labels": labels, "sasp/sim": sasp_aux["sim"],
-               "sam/low_res_masks": low[:, 0], "read/pred_embeddings": pred_emb}
+        masks = postprocess_masks_padded(low, sam_input_hw[seg_image], out_hw, canvas_hw, cfg.sam.image_size)[
+            :, 0
+        ]
+        aux = {
+            "sasp/points": points,
+            "sasp/labels": labels,
+            "sasp/sim": sasp_aux["sim"],
+            "sam/low_res_masks": low[:, 0],
+            "read/pred_embeddings": pred_emb,
+        }
         return masks, aux
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def __call__(self, batch: dict, *, canvas_hw: tuple[int, int] | None = None, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None, compute_masks: bool = True, sasp_cfg=None) -> tuple[dict, dict]:
+    def __call__(
+        self,
+        batch: dict,
+        *,
+        canvas_hw: tuple[int, int] | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        compute_masks: bool = True,
+        sasp_cfg=None,
+    ) -> tuple[dict, dict]:
         """Teacher-forced forward (training, validation, the ReasonSeg protocol).
 
         Args:
@@ -179,15 +224,24 @@ class ReadModel(nnx.Module):
         conv_image = batch.get("conv_image")
         if conv_image is None:
             conv_image = jnp.arange(input_ids.shape[0], dtype=jnp.int32)
-        out, merged = self.llava(input_ids, batch["images_clip"], batch.get("attention_mask"), conv_image,
-                                 batch.get("labels"), deterministic=deterministic, rngs=rngs)
+        out, merged = self.llava(
+            input_ids,
+            batch["images_clip"],
+            batch.get("attention_mask"),
+            conv_image,
+            batch.get("labels"),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
         hidden = constrain(out.hidden_states, ("act_batch", "act_len", "act_emb"))
         outputs = {"logits": out.logits, "labels": merged.labels}
         aux = {"llava/hidden": hidden, "llava/image_token_start": merged.image_token_start}
         if not compute_masks:
             return outputs, aux
 
-        seg_hidden, seg_valid, seg_pos, image_hidden = self.seg_states(hidden, input_ids, merged.image_token_start)
+        seg_hidden, seg_valid, seg_pos, image_hidden = self.seg_states(
+            hidden, input_ids, merged.image_token_start
+        )
         if "conv_valid" in batch:
             seg_valid = seg_valid & batch["conv_valid"][:, None]
         r, s = seg_valid.shape
@@ -197,8 +251,17 @@ class ReadModel(nnx.Module):
         seg_image = jnp.repeat(conv_image, s)
         out_hw = batch.get("mask_hw")
         out_hw = None if out_hw is None else jnp.repeat(out_hw, s, axis=0)
-        masks, m_aux = self.masks_from_states(seg_hidden.reshape(r * s, -1), n_img, seg_image, batch["orig_hw"],
-                                              batch["sam_input_hw"], image_emb, canvas_hw, sasp_cfg, out_hw)
+        masks, m_aux = self.masks_from_states(
+            seg_hidden.reshape(r * s, -1),
+            n_img,
+            seg_image,
+            batch["orig_hw"],
+            batch["sam_input_hw"],
+            image_emb,
+            canvas_hw,
+            sasp_cfg,
+            out_hw,
+        )
         outputs["mask_logits"] = masks.reshape(r, s, *canvas_hw)
         outputs["seg_valid"] = seg_valid
         aux.update({k: v.reshape(r, s, *v.shape[1:]) for k, v in m_aux.items()})
@@ -245,16 +308,24 @@ def batch_loss(outputs: dict, batch: dict, weights=None) -> tuple[Array, dict]:
     extent = batch["mask_hw"] if "mask_hw" in batch else batch["orig_hw"][conv_image]
     pv = pixel_valid(extent, canvas)[:, None]  # [R, 1, Hc, Wc]
     pv = jnp.broadcast_to(pv, logits.shape)
-    loss, metrics = read_loss(outputs["logits"], outputs["labels"], logits.reshape(r * s_gt, *canvas),
-                              (gt == 1).reshape(r * s_gt, *canvas), pv.reshape(r * s_gt, *canvas),
-                              valid.reshape(-1), weights)
+    loss, metrics = read_loss(
+        outputs["logits"],
+        outputs["labels"],
+        logits.reshape(r * s_gt, *canvas),
+        (gt == 1).reshape(r * s_gt, *canvas),
+        pv.reshape(r * s_gt, *canvas),
+        valid.reshape(-1),
+        weights,
+    )
     if weights.sim:
         if "sim_logits" not in outputs:
             raise ValueError("weights.sim > 0 needs outputs['sim_logits'] (the scaled SasP similarity map)")
         sim = outputs["sim_logits"][:, :s_gt]  # [R, S', P]
         grid = math.isqrt(sim.shape[-1])
         orig = jnp.repeat(batch["orig_hw"][conv_image], s_gt, axis=0)
-        cov = cell_coverage((gt == 1).reshape(r * s_gt, *canvas), jnp.repeat(extent, s_gt, axis=0), orig, grid)
+        cov = cell_coverage(
+            (gt == 1).reshape(r * s_gt, *canvas), jnp.repeat(extent, s_gt, axis=0), orig, grid
+        )
         sim_l = similarity_loss(sim.reshape(r * s_gt, -1), cov, valid.reshape(-1))
         loss = loss + weights.sim * sim_l
         metrics = {**metrics, "loss": loss, "sim": sim_l}

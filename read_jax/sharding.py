@@ -33,9 +33,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "act_len": None,
     "act_emb": None,
 }
-DEFAULT_STRATEGY = (
-    (r".*", "fsdp"),
-)
+DEFAULT_STRATEGY = ((r".*", "fsdp"),)
 
 _current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("read_jax_mesh", default=None)
 
@@ -106,8 +104,14 @@ def _fsdp_spec(shape: Sequence[int], itemsize: int, mesh: Mesh, min_bytes: int) 
     return P()
 
 
-def spec_for(path: str, shape: Sequence[int], dtype, mesh: Mesh, strategy=DEFAULT_STRATEGY,
-             min_fsdp_bytes: int = 1 << 20) -> P:
+def spec_for(
+    path: str,
+    shape: Sequence[int],
+    dtype,
+    mesh: Mesh,
+    strategy=DEFAULT_STRATEGY,
+    min_fsdp_bytes: int = 1 << 20,
+) -> P:
     for pattern, rule in strategy:
         if re.fullmatch(pattern, path):
             if rule == "replicate":
@@ -136,6 +140,7 @@ def _path_of(keypath) -> str:
 
 def tree_shardings(tree, mesh: Mesh, strategy=DEFAULT_STRATEGY, min_fsdp_bytes: int = 1 << 20):
     """NamedSharding for every leaf of a (possibly abstract) pytree, by '/'-joined path."""
+
     def one(keypath, leaf):
         spec = spec_for(_path_of(keypath), leaf.shape, leaf.dtype, mesh, strategy, min_fsdp_bytes)
         return NamedSharding(mesh, spec)
@@ -170,8 +175,10 @@ def shard_batch(batch: dict, mesh: Mesh, batch_axis: int = 0) -> dict:
     for k, x in jax.tree_util.tree_leaves_with_path(batch):
         shape = np.shape(x)
         if len(shape) > batch_axis and (shape[batch_axis] * jax.process_count()) % n:
-            raise ValueError(f"batch entry {jax.tree_util.keystr(k)} has {shape[batch_axis]} rows on axis {batch_axis}, not "
-                             f"divisible over the {n} data-parallel devices")
+            raise ValueError(
+                f"batch entry {jax.tree_util.keystr(k)} has {shape[batch_axis]} rows on axis {batch_axis}, not "
+                f"divisible over the {n} data-parallel devices"
+            )
 
     def put(x):
         x = np.asarray(x)

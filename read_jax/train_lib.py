@@ -70,9 +70,11 @@ class NonFiniteLossError(FloatingPointError):
 
     def __init__(self, step: int, metrics: Mapping[str, float], batch_ids: Mapping[str, Any]):
         self.step, self.metrics, self.batch_ids = step, dict(metrics), dict(batch_ids)
-        super().__init__(f"non-finite training step {step}: loss={metrics.get('loss')} "
-                         f"l2_grads={metrics.get('l2_grads')}; batch {self.batch_ids}. The update was not "
-                         f"applied and the last checkpoint is untouched.")
+        super().__init__(
+            f"non-finite training step {step}: loss={metrics.get('loss')} "
+            f"l2_grads={metrics.get('l2_grads')}; batch {self.batch_ids}. The update was not "
+            f"applied and the last checkpoint is untouched."
+        )
 
 
 # =====================================================================================================
@@ -90,35 +92,70 @@ def default_config():
     from read_jax.config import READ_TRAINABLE_REGEXES
 
     c = ConfigDict()
-    c.model = ConfigDict({
-        "preset": "read_7b", "dtype": "", "param_dtype": "", "remat": True, "max_segs": 4,
-        "trainable_regexes": READ_TRAINABLE_REGEXES,
-    })
+    c.model = ConfigDict(
+        {
+            "preset": "read_7b",
+            "dtype": "",
+            "param_dtype": "",
+            "remat": True,
+            "max_segs": 4,
+            "trainable_regexes": READ_TRAINABLE_REGEXES,
+        }
+    )
     c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": ""})
-    c.data = ConfigDict({
-        "root": "dataset", "reason_seg_dir": "{root}/reason_seg/ReasonSeg", "tokenizer": "", "rates": "read_7b",
-        "batch_size": 2, "max_convs": 3, "length_buckets": (512, 1024, 1793), "clip_size": 336,
-        "max_mask_side": 1024, "seed": 0, "num_workers": 0, "template": "llava_v1",
-        # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train, val, test).
-        "make_shapes": False, "num_shapes": (200, 40, 40),
-        # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
-        "reason_seg_false_premise": -1.0,
-    })
-    c.train = ConfigDict({
-        "lr": 3e-4, "warmup_steps": 100, "epochs": 20, "steps_per_epoch": 500, "total_steps": 0, "grad_accum": 10,
-        "clip_norm": 1.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
-        "ce_weight": 1.0, "bce_weight": 2.0, "dice_weight": 0.5,
-        # Not READ's: a similarity-map loss for from-scratch models (`losses.similarity_loss`); 0 = off.
-        "sim_weight": 0.0,
-        "ce_max_tokens": 0,  # > 0: CE on at most this many supervised positions per micro-batch (no full logits)
-        "lora_dropout": True, "seed": 42, "log_every": 10, "trainable_dtype": "float32",
-        "fast_compile": False,  # compile for compile speed (tests, smoke runs)
-        "mask_side": 0,  # > 0: a coarser GT canvas for training only (validation keeps data.max_mask_side)
-    })
+    c.data = ConfigDict(
+        {
+            "root": "dataset",
+            "reason_seg_dir": "{root}/reason_seg/ReasonSeg",
+            "tokenizer": "",
+            "rates": "read_7b",
+            "batch_size": 2,
+            "max_convs": 3,
+            "length_buckets": (512, 1024, 1793),
+            "clip_size": 336,
+            "max_mask_side": 1024,
+            "seed": 0,
+            "num_workers": 0,
+            "template": "llava_v1",
+            # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train, val, test).
+            "make_shapes": False,
+            "num_shapes": (200, 40, 40),
+            # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
+            "reason_seg_false_premise": -1.0,
+        }
+    )
+    c.train = ConfigDict(
+        {
+            "lr": 3e-4,
+            "warmup_steps": 100,
+            "epochs": 20,
+            "steps_per_epoch": 500,
+            "total_steps": 0,
+            "grad_accum": 10,
+            "clip_norm": 1.0,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "ce_weight": 1.0,
+            "bce_weight": 2.0,
+            "dice_weight": 0.5,
+            # Not READ's: a similarity-map loss for from-scratch models (`losses.similarity_loss`); 0 = off.
+            "sim_weight": 0.0,
+            "ce_max_tokens": 0,  # > 0: CE on at most this many supervised positions per micro-batch (no full logits)
+            "lora_dropout": True,
+            "seed": 42,
+            "log_every": 10,
+            "trainable_dtype": "float32",
+            "fast_compile": False,  # compile for compile speed (tests, smoke runs)
+            "mask_side": 0,  # > 0: a coarser GT canvas for training only (validation keeps data.max_mask_side)
+        }
+    )
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "strategy": ((r".*", "fsdp"),), "distributed": False})
     c.checkpoint = ConfigDict({"every_steps": 0, "keep": 2, "async_save": True, "best_metric": "cIoU"})
-    c.eval = ConfigDict({"dataset": "reasonseg", "split": "val", "batch_size": 1, "every_epochs": 1,
-                         "max_batches": 0})
+    c.eval = ConfigDict(
+        {"dataset": "reasonseg", "split": "val", "batch_size": 1, "every_epochs": 1, "max_batches": 0}
+    )
     c.progress = True
     return c
 
@@ -135,6 +172,8 @@ def parse_rates(rates: str):
         except ValueError as e:
             raise ConfigError(f"bad data.rates entry {part!r} (want name:rate)") from e
     return out
+
+
 _FACTORIES = {"tiny": ReadConfig.tiny, "read_7b": ReadConfig.read_7b, "read_13b": ReadConfig.read_13b}
 _COMPONENTS = {"llama": LlamaConfig, "clip": ClipVisionConfig, "sam": SamConfig, "sasp": SaspConfig}
 
@@ -190,8 +229,12 @@ def read_config_from(model_cfg) -> ReadConfig:
 
 
 def loss_weights_from(train_cfg) -> LossWeights:
-    return LossWeights(ce=float(train_cfg.ce_weight), bce=float(train_cfg.bce_weight),
-                       dice=float(train_cfg.dice_weight), sim=float(train_cfg.get("sim_weight", 0.0)))
+    return LossWeights(
+        ce=float(train_cfg.ce_weight),
+        bce=float(train_cfg.bce_weight),
+        dice=float(train_cfg.dice_weight),
+        sim=float(train_cfg.get("sim_weight", 0.0)),
+    )
 
 
 def total_steps_of(train_cfg) -> int:
@@ -237,12 +280,17 @@ def check_trainable_regexes(abstract_model, cfg: ReadConfig) -> dict[str, int]:
     if dead:
         raise ConfigError(f"trainable regexes that match no parameter of the model: {dead}")
     if cfg.freeze_vision_towers:
-        towers = [p for p in paths if p.startswith(VISION_TOWER_PREFIXES)
-                  and any(re.fullmatch(r, p) for r in cfg.trainable_regexes)]
+        towers = [
+            p
+            for p in paths
+            if p.startswith(VISION_TOWER_PREFIXES) and any(re.fullmatch(r, p) for r in cfg.trainable_regexes)
+        ]
         if towers:
-            raise ConfigError(f"{len(towers)} parameters of frozen vision towers (e.g. {towers[0]}) are marked "
-                              "trainable; they would get no gradient. Set model.freeze_vision_towers=False to "
-                              "train them, or drop them from trainable_regexes")
+            raise ConfigError(
+                f"{len(towers)} parameters of frozen vision towers (e.g. {towers[0]}) are marked "
+                "trainable; they would get no gradient. Set model.freeze_vision_towers=False to "
+                "train them, or drop them from trainable_regexes"
+            )
     return counts
 
 
@@ -255,7 +303,8 @@ def _abstract_as(tree, dtype):
     dtype = jnp.dtype(dtype)
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
-        tree)
+        tree,
+    )
 
 
 @dataclasses.dataclass
@@ -281,8 +330,15 @@ class ModelSetup:
         return count_params(self.frozen_abstract)
 
 
-def setup_model(cfg: ReadConfig, mesh, *, strategy=shd.DEFAULT_STRATEGY, seed: int = 0,
-                trainable_dtype: str | None = "float32", min_fsdp_bytes: int = 1 << 20) -> ModelSetup:
+def setup_model(
+    cfg: ReadConfig,
+    mesh,
+    *,
+    strategy=shd.DEFAULT_STRATEGY,
+    seed: int = 0,
+    trainable_dtype: str | None = "float32",
+    min_fsdp_bytes: int = 1 << 20,
+) -> ModelSetup:
     """Abstract model (no allocation), its trainable/frozen split and the parameter shardings.
 
     Args:
@@ -297,9 +353,17 @@ def setup_model(cfg: ReadConfig, mesh, *, strategy=shd.DEFAULT_STRATEGY, seed: i
     graphdef, tr, fr = nnx.split(abstract, trainable_filter(cfg.trainable_regexes), ...)
     if trainable_dtype:
         tr = _abstract_as(tr, trainable_dtype)
-    return ModelSetup(cfg, model_fn, graphdef, tr, fr,
-                      shd.tree_shardings(tr, mesh, strategy, min_fsdp_bytes),
-                      shd.tree_shardings(fr, mesh, strategy, min_fsdp_bytes), mesh, counts)
+    return ModelSetup(
+        cfg,
+        model_fn,
+        graphdef,
+        tr,
+        fr,
+        shd.tree_shardings(tr, mesh, strategy, min_fsdp_bytes),
+        shd.tree_shardings(fr, mesh, strategy, min_fsdp_bytes),
+        mesh,
+        counts,
+    )
 
 
 def fast_compile_options() -> dict:
@@ -321,8 +385,11 @@ def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=
     straight into its sharding by `read_jax.checkpoint.load_model`; LoRA factors keep their init (B = 0).
     """
     filt = trainable_filter(setup.cfg.trainable_regexes)
-    tr_dtype = jax.tree.leaves(setup.trainable_abstract)[0].dtype if jax.tree.leaves(setup.trainable_abstract) \
+    tr_dtype = (
+        jax.tree.leaves(setup.trainable_abstract)[0].dtype
+        if jax.tree.leaves(setup.trainable_abstract)
         else jnp.float32
+    )
     if base_checkpoint:
         from read_jax.checkpoint import load_model
 
@@ -378,8 +445,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, trainable_abstract, tr
     opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
     rep = NamedSharding(mesh, P())
     return optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, trainable_shardings, transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding)), opt_abstract
+        tx,
+        lambda _, s: s,
+        opt_abstract,
+        trainable_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    ), opt_abstract
 
 
 # =====================================================================================================
@@ -438,12 +510,15 @@ def micro_loss(trainable, frozen, graphdef, batch: dict, key: Array, sc: StepCon
     if sc.weights.ce == 0:
         # No text loss: hand the loss an empty CE (no supervised label), so XLA drops the lm_head altogether.
         r = outputs["labels"].shape[0]
-        outputs = {**outputs, "logits": jnp.zeros((r, 2, 1), jnp.float32),
-                   "labels": jnp.full((r, 2), IGNORE_INDEX, jnp.int32)}
+        outputs = {
+            **outputs,
+            "logits": jnp.zeros((r, 2, 1), jnp.float32),
+            "labels": jnp.full((r, 2), IGNORE_INDEX, jnp.int32),
+        }
     elif sc.ce_max_tokens:
         outputs, dropped = sparse_ce_outputs(model, outputs, aux, sc.ce_max_tokens)
     if sc.weights.sim:
-        outputs = {**outputs, "sim_logits": aux["sasp/sim"] * model.config.llama.hidden_size ** -0.5}
+        outputs = {**outputs, "sim_logits": aux["sasp/sim"] * model.config.llama.hidden_size**-0.5}
     loss, metrics = batch_loss(outputs, batch, sc.weights)
     metrics = {**metrics, "ce_dropped_tokens": dropped}
     return loss, metrics
@@ -453,8 +528,9 @@ def _global_norm(tree) -> Array:
     return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def train_step(trainable, frozen, opt_state, batch: dict, step: Array, lr: Array, *, graphdef, tx,
-               sc: StepConfig):
+def train_step(
+    trainable, frozen, opt_state, batch: dict, step: Array, lr: Array, *, graphdef, tx, sc: StepConfig
+):
     """One optimizer step over k micro-batches (gradient accumulation), pure.
 
     Args:
@@ -484,6 +560,7 @@ def train_step(trainable, frozen, opt_state, batch: dict, step: Array, lr: Array
     if k == 1:
         grads, metrics = one(0, jax.tree.map(lambda x: x[0], batch))
     else:
+
         def body(acc, xs):
             j, mb = xs
             g, m = one(j, mb)
@@ -492,8 +569,10 @@ def train_step(trainable, frozen, opt_state, batch: dict, step: Array, lr: Array
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         grads, ms = jax.lax.scan(body, zeros, (jnp.arange(k), batch))
         grads = jax.tree.map(lambda g: g / k, grads)
-        metrics = {n: (v.sum(0) if n in ("num_tokens", "num_masks", "ce_dropped_tokens") else v.mean(0))
-                   for n, v in ms.items()}
+        metrics = {
+            n: (v.sum(0) if n in ("num_tokens", "num_masks", "ce_dropped_tokens") else v.mean(0))
+            for n, v in ms.items()
+        }
 
     updates, new_opt = tx.update(grads, opt_state, trainable)
     updates = jax.tree.map(lambda u: -lr * u, updates)  # optax.scale_by_learning_rate, with a traced lr
@@ -504,8 +583,12 @@ def train_step(trainable, frozen, opt_state, batch: dict, step: Array, lr: Array
     new_tr = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_tr, trainable)
     new_opt = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt, opt_state)
     metrics = {n: v.astype(jnp.float32) for n, v in metrics.items()}
-    metrics.update(l2_grads=l2_grads, l2_updates=_global_norm(updates), l2_params=_global_norm(new_tr),
-                   finite=finite.astype(jnp.float32))
+    metrics.update(
+        l2_grads=l2_grads,
+        l2_updates=_global_norm(updates),
+        l2_params=_global_norm(new_tr),
+        finite=finite.astype(jnp.float32),
+    )
     return new_tr, new_opt, metrics
 
 
@@ -520,7 +603,14 @@ def jit_train_step(setup: ModelSetup, tx, sc: StepConfig, opt_shardings, batch_s
     fn = functools.partial(train_step, graphdef=setup.graphdef, tx=tx, sc=sc)
     return jax.jit(
         fn,
-        in_shardings=(setup.trainable_shardings, setup.frozen_shardings, opt_shardings, batch_shardings, rep, rep),
+        in_shardings=(
+            setup.trainable_shardings,
+            setup.frozen_shardings,
+            opt_shardings,
+            batch_shardings,
+            rep,
+            rep,
+        ),
         out_shardings=(setup.trainable_shardings, opt_shardings, rep),
         donate_argnums=(0, 2),
     )
@@ -530,16 +620,27 @@ def _with_sharding(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def compile_step(jitted, setup: ModelSetup, opt_abstract, opt_shardings, batch_abstract, batch_shardings,
-                 compiler_options: dict | None = None):
+def compile_step(
+    jitted,
+    setup: ModelSetup,
+    opt_abstract,
+    opt_shardings,
+    batch_abstract,
+    batch_shardings,
+    compiler_options: dict | None = None,
+):
     """Lower and compile once (no execution); returns (compiled, stats dict with memory/flop figures)."""
-    args = (_with_sharding(setup.trainable_abstract, setup.trainable_shardings),
-            _with_sharding(setup.frozen_abstract, setup.frozen_shardings),
-            _with_sharding(opt_abstract, opt_shardings),
-            {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_shardings[n]) for n, x in
-             batch_abstract.items()},
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(setup.mesh, P())),
-            jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(setup.mesh, P())))
+    args = (
+        _with_sharding(setup.trainable_abstract, setup.trainable_shardings),
+        _with_sharding(setup.frozen_abstract, setup.frozen_shardings),
+        _with_sharding(opt_abstract, opt_shardings),
+        {
+            n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_shardings[n])
+            for n, x in batch_abstract.items()
+        },
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(setup.mesh, P())),
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(setup.mesh, P())),
+    )
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
     compiled = lowered.compile(compiler_options=compiler_options)
@@ -558,8 +659,13 @@ def memory_stats(compiled) -> dict:
     if ma is None:  # pragma: no cover - backends without memory analysis
         return {}
     out = {}
-    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                 "alias_size_in_bytes", "generated_code_size_in_bytes"):
+    for name in (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    ):
         if hasattr(ma, name):
             out[name] = int(getattr(ma, name))
     return out
@@ -568,15 +674,24 @@ def memory_stats(compiled) -> dict:
 def state_bytes_per_device(abstract, shardings) -> int:
     """Bytes one device holds of a sharded tree (the largest shard of each leaf)."""
     total = 0
-    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings,
-                                                                is_leaf=lambda x: isinstance(x, NamedSharding))):
+    for a, s in zip(
+        jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    ):
         shard = s.shard_shape(a.shape)
         total += math.prod(shard) * jnp.dtype(a.dtype).itemsize
     return total
 
 
-def memory_report(cfg: ReadConfig, config, *, mesh, lower: bool = True, accum: int | None = None,
-                  length: int | None = None, images_per_device: int = 1) -> dict:
+def memory_report(
+    cfg: ReadConfig,
+    config,
+    *,
+    mesh,
+    lower: bool = True,
+    accum: int | None = None,
+    length: int | None = None,
+    images_per_device: int = 1,
+) -> dict:
     """Per-device bytes of the frozen base, the trainables and the optimizer state, from shapes and shardings
     only, and (`lower=True`) the train step traced and lowered for the config's batch (nothing is allocated or
     executed: `nnx.eval_shape` + `jit(...).lower`). This is how the 7B recipe is checked on a CPU.
@@ -587,14 +702,20 @@ def memory_report(cfg: ReadConfig, config, *, mesh, lower: bool = True, accum: i
       images_per_device: images per device per micro-batch (the global batch is this x data-parallel devices).
     """
     strategy = _plain(config.mesh.strategy)
-    setup = setup_model(cfg, mesh, strategy=strategy, trainable_dtype=config.train.get("trainable_dtype") or None)
+    setup = setup_model(
+        cfg, mesh, strategy=strategy, trainable_dtype=config.train.get("trainable_dtype") or None
+    )
     tx = make_optimizer(config.train)
     opt_sh, opt_abs = opt_state_shardings(tx, setup.trainable_abstract, setup.trainable_shardings, mesh)
     out = {
-        "devices": int(mesh.size), "mesh": dict(mesh.shape),
-        "trainable_params": setup.num_trainable, "frozen_params": setup.num_frozen,
+        "devices": int(mesh.size),
+        "mesh": dict(mesh.shape),
+        "trainable_params": setup.num_trainable,
+        "frozen_params": setup.num_frozen,
         "frozen_bytes_per_device": state_bytes_per_device(setup.frozen_abstract, setup.frozen_shardings),
-        "trainable_bytes_per_device": state_bytes_per_device(setup.trainable_abstract, setup.trainable_shardings),
+        "trainable_bytes_per_device": state_bytes_per_device(
+            setup.trainable_abstract, setup.trainable_shardings
+        ),
         "optimizer_bytes_per_device": state_bytes_per_device(opt_abs, opt_sh),
         "lowered": False,
     }
@@ -602,23 +723,39 @@ def memory_report(cfg: ReadConfig, config, *, mesh, lower: bool = True, accum: i
         dc = data_config_from(config.data, cfg)
         n_data = mesh.shape["data"] * mesh.shape["fsdp"]
         dc = dataclasses.replace(dc, batch_size=images_per_device * n_data)
-        spec = batch_spec(dc, cfg.sam, int(length or max(dc.length_buckets)), int(accum or config.train.grad_accum))
+        spec = batch_spec(
+            dc, cfg.sam, int(length or max(dc.length_buckets)), int(accum or config.train.grad_accum)
+        )
         bsh = micro_batch_shardings(spec, mesh)
-        sc = StepConfig(canvas_hw=(dc.max_mask_side, dc.max_mask_side), weights=loss_weights_from(config.train),
-                        ce_max_tokens=int(config.train.ce_max_tokens), dropout=bool(config.train.lora_dropout))
+        sc = StepConfig(
+            canvas_hw=(dc.max_mask_side, dc.max_mask_side),
+            weights=loss_weights_from(config.train),
+            ce_max_tokens=int(config.train.ce_max_tokens),
+            dropout=bool(config.train.lora_dropout),
+        )
         jitted = jit_train_step(setup, tx, sc, opt_sh, bsh)
         rep = NamedSharding(mesh, P())
-        args = (_with_sharding(setup.trainable_abstract, setup.trainable_shardings),
-                _with_sharding(setup.frozen_abstract, setup.frozen_shardings), _with_sharding(opt_abs, opt_sh),
-                {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bsh[n]) for n, x in spec.items()},
-                jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+        args = (
+            _with_sharding(setup.trainable_abstract, setup.trainable_shardings),
+            _with_sharding(setup.frozen_abstract, setup.frozen_shardings),
+            _with_sharding(opt_abs, opt_sh),
+            {n: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bsh[n]) for n, x in spec.items()},
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+            jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+        )
         t0 = time.perf_counter()
         with shd.use_mesh(mesh):
             jitted.lower(*args)  # trace + lower only: shapes, shardings and the HLO, nothing compiled or run
-        out.update(lowered=True, lower_s=time.perf_counter() - t0, batch_images=dc.batch_size,
-                   accum=spec["input_ids"].shape[0], text_length=spec["input_ids"].shape[-1])
-    out["params_plus_optimizer_bytes_per_device"] = (out["frozen_bytes_per_device"] + out["trainable_bytes_per_device"]
-                                                     + out["optimizer_bytes_per_device"])
+        out.update(
+            lowered=True,
+            lower_s=time.perf_counter() - t0,
+            batch_images=dc.batch_size,
+            accum=spec["input_ids"].shape[0],
+            text_length=spec["input_ids"].shape[-1],
+        )
+    out["params_plus_optimizer_bytes_per_device"] = (
+        out["frozen_bytes_per_device"] + out["trainable_bytes_per_device"] + out["optimizer_bytes_per_device"]
+    )
     return out
 
 
@@ -678,9 +815,14 @@ def build_train_iter(config, cfg: ReadConfig, *, shard_options=None):
     rates = parse_rates(str(d.rates))
     names = tuple(rates) if isinstance(rates, Mapping) else tuple(M.RATE_PRESETS[rates])
     fp = float(d.get("reason_seg_false_premise", -1.0))
-    sources = M.build_reference_sources(d.root, names, max_convs=dc.max_convs, seed=dc.seed,
-                                        reason_seg_dir=_root_path(d.reason_seg_dir, d.root) or None,
-                                        reason_seg_false_premise=None if fp < 0 else fp)
+    sources = M.build_reference_sources(
+        d.root,
+        names,
+        max_convs=dc.max_convs,
+        seed=dc.seed,
+        reason_seg_dir=_root_path(d.reason_seg_dir, d.root) or None,
+        reason_seg_false_premise=None if fp < 0 else fp,
+    )
     mixture = M.Mixture(sources, rates, seed=dc.seed)
     ds = Pl.train_dataset(mixture, dc, cfg.sam, d.tokenizer, shard_options=shard_options)
     return iter(ds), dc
@@ -705,8 +847,9 @@ def build_eval_iter(config, cfg: ReadConfig, split: str | None = None, *, shard_
     from read_jax.data import pipeline as Pl
 
     reader = build_eval_reader(config, split)
-    dc = dataclasses.replace(data_config_from(config.data, cfg), batch_size=int(config.eval.batch_size),
-                             max_convs=1)
+    dc = dataclasses.replace(
+        data_config_from(config.data, cfg), batch_size=int(config.eval.batch_size), max_convs=1
+    )
     return iter(Pl.eval_dataset(reader, dc, cfg.sam, config.data.tokenizer, shard_options=shard_options)), dc
 
 
@@ -766,7 +909,9 @@ def put_batch(dev: dict, mesh) -> dict:
 # =====================================================================================================
 # Validation: the teacher-forced ReasonSeg protocol of `read_jax.evaluation` (read_reference.md §8.1-8.2)
 # =====================================================================================================
-def validate(model, config, cfg: ReadConfig, mesh, *, split: str | None = None, progress: bool = False) -> dict:
+def validate(
+    model, config, cfg: ReadConfig, mesh, *, split: str | None = None, progress: bool = False
+) -> dict:
     """gIoU / cIoU of `model` on `config.eval.split` (ReasonSeg layout), as `evaluate.py` computes them.
 
     `config.eval.max_batches` (> 0) evaluates only the first batches (a quick look during training).
@@ -798,8 +943,15 @@ class RunCheckpoints:
     is never saved: it is rebuilt from `meta['base']` (a converted checkpoint path, or the scratch-init seed).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, async_save: bool = True,
-                 best_metric: str = "cIoU", best_mode: str = "max"):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        keep: int = 2,
+        async_save: bool = True,
+        best_metric: str = "cIoU",
+        best_mode: str = "max",
+    ):
         import orbax.checkpoint as ocp
 
         self.workdir = Path(workdir)
@@ -807,11 +959,14 @@ class RunCheckpoints:
         opts = {"enable_async_checkpointing": async_save, "create": True}
         self.latest = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **opts),
+        )
         self.best = ocp.CheckpointManager(
             (self.workdir / "best").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[best_metric],
-                                                 best_mode=best_mode, **opts))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode, **opts
+            ),
+        )
 
     @staticmethod
     def _args(trainable, opt_state, data_iter, meta):
@@ -831,8 +986,11 @@ class RunCheckpoints:
     def save_best(self, step: int, trainable, meta: dict, metrics: dict) -> bool:
         """Save the trainables if `metrics[best_metric]` beats the kept one; returns whether it was saved."""
         m = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        return bool(self.best.save(step, args=self._args(trainable, None, None, {**meta, "step": step,
-                                                                                 "metrics": m}), metrics=m))
+        return bool(
+            self.best.save(
+                step, args=self._args(trainable, None, None, {**meta, "step": step, "metrics": m}), metrics=m
+            )
+        )
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -871,11 +1029,17 @@ def base_reference(config, cfg: ReadConfig) -> dict:
         return {"kind": "converted", "path": str(Path(path).absolute()), "manifest_sha256": digest}
     # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or where
     # gradients stop.
-    arch = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("sasp", "max_segs", "freeze_vision_towers")}
+    arch = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("sasp", "max_segs", "freeze_vision_towers")
+    }
     arch = json.dumps(arch, sort_keys=True, default=str)
-    return {"kind": "scratch", "seed": int(config.init.seed),
-            "config_sha256": hashlib.sha256(arch.encode()).hexdigest()}
+    return {
+        "kind": "scratch",
+        "seed": int(config.init.seed),
+        "config_sha256": hashlib.sha256(arch.encode()).hexdigest(),
+    }
 
 
 def _abstract_target(abstract, shardings):
@@ -906,8 +1070,13 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
     cfg = read_config_from(config.model)
     mesh = mesh or shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
     strategy = _plain(config.mesh.strategy)
-    setup = setup_model(cfg, mesh, strategy=strategy, seed=int(config.init.seed),
-                        trainable_dtype=config.train.get("trainable_dtype") or None)
+    setup = setup_model(
+        cfg,
+        mesh,
+        strategy=strategy,
+        seed=int(config.init.seed),
+        trainable_dtype=config.train.get("trainable_dtype") or None,
+    )
     if which not in ("best", "latest", "init"):
         raise ValueError(f"which must be 'best', 'latest' or 'init', got {which!r}")
     base = base_reference(config, cfg)
@@ -925,8 +1094,10 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
     finally:
         ck.close()
     if meta.get("base") is not None and meta["base"] != base:
-        raise ConfigError(f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: "
-                          f"evaluate with the run's own config (init.checkpoint / init.seed / model)")
+        raise ConfigError(
+            f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: "
+            f"evaluate with the run's own config (init.checkpoint / init.seed / model)"
+        )
     _, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
     tr = _load_into(setup.trainable_abstract, pure, setup.trainable_shardings)
     return nnx.merge(setup.graphdef, tr, fr), cfg, meta
@@ -954,8 +1125,12 @@ class MetricWriter:
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), "split": split, "time": time.time(),
-               **{k: float(v) for k, v in metrics.items()}}
+        row = {
+            "step": int(step),
+            "split": split,
+            "time": time.time(),
+            **{k: float(v) for k, v in metrics.items()},
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -975,14 +1150,18 @@ def _validate(config, cfg: ReadConfig, dc, mesh, accum: int) -> None:
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
     global_b = dc.batch_size * jax.process_count()
     if global_b % n_data:
-        raise ConfigError(f"global batch of {global_b} images is not divisible by the {n_data} data-parallel "
-                          f"devices (data.batch_size x hosts must be a multiple of mesh data x fsdp)")
+        raise ConfigError(
+            f"global batch of {global_b} images is not divisible by the {n_data} data-parallel "
+            f"devices (data.batch_size x hosts must be a multiple of mesh data x fsdp)"
+        )
     if accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
     longest = max(dc.length_buckets) + cfg.clip.num_patches - 1
     if longest > cfg.llama.max_position_embeddings:
-        raise ConfigError(f"the largest length bucket {max(dc.length_buckets)} + {cfg.clip.num_patches - 1} image "
-                          f"tokens exceeds max_position_embeddings={cfg.llama.max_position_embeddings}")
+        raise ConfigError(
+            f"the largest length bucket {max(dc.length_buckets)} + {cfg.clip.num_patches - 1} image "
+            f"tokens exceeds max_position_embeddings={cfg.llama.max_position_embeddings}"
+        )
     if dc.max_mask_side < 1:
         raise ConfigError("data.max_mask_side must be >= 1")
 
@@ -1016,20 +1195,38 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     canvas = (dc.max_mask_side, dc.max_mask_side)
 
     # ---- model -----------------------------------------------------------------------------------------------
-    setup = setup_model(cfg, mesh, strategy=strategy, seed=int(config.init.seed),
-                        trainable_dtype=tc.get("trainable_dtype") or None)
-    log.info("model: %s trainable / %s frozen parameters; trainable regex matches %s", f"{setup.num_trainable:,}",
-             f"{setup.num_frozen:,}", setup.regex_counts)
+    setup = setup_model(
+        cfg,
+        mesh,
+        strategy=strategy,
+        seed=int(config.init.seed),
+        trainable_dtype=tc.get("trainable_dtype") or None,
+    )
+    log.info(
+        "model: %s trainable / %s frozen parameters; trainable regex matches %s",
+        f"{setup.num_trainable:,}",
+        f"{setup.num_frozen:,}",
+        setup.regex_counts,
+    )
     total_steps = total_steps_of(tc)
     tx = make_optimizer(tc)
     schedule = schedule_of(tc, total_steps)
     opt_sh, opt_abs = opt_state_shardings(tx, setup.trainable_abstract, setup.trainable_shardings, mesh)
 
     # ---- step ------------------------------------------------------------------------------------------------
-    sc = StepConfig(canvas_hw=canvas, weights=loss_weights_from(tc), ce_max_tokens=int(tc.ce_max_tokens),
-                    dropout=bool(tc.lora_dropout), seed=int(tc.seed))
-    ckpts = RunCheckpoints(workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save),
-                           best_metric=str(config.checkpoint.best_metric))
+    sc = StepConfig(
+        canvas_hw=canvas,
+        weights=loss_weights_from(tc),
+        ce_max_tokens=int(tc.ce_max_tokens),
+        dropout=bool(tc.lora_dropout),
+        seed=int(tc.seed),
+    )
+    ckpts = RunCheckpoints(
+        workdir,
+        keep=int(config.checkpoint.keep),
+        async_save=bool(config.checkpoint.async_save),
+        best_metric=str(config.checkpoint.best_metric),
+    )
     # The data state is restored before the first batch is drawn, so restore comes first, then the batch shapes.
     base = base_reference(config, cfg)
     start = ckpts.latest_step()
@@ -1041,7 +1238,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         pure, opt_state, meta = ckpts.restore(start, target, _abstract_target(opt_abs, opt_sh), train_it)
         meta_base = meta.get("base")
         if meta_base is not None and meta_base != base:
-            raise ConfigError(f"{workdir}: the run was trained on base {meta_base}, the config now gives {base}")
+            raise ConfigError(
+                f"{workdir}: the run was trained on base {meta_base}, the config now gives {base}"
+            )
         tr = _load_into(setup.trainable_abstract, pure, setup.trainable_shardings)
         log.info("resumed %s at step %d", workdir, start)
     else:
@@ -1056,8 +1255,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 if s is None:
                     raise FileNotFoundError(f"init.trainables_from={src}: no checkpoint there")
                 target = _abstract_target(_pure(setup.trainable_abstract), _pure(setup.trainable_shardings))
-                pure, _, _ = other.restore(s, target, None, None,
-                                           manager="best" if mgr is other.best else "latest")
+                pure, _, _ = other.restore(
+                    s, target, None, None, manager="best" if mgr is other.best else "latest"
+                )
             finally:
                 other.close()
             tr = _load_into(setup.trainable_abstract, pure, setup.trainable_shardings)
@@ -1073,20 +1273,39 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     with shd.use_mesh(mesh):
         for length, spec in specs.items():
             compiled[length], stats = compile_step(
-                jitted, setup, opt_abs, opt_sh, spec, b_sh,
-                compiler_options=fast_compile_options() if tc.get("fast_compile") else None)
+                jitted,
+                setup,
+                opt_abs,
+                opt_sh,
+                spec,
+                b_sh,
+                compiler_options=fast_compile_options() if tc.get("fast_compile") else None,
+            )
             compile_stats[length] = stats
-            log.info("compiled the train step for L=%d in %.1fs; per-device memory %s", length,
-                     stats["compile_s"], {k: v for k, v in stats.items() if k.endswith("bytes")})
+            log.info(
+                "compiled the train step for L=%d in %.1fs; per-device memory %s",
+                length,
+                stats["compile_s"],
+                {k: v for k, v in stats.items() if k.endswith("bytes")},
+            )
 
     # ---- evals -----------------------------------------------------------------------------------------------
     writer = MetricWriter(workdir)
-    meta = {"base": base, "config": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
-            else None}
+    meta = {
+        "base": base,
+        "config": json.loads(config.to_json_best_effort())
+        if hasattr(config, "to_json_best_effort")
+        else None,
+    }
 
     def run_eval(step: int) -> dict:
-        res = validate(nnx.merge(setup.graphdef, tr, fr), config, cfg, mesh,
-                       progress=bool(config.get("progress", True)) and jax.process_index() == 0)
+        res = validate(
+            nnx.merge(setup.graphdef, tr, fr),
+            config,
+            cfg,
+            mesh,
+            progress=bool(config.get("progress", True)) and jax.process_index() == 0,
+        )
         writer.write(step, "val", res)
         log.info("step %d validation: %s", step, res)
         return res
@@ -1121,13 +1340,22 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 length = dev["input_ids"].shape[2]
                 spec = specs.get(length)
                 if spec is None or {k: (v.shape, v.dtype) for k, v in dev.items()} != {
-                        k: (v.shape[:1] + (v.shape[1] // jax.process_count(),) + v.shape[2:], v.dtype)
-                        for k, v in spec.items()}:
-                    raise ConfigError(f"a training batch does not match the compiled layout: "
-                                      f"{ {k: v.shape for k, v in dev.items()} }")
+                    k: (v.shape[:1] + (v.shape[1] // jax.process_count(),) + v.shape[2:], v.dtype)
+                    for k, v in spec.items()
+                }:
+                    raise ConfigError(
+                        f"a training batch does not match the compiled layout: "
+                        f"{ {k: v.shape for k, v in dev.items()} }"
+                    )
                 lr = schedule(step)
-                tr, opt_state, m = compiled[length](tr, fr, opt_state, put_batch(dev, mesh),
-                                                    jnp.asarray(step, jnp.int32), jnp.asarray(lr, jnp.float32))
+                tr, opt_state, m = compiled[length](
+                    tr,
+                    fr,
+                    opt_state,
+                    put_batch(dev, mesh),
+                    jnp.asarray(step, jnp.int32),
+                    jnp.asarray(lr, jnp.float32),
+                )
                 if pending is not None:
                     window.append(check(pending))
                 pending = (step, m, {k: host[k] for k in ("example_index", "sample_id") if k in host})
@@ -1140,12 +1368,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 if window and (step % log_every == 0 or done_epoch):
                     dt = time.perf_counter() - t_window
                     avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    avg.update(steps_per_s=len(window) / dt, examples_per_s=n_examples / dt,
-                               lr=float(schedule(step - 1)))
+                    avg.update(
+                        steps_per_s=len(window) / dt,
+                        examples_per_s=n_examples / dt,
+                        lr=float(schedule(step - 1)),
+                    )
                     writer.write(step, "train", avg)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{avg['loss']:.4f}", ce=f"{avg['ce']:.3f}", dice=f"{avg['dice']:.3f}",
-                                        sps=f"{avg['steps_per_s']:.2f}")
+                        bar.set_postfix(
+                            loss=f"{avg['loss']:.4f}",
+                            ce=f"{avg['ce']:.3f}",
+                            dice=f"{avg['dice']:.3f}",
+                            sps=f"{avg['steps_per_s']:.2f}",
+                        )
                     summary["train"] = avg
                     window, t_window, n_examples = [], time.perf_counter(), 0
                 if bar is not None:
@@ -1166,8 +1401,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         ckpts.wait()
         ckpts.close()
         writer.close()
-    summary.update(final_step=step, val=last_val, wall_s=time.perf_counter() - t_start,
-                   cpu_s=time.process_time() - cpu_start)
+    summary.update(
+        final_step=step,
+        val=last_val,
+        wall_s=time.perf_counter() - t_start,
+        cpu_s=time.process_time() - cpu_start,
+    )
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary

@@ -62,7 +62,9 @@ def tint(image: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: float
     return out
 
 
-def draw_points(image: np.ndarray, points: np.ndarray, labels: np.ndarray, radius: int | None = None) -> np.ndarray:
+def draw_points(
+    image: np.ndarray, points: np.ndarray, labels: np.ndarray, radius: int | None = None
+) -> np.ndarray:
     """uint8[H, W, 3] with positive (label 1, red) and negative (label 0, blue) points as discs."""
     pil = Image.fromarray(np.asarray(image))
     draw = ImageDraw.Draw(pil)
@@ -81,10 +83,20 @@ def panel_boxes(h: int, w: int, n: int) -> list[tuple[int, int, int, int]]:
     return [(k * (w + GAP), HEADER, k * (w + GAP) + w, HEADER + h) for k in range(n)]
 
 
-def analysis_picture(image: np.ndarray, sim_map: np.ndarray, points: np.ndarray, labels: np.ndarray,
-                     pred_mask: np.ndarray, gt: np.ndarray, *, title: str = "",
-                     pp_mask: np.ndarray | None = None, pp_points: np.ndarray | None = None,
-                     pp_labels: np.ndarray | None = None, heat_alpha: float = 0.6) -> Image.Image:
+def analysis_picture(
+    image: np.ndarray,
+    sim_map: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    pred_mask: np.ndarray,
+    gt: np.ndarray,
+    *,
+    title: str = "",
+    pp_mask: np.ndarray | None = None,
+    pp_points: np.ndarray | None = None,
+    pp_labels: np.ndarray | None = None,
+    heat_alpha: float = 0.6,
+) -> Image.Image:
     """The panels described in the module docstring, as one RGB PIL image.
 
     Args:
@@ -123,15 +135,21 @@ def analysis_picture(image: np.ndarray, sim_map: np.ndarray, points: np.ndarray,
     return canvas
 
 
-def image_from_sam_input(images_sam: np.ndarray, sam_input_hw: Sequence[int], out_hw: Sequence[int],
-                         pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> np.ndarray:
+def image_from_sam_input(
+    images_sam: np.ndarray,
+    sam_input_hw: Sequence[int],
+    out_hw: Sequence[int],
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+) -> np.ndarray:
     """Recover a uint8[H, W, 3] picture from a SAM input (denormalise, crop, bilinear to (H, W)).
 
     A fallback for pictures when the original file is not at hand (lossy when SAM's frame is smaller).
     """
     h, w = (int(v) for v in sam_input_hw)
-    x = np.asarray(images_sam, np.float32)[:h, :w] * np.asarray(pixel_std, np.float32) + np.asarray(pixel_mean,
-                                                                                                   np.float32)
+    x = np.asarray(images_sam, np.float32)[:h, :w] * np.asarray(pixel_std, np.float32) + np.asarray(
+        pixel_mean, np.float32
+    )
     pil = Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
     oh, ow = (int(v) for v in out_hw)
     return np.asarray(pil.resize((ow, oh), Image.BILINEAR))
@@ -175,8 +193,13 @@ class AnalysisPictures:
       limit: stop after this many pictures (None: all).
     """
 
-    def __init__(self, out_dir: str, sam_cfg, image_fn: Callable[[int], np.ndarray] | None = None,
-                 limit: int | None = None):
+    def __init__(
+        self,
+        out_dir: str,
+        sam_cfg,
+        image_fn: Callable[[int], np.ndarray] | None = None,
+        limit: int | None = None,
+    ):
         self.out_dir, self.sam_cfg, self.image_fn, self.limit = out_dir, sam_cfg, image_fn, limit
         self.paths: list[str] = []
         self._seen: collections.Counter = collections.Counter()
@@ -196,19 +219,32 @@ class AnalysisPictures:
                 if image.shape[:2] != (h, w):
                     image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
             else:
-                image = image_from_sam_input(np.asarray(batch["images_sam"])[b],
-                                             np.asarray(batch["sam_input_hw"])[b], (h, w),
-                                             self.sam_cfg.pixel_mean, self.sam_cfg.pixel_std)
+                image = image_from_sam_input(
+                    np.asarray(batch["images_sam"])[b],
+                    np.asarray(batch["sam_input_hw"])[b],
+                    (h, w),
+                    self.sam_cfg.pixel_mean,
+                    self.sam_cfg.pixel_std,
+                )
             scale = np.array([w / ow, h / oh], np.float32)  # points live in original pixels
             pp = {}
             if "pp_mask" in res:
-                pp = {"pp_mask": res["pp_mask"][r, :h, :w], "pp_points": res["pp_points"][r] * scale,
-                      "pp_labels": res["pp_labels"][r]}
+                pp = {
+                    "pp_mask": res["pp_mask"][r, :h, :w],
+                    "pp_points": res["pp_points"][r] * scale,
+                    "pp_labels": res["pp_labels"][r],
+                }
             iou = float(query_iou(res["inter"][r], res["union"][r]))
-            pic = analysis_picture(image, res["sim_map"][r, :h, :w].astype(np.float32), res["points"][r] * scale,
-                                   res["labels"][r], res["pred_mask"][r, :h, :w],
-                                   np.asarray(batch["masks"])[r, :h, :w],
-                                   title=f"{sample_ids[b]} IoU {100 * iou:.1f}", **pp)
+            pic = analysis_picture(
+                image,
+                res["sim_map"][r, :h, :w].astype(np.float32),
+                res["points"][r] * scale,
+                res["labels"][r],
+                res["pred_mask"][r, :h, :w],
+                np.asarray(batch["masks"])[r, :h, :w],
+                title=f"{sample_ids[b]} IoU {100 * iou:.1f}",
+                **pp,
+            )
             sid = str(sample_ids[b]) or f"row{r}"
             j = self._seen[sid]  # the query's index within its image, as in the evaluation records
             self._seen[sid] += 1

@@ -55,12 +55,18 @@ TEMPLATES = {
     "llava_v1": {
         "system": "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-        "roles": ("USER", "ASSISTANT"), "sep": " ", "sep2": "</s>"},
+        "roles": ("USER", "ASSISTANT"),
+        "sep": " ",
+        "sep2": "</s>",
+    },
     # conv_vicuna_v1 (conversation.py:252-262), the module default used by test_read.py and demo.py
     "vicuna_v1": {
         "system": "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        "roles": ("USER", "ASSISTANT"), "sep": " ", "sep2": "</s>"},
+        "roles": ("USER", "ASSISTANT"),
+        "sep": " ",
+        "sep2": "</s>",
+    },
 }
 
 
@@ -156,7 +162,7 @@ ENCODE_TEXTS = [
     "\n",
     "line one\nline two",
     "tab\tseparated",
-    "Hello, world! (yes) \"quoted\" it's 3.14; a-b/c?",
+    'Hello, world! (yes) "quoted" it\'s 3.14; a-b/c?',
     "In 2024, 12345 items cost $99.50.",
     "Le café est très bon à Paris.",
     "中文",
@@ -175,8 +181,10 @@ ENCODE_TEXTS = [
     "[SEG[SEG]]",
     "<<s>>",
     "<im_start<im_end>",
-    ("USER: <im_start><image><im_end>\nWhat is the dog in this image? Please output segmentation mask. "
-     "ASSISTANT: Sure, the segmentation result is [SEG].</s>"),
+    (
+        "USER: <im_start><image><im_end>\nWhat is the dog in this image? Please output segmentation mask. "
+        "ASSISTANT: Sure, the segmentation result is [SEG].</s>"
+    ),
 ]
 
 IMAGE_PROMPTS = [
@@ -199,15 +207,34 @@ CONVERSATIONS = [
     ("llava_v1", [(LONG_Q.format(sent="What can be used to cut the bread?"), ANSWER)], True),
     ("llava_v1", [(SHORT_Q.format(class_name="dog"), ANSWER)], True),
     ("vicuna_v1", [(LONG_Q.format(sent="Which object keeps food cold?"), ANSWER)], True),
-    ("llava_v1", [("<image>\nCan you segment the umbrella in this image?", "It is [SEG]."),
-                  ("And the person holding it?", "Sure, [SEG].")], True),
-    ("llava_v1", [("<image>\nWhat is on the left?", "The left one is [SEG] and the right one is [SEG]."),
-                  ("What color is it?", "It is red."),
-                  ("Segment the table.", "[SEG]")], True),
-    ("llava_v1", [("<image>\nIs there a bus in this image? Please output segmentation mask.",
-                   "There is no bus in this picture, but there is a car [SEG].")], True),
-    ("vicuna_v1", [("<image>\n 中文 question with café and 😀?",
-                    "  Answer with spaces [SEG] . ")], True),
+    (
+        "llava_v1",
+        [
+            ("<image>\nCan you segment the umbrella in this image?", "It is [SEG]."),
+            ("And the person holding it?", "Sure, [SEG]."),
+        ],
+        True,
+    ),
+    (
+        "llava_v1",
+        [
+            ("<image>\nWhat is on the left?", "The left one is [SEG] and the right one is [SEG]."),
+            ("What color is it?", "It is red."),
+            ("Segment the table.", "[SEG]"),
+        ],
+        True,
+    ),
+    (
+        "llava_v1",
+        [
+            (
+                "<image>\nIs there a bus in this image? Please output segmentation mask.",
+                "There is no bus in this picture, but there is a car [SEG].",
+            )
+        ],
+        True,
+    ),
+    ("vicuna_v1", [("<image>\n 中文 question with café and 😀?", "  Answer with spaces [SEG] . ")], True),
     ("llava_v1", [("What is 2 + 2?", "It is 4.")], False),
     ("llava_v1", [("Tell me two things.", "First [SEG], second."), ("Why?", "Because 12345.")], False),
 ]
@@ -236,7 +263,8 @@ def build_tokenizer(tokenizer_dir: str):
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
-        tokenizer_dir, cache_dir=None, model_max_length=2048, use_fast=False, legacy=True)
+        tokenizer_dir, cache_dir=None, model_max_length=2048, use_fast=False, legacy=True
+    )
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.add_tokens("[SEG]")
     seg_token_idx = tokenizer("[SEG]", add_special_tokens=False).input_ids[0]
@@ -253,13 +281,27 @@ def write_llava_style_dir(path: str, model_file: str):
     shutil.copy(model_file, os.path.join(path, "tokenizer.model"))
 
     def added(content):
-        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
-                "rstrip": False, "single_word": False}
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
 
     config = {
-        "add_bos_token": True, "add_eos_token": False, "bos_token": added("<s>"), "eos_token": added("</s>"),
-        "unk_token": added("<unk>"), "clean_up_tokenization_spaces": False, "legacy": False,
-        "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added("<s>"),
+        "eos_token": added("</s>"),
+        "unk_token": added("<unk>"),
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": 2048,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
         "tokenizer_class": "LlamaTokenizer",
     }
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
@@ -274,18 +316,23 @@ def make_goldens(tokenizer, seg_idx: int, im_start_idx: int) -> dict:
         "im_end_idx": tokenizer.convert_tokens_to_ids(DEFAULT_IM_END_TOKEN),
         "len": len(tokenizer),
         "vocab_size": tokenizer.vocab_size,
-        "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-        "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id,
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "unk": tokenizer.unk_token_id,
+        "pad": tokenizer.pad_token_id,
         "all_special_ids": sorted(tokenizer.all_special_ids),
     }
     out["encode"] = []
     for text in ENCODE_TEXTS:
         for add in (True, False):
-            out["encode"].append({
-                "text": text, "add_special_tokens": add,
-                "ids": tokenizer(text, add_special_tokens=add).input_ids,
-                "tokens": tokenizer.tokenize(text),
-            })
+            out["encode"].append(
+                {
+                    "text": text,
+                    "add_special_tokens": add,
+                    "ids": tokenizer(text, add_special_tokens=add).input_ids,
+                    "tokens": tokenizer.tokenize(text),
+                }
+            )
     out["image_token"] = [{"prompt": p, "ids": tokenizer_image_token(p, tokenizer)} for p in IMAGE_PROMPTS]
 
     out["decode"] = []
@@ -301,8 +348,13 @@ def make_goldens(tokenizer, seg_idx: int, im_start_idx: int) -> dict:
     ]
     for ids in id_lists:
         for skip in (False, True):
-            out["decode"].append({"ids": ids, "skip_special_tokens": skip,
-                                  "text": tokenizer.decode(ids, skip_special_tokens=skip)})
+            out["decode"].append(
+                {
+                    "ids": ids,
+                    "skip_special_tokens": skip,
+                    "text": tokenizer.decode(ids, skip_special_tokens=skip),
+                }
+            )
 
     out["conversations"] = []
     for template, rounds, image in CONVERSATIONS:
@@ -315,13 +367,27 @@ def make_goldens(tokenizer, seg_idx: int, im_start_idx: int) -> dict:
             prompt = replace_image_tokens(prompt)
         ids = tokenizer_image_token(prompt, tokenizer)
         labels = conversation_targets(prompt, ids, tokenizer, template)
-        out["conversations"].append({"template": template, "rounds": [list(r) for r in rounds],
-                                     "image": image, "prompt": prompt, "input_ids": ids, "labels": labels})
+        out["conversations"].append(
+            {
+                "template": template,
+                "rounds": [list(r) for r in rounds],
+                "image": image,
+                "prompt": prompt,
+                "input_ids": ids,
+                "labels": labels,
+            }
+        )
     out["inference_prompts"] = []
     for template, q in INFERENCE_PROMPTS:
         prompt = replace_image_tokens(get_prompt(template, [("USER", q), ("ASSISTANT", None)]))
-        out["inference_prompts"].append({"template": template, "question": q, "prompt": prompt,
-                                         "input_ids": tokenizer_image_token(prompt, tokenizer)})
+        out["inference_prompts"].append(
+            {
+                "template": template,
+                "question": q,
+                "prompt": prompt,
+                "input_ids": tokenizer_image_token(prompt, tokenizer),
+            }
+        )
     return out
 
 
@@ -360,14 +426,17 @@ def run_in_venv():
         f.write("\n")
     kinds = ("encode", "image_token", "decode", "conversations", "inference_prompts")
     n = sum(len(goldens[k]) for k in kinds)
-    print(f"wrote {path}: {n} cases (transformers {transformers.__version__}, "
-          f"sentencepiece {sentencepiece.__version__})")
+    print(
+        f"wrote {path}: {n} cases (transformers {transformers.__version__}, "
+        f"sentencepiece {sentencepiece.__version__})"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", default="/tmp/tf431-venv",
-                        help="scratch venv for transformers 4.31 (outside the repo)")
+    parser.add_argument(
+        "--venv", default="/tmp/tf431-venv", help="scratch venv for transformers 4.31 (outside the repo)"
+    )
     args = parser.parse_args()
     try:
         import transformers

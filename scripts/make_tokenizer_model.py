@@ -44,10 +44,14 @@ VOCAB_SIZE = 32000
 SEED = 1234
 
 SYSTEM_PROMPTS = [
-    ("A chat between a curious human and an artificial intelligence assistant. "
-     "The assistant gives helpful, detailed, and polite answers to the human's questions."),
-    ("A chat between a curious user and an artificial intelligence assistant. "
-     "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+    (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
+    (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
 ]
 
 REAL_SENTENCES = [
@@ -62,7 +66,7 @@ REAL_SENTENCES = [
     "Which part of the kitchen would you use to keep food cold? It is the refrigerator.",
     "I found 3 apples, 12 oranges and 2024 grains of rice.",
     "The price is $4.99 (tax included), i.e. about 5 dollars!",
-    "She said: \"Look at the bird on the roof; it's about to fly.\"",
+    'She said: "Look at the bird on the roof; it\'s about to fly."',
     "Two giraffes stand next to a tree; the taller one is eating leaves.",
     "Segment the object that people use to protect themselves from the rain.",
     "Please identify the largest animal in the photo and explain why.",
@@ -92,9 +96,42 @@ CODE_LINES = [
     "\tvalue = values[i]  # tab indented",
 ]
 
-SYLLABLE_ONSETS = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "v",
-                   "w", "y", "z", "br", "cl", "dr", "fl", "gr", "pl", "pr", "sh", "st", "th", "tr", "ch",
-                   "sp"]
+SYLLABLE_ONSETS = [
+    "",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "qu",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "y",
+    "z",
+    "br",
+    "cl",
+    "dr",
+    "fl",
+    "gr",
+    "pl",
+    "pr",
+    "sh",
+    "st",
+    "th",
+    "tr",
+    "ch",
+    "sp",
+]
 SYLLABLE_NUCLEI = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "ie", "oo", "y"]
 SYLLABLE_CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "ck", "ng", "st", "nd", "rt", "x"]
 
@@ -103,8 +140,10 @@ def _pseudo_words(rng: random.Random, n: int) -> list[str]:
     words = set()
     while len(words) < n:
         k = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
-        syllables = [rng.choice(SYLLABLE_ONSETS) + rng.choice(SYLLABLE_NUCLEI) + rng.choice(SYLLABLE_CODAS)
-                     for _ in range(k)]
+        syllables = [
+            rng.choice(SYLLABLE_ONSETS) + rng.choice(SYLLABLE_NUCLEI) + rng.choice(SYLLABLE_CODAS)
+            for _ in range(k)
+        ]
         words.add("".join(syllables))
     return sorted(words)
 
@@ -128,11 +167,11 @@ def corpus_lines(seed: int = SEED) -> list[str]:
         if rng.random() < 0.2:
             words.insert(rng.randrange(len(words)), str(rng.randint(0, 100000)))
         if rng.random() < 0.1:
-            words.insert(rng.randrange(len(words)), rng.choice(["(", "\"", "'"]) + rng.choice(lexicon))
+            words.insert(rng.randrange(len(words)), rng.choice(["(", '"', "'"]) + rng.choice(lexicon))
         lines.append(" ".join(words) + rng.choice(punct))
     # Every lexicon word at least once, so the rare tail still has merges to offer.
     for i in range(0, len(lexicon), 12):
-        lines.append(" ".join(lexicon[i:i + 12]))
+        lines.append(" ".join(lexicon[i : i + 12]))
     rng.shuffle(lines)
     return lines
 
@@ -182,8 +221,10 @@ def main():
     path = os.path.join(args.out, "tokenizer.model")
     with open(path, "wb") as f:
         f.write(blob)
-    print(f"wrote {os.path.normpath(path)}: {len(blob)} bytes, {sp.get_piece_size()} pieces, "
-          f"sha256 {hashlib.sha256(blob).hexdigest()}")
+    print(
+        f"wrote {os.path.normpath(path)}: {len(blob)} bytes, {sp.get_piece_size()} pieces, "
+        f"sha256 {hashlib.sha256(blob).hexdigest()}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,10 +28,17 @@ def _hf_clip(torch, cfg: ClipVisionConfig):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     hf_cfg = CLIPVisionConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.num_channels,
-        layer_norm_eps=cfg.layer_norm_eps, hidden_act=cfg.hidden_act, attn_implementation="eager")
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.num_channels,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act=cfg.hidden_act,
+        attn_implementation="eager",
+    )
     model = CLIPVisionModel(hf_cfg).eval()
     # HF initialises LayerNorms to (1, 0) and biases to 0; perturb everything so a swapped scale/bias,
     # a missing bias or a transposed kernel cannot hide.
@@ -103,15 +110,20 @@ def test_table_covers_hf_keys_under_the_llava_prefix():
     assert set(out) == set(target)
     np.testing.assert_array_equal(
         out["vision_tower/vision_model/encoder/layers/1/self_attn/q_proj/kernel"],
-        sd["vision_model.encoder.layers.1.self_attn.q_proj.weight"].T)
+        sd["vision_model.encoder.layers.1.self_attn.q_proj.weight"].T,
+    )
     # The table inverts (export to the HF layout): every key comes back bit-exact.
     back = export_leaves(out, clip_rules(pre, "vision_tower/"))
     assert set(back) == set(src) - {pre + "vision_model.embeddings.position_ids"}
     for k, v in back.items():
         np.testing.assert_array_equal(v, src[k])
     with pytest.raises(ConversionError, match="visual_projection"):
-        convert({**src, "visual_projection.weight": np.zeros((4, 4))}, clip_rules(pre, "vision_tower/"),
-                target, ignore=clip_ignore(pre))
+        convert(
+            {**src, "visual_projection.weight": np.zeros((4, 4))},
+            clip_rules(pre, "vision_tower/"),
+            target,
+            ignore=clip_ignore(pre),
+        )
 
 
 def test_bad_pixel_layout_is_rejected():
@@ -120,5 +132,6 @@ def test_bad_pixel_layout_is_rejected():
     model = nnx.eval_shape(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="NHWC"):
         model(jnp.zeros((1, 3, cfg.image_size, cfg.image_size)))  # NCHW by mistake
+
 
 # The full-size (read_7b) CLIP + projector parameter count vs transformers is in test_llava.py.

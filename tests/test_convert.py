@@ -45,22 +45,43 @@ def read_hf_config(cfg: ReadConfig, **kw) -> dict:
     """A READ config.json as released (§10.3), with the tiny sizes."""
     c = cfg.llama
     out = {
-        "_name_or_path": "./runs/read-7b/hf", "architectures": ["READForCausalLM"], "model_type": "llava",
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "vocab_size": 32003, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+        "_name_or_path": "./runs/read-7b/hf",
+        "architectures": ["READForCausalLM"],
+        "model_type": "llava",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "vocab_size": 32003,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
         "hidden_act": "silu",
-        "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": None, "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
         # The training-machine path quirk of the releases (§10.3).
         "mm_vision_tower": "../dataset/clip-vit-large-patch14-336",
         "vision_tower": "../dataset/clip-vit-large-patch14-336",
-        "mm_hidden_size": cfg.clip.hidden_size, "mm_projector_type": "mlp2x_gelu",
+        "mm_hidden_size": cfg.clip.hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch", "mm_use_im_start_end": True, "mm_use_im_patch_token": False,
-        "image_aspect_ratio": "square", "freeze_mm_mlp_adapter": False, "tune_mm_mlp_adapter": False,
-        "out_dim": cfg.out_dim, "train_mask_decoder": True, "use_cache": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.31.0", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": True,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "square",
+        "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False,
+        "out_dim": cfg.out_dim,
+        "train_mask_decoder": True,
+        "use_cache": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.31.0",
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     out.update(kw)
     return out
@@ -70,11 +91,19 @@ def write_tokenizer(d: Path, added: dict | None = ADDED) -> None:
     if not (TOKENIZER_ASSETS / "tokenizer.model").is_file():
         pytest.skip("tests/assets/tokenizer/tokenizer.model not there yet")
     shutil.copyfile(TOKENIZER_ASSETS / "tokenizer.model", d / "tokenizer.model")
-    (d / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": True, "model_max_length": 2048,
-        "padding_side": "right"}))
+    (d / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"})
+    )
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "legacy": True,
+                "model_max_length": 2048,
+                "padding_side": "right",
+            }
+        )
+    )
     if added is not None:
         (d / "added_tokens.json").write_text(json.dumps(added))
 
@@ -82,7 +111,7 @@ def write_tokenizer(d: Path, added: dict | None = ADDED) -> None:
 def save_shards(torch, sd: dict, d: Path, n: int, fmt: str, dtype) -> None:
     """HF `save_pretrained` sharding: `pytorch_model-0000k-of-0000n.bin` or `model-...safetensors` + index."""
     keys = list(sd)
-    chunks = [keys[i * len(keys) // n:(i + 1) * len(keys) // n] for i in range(n)]
+    chunks = [keys[i * len(keys) // n : (i + 1) * len(keys) // n] for i in range(n)]
     wm, total = {}, 0
     for i, ks in enumerate(chunks):
         shard = {k: sd[k].detach().to(dtype).contiguous().clone() for k in ks}
@@ -162,8 +191,10 @@ def dirs(ref, tmp_path_factory):
     write_tokenizer(d["bin"])
     h = CFG.llama.head_dim
     inv_freq = 1.0 / CFG.llama.rope_theta ** (torch.arange(0, h, 2).float() / h)
-    rope = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq
-            for i in range(CFG.llama.num_hidden_layers)}
+    rope = {
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq
+        for i in range(CFG.llama.num_hidden_layers)
+    }
     save_shards(torch, {**sd, **rope}, d["bin"], 3, "bin", torch.float32)
     # bf16 safetensors shards (the dtype of the releases).
     d["st"] = root / "read_st"
@@ -192,9 +223,16 @@ def _forward(m, ids, pix, feats, h, img, pts, lab, text):
     pe = m.visual_model.prompt_encoder
     sparse, dense = pe(pts, lab, text)
     masks, iou = m.visual_model.mask_decoder(emb, pe.get_dense_pe(), sparse, dense, False)
-    return {"logits": out.logits, "hidden": out.hidden_states, "clip": m.llava.vision_tower(pix),
-            "proj": m.llava.mm_projector(feats), "fcs": m.text_hidden_fcs(h), "sam_embed": emb,
-            "masks": masks, "iou": iou}
+    return {
+        "logits": out.logits,
+        "hidden": out.hidden_states,
+        "clip": m.llava.vision_tower(pix),
+        "proj": m.llava.mm_projector(feats),
+        "fcs": m.text_hidden_fcs(h),
+        "sam_embed": emb,
+        "masks": masks,
+        "iou": iou,
+    }
 
 
 def test_convert_bin_shards_match_torch_forward(ref, model):
@@ -217,16 +255,32 @@ def test_convert_bin_shards_match_torch_forward(ref, model):
     feats = ref.clip(pix, output_hidden_states=True).hidden_states[CFG.clip.select_layer][:, 1:]
     emb = vm["image_encoder"](img)
     sparse, dense = vm["prompt_encoder"](points=(pts, lab), boxes=None, masks=None)
-    masks, iou = vm["mask_decoder"](emb, vm["prompt_encoder"].get_dense_pe(), torch.cat([sparse, text], 1),
-                                    dense, multimask_output=False)
-    want = {"logits": llm.logits, "hidden": llm.hidden_states[-1], "clip": feats,
-            "proj": ref.mm_projector(feats), "fcs": ref.text_hidden_fcs[0](h),
-            "sam_embed": emb.permute(0, 2, 3, 1), "masks": masks, "iou": iou}
+    masks, iou = vm["mask_decoder"](
+        emb, vm["prompt_encoder"].get_dense_pe(), torch.cat([sparse, text], 1), dense, multimask_output=False
+    )
+    want = {
+        "logits": llm.logits,
+        "hidden": llm.hidden_states[-1],
+        "clip": feats,
+        "proj": ref.mm_projector(feats),
+        "fcs": ref.text_hidden_fcs[0](h),
+        "sam_embed": emb.permute(0, 2, 3, 1),
+        "masks": masks,
+        "iou": iou,
+    }
 
     nhwc = lambda x: jnp.asarray(to_np(x).transpose(0, 2, 3, 1))
-    got = _forward(model, jnp.asarray(ids.numpy()), nhwc(pix), jnp.asarray(to_np(feats)),
-                   jnp.asarray(to_np(h)), nhwc(img), jnp.asarray(to_np(pts)),
-                   jnp.asarray(lab.numpy().astype(np.int32)), jnp.asarray(to_np(text)))
+    got = _forward(
+        model,
+        jnp.asarray(ids.numpy()),
+        nhwc(pix),
+        jnp.asarray(to_np(feats)),
+        jnp.asarray(to_np(h)),
+        nhwc(img),
+        jnp.asarray(to_np(pts)),
+        jnp.asarray(lab.numpy().astype(np.int32)),
+        jnp.asarray(to_np(text)),
+    )
     for k, v in want.items():
         assert np.abs(to_np(v)).max() > 0.1, k  # not a comparison of near-zero numbers
         np.testing.assert_allclose(np.asarray(got[k]), to_np(v), atol=ATOL, rtol=RTOL, err_msg=k)
@@ -240,12 +294,17 @@ def test_convert_loader_restores_sharded_and_records_the_run(dirs, model):
     out = dirs["out"]
     assert ck.load_config(out) == CFG.with_dtype("float32")
     assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [
-        "added_tokens.json", "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     info = json.loads((out / "conversion.json").read_text())
     assert info["family"] == "read" and info["uninitialized"] == [] and info["lora_merged"] == []
     # Nothing but the RoPE buffers is dropped from a released checkpoint.
-    assert info["ignored_keys"] == [f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
-                                    for i in range(CFG.llama.num_hidden_layers)]
+    assert info["ignored_keys"] == [
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(CFG.llama.num_hidden_layers)
+    ]
     manifest = ck.read_manifest(out)
     state = nnx.state(model, nnx.Not(nnx.RngState))
     assert set(manifest["leaves"]) == {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
@@ -301,8 +360,20 @@ def test_convert_unmerged_peft_checkpoint(ref, dirs, tmp_path):
     write_tokenizer(src)
     torch.save({k: v.contiguous().clone() for k, v in peft.items()}, src / "pytorch_model.bin")
     out = tmp_path / "peft_out"
-    convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--out", str(out), "--dtype", "fp32",
-             "--lora-alpha", str(alpha)])
+    convert(
+        [
+            "--hf",
+            str(src),
+            "--clip",
+            str(dirs["clip"]),
+            "--out",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--lora-alpha",
+            str(alpha),
+        ]
+    )
     got, want = leaves_of(out), leaves_of(dirs["out"])
     assert set(got) == set(want)
     for k in want:
@@ -316,8 +387,11 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
     """From-scratch init: LLaVA-1.5 base (vocab 32000, no fcs/SAM, tokenizer without [SEG]) + Meta's .pth."""
     import torch
 
-    sd = {k: v for k, v in released_state_dict(ref).items() if not k.startswith(("model.visual_model.",
-                                                                                 "model.text_hidden_fcs."))}
+    sd = {
+        k: v
+        for k, v in released_state_dict(ref).items()
+        if not k.startswith(("model.visual_model.", "model.text_hidden_fcs."))
+    }
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         sd[k] = sd[k][:32000]
     src = tmp_path / "llava"
@@ -334,8 +408,21 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
     with pytest.raises(ConfigError, match="vocab_size 32000.*--resize-vocab"):
         convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--sam", str(pth), "--out", str(out)])
     assert no_output_left(out)
-    convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--sam", str(pth), "--out", str(out),
-             "--dtype", "fp32", "--resize-vocab"])
+    convert(
+        [
+            "--hf",
+            str(src),
+            "--clip",
+            str(dirs["clip"]),
+            "--sam",
+            str(pth),
+            "--out",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--resize-vocab",
+        ]
+    )
     got, want = leaves_of(out), leaves_of(dirs["out"])
     info = json.loads((out / "conversion.json").read_text())
     assert info["uninitialized"] == sorted(k for k in want if k.startswith("text_hidden_fcs/"))
@@ -369,13 +456,24 @@ def test_convert_export_round_trip(ref, dirs, tmp_path):
     assert "model.safetensors" in files and "config.json" in files and "tokenizer.model" in files
     sd = load_file(str(hf / "model.safetensors"))
     assert set(sd) == set(released_state_dict(ref))
-    llm = {k: v for k, v in sd.items()
-           if k.startswith(("model.layers.", "model.embed_tokens.", "model.norm.")) or k == "lm_head.weight"}
+    llm = {
+        k: v
+        for k, v in sd.items()
+        if k.startswith(("model.layers.", "model.embed_tokens.", "model.norm.")) or k == "lm_head.weight"
+    }
     ref.llm.load_state_dict(llm, strict=True)
-    ref.visual_model.load_state_dict({k[len("model.visual_model."):]: v for k, v in sd.items()
-                                      if k.startswith("model.visual_model.")}, strict=True)
-    ref.text_hidden_fcs.load_state_dict({k[len("model.text_hidden_fcs."):]: v for k, v in sd.items()
-                                         if k.startswith("model.text_hidden_fcs.")}, strict=True)
+    ref.visual_model.load_state_dict(
+        {k[len("model.visual_model.") :]: v for k, v in sd.items() if k.startswith("model.visual_model.")},
+        strict=True,
+    )
+    ref.text_hidden_fcs.load_state_dict(
+        {
+            k[len("model.text_hidden_fcs.") :]: v
+            for k, v in sd.items()
+            if k.startswith("model.text_hidden_fcs.")
+        },
+        strict=True,
+    )
     import transformers
 
     clip = transformers.CLIPVisionModel.from_pretrained(hf / "vision_tower")
@@ -423,11 +521,23 @@ def test_convert_export_lora_merged_and_peft(dirs, tmp_path):
     np.testing.assert_allclose(merged["model.layers.0.self_attn.q_proj.weight"], q.T, atol=1e-6)
     # The PEFT export converts back (LoRA folded in on the fly) to the model merged by read_jax.lora.
     back = tmp_path / "back"
-    convert(["--hf", str(peft_dir), "--clip", str(peft_dir / "vision_tower"), "--out", str(back),
-             "--dtype", "fp32"])
+    convert(
+        [
+            "--hf",
+            str(peft_dir),
+            "--clip",
+            str(peft_dir / "vision_tower"),
+            "--out",
+            str(back),
+            "--dtype",
+            "fp32",
+        ]
+    )
     got = leaves_of(back)
-    want = {"/".join(map(str, p)): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(nnx.state(m, nnx.Not(nnx.RngState)))}
+    want = {
+        "/".join(map(str, p)): np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(m, nnx.Not(nnx.RngState)))
+    }
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
@@ -483,24 +593,32 @@ def test_convert_rejects_wrong_shape(bad, dirs):
     key = "model.layers.1.mlp.up_proj.weight"
     name = json.loads((bad / "pytorch_model.bin.index.json").read_text())["weight_map"][key]
     _rewrite_shard(bad, name, lambda sd: sd.__setitem__(key, torch.zeros(7, CFG.llama.hidden_size)))
-    _convert_fails(bad, dirs["clip"], ConversionError,
-                   re.escape(key) + r" -> llava/language_model/model/layers/1/mlp/up_proj/kernel: "
-                   r"shape \(64, 7\) != expected \(64, 128\) \(in pytorch_model-0000\d-of-00003\.bin\)")
+    _convert_fails(
+        bad,
+        dirs["clip"],
+        ConversionError,
+        re.escape(key) + r" -> llava/language_model/model/layers/1/mlp/up_proj/kernel: "
+        r"shape \(64, 7\) != expected \(64, 128\) \(in pytorch_model-0000\d-of-00003\.bin\)",
+    )
 
 
 def test_convert_rejects_unknown_key(bad, dirs):
     import torch
 
-    _rewrite_shard(bad, "pytorch_model-00001-of-00003.bin",
-                   lambda sd: sd.__setitem__("model.sasp_head.weight", torch.zeros(3)))
+    _rewrite_shard(
+        bad,
+        "pytorch_model-00001-of-00003.bin",
+        lambda sd: sd.__setitem__("model.sasp_head.weight", torch.zeros(3)),
+    )
     _convert_fails(bad, dirs["clip"], ConversionError, r"match no rule[\s\S]*model\.sasp_head\.weight")
 
 
 def test_convert_rejects_missing_key(bad, dirs):
     name = json.loads((bad / "pytorch_model.bin.index.json").read_text())["weight_map"]["model.norm.weight"]
     _rewrite_shard(bad, name, lambda sd: sd.pop("model.norm.weight"))
-    _convert_fails(bad, dirs["clip"], ConversionError,
-                   r"no source key[\s\S]*llava/language_model/model/norm/scale")
+    _convert_fails(
+        bad, dirs["clip"], ConversionError, r"no source key[\s\S]*llava/language_model/model/norm/scale"
+    )
 
 
 def test_convert_rejects_vocab_32000(bad, dirs):
@@ -509,10 +627,12 @@ def test_convert_rejects_vocab_32000(bad, dirs):
 
 
 def test_convert_rejects_seg_token_not_32000(bad, dirs):
-    (bad / "added_tokens.json").write_text(json.dumps({"<im_start>": 32000, "[SEG]": 32001,
-                                                       "<im_end>": 32002}))
-    _convert_fails(bad, dirs["clip"], ConfigError,
-                   r"added_tokens\.json: \[SEG\] has id 32001, READ needs 32000")
+    (bad / "added_tokens.json").write_text(
+        json.dumps({"<im_start>": 32000, "[SEG]": 32001, "<im_end>": 32002})
+    )
+    _convert_fails(
+        bad, dirs["clip"], ConfigError, r"added_tokens\.json: \[SEG\] has id 32001, READ needs 32000"
+    )
 
 
 def test_convert_refuses_lisa_v1_layout(bad, dirs):
@@ -533,9 +653,13 @@ def test_convert_requires_clip_for_released_checkpoints(bad):
 
 def test_convert_weights_help_subprocess():
     """The script runs as a command (one subprocess; everything else calls main() in-process)."""
-    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--help"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "convert_weights.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     for flag in ("--hf", "--clip", "--sam", "--dtype", "--resize-vocab", "--export", "--merge-lora"):
         assert flag in r.stdout
-

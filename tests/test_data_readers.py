@@ -439,8 +439,9 @@ def test_reason_seg_false_premise_share_from_the_mixture(reason_root):
     from read_jax.data import mixture as M
 
     def reader(share):
-        return M.build_reference_sources("unused", ("reason_seg",), reason_seg_dir=reason_root,
-                                         reason_seg_false_premise=share)["reason_seg"]
+        return M.build_reference_sources(
+            "unused", ("reason_seg",), reason_seg_dir=reason_root, reason_seg_false_premise=share
+        )["reason_seg"]
 
     assert reader(None).mode_weights == R.REASON_SEG_MODE_WEIGHTS
     never, always = reader(0.0), reader(1.0)

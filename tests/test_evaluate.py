@@ -99,8 +99,11 @@ def reader(shapes):
 
 @pytest.fixture(scope="module")
 def batches(reader, cfg):
-    return list(P.eval_dataset(reader, data_config(), cfg.sam, TOKENIZER,
-                               shard_options=grain.sharding.ShardOptions(0, 1)))
+    return list(
+        P.eval_dataset(
+            reader, data_config(), cfg.sam, TOKENIZER, shard_options=grain.sharding.ShardOptions(0, 1)
+        )
+    )
 
 
 class CapturingPictures(V.AnalysisPictures):
@@ -115,10 +118,16 @@ class CapturingPictures(V.AnalysisPictures):
         super().__call__(batch, res, rows)
         for k, r in enumerate(rows[: len(self.paths) - n0]):
             h, w = batch["mask_hw"][r]
-            self.seen.append({"path": self.paths[n0 + k], "pred": res["pred_mask"][r, :h, :w].copy(),
-                                  "gt": np.asarray(batch["masks"][r, :h, :w]).copy(), "points": res["points"][r].copy(),
-                                  "labels": res["labels"][r].copy(), "example_index": int(batch["example_index"][
-                                      batch["conv_image"][r]])})
+            self.seen.append(
+                {
+                    "path": self.paths[n0 + k],
+                    "pred": res["pred_mask"][r, :h, :w].copy(),
+                    "gt": np.asarray(batch["masks"][r, :h, :w]).copy(),
+                    "points": res["points"][r].copy(),
+                    "labels": res["labels"][r].copy(),
+                    "example_index": int(batch["example_index"][batch["conv_image"][r]]),
+                }
+            )
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +139,15 @@ def single(model, cfg, batches, reader, tokenizer, tmp_path_factory):
     pics = CapturingPictures(str(out / "pictures"), cfg.sam, V.reader_image_fn(reader))
     before = E.compile_counts()
     summary, records = E.evaluate_reasonseg(
-        model, batches, threshold_search=True, points_prompt=E.points_prompt_config(cfg.sasp), tokenizer=tokenizer,
-        meta_fn=evaluate.reason_seg_meta_with_kind(reader), on_maps=pics, progress=False)
+        model,
+        batches,
+        threshold_search=True,
+        points_prompt=E.points_prompt_config(cfg.sasp),
+        tokenizer=tokenizer,
+        meta_fn=evaluate.reason_seg_meta_with_kind(reader),
+        on_maps=pics,
+        progress=False,
+    )
     after = E.compile_counts()
     _, jsonl = E.write_results(str(out), summary, records)
     return summary, records, jsonl, pics, {k: after[k] - before[k] for k in after}
@@ -178,7 +194,9 @@ def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(sin
     assert set(by_kind) == set(drawn.values())
     for k, m in by_kind.items():
         sub = [r for r in recs if drawn[r["id"]] == k]
-        assert m["num_queries"] == len(sub) and (m["gIoU"], m["cIoU"]) == pytest.approx(figures(sub), rel=1e-12)
+        assert m["num_queries"] == len(sub) and (m["gIoU"], m["cIoU"]) == pytest.approx(
+            figures(sub), rel=1e-12
+        )
     for r in recs:
         assert r["iou"] == pytest.approx(r["intersection"] / (r["union"] + 1e-5) + (r["union"] == 0))
         assert r["query"].endswith("Please output segmentation mask.") and r["seg_emitted"]
@@ -197,6 +215,7 @@ def test_evaluate_per_query_iou_matches_model_call(model, cfg, batches, single):
     """Independent of the two-stage split: `ReadModel.__call__`'s first-slot mask, scored in numpy."""
     _, records, _, _, _ = single
     batch = batches[0]
+
     @nnx.jit
     def fwd(m, b):
         out, _ = m(b, canvas_hw=CANVAS)
@@ -233,8 +252,15 @@ def test_evaluate_cli_data_parallel_8_devices_equals_single_device(model, cfg, s
     save_for_inference(model, ckpt, TOKENIZER)
     summary1, records1, _, _, _ = single
     out = tmp_path / "eval"
-    summary8 = evaluate.run(_config(shapes), ckpt, "reasonseg_val", out=str(out), threshold_search=True,
-                            analysis=str(tmp_path / "pics"), progress=False)
+    summary8 = evaluate.run(
+        _config(shapes),
+        ckpt,
+        "reasonseg_val",
+        out=str(out),
+        threshold_search=True,
+        analysis=str(tmp_path / "pics"),
+        progress=False,
+    )
     assert summary8["devices"] == 8
     with open(out / "samples.jsonl") as f:
         records8 = [json.loads(line) for line in f]
@@ -248,8 +274,17 @@ def test_evaluate_cli_data_parallel_8_devices_equals_single_device(model, cfg, s
 
 def _config(shapes):
     c = ml_collections.ConfigDict()
-    c.data = {"root": shapes, "reason_seg_dir": "{root}", "tokenizer": TOKENIZER, "batch_size": BATCH, "max_convs": 1,
-                  "length_buckets": (LENGTH,), "clip_size": 336, "max_mask_side": CANVAS[0], "seed": 0}
+    c.data = {
+        "root": shapes,
+        "reason_seg_dir": "{root}",
+        "tokenizer": TOKENIZER,
+        "batch_size": BATCH,
+        "max_convs": 1,
+        "length_buckets": (LENGTH,),
+        "clip_size": 336,
+        "max_mask_side": CANVAS[0],
+        "seed": 0,
+    }
     c.eval = {"batch_size": BATCH}
     c.mesh = {"data": -1, "fsdp": 1}
     return c
@@ -259,15 +294,23 @@ def test_sweep_prints_table8_shape(model, shapes, single, capsys, tmp_path):
     import evaluate
 
     summary1 = single[0]
-    results = evaluate.run(_config(shapes), "unused", "reasonseg_val", out=str(tmp_path), sweep=True, model=model,
-                           tokenizer_dir=TOKENIZER, progress=False)
+    results = evaluate.run(
+        _config(shapes),
+        "unused",
+        "reasonseg_val",
+        out=str(tmp_path),
+        sweep=True,
+        model=model,
+        tokenizer_dir=TOKENIZER,
+        progress=False,
+    )
     assert set(results) == {(tp, tn, n) for tp, tn in E.TABLE8_THRESHOLDS for n in E.TABLE8_NUM_POINTS}
     # The model's own setting (0.8/0.2, 30 points) through the traced-threshold path == the protocol.
     own = results[(0.8, 0.2, 30)]
     assert (own["gIoU"], own["cIoU"], own["num_queries"]) == (summary1["gIoU"], summary1["cIoU"], NUM_VAL)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
     i = next(k for k, ln in enumerate(lines) if ln.startswith("Table 8"))
-    head, sub, rows = lines[i + 1], lines[i + 2], lines[i + 3:i + 6]
+    head, sub, rows = lines[i + 1], lines[i + 2], lines[i + 3 : i + 6]
     assert [s for s in head.split() if s.startswith("|P|=")] == ["|P|=10", "|P|=30", "|P|=60"]
     assert sub.split() == ["gIoU", "cIoU"] * 3
     for (tp, tn), row in zip(E.TABLE8_THRESHOLDS, rows):
@@ -282,8 +325,13 @@ def test_sweep_prints_table8_shape(model, shapes, single, capsys, tmp_path):
 
 
 def test_evaluate_help_names_the_modes():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--help"], capture_output=True,
-                         text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0
     for flag in ("--threshold-search", "--analysis", "--sweep", "--split", "--checkpoint", "--out"):
         assert flag in out.stdout
@@ -328,8 +376,9 @@ def test_analysis_picture_on_hand_made_inputs():
     gt = np.zeros((h, w), np.uint8)
     gt[0:4, 0:4] = 1
     gt[20:25, 30:35] = 255
-    pic = np.asarray(V.analysis_picture(image, sim, np.array([[35.0, 25.0], [2.0, 2.0]]), np.array([1, 0]), pred,
-                                        gt))
+    pic = np.asarray(
+        V.analysis_picture(image, sim, np.array([[35.0, 25.0], [2.0, 2.0]]), np.array([1, 0]), pred, gt)
+    )
     assert pic.shape == (V.HEADER + h, 5 * w + 4 * V.GAP, 3)
     panels = [pic[t:b, l:r] for l, t, r, b in V.panel_boxes(h, w, 5)]
     np.testing.assert_array_equal(panels[0], image)
@@ -389,9 +438,19 @@ def fp_root(tmp_path_factory):
         m[r0:r1, c0:c1] = 1
         anns.append({"id": 100 + iid, "image_id": iid, "category_id": 1, "segmentation": _rle(m)})
         true_s, false_s = FP_SENTENCES[iid]
-        refs.append({"ref_id": iid, "ann_id": 100 + iid, "image_id": iid, "category_id": 1, "split": "val",
-                     "sentences": [{"sent": true_s, "sent_id": 0, "is_false_premise": False},
-                                   {"sent": false_s, "sent_id": 1, "is_false_premise": True, "gt_sent": true_s}]})
+        refs.append(
+            {
+                "ref_id": iid,
+                "ann_id": 100 + iid,
+                "image_id": iid,
+                "category_id": 1,
+                "split": "val",
+                "sentences": [
+                    {"sent": true_s, "sent_id": 0, "is_false_premise": False},
+                    {"sent": false_s, "sent_id": 1, "is_false_premise": True, "gt_sent": true_s},
+                ],
+            }
+        )
     with open(root / "fprefcoco" / "refs(berkeley_exclude_unified).p", "wb") as f:
         pickle.dump(refs, f)
     instances = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
@@ -399,7 +458,10 @@ def fp_root(tmp_path_factory):
         json.dump(instances, f)
     # The same refs as RefCOCO (every sentence names the box), for the teacher-forced refer protocol.
     (root / "refcoco").mkdir()
-    plain = [{**r, "sentences": [{"sent": s["sent"], "sent_id": s["sent_id"]} for s in r["sentences"]]} for r in refs]
+    plain = [
+        {**r, "sentences": [{"sent": s["sent"], "sent_id": s["sent_id"]} for s in r["sentences"]]}
+        for r in refs
+    ]
     with open(root / "refcoco" / "refs(unc_exclude_unified).p", "wb") as f:
         pickle.dump(plain, f)
     with open(root / "refcoco" / "instances.json", "w") as f:
@@ -409,8 +471,15 @@ def fp_root(tmp_path_factory):
 
 def _fp_batches(fp_root, cfg):
     rd = R.ReferReader(fp_root, "fprefcoco", "val", mode="eval", eval_answer=False)
-    return list(P.eval_dataset(rd, data_config(template="vicuna_v1"), cfg.sam, TOKENIZER,
-                               shard_options=grain.sharding.ShardOptions(0, 1)))
+    return list(
+        P.eval_dataset(
+            rd,
+            data_config(template="vicuna_v1"),
+            cfg.sam,
+            TOKENIZER,
+            shard_options=grain.sharding.ShardOptions(0, 1),
+        )
+    )
 
 
 def _all_positive_masks(model):
@@ -440,12 +509,13 @@ def test_fprefcoco_see_and_segment_hand_checked(model, cfg, tokenizer, fp_root):
                 continue
             q = E.query_text(tokenizer, batch["input_ids"][i])
             ans = seg_answer if any(s in q for s in FP_SEG_FOR) else no_answer
-            tokens[i, :len(ans)] = ans
+            tokens[i, : len(ans)] = ans
             lengths[i] = len(ans)
         return tokens, lengths
 
-    summary, records = E.evaluate_fprefcoco(_all_positive_masks(model), batches, tokenizer, total_len=LENGTH,
-                                            generate_fn=scripted, progress=False)
+    summary, records = E.evaluate_fprefcoco(
+        _all_positive_masks(model), batches, tokenizer, total_len=LENGTH, generate_fn=scripted, progress=False
+    )
     by = {next(s for pair in FP_SENTENCES.values() for s in pair if s in r["query"]): r for r in records}
     assert len(records) == 4 and set(by) == {s for pair in FP_SENTENCES.values() for s in pair}
     # Hand-checked: a [SEG] mask is the whole image (1200 px for image 1, 1000 px for image 2); GT boxes are
@@ -472,8 +542,16 @@ def test_fprefcoco_cli_greedy_generation_on_8_devices(model, fp_root, tmp_path):
     import evaluate
 
     c = _config(fp_root)
-    summary = evaluate.run(c, "unused", "fprefcoco_val", out=str(tmp_path), model=model, tokenizer_dir=TOKENIZER,
-                           max_new_tokens=3, progress=False)
+    summary = evaluate.run(
+        c,
+        "unused",
+        "fprefcoco_val",
+        out=str(tmp_path),
+        model=model,
+        tokenizer_dir=TOKENIZER,
+        max_new_tokens=3,
+        progress=False,
+    )
     with open(tmp_path / "samples.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 4 == summary["num_queries"] and summary["devices"] == 8
@@ -482,7 +560,9 @@ def test_fprefcoco_cli_greedy_generation_on_8_devices(model, fp_root, tmp_path):
         assert r["seg_emitted"] == ("[SEG]" in r["answer"])
         assert r["presence"] == (r["seg_emitted"] and r["pred_area"] > 0)
     assert summary["See"] == np.mean([r["presence"] == r["gt_presence"] for r in records])
-    assert summary["Segment"] == sum(r["intersection"] for r in records) / (sum(r["union"] for r in records) + 1e-10)
+    assert summary["Segment"] == sum(r["intersection"] for r in records) / (
+        sum(r["union"] for r in records) + 1e-10
+    )
 
 
 def test_evaluate_cli_refcoco_teacher_forced(model, fp_root, tmp_path):
@@ -490,8 +570,15 @@ def test_evaluate_cli_refcoco_teacher_forced(model, fp_root, tmp_path):
     slot), teacher-forced, scored against the ref's mask."""
     import evaluate
 
-    summary = evaluate.run(_config(fp_root), "unused", "refcoco_val", out=str(tmp_path), model=model,
-                           tokenizer_dir=TOKENIZER, progress=False)
+    summary = evaluate.run(
+        _config(fp_root),
+        "unused",
+        "refcoco_val",
+        out=str(tmp_path),
+        model=model,
+        tokenizer_dir=TOKENIZER,
+        progress=False,
+    )
     with open(tmp_path / "samples.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert sorted(r["id"] for r in records) == ["refcoco/1", "refcoco/1#1", "refcoco/2", "refcoco/2#1"]
@@ -501,14 +588,21 @@ def test_evaluate_cli_refcoco_teacher_forced(model, fp_root, tmp_path):
         assert r["seg_emitted"] and r["intersection"] <= min(area, r["pred_area"])
         assert r["union"] == area + r["pred_area"] - r["intersection"]
     assert summary["num_queries"] == 4
-    assert summary["cIoU"] == sum(r["intersection"] for r in records) / (sum(r["union"] for r in records) + 1e-10)
+    assert summary["cIoU"] == sum(r["intersection"] for r in records) / (
+        sum(r["union"] for r in records) + 1e-10
+    )
 
 
 def test_fp_summary_counts_an_empty_mask_as_absent():
     keys = ("presence", "seg_emitted", "pred_area", "gt_presence", "intersection", "union")
-    recs = [dict(zip(keys, v)) for v in ((False, True, 0, True, 0, 50),  # a [SEG] with an empty mask: absent
-                                         (True, True, 9, True, 9, 10),
-                                         (False, False, 0, False, 0, 0))]
+    recs = [
+        dict(zip(keys, v))
+        for v in (
+            (False, True, 0, True, 0, 50),  # a [SEG] with an empty mask: absent
+            (True, True, 9, True, 9, 10),
+            (False, False, 0, False, 0, 0),
+        )
+    ]
     s = E.fp_summary_from_records(recs)
     assert s["See"] == pytest.approx(2 / 3) and s["Segment"] == pytest.approx(9 / 60)
 
@@ -519,14 +613,19 @@ def test_left_pad_and_with_answers():
     lp, lm = E.left_pad(ids, mask)
     np.testing.assert_array_equal(lp, [[0, 0, 1, 5, 6], [0, 0, 0, 1, 7]])
     np.testing.assert_array_equal(lm, [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
-    full = E.with_answers({"input_ids": ids, "attention_mask": mask, "x": 3}, np.array([[9, 2, 0], [2, 0, 0]]),
-                          np.array([2, 1]), 6)
+    full = E.with_answers(
+        {"input_ids": ids, "attention_mask": mask, "x": 3},
+        np.array([[9, 2, 0], [2, 0, 0]]),
+        np.array([2, 1]),
+        6,
+    )
     np.testing.assert_array_equal(full["input_ids"], [[1, 5, 6, 9, 2, 0], [1, 7, 2, 0, 0, 0]])
     np.testing.assert_array_equal(full["attention_mask"], full["input_ids"] != 0)
     assert full["x"] == 3
     with pytest.raises(ValueError, match="total_len"):
-        E.with_answers({"input_ids": ids, "attention_mask": mask}, np.array([[9, 2, 0], [2, 0, 0]]),
-                       np.array([3, 1]), 5)
+        E.with_answers(
+            {"input_ids": ids, "attention_mask": mask}, np.array([[9, 2, 0], [2, 0, 0]]), np.array([3, 1]), 5
+        )
 
 
 # ---- input checks ------------------------------------------------------------------------------------------
@@ -555,24 +654,47 @@ def test_evaluation_stages_trace_at_read_7b_shapes():
     import dataclasses
 
     cfg = ReadConfig.read_7b(lora=None, max_segs=1).with_dtype("bfloat16")
-    cfg = cfg.replace(llama=dataclasses.replace(cfg.llama, num_hidden_layers=2),
-                      sam=dataclasses.replace(cfg.sam, encoder_depth=2, global_attn_indexes=(1,)))
+    cfg = cfg.replace(
+        llama=dataclasses.replace(cfg.llama, num_hidden_layers=2),
+        sam=dataclasses.replace(cfg.sam, encoder_depth=2, global_attn_indexes=(1,)),
+    )
     graphdef, state = nnx.split(nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0))))
     b, length, canvas = 2, 96, (640, 512)
     sds = jax.ShapeDtypeStruct
-    batch = {"images_clip": sds((b, 336, 336, 3), jnp.float32), "images_sam": sds((b, 1024, 1024, 3), jnp.float32),
-             "input_ids": sds((b, length), jnp.int32), "attention_mask": sds((b, length), bool),
-             "conv_image": sds((b,), jnp.int32), "conv_valid": sds((b,), bool), "orig_hw": sds((b, 2), jnp.int32),
-             "sam_input_hw": sds((b, 2), jnp.int32), "masks": sds((b, *canvas), jnp.uint8),
-             "mask_valid": sds((b,), bool), "mask_hw": sds((b, 2), jnp.int32)}
-    enc = jax.eval_shape(lambda s, x: E.encode(nnx.merge(graphdef, s), x), state,
-                         {k: batch[k] for k in E._ENCODE_KEYS})
-    assert {k: v.shape for k, v in enc.items()} == {"seg_hidden": (b, 4096), "seg_valid": (b,),
-                                                    "image_hidden": (b, 576, 4096), "image_emb": (b, 64, 64, 256)}
-    opts = E.DecodeOptions(canvas_hw=canvas, threshold_search=True, points_prompt=E.points_prompt_config(cfg.sasp),
-                           return_maps=True)
-    out = jax.eval_shape(lambda s, e, x: E.decode(nnx.merge(graphdef, s), e, x, opts), state, enc,
-                         {k: batch[k] for k in E._DECODE_KEYS})
+    batch = {
+        "images_clip": sds((b, 336, 336, 3), jnp.float32),
+        "images_sam": sds((b, 1024, 1024, 3), jnp.float32),
+        "input_ids": sds((b, length), jnp.int32),
+        "attention_mask": sds((b, length), bool),
+        "conv_image": sds((b,), jnp.int32),
+        "conv_valid": sds((b,), bool),
+        "orig_hw": sds((b, 2), jnp.int32),
+        "sam_input_hw": sds((b, 2), jnp.int32),
+        "masks": sds((b, *canvas), jnp.uint8),
+        "mask_valid": sds((b,), bool),
+        "mask_hw": sds((b, 2), jnp.int32),
+    }
+    enc = jax.eval_shape(
+        lambda s, x: E.encode(nnx.merge(graphdef, s), x), state, {k: batch[k] for k in E._ENCODE_KEYS}
+    )
+    assert {k: v.shape for k, v in enc.items()} == {
+        "seg_hidden": (b, 4096),
+        "seg_valid": (b,),
+        "image_hidden": (b, 576, 4096),
+        "image_emb": (b, 64, 64, 256),
+    }
+    opts = E.DecodeOptions(
+        canvas_hw=canvas,
+        threshold_search=True,
+        points_prompt=E.points_prompt_config(cfg.sasp),
+        return_maps=True,
+    )
+    out = jax.eval_shape(
+        lambda s, e, x: E.decode(nnx.merge(graphdef, s), e, x, opts),
+        state,
+        enc,
+        {k: batch[k] for k in E._DECODE_KEYS},
+    )
     assert out["inter"].shape == out["union"].shape == (b,) and out["inter"].dtype == jnp.int32
     assert out["points"].shape == out["pp_points"].shape == (b, 30, 2)
     assert out["hist_fg"].shape == (b, len(E.THRESHOLDS) + 1)

@@ -23,10 +23,14 @@ def test_threshold_search_on_hand_made_maps():
     # Map A: the three GT pixels score 0.95, 0.80, 0.70; the 255 pixel scores 0.60 (ignored either way);
     # the best background pixel scores 0.30. Every t in (0.30, 0.70] gives I = U = 3; the grid's smallest such
     # t is 0.31.
-    a = np.array([[0.95, 0.80, 0.20, 0.00],
-                  [0.70, 0.60, 0.10, 0.00],
-                  [0.30, 0.25, 0.05, 0.00],
-                  [0.00, 0.00, 0.00, 0.00]])
+    a = np.array(
+        [
+            [0.95, 0.80, 0.20, 0.00],
+            [0.70, 0.60, 0.10, 0.00],
+            [0.30, 0.25, 0.05, 0.00],
+            [0.00, 0.00, 0.00, 0.00],
+        ]
+    )
     ga = np.zeros((4, 4))
     ga[0, 0] = ga[0, 1] = ga[1, 0] = 1
     ga[1, 1] = 255
@@ -80,8 +84,11 @@ def test_threshold_similarity_map_matches_reference_origin_sm(dtype):
     canvas = (401, 320)
     sim = rng.normal(0, 3, (len(sizes), 576)).astype(np.float32)
     hw = np.array(sizes, np.int32)
-    got = np.asarray(E.similarity_map_full(jnp.asarray(sim), jnp.asarray(hw), jnp.asarray(hw), canvas,
-                                           similarity_dtype=dtype))
+    got = np.asarray(
+        E.similarity_map_full(
+            jnp.asarray(sim), jnp.asarray(hw), jnp.asarray(hw), canvas, similarity_dtype=dtype
+        )
+    )
     for k, (h, w) in enumerate(sizes):
         t = torch.tensor(sim[k]).reshape(1, 576, 1)
         if dtype == "bfloat16":

@@ -20,10 +20,19 @@ B, T, M = 3, 12, 8  # one batch shape for every decoding test: each (B, T, M) is
 
 
 def tiny_config(kv_heads: int, **kw) -> LlamaConfig:
-    base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "max_position_embeddings": 64, "dtype": "float32",
-            "param_dtype": "float32"}
+    base = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 64,
+        "dtype": "float32",
+        "param_dtype": "float32",
+    }
     return LlamaConfig(**{**base, **kw})
 
 
@@ -31,11 +40,22 @@ def hf_config(cfg: LlamaConfig):
     from transformers import LlamaConfig as HFLlamaConfig
 
     return HFLlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
@@ -74,7 +94,7 @@ def numpy_init_model(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
         if path.endswith("scale"):
             leaves[path] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
         else:  # kernels [I, O] and the [V, D] embedding
-            leaves[path] = (rng.standard_normal(v.shape) / np.sqrt(v.shape[-1 if "embedding" in path else 0]))
+            leaves[path] = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1 if "embedding" in path else 0])
             leaves[path] = leaves[path].astype(v.dtype)
     load_leaves(model, leaves)
     return model
@@ -134,8 +154,9 @@ def test_forward_parity_with_hf(pair, side):
     got = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got.logits)[valid], out.logits.numpy()[valid], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(got.hidden_states)[valid], base.last_hidden_state.numpy()[valid],
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(got.hidden_states)[valid], base.last_hidden_state.numpy()[valid], atol=ATOL, rtol=0
+    )
     assert got.logits.dtype == jnp.float32 and got.logits.shape == (B, T, cfg.vocab_size)
     assert np.abs(out.logits.numpy()[valid]).max() > 0.5  # the comparison is not between near-zero numbers
 
@@ -148,19 +169,20 @@ def test_padding_side_invariance(pair):
     ids_r = np.zeros_like(ids_l)
     mask_r = np.zeros_like(mask_l)
     for i, n in enumerate(lengths):
-        ids_r[i, :n], mask_r[i, :n] = ids_l[i, T - n:], 1
+        ids_r[i, :n], mask_r[i, :n] = ids_l[i, T - n :], 1
     out_l = _forward(model, jnp.asarray(ids_l), jnp.asarray(mask_l))
     out_r = _forward(model, jnp.asarray(ids_r), jnp.asarray(mask_r))
     for i, n in enumerate(lengths):
-        np.testing.assert_allclose(out_l.logits[i, T - n:], out_r.logits[i, :n], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(out_l.logits[i, T - n :], out_r.logits[i, :n], atol=ATOL, rtol=0)
 
 
 def test_inputs_embeds_equals_input_ids(gqa_pair):
     _, model, cfg = gqa_pair
     ids, mask = padded_batch(np.random.default_rng(3), cfg.vocab_size, [T, 7, 4], "left")
     a = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
-    b = nnx.jit(lambda m, e, k: m(inputs_embeds=e, attention_mask=k))(model, model.embed(jnp.asarray(ids)),
-                                                                       jnp.asarray(mask))
+    b = nnx.jit(lambda m, e, k: m(inputs_embeds=e, attention_mask=k))(
+        model, model.embed(jnp.asarray(ids)), jnp.asarray(mask)
+    )
     assert b.hidden_states.shape == (B, T, cfg.hidden_size)
     np.testing.assert_allclose(a.logits, b.logits, atol=ATOL, rtol=0)
 
@@ -185,11 +207,12 @@ def test_cached_steps_match_full_forward(gqa_pair):
 
     out = prefill(model, jnp.asarray(ids), jnp.asarray(mask))
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(out.logits)[valid], np.asarray(full.logits[:, :T])[valid],
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(out.logits)[valid], np.asarray(full.logits[:, :T])[valid], atol=ATOL, rtol=0
+    )
     cache = out.cache
     for j in range(M):
-        out = step(model, jnp.asarray(new[:, j:j + 1]), cache, jnp.asarray(T + j))
+        out = step(model, jnp.asarray(new[:, j : j + 1]), cache, jnp.asarray(T + j))
         cache = out.cache
         np.testing.assert_allclose(out.logits[:, 0], full.logits[:, T + j], atol=ATOL, rtol=0)
         np.testing.assert_allclose(out.hidden_states[:, 0], full.hidden_states[:, T + j], atol=ATOL, rtol=0)
@@ -200,8 +223,12 @@ def test_generate_cache_equals_no_cache_and_hf(gqa_pair, side):
     torch = require_torch()
     ref, model, cfg = gqa_pair
     ids, mask = padded_batch(np.random.default_rng(6), cfg.vocab_size, [T, 9, 5], side)
-    kw = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "max_new_tokens": M,
-          "pad_token_id": 0}
+    kw = {
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.asarray(mask),
+        "max_new_tokens": M,
+        "pad_token_id": 0,
+    }
     free, free_len = generate(model, eos_token_id=None, **kw)
     assert free.shape == (B, M) and np.all(np.asarray(free_len) == M)
     # An EOS that row 0 emits at step 2 (and maybe others later): rows must stop there and pad after.
@@ -211,7 +238,7 @@ def test_generate_cache_equals_no_cache_and_hf(gqa_pair, side):
     np.testing.assert_array_equal(tokens, tokens_nc)
     np.testing.assert_array_equal(lengths, lengths_nc)
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    assert lengths[0] <= 3 and tokens[0, lengths[0] - 1] == eos and np.all(tokens[0, lengths[0]:] == 0)
+    assert lengths[0] <= 3 and tokens[0, lengths[0] - 1] == eos and np.all(tokens[0, lengths[0] :] == 0)
 
     # Independent reference: the greedy tokens are the argmax of a full forward over prompt + tokens[:-1].
     seq = np.concatenate([ids, free], 1)
@@ -220,14 +247,21 @@ def test_generate_cache_equals_no_cache_and_hf(gqa_pair, side):
     last = np.array([np.flatnonzero(r).max() for r in mask])
     pred = np.argmax(np.asarray(full.logits), -1)
     np.testing.assert_array_equal(pred[np.arange(B), last], free[:, 0])
-    np.testing.assert_array_equal(pred[:, T:T + M - 1], free[:, 1:])
+    np.testing.assert_array_equal(pred[:, T : T + M - 1], free[:, 1:])
 
     if side == "left":  # HF generate assumes left padding for decoder-only models
-        hf = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=M,
-                          do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=0)
+        hf = ref.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=M,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
         hf_new = hf[:, T:].numpy()
-        np.testing.assert_array_equal(tokens[:, :hf_new.shape[1]], hf_new)
-        assert np.all(tokens[:, hf_new.shape[1]:] == 0)
+        np.testing.assert_array_equal(tokens[:, : hf_new.shape[1]], hf_new)
+        assert np.all(tokens[:, hf_new.shape[1] :] == 0)
 
 
 def test_batch_of_one_equals_row_of_padded_batch(gqa_pair):
@@ -236,12 +270,12 @@ def test_batch_of_one_equals_row_of_padded_batch(gqa_pair):
     kw = {"max_new_tokens": M, "eos_token_id": None}
     tokens, _ = generate(model, input_ids=jnp.asarray(ids), attention_mask=jnp.asarray(mask), **kw)
     row, n = 1, 7
-    single = jnp.asarray(ids[row:row + 1, T - n:])  # unpadded
+    single = jnp.asarray(ids[row : row + 1, T - n :])  # unpadded
     tok1, _ = generate(model, input_ids=single, **kw)
     np.testing.assert_array_equal(tok1[0], tokens[row])
     l1 = _forward(model, single, jnp.ones(single.shape, bool)).logits
     lb = _forward(model, jnp.asarray(ids), jnp.asarray(mask)).logits
-    np.testing.assert_allclose(l1[0], lb[row, T - n:], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(l1[0], lb[row, T - n :], atol=ATOL, rtol=0)
 
 
 def test_generate_with_inputs_embeds(gqa_pair):

@@ -53,7 +53,7 @@ def _batch(rng):
         n = len(row)
         sl = slice(0, n) if side == "right" else slice(L - n, L)
         ids[r, sl], mask[r, sl] = row, True
-        labels[r, sl.stop - 3: sl.stop] = row[-3:]  # the "answer"
+        labels[r, sl.stop - 3 : sl.stop] = row[-3:]  # the "answer"
     return ids, mask, labels
 
 
@@ -66,9 +66,9 @@ def torch_prepare_inputs(torch, ids, embed, image_features, labels, mask):
     out_e, out_l, out_m = [], [], []
     for r in range(ids.shape[0]):
         p = int((ids[r] == IMAGE_TOKEN_INDEX).nonzero()[0][0])
-        out_e.append(torch.cat([embed(ids[r, :p]), image_features[r], embed(ids[r, p + 1:])]))
-        out_l.append(torch.cat([labels[r, :p], torch.full((P,), IGNORE_INDEX), labels[r, p + 1:]]))
-        out_m.append(torch.cat([mask[r, :p], torch.ones(P, dtype=torch.bool), mask[r, p + 1:]]))
+        out_e.append(torch.cat([embed(ids[r, :p]), image_features[r], embed(ids[r, p + 1 :])]))
+        out_l.append(torch.cat([labels[r, :p], torch.full((P,), IGNORE_INDEX), labels[r, p + 1 :]]))
+        out_m.append(torch.cat([mask[r, :p], torch.ones(P, dtype=torch.bool), mask[r, p + 1 :]]))
     prepended = torch.cat([torch.ones(ids.shape[0], P - 1, dtype=torch.bool), mask], dim=1)
     return torch.stack(out_e), torch.stack(out_l), prepended, torch.stack(out_m)
 
@@ -83,11 +83,17 @@ def test_merge_matches_reference_with_padding():
     image_features = torch.randn(3, P, c)
     t_ids, t_mask, t_labels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
     want_e, want_l, want_m_prepend, want_m_insert = torch_prepare_inputs(
-        torch, t_ids, table, image_features, t_labels, t_mask)
+        torch, t_ids, table, image_features, t_labels, t_mask
+    )
 
     text = table(t_ids.clamp(min=0)).numpy()  # the placeholder's row is discarded by the merge
-    got = jax.jit(merge_multimodal)(jnp.asarray(ids), jnp.asarray(text), jnp.asarray(image_features.numpy()),
-                                    jnp.asarray(mask), jnp.asarray(labels))
+    got = jax.jit(merge_multimodal)(
+        jnp.asarray(ids),
+        jnp.asarray(text),
+        jnp.asarray(image_features.numpy()),
+        jnp.asarray(mask),
+        jnp.asarray(labels),
+    )
     assert got.inputs_embeds.shape == (3, L + P - 1, c)
     np.testing.assert_array_equal(np.asarray(got.inputs_embeds), want_e.numpy())
     np.testing.assert_array_equal(np.asarray(got.labels), want_l.numpy())
@@ -105,8 +111,9 @@ def test_merge_matches_reference_with_padding():
         p = int(np.nonzero(ids[r] == IMAGE_TOKEN_INDEX)[0][0])
         im_start_expanded = merged_ids[r, p - 1]
         assert start[r] == im_start_expanded + 1 == p
-        np.testing.assert_array_equal(np.asarray(got.inputs_embeds)[r, start[r]:start[r] + P],
-                                      image_features[r].numpy())
+        np.testing.assert_array_equal(
+            np.asarray(got.inputs_embeds)[r, start[r] : start[r] + P], image_features[r].numpy()
+        )
         # Every text token lands at expanded_position(i): +575 after the image, unchanged before it.
         for i in range(L):
             if i != p:
@@ -154,19 +161,39 @@ def _reference_modules(torch):
 
     c, v = CFG.clip, CFG.llama
     torch.manual_seed(0)
-    clip = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        image_size=c.image_size, patch_size=c.patch_size,
-        layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act, attn_implementation="eager")).eval()
-    proj = torch.nn.Sequential(torch.nn.Linear(c.hidden_size, v.hidden_size), torch.nn.GELU(),
-                               torch.nn.Linear(v.hidden_size, v.hidden_size))
-    llm = HFLlama(HFLlamaConfig(
-        vocab_size=v.vocab_size, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        num_key_value_heads=v.num_key_value_heads, rms_norm_eps=v.rms_norm_eps, rope_theta=v.rope_theta,
-        max_position_embeddings=v.max_position_embeddings, tie_word_embeddings=False,
-        attn_implementation="eager")).eval()
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            image_size=c.image_size,
+            patch_size=c.patch_size,
+            layer_norm_eps=c.layer_norm_eps,
+            hidden_act=c.hidden_act,
+            attn_implementation="eager",
+        )
+    ).eval()
+    proj = torch.nn.Sequential(
+        torch.nn.Linear(c.hidden_size, v.hidden_size),
+        torch.nn.GELU(),
+        torch.nn.Linear(v.hidden_size, v.hidden_size),
+    )
+    llm = HFLlama(
+        HFLlamaConfig(
+            vocab_size=v.vocab_size,
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_hidden_layers,
+            num_attention_heads=v.num_attention_heads,
+            num_key_value_heads=v.num_key_value_heads,
+            rms_norm_eps=v.rms_norm_eps,
+            rope_theta=v.rope_theta,
+            max_position_embeddings=v.max_position_embeddings,
+            tie_word_embeddings=False,
+            attn_implementation="eager",
+        )
+    ).eval()
     # O(1) activations (HF's std-0.02 init would make 1e-5 a loose bound) and non-trivial norm weights.
     for p in clip.parameters():
         p.add_(0.1 * torch.randn_like(p))
@@ -190,8 +217,11 @@ def _read_checkpoint(clip, proj, llm) -> dict:
 
 
 def _llava_rules():
-    return (clip_rules(LLAVA_VISION_TOWER_PREFIX, "vision_tower/") + mm_projector_rules()
-            + prefixed(LLAMA_RULES, "", "language_model/"))
+    return (
+        clip_rules(LLAVA_VISION_TOWER_PREFIX, "vision_tower/")
+        + mm_projector_rules()
+        + prefixed(LLAMA_RULES, "", "language_model/")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +230,12 @@ def llava_pair():
     clip, proj, llm = _reference_modules(torch)
     # Abstract build, then every leaf filled by the strict converter (house style §8; no eager random init).
     model = nnx.eval_shape(lambda: LlavaModel(CFG, rngs=nnx.Rngs(0)))
-    leaves = convert(_read_checkpoint(clip, proj, llm), _llava_rules(), abstract_leaves(model),
-                     ignore=clip_ignore(LLAVA_VISION_TOWER_PREFIX) + LLAMA_IGNORE)
+    leaves = convert(
+        _read_checkpoint(clip, proj, llm),
+        _llava_rules(),
+        abstract_leaves(model),
+        ignore=clip_ignore(LLAVA_VISION_TOWER_PREFIX) + LLAMA_IGNORE,
+    )
     load_leaves(model, leaves)
     return torch, (clip, proj, llm), model
 
@@ -224,13 +258,23 @@ def test_llava_forward_matches_torch(llava_pair):
     img = _torch_image_tokens(torch, clip, proj, pixels)[torch.from_numpy(row_image)]  # [R, P, C]
     t_ids = torch.from_numpy(ids[:2])
     embeds, want_labels, mask_ref, _ = torch_prepare_inputs(
-        torch, t_ids, llm.model.embed_tokens, img[:2], torch.from_numpy(labels[:2]),
-        torch.from_numpy(mask[:2]))
+        torch,
+        t_ids,
+        llm.model.embed_tokens,
+        img[:2],
+        torch.from_numpy(labels[:2]),
+        torch.from_numpy(mask[:2]),
+    )
     ref = llm(inputs_embeds=embeds, attention_mask=mask_ref.long(), output_hidden_states=True)
     want_logits, want_h = ref.logits.numpy(), ref.hidden_states[-1].numpy()
 
-    args = (jnp.asarray(ids), jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)), jnp.asarray(mask),
-            jnp.asarray(row_image), jnp.asarray(labels))
+    args = (
+        jnp.asarray(ids),
+        jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)),
+        jnp.asarray(mask),
+        jnp.asarray(row_image),
+        jnp.asarray(labels),
+    )
     model.validate(*args[:4])  # value checks run on the host; inside jit only shapes are checked
     out, merged = nnx.jit(lambda m, *a: m(*a))(model, *args)
     m = np.asarray(merged.attention_mask)
@@ -253,13 +297,24 @@ def test_llava_generate_matches_torch_greedy(llava_pair):
     ids, mask = ids[1:], mask[1:]  # full row and a left-padded row
     pixels = torch.randn(2, 3, 336, 336)
     steps = 4
-    tokens, lengths, _ = model.generate(jnp.asarray(ids), jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)),
-                                        jnp.asarray(mask), max_new_tokens=steps, eos_token_id=None)
+    tokens, lengths, _ = model.generate(
+        jnp.asarray(ids),
+        jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)),
+        jnp.asarray(mask),
+        max_new_tokens=steps,
+        eos_token_id=None,
+    )
     img = _torch_image_tokens(torch, clip, proj, pixels)
     for r in range(2):
         row = torch.from_numpy(ids[r][mask[r]])[None]
-        embeds, *_ = torch_prepare_inputs(torch, row, llm.model.embed_tokens, img[r:r + 1],
-                                          torch.zeros_like(row), torch.ones_like(row, dtype=torch.bool))
+        embeds, *_ = torch_prepare_inputs(
+            torch,
+            row,
+            llm.model.embed_tokens,
+            img[r : r + 1],
+            torch.zeros_like(row),
+            torch.ones_like(row, dtype=torch.bool),
+        )
         want = []
         for _ in range(steps):
             nxt = int(llm(inputs_embeds=embeds, logits_to_keep=1).logits[0, -1].argmax())
@@ -321,9 +376,17 @@ def test_vision_and_projector_param_counts_match_transformers():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     with torch.device("meta"):
-        ref = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                               num_attention_heads=16, image_size=336, patch_size=14,
-                                               projection_dim=768))
+        ref = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+                projection_dim=768,
+            )
+        )
     n_clip = sum(p.numel() for p in ref.parameters())
     count = lambda leaves: sum(int(np.prod(v.shape)) for v in leaves.values())
     cfgs = [ReadConfig.read_7b(), ReadConfig.read_13b()]
@@ -333,9 +396,17 @@ def test_vision_and_projector_param_counts_match_transformers():
     assert all(v.dtype == jnp.bfloat16 for v in clip.values())
     for cfg in cfgs:
         c = cfg.llama.hidden_size
-        proj = abstract_leaves(nnx.eval_shape(lambda: MmProjector(
-            cfg.mm_hidden_size, c, dtype=cfg.llama.compute_dtype, param_dtype=cfg.llama.weight_dtype,
-            rngs=nnx.Rngs(0))))
+        proj = abstract_leaves(
+            nnx.eval_shape(
+                lambda: MmProjector(
+                    cfg.mm_hidden_size,
+                    c,
+                    dtype=cfg.llama.compute_dtype,
+                    param_dtype=cfg.llama.weight_dtype,
+                    rngs=nnx.Rngs(0),
+                )
+            )
+        )
         assert proj["layers/0/kernel"].shape == (1024, c) and proj["layers/2/kernel"].shape == (c, c)
         assert count(clip) + count(proj) == n_clip + (1024 * c + c + c * c + c)
     assert n_clip == 303_507_456

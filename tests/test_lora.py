@@ -82,8 +82,11 @@ def test_lora_forward_matches_torch_with_folded_weights():
                 getattr(layer.self_attn, name).weight += (LORA.alpha / LORA.r) * (a @ b).T
     ids, mask = inputs(cfg.vocab_size, t=8)
     pos = torch.tensor(np.maximum(np.cumsum(np.asarray(mask), 1) - 1, 0))
-    want = ref(input_ids=torch.tensor(np.asarray(ids)), attention_mask=torch.tensor(np.asarray(mask)).long(),
-               position_ids=pos).logits.numpy()
+    want = ref(
+        input_ids=torch.tensor(np.asarray(ids)),
+        attention_mask=torch.tensor(np.asarray(mask)).long(),
+        position_ids=pos,
+    ).logits.numpy()
     got = np.asarray(_fwd(model, ids, mask))
     valid = np.asarray(mask)
     np.testing.assert_allclose(got[valid], want[valid], atol=ATOL, rtol=0)
@@ -114,15 +117,22 @@ def test_wrong_regex_fails_loudly():
     with pytest.raises(ValueError, match=r"matched 2 modules, expected 4.*layers/0/self_attn/q_proj"):
         apply_lora(model, only_q, rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="matched 0 modules, expected 4"):
-        apply_lora(model, dataclasses.replace(LORA, target_regex=r"model/layers/\d+/attn/q_proj"),
-                   rngs=nnx.Rngs(1))
+        apply_lora(
+            model, dataclasses.replace(LORA, target_regex=r"model/layers/\d+/attn/q_proj"), rngs=nnx.Rngs(1)
+        )
     with pytest.raises(ValueError, match="not read_jax.layers.Linear"):
-        apply_lora(model, dataclasses.replace(LORA, target_regex=r"model/layers/\d+/self_attn"),
-                   rngs=nnx.Rngs(1), expected_matches=2)
+        apply_lora(
+            model,
+            dataclasses.replace(LORA, target_regex=r"model/layers/\d+/self_attn"),
+            rngs=nnx.Rngs(1),
+            expected_matches=2,
+        )
     assert len(jax.tree.leaves(lora_state(model))) == 0  # failures leave the model untouched
     # An explicit count overrides the 2 x layers default.
     assert apply_lora(model, only_q, rngs=nnx.Rngs(1), expected_matches=2) == [
-        "model/layers/0/self_attn/q_proj", "model/layers/1/self_attn/q_proj"]
+        "model/layers/0/self_attn/q_proj",
+        "model/layers/1/self_attn/q_proj",
+    ]
 
 
 def test_dropout_only_on_lora_branch():
@@ -190,8 +200,10 @@ def test_trainable_frozen_tree_spec():
 
     model = nnx.eval_shape(build)  # the spec needs shapes only
     _, trainable, frozen = partition_trainable(model, cfg.trainable_regexes)
-    spec = lambda st: {"/".join(map(str, p)): (type(v).__name__, tuple(v.get_value().shape))
-                       for p, v in nnx.to_flat_state(st)}
+    spec = lambda st: {
+        "/".join(map(str, p)): (type(v).__name__, tuple(v.get_value().shape))
+        for p, v in nnx.to_flat_state(st)
+    }
     lc = cfg.llama
     d, f, v, r = lc.hidden_size, lc.intermediate_size, lc.vocab_size, cfg.lora.r
     kv = lc.num_key_value_heads * lc.head_dim
@@ -199,23 +211,27 @@ def test_trainable_frozen_tree_spec():
     want_frozen = {"model/norm/scale": ("Param", (d,))}
     for i in range(lc.num_hidden_layers):
         p = f"model/layers/{i}"
-        want_trainable.update({
-            f"{p}/self_attn/q_proj/lora_a": ("LoRAParam", (d, r)),
-            f"{p}/self_attn/q_proj/lora_b": ("LoRAParam", (r, d)),
-            f"{p}/self_attn/v_proj/lora_a": ("LoRAParam", (d, r)),
-            f"{p}/self_attn/v_proj/lora_b": ("LoRAParam", (r, kv)),
-        })
-        want_frozen.update({
-            f"{p}/self_attn/q_proj/kernel": ("Param", (d, d)),
-            f"{p}/self_attn/k_proj/kernel": ("Param", (d, kv)),
-            f"{p}/self_attn/v_proj/kernel": ("Param", (d, kv)),
-            f"{p}/self_attn/o_proj/kernel": ("Param", (d, d)),
-            f"{p}/mlp/gate_proj/kernel": ("Param", (d, f)),
-            f"{p}/mlp/up_proj/kernel": ("Param", (d, f)),
-            f"{p}/mlp/down_proj/kernel": ("Param", (f, d)),
-            f"{p}/input_layernorm/scale": ("Param", (d,)),
-            f"{p}/post_attention_layernorm/scale": ("Param", (d,)),
-        })
+        want_trainable.update(
+            {
+                f"{p}/self_attn/q_proj/lora_a": ("LoRAParam", (d, r)),
+                f"{p}/self_attn/q_proj/lora_b": ("LoRAParam", (r, d)),
+                f"{p}/self_attn/v_proj/lora_a": ("LoRAParam", (d, r)),
+                f"{p}/self_attn/v_proj/lora_b": ("LoRAParam", (r, kv)),
+            }
+        )
+        want_frozen.update(
+            {
+                f"{p}/self_attn/q_proj/kernel": ("Param", (d, d)),
+                f"{p}/self_attn/k_proj/kernel": ("Param", (d, kv)),
+                f"{p}/self_attn/v_proj/kernel": ("Param", (d, kv)),
+                f"{p}/self_attn/o_proj/kernel": ("Param", (d, d)),
+                f"{p}/mlp/gate_proj/kernel": ("Param", (d, f)),
+                f"{p}/mlp/up_proj/kernel": ("Param", (d, f)),
+                f"{p}/mlp/down_proj/kernel": ("Param", (f, d)),
+                f"{p}/input_layernorm/scale": ("Param", (d,)),
+                f"{p}/post_attention_layernorm/scale": ("Param", (d,)),
+            }
+        )
     assert spec(trainable) == want_trainable
     assert spec(frozen) == want_frozen
     # The filter is usable on its own, e.g. for an optax mask.
@@ -246,6 +262,7 @@ def test_grad_step_with_remat_and_dropout():
                 ids, mask = inputs(cfg.vocab_size)
                 logits = m(ids, attention_mask=mask, deterministic=False, rngs=nnx.Rngs(dropout=key)).logits
                 return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
             return jax.grad(loss)(tr)
 
         return loss_grad(tr, fr, jax.random.key(3))

@@ -63,11 +63,20 @@ def test_losses_match_torch_reference_with_padding_and_mixed_sizes():
     mask_valid = np.array([True, True, True, False])
 
     ce_t, bce_t, dice_t = _torch_reference(
-        torch, torch.tensor(logits), torch.tensor(labels),
+        torch,
+        torch.tensor(logits),
+        torch.tensor(labels),
         [torch.tensor(np.stack(preds[:2])), torch.tensor(preds[2][None])],
-        [torch.tensor(np.stack(gts[:2])), torch.tensor(gts[2][None])])
-    loss, aux = read_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(p_can), jnp.asarray(g_can),
-                          jnp.asarray(valid), jnp.asarray(mask_valid))
+        [torch.tensor(np.stack(gts[:2])), torch.tensor(gts[2][None])],
+    )
+    loss, aux = read_loss(
+        jnp.asarray(logits),
+        jnp.asarray(labels),
+        jnp.asarray(p_can),
+        jnp.asarray(g_can),
+        jnp.asarray(valid),
+        jnp.asarray(mask_valid),
+    )
     np.testing.assert_allclose(aux["ce"], ce_t.item(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["bce"], bce_t.item(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(aux["dice"], dice_t.item(), rtol=1e-5, atol=1e-7)
@@ -97,7 +106,9 @@ def test_dice_scale_makes_eps_matter_for_tiny_masks():
     logits = jnp.full((1, 4, 4), -20.0)
     t = jnp.zeros((1, 4, 4)).at[0, 0, 0].set(1.0)
     _, dice = mask_losses(logits, t, jnp.ones((1, 4, 4), bool), jnp.ones(1, bool))
-    expected = 1 - (2 * (1 / (1 + np.exp(20))) / 1000 + 1e-6) / (16 / (1 + np.exp(20)) / 1000 + 1 / 1000 + 1e-6)
+    expected = 1 - (2 * (1 / (1 + np.exp(20))) / 1000 + 1e-6) / (
+        16 / (1 + np.exp(20)) / 1000 + 1 / 1000 + 1e-6
+    )
     assert float(dice) == pytest.approx(expected, rel=1e-5)
 
 
@@ -138,17 +149,24 @@ def test_cell_coverage_of_aligned_rectangles_is_exact():
 
 def test_cell_coverage_matches_a_per_sample_transcription():
     rng = np.random.default_rng(0)
-    cases = [((240, 320), (240, 320)), ((300, 117), (300, 117)), ((224, 128), (448, 256)), ((97, 97), (97, 97))]
+    cases = [
+        ((240, 320), (240, 320)),
+        ((300, 117), (300, 117)),
+        ((224, 128), (448, 256)),
+        ((97, 97), (97, 97)),
+    ]
     masks = np.zeros((len(cases), 300, 320), np.uint8)
     for i, (ext, _) in enumerate(cases):
         masks[i, : ext[0], : ext[1]] = rng.random(ext) > 0.6
-        masks[i, ext[0]:, :] = 1  # outside the extent: must never be sampled
-        masks[i, :, ext[1]:] = 1
+        masks[i, ext[0] :, :] = 1  # outside the extent: must never be sampled
+        masks[i, :, ext[1] :] = 1
     ext = jnp.array([c[0] for c in cases])
     orig = jnp.array([c[1] for c in cases])
     got = np.asarray(cell_coverage(jnp.asarray(masks), ext, orig, grid=6, sub=3))
     for i, (e, o) in enumerate(cases):
-        np.testing.assert_allclose(got[i], _coverage_loops(masks[i], e, o, 6, 3), atol=1e-6, err_msg=str(cases[i]))
+        np.testing.assert_allclose(
+            got[i], _coverage_loops(masks[i], e, o, 6, 3), atol=1e-6, err_msg=str(cases[i])
+        )
 
 
 def test_similarity_loss_is_the_kl_to_the_coverage_distribution():

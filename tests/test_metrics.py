@@ -12,8 +12,8 @@ def _masks():
     gt1[0:2, 0:2] = 1
     gt1[3, 3] = 255
     pr1 = np.zeros((4, 4), np.uint8)
-    pr1[0:2, 0:3] = 1   # 6 pixels: 4 on GT, 2 false positives
-    pr1[3, 3] = 1       # on an ignore pixel: not counted anywhere
+    pr1[0:2, 0:3] = 1  # 6 pixels: 4 on GT, 2 false positives
+    pr1[3, 3] = 1  # on an ignore pixel: not counted anywhere
     # I = 4, U = 6 + 4 - 4 = 6.
     # Query 2: empty GT, empty prediction: I = U = 0, IoU counts 1.0.
     gt2 = np.zeros((4, 4), np.uint8)

@@ -37,9 +37,13 @@ def test_predict_tokens_equal_no_cache_generation(tiny):
     pred = predict(model, tok, img, "What is in the picture?", max_new_tokens=6)
     ids = jnp.asarray([tokenizer_image_token(build_prompt("What is in the picture?"), tok)], jnp.int32)
     merged = model.llava.merge(ids, jnp.asarray(prepare_image(img, model.config)["images_clip"]))
-    ref, ref_len = generate_no_cache(model.llava.language_model, inputs_embeds=merged.inputs_embeds,
-                                     attention_mask=merged.attention_mask, max_new_tokens=6,
-                                     eos_token_id=tok.eos_token_id)
+    ref, ref_len = generate_no_cache(
+        model.llava.language_model,
+        inputs_embeds=merged.inputs_embeds,
+        attention_mask=merged.attention_mask,
+        max_new_tokens=6,
+        eos_token_id=tok.eos_token_id,
+    )
     np.testing.assert_array_equal(pred.tokens, np.asarray(ref[0, : int(ref_len[0])]))
     assert pred.text == tok.decode(pred.tokens.tolist(), skip_special_tokens=True)
 
@@ -80,8 +84,21 @@ def test_chat_command_writes_overlay_png(tiny, tmp_path):
     img_path = tmp_path / "img.jpg"
     Image.fromarray(_image(120, 160)).save(img_path)
     out = tmp_path / "out"
-    rc = chat.main(["--checkpoint", str(ckpt), "--image", str(img_path), "--out", str(out),
-                    "--max-new-tokens", "4", "--dtype", "float32", "Where is the circle?"])
+    rc = chat.main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--image",
+            str(img_path),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "float32",
+            "Where is the circle?",
+        ]
+    )
     assert rc == 0
     png = out / "answer_00.png"
     with Image.open(png) as im:

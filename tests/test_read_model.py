@@ -1,7 +1,6 @@
 """READ end to end vs a torch READ assembled from transformers' LLaMA/CLIP, Meta's SAM and the SasP
 transcription (tests/reference/), with the same weights loaded through read_jax's converter tables."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +41,7 @@ def _batch(cfg, seed=0):
     for r, row in enumerate(rows):
         ids[r, : len(row)] = row
         mask[r, : len(row)] = True
-        labels[r, 9: len(row)] = row[9:]
+        labels[r, 9 : len(row)] = row[9:]
     sam_hw = np.array([get_preprocess_shape(h, w, cfg.sam.image_size) for h, w in ORIG], np.int32)
     masks = np.zeros((3, 2, *CANVAS), np.uint8)
     mvalid = np.array([[True, False], [True, True], [False, False]])
@@ -54,9 +53,14 @@ def _batch(cfg, seed=0):
     return {
         "images_clip": rng.normal(size=(2, 336, 336, 3)).astype(np.float32),
         "images_sam": rng.normal(size=(2, cfg.sam.image_size, cfg.sam.image_size, 3)).astype(np.float32),
-        "sam_input_hw": sam_hw, "orig_hw": np.array(ORIG, np.int32),
-        "input_ids": ids, "attention_mask": mask, "labels": labels,
-        "conv_image": np.array([0, 1, 1], np.int32), "masks": masks, "mask_valid": mvalid,
+        "sam_input_hw": sam_hw,
+        "orig_hw": np.array(ORIG, np.int32),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "conv_image": np.array([0, 1, 1], np.int32),
+        "masks": masks,
+        "mask_valid": mvalid,
     }
 
 
@@ -70,8 +74,11 @@ def pair():
     tm = TorchRead(cfg, seed=0).float()
     sd, clip_sd = tm.released_state_dict()
     model = nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
-    conv = Converter(read_rules() + clip_dir_rules(), abstract_leaves(model),
-                     ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore())
+    conv = Converter(
+        read_rules() + clip_dir_rules(),
+        abstract_leaves(model),
+        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
+    )
     leaves = conv.add_all(sd).add_all(clip_sd).finish()
     load_leaves(model, leaves)  # every leaf filled: the abstract model becomes concrete
     torch.set_grad_enabled(True)
@@ -90,9 +97,15 @@ def _torch_forward(cfg, tm, batch):
         return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
 
     def to_points(sim, hw):
-        return st.similarity_map_to_points(sim, hw, down_sample=cfg.clip.grid_size // sc.grid_size,
-                                           num_points=sc.num_points, t_pos=sc.t_pos, t_neg=sc.t_neg,
-                                           use_dtoc=False)
+        return st.similarity_map_to_points(
+            sim,
+            hw,
+            down_sample=cfg.clip.grid_size // sc.grid_size,
+            num_points=sc.num_points,
+            t_pos=sc.t_pos,
+            t_neg=sc.t_neg,
+            use_dtoc=False,
+        )
 
     def dtoc(sim, pts, hw):
         full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
@@ -136,7 +149,9 @@ def test_forward_matches_torch_reference(pair, jax_run):
     batch, _, out, aux, _ = jax_run
     tb, tout = _torch_forward(cfg, tm, batch)
 
-    np.testing.assert_allclose(np.asarray(out["logits"]), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out["logits"]), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4
+    )
     valid = np.asarray(out["seg_valid"])
     np.testing.assert_array_equal(valid, [[True, False], [True, True], [False, False]])
     slots = [(0, 0), (1, 0), (1, 1)]
@@ -144,10 +159,16 @@ def test_forward_matches_torch_reference(pair, jax_run):
     for (r, k), ts in zip(slots, tout["segs"]):
         assert ts["row"] == r
         h, w = ORIG[batch["conv_image"][r]]
-        np.testing.assert_allclose(np.asarray(aux["read/pred_embeddings"][r, k]), ts["pred_emb"].detach().numpy(),
-                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(aux["read/pred_embeddings"][r, k]),
+            ts["pred_emb"].detach().numpy(),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         np.testing.assert_array_equal(np.asarray(aux["sasp/labels"][r, k]), ts["labels"].numpy())
-        np.testing.assert_allclose(np.asarray(aux["sasp/points"][r, k]), ts["points"].detach().numpy(), atol=1e-3)
+        np.testing.assert_allclose(
+            np.asarray(aux["sasp/points"][r, k]), ts["points"].detach().numpy(), atol=1e-3
+        )
         got = np.asarray(out["mask_logits"][r, k])
         np.testing.assert_allclose(got[:h, :w], ts["mask"].detach().numpy(), atol=1e-4, rtol=1e-4)
         assert np.all(got[h:] == 0) and np.all(got[:, w:] == 0)
@@ -179,7 +200,7 @@ def test_losses_and_gradients_match_torch_reference(pair, jax_run):
     for k, p in named.items():
         g = np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()  # unused: IoU head
         if k.startswith("llm.model.embed_tokens") or k.startswith("llm.lm_head"):
-            tgrads[k[len("llm."):]] = g
+            tgrads[k[len("llm.") :]] = g
         elif k.startswith("text_hidden_fcs.") or k.startswith("visual_model.mask_decoder."):
             tgrads["model." + k] = g
     target = abstract_leaves(grads)
@@ -192,7 +213,10 @@ def test_losses_and_gradients_match_torch_reference(pair, jax_run):
         # is unused; softmax is invariant to the key bias) and come out as ~1e-10 rounding noise.
         assert np.linalg.norm(a - g) <= 1e-4 * np.linalg.norm(g) + 1e-8, path
     # The DtoC gradient path reaches the LLM: the [SEG] token's embedding row gets mask-loss gradient.
-    assert np.abs(np.asarray(got["llava/language_model/model/embed_tokens/embedding"][cfg.seg_token_id])).sum() > 0
+    assert (
+        np.abs(np.asarray(got["llava/language_model/model/embed_tokens/embedding"][cfg.seg_token_id])).sum()
+        > 0
+    )
 
 
 def test_rows_without_seg_get_no_mask_and_jit_compiles_once(pair):
@@ -233,8 +257,10 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
             return batch_loss(out, b)[0]
 
         g = jax.grad(loss_fn)(tr)
-        norms[name] = {p: float(jnp.abs(v).sum()) for p, v in
-                       (("/".join(map(str, k)), v.get_value()) for k, v in nnx.to_flat_state(g))}
+        norms[name] = {
+            p: float(jnp.abs(v).sum())
+            for p, v in (("/".join(map(str, k)), v.get_value()) for k, v in nnx.to_flat_state(g))
+        }
     assert norms["frozen"] and not any(norms["frozen"].values())
     for prefix in ("llava/vision_tower/", "visual_model/image_encoder/"):
         assert sum(v for p, v in norms["open"].items() if p.startswith(prefix)) > 0, prefix
@@ -256,8 +282,9 @@ def test_similarity_term_is_added_only_when_weighted(pair, jax_run):
     loss, t2 = batch_loss({**out, "sim_logits": sim}, b, w)
     # Rows 0 (slot 0), 1 (slots 0, 1) carry a [SEG] and a GT; row 2 has neither.
     hw = b["orig_hw"][b["conv_image"]]
-    cov = cell_coverage((b["masks"] == 1).reshape(6, *CANVAS), jnp.repeat(hw, 2, 0), jnp.repeat(hw, 2, 0),
-                        cfg.clip.grid_size)
+    cov = cell_coverage(
+        (b["masks"] == 1).reshape(6, *CANVAS), jnp.repeat(hw, 2, 0), jnp.repeat(hw, 2, 0), cfg.clip.grid_size
+    )
     want = similarity_loss(sim.reshape(6, -1), cov, jnp.asarray(batch["mask_valid"]).reshape(-1))
     np.testing.assert_allclose(float(t2["sim"]), float(want), rtol=1e-6)
     np.testing.assert_allclose(float(loss), float(terms["loss"]) + 0.7 * float(want), rtol=1e-6)

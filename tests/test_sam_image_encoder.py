@@ -34,21 +34,38 @@ def build_meta_sam(cfg: SamConfig):
     c, g, s = cfg.prompt_embed_dim, cfg.image_embedding_size, cfg.image_size
     sam = m.Sam(
         image_encoder=m.ImageEncoderViT(
-            img_size=s, patch_size=cfg.patch_size, embed_dim=cfg.encoder_embed_dim, depth=cfg.encoder_depth,
-            num_heads=cfg.encoder_num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=c, qkv_bias=cfg.qkv_bias,
-            norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps), use_rel_pos=cfg.use_rel_pos,
-            window_size=cfg.window_size, global_attn_indexes=tuple(cfg.global_attn_indexes)),
-        prompt_encoder=m.PromptEncoder(embed_dim=c, image_embedding_size=(g, g), input_image_size=(s, s),
-                                       mask_in_chans=cfg.mask_in_chans),
+            img_size=s,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.encoder_embed_dim,
+            depth=cfg.encoder_depth,
+            num_heads=cfg.encoder_num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            out_chans=c,
+            qkv_bias=cfg.qkv_bias,
+            norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
+            use_rel_pos=cfg.use_rel_pos,
+            window_size=cfg.window_size,
+            global_attn_indexes=tuple(cfg.global_attn_indexes),
+        ),
+        prompt_encoder=m.PromptEncoder(
+            embed_dim=c, image_embedding_size=(g, g), input_image_size=(s, s), mask_in_chans=cfg.mask_in_chans
+        ),
         mask_decoder=m.MaskDecoder(
             num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=m.TwoWayTransformer(depth=cfg.transformer_depth, embedding_dim=c,
-                                            mlp_dim=cfg.transformer_mlp_dim,
-                                            num_heads=cfg.transformer_num_heads,
-                                            attention_downsample_rate=cfg.attention_downsample_rate),
-            transformer_dim=c, iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim),
-        pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std))
+            transformer=m.TwoWayTransformer(
+                depth=cfg.transformer_depth,
+                embedding_dim=c,
+                mlp_dim=cfg.transformer_mlp_dim,
+                num_heads=cfg.transformer_num_heads,
+                attention_downsample_rate=cfg.attention_downsample_rate,
+            ),
+            transformer_dim=c,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(cfg.pixel_mean),
+        pixel_std=list(cfg.pixel_std),
+    )
     randomize_(sam)
     return sam.eval()
 
@@ -69,8 +86,9 @@ def randomize_(module, seed: int = 0):
             for name, p in mod.named_parameters(recurse=False):
                 if isinstance(mod, norms):
                     p.copy_((1.0 if name == "weight" else 0.0) + 0.2 * randn(p))
-                elif name == "weight" and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d,
-                                                            torch.nn.ConvTranspose2d)):
+                elif name == "weight" and isinstance(
+                    mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+                ):
                     fan_in = p[0].numel() if not isinstance(mod, torch.nn.ConvTranspose2d) else p.shape[0]
                     p.copy_(randn(p) / math.sqrt(fan_in))
                 elif name == "bias":
@@ -98,8 +116,14 @@ ENCODER_CASES = {
     # window 7 on a 16x16 grid: padded to 21 (3x3 windows with zero tokens); block 1 global.
     "tiny_padded_window": TINY,
     # window 8 divides 16 (no padding), global block in the middle, 4 heads, non-default eps.
-    "divisible_window": dataclasses.replace(TINY, encoder_depth=3, encoder_num_heads=4, window_size=8,
-                                            global_attn_indexes=(1,), layer_norm_eps=1e-5),
+    "divisible_window": dataclasses.replace(
+        TINY,
+        encoder_depth=3,
+        encoder_num_heads=4,
+        window_size=8,
+        global_attn_indexes=(1,),
+        layer_norm_eps=1e-5,
+    ),
 }
 
 

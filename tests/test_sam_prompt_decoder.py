@@ -187,8 +187,12 @@ def test_mask_decoder_per_prompt_image_embeddings(pair):
     emb = torch.randn(2, C, G, G, generator=torch.Generator().manual_seed(10))
     sparse_ref, dense_ref = ref.prompt_encoder(points=(pts, lab), boxes=None, masks=None)
     pe = ref.prompt_encoder.get_dense_pe()
-    want = torch.cat([ref.mask_decoder(emb[i:i + 1], pe, sparse_ref[i:i + 1], dense_ref[i:i + 1], False)[0]
-                      for i in range(2)])
+    want = torch.cat(
+        [
+            ref.mask_decoder(emb[i : i + 1], pe, sparse_ref[i : i + 1], dense_ref[i : i + 1], False)[0]
+            for i in range(2)
+        ]
+    )
     got, _ = _decode(ours, jnp.asarray(_nhwc(emb)), _j(pts), _j(lab), None, False)
     np.testing.assert_allclose(np.asarray(got), to_np(want), atol=ATOL, rtol=1e-5)
     with pytest.raises(ValueError, match="image_embeddings"):

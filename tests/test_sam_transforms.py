@@ -31,8 +31,9 @@ def _torchvision_pil_shim():
     """
     tf = types.ModuleType("torchvision.transforms.functional")
     tf.to_pil_image = lambda pic: Image.fromarray(pic, mode="RGB")
-    tf.resize = lambda img, size: img if [img.height, img.width] == list(size) else img.resize(
-        (size[1], size[0]), Image.BILINEAR)
+    tf.resize = lambda img, size: (
+        img if [img.height, img.width] == list(size) else img.resize((size[1], size[0]), Image.BILINEAR)
+    )
     tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
     tv.transforms, tvt.functional = tvt, tf
     return {"torchvision": tv, "torchvision.transforms": tvt, "torchvision.transforms.functional": tf}
@@ -86,9 +87,11 @@ def test_preprocess_matches_meta_normalise_and_pad():
     mt = meta_transforms()
     m, _ = meta_sam()
     cfg = SamConfig(image_size=256, dtype="float32", param_dtype="float32")
-    fake = SimpleNamespace(pixel_mean=torch.tensor(cfg.pixel_mean).view(-1, 1, 1),
-                           pixel_std=torch.tensor(cfg.pixel_std).view(-1, 1, 1),
-                           image_encoder=SimpleNamespace(img_size=cfg.image_size))
+    fake = SimpleNamespace(
+        pixel_mean=torch.tensor(cfg.pixel_mean).view(-1, 1, 1),
+        pixel_std=torch.tensor(cfg.pixel_std).view(-1, 1, 1),
+        image_encoder=SimpleNamespace(img_size=cfg.image_size),
+    )
     img = np.random.default_rng(1).integers(0, 256, (300, 171, 3), dtype=np.uint8)
     x = torch.as_tensor(mt.ResizeLongestSide(cfg.image_size).apply_image(img)).permute(2, 0, 1).contiguous()
     want = to_np(m.Sam.preprocess(fake, x[None]))[0].transpose(1, 2, 0)
@@ -97,12 +100,15 @@ def test_preprocess_matches_meta_normalise_and_pad():
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((10, 10), np.uint8), "RGB"),
-    (np.zeros((10, 10, 4), np.uint8), "RGB"),
-    (np.zeros((10, 10, 3), np.float32), "uint8"),
-    (np.zeros((0, 10, 3), np.uint8), "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((10, 10), np.uint8), "RGB"),
+        (np.zeros((10, 10, 4), np.uint8), "RGB"),
+        (np.zeros((10, 10, 3), np.float32), "uint8"),
+        (np.zeros((0, 10, 3), np.uint8), "empty"),
+    ],
+)
 def test_bad_images_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         T.preprocess(bad, TINY)
@@ -162,9 +168,9 @@ def test_postprocess_masks_padded_matches_torch_for_mixed_sizes():
         got = np.asarray(fn(jnp.asarray(low), jnp.asarray(input_hw), jnp.asarray(batch), canvas, s))
         assert got.shape == (len(batch), 3, *canvas)
         for i, (o, ih) in enumerate(zip(batch, input_hw)):
-            want = meta_postprocess(torch, low[i:i + 1], ih, o, s)[0]
-            np.testing.assert_allclose(got[i, :, :o[0], :o[1]], want, atol=1e-5, err_msg=str(o))
-            assert not got[i, :, o[0]:, :].any() and not got[i, :, :, o[1]:].any()
+            want = meta_postprocess(torch, low[i : i + 1], ih, o, s)[0]
+            np.testing.assert_allclose(got[i, :, : o[0], : o[1]], want, atol=1e-5, err_msg=str(o))
+            assert not got[i, :, o[0] :, :].any() and not got[i, :, :, o[1] :].any()
     # The second batch of sizes reused the compiled function (sizes are traced, not static).
     assert fn._cache_size() == n_compiled + 1
 
@@ -177,9 +183,12 @@ def test_postprocess_single_resize_matches_interpolate():
     low = _low(4, 2, 64, seed=3)
     outs = [(256, 256), (37, 91), (64, 64), (13, 5)]
     # input_size = the full l x l map with image_size = l makes the first stage the identity.
-    got = np.asarray(T.postprocess_masks_padded(jnp.asarray(low), jnp.full((4, 2), 64), jnp.asarray(outs),
-                                                out_hw=(256, 256), image_size=64))
+    got = np.asarray(
+        T.postprocess_masks_padded(
+            jnp.asarray(low), jnp.full((4, 2), 64), jnp.asarray(outs), out_hw=(256, 256), image_size=64
+        )
+    )
     for i, out in enumerate(outs):
-        want = F.interpolate(torch.from_numpy(low[i:i + 1]), out, mode="bilinear", align_corners=False)
+        want = F.interpolate(torch.from_numpy(low[i : i + 1]), out, mode="bilinear", align_corners=False)
         want = to_np(want)[0]
-        np.testing.assert_allclose(got[i, :, :out[0], :out[1]], want, atol=1e-5, err_msg=str(out))
+        np.testing.assert_allclose(got[i, :, : out[0], : out[1]], want, atol=1e-5, err_msg=str(out))

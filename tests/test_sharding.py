@@ -24,9 +24,9 @@ def test_make_mesh_shapes_and_errors():
 def test_fsdp_rule_shards_largest_divisible_dim_and_replicates_small_or_indivisible():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     tree = {
-        "big": jax.ShapeDtypeStruct((6, 4096), jnp.float32),        # 4096 % 4 == 0 -> dim 1
-        "odd": jax.ShapeDtypeStruct((4099, 7), jnp.float32),        # nothing divisible by 4
-        "small": jax.ShapeDtypeStruct((64,), jnp.float32),          # below min bytes
+        "big": jax.ShapeDtypeStruct((6, 4096), jnp.float32),  # 4096 % 4 == 0 -> dim 1
+        "odd": jax.ShapeDtypeStruct((4099, 7), jnp.float32),  # nothing divisible by 4
+        "small": jax.ShapeDtypeStruct((64,), jnp.float32),  # below min bytes
         "frozen": {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)},
     }
     strategy = ((r"frozen/.*", "replicate"), (r".*", "fsdp"))

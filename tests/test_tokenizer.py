@@ -58,7 +58,11 @@ def test_added_and_special_ids(tok, goldens):
     assert len(tok) == special["len"] == 32003
     assert tok.vocab_size == special["vocab_size"]
     assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (
-        special["bos"], special["eos"], special["unk"], special["pad"])
+        special["bos"],
+        special["eos"],
+        special["unk"],
+        special["pad"],
+    )
     assert tok.all_special_ids == set(special["all_special_ids"])
     # LISA issue #55: with other tokenizer settings this gives [29871, 32000] and seg_token_idx = 29871.
     assert tok("[SEG]", add_special_tokens=False) == [SEG_TOKEN_ID]
@@ -90,7 +94,8 @@ def test_decode_matches_transformers_4_31(tok, goldens):
     # Arrays decode like lists; batch_decode decodes rows independently.
     rows = [c["ids"] for c in goldens["decode"][:4:2]]
     assert tok.batch_decode(np.asarray(rows[:1]), skip_special_tokens=True) == [
-        tok.decode(rows[0], skip_special_tokens=True)]
+        tok.decode(rows[0], skip_special_tokens=True)
+    ]
 
 
 def test_conversations_and_labels_match(tok, goldens):
@@ -129,8 +134,10 @@ def test_templates_and_lisa_eval_prompt(tok):
     q = reason_seg_question("Dog", is_sentence=False)
     assert q == "<image>\nWhat is dog in this image? Please output segmentation mask."
     prompt = build_prompt(reason_seg_question("What cuts bread?", True), ANSWER_TEMPLATE)
-    assert prompt == (LLAVA_V1.system + " USER: <im_start><image><im_end>\nWhat cuts bread? Please output "
-                      "segmentation mask. ASSISTANT: Sure, the segmentation result is [SEG].</s>")
+    assert prompt == (
+        LLAVA_V1.system + " USER: <im_start><image><im_end>\nWhat cuts bread? Please output "
+        "segmentation mask. ASSISTANT: Sure, the segmentation result is [SEG].</s>"
+    )
     assert build_prompt("hi", "yo", image=False) == LLAVA_V1.system + " USER: hi ASSISTANT: yo</s>"
     ids, labels = encode_conversation(prompt, tok)
     assert ids.count(SEG_TOKEN_ID) == 1 and labels[ids.index(SEG_TOKEN_ID)] == SEG_TOKEN_ID
@@ -138,8 +145,13 @@ def test_templates_and_lisa_eval_prompt(tok):
 
 
 def test_decode_round_trips(tok, goldens):
-    texts = ["Le café est très bon à Paris.", "emoji 😀🎉 end 中文 猫", "line one\nline two", "  both sides  ",
-             "In 2024, 12345 items cost $99.50."]
+    texts = [
+        "Le café est très bon à Paris.",
+        "emoji 😀🎉 end 中文 猫",
+        "line one\nline two",
+        "  both sides  ",
+        "In 2024, 12345 items cost $99.50.",
+    ]
     for text in texts:
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
     # Added tokens gain spaces in decode, but re-encoding the decoded text gives the same ids back:
@@ -180,6 +192,7 @@ def test_bad_inputs_raise(tok):
 
 def test_loader_checks(tmp_path):
     import sentencepiece as spm  # a runtime dependency: never skipped
+
     good = tmp_path / "good"
     good.mkdir()
     shutil.copy(os.path.join(ASSETS, "tokenizer.model"), good / "tokenizer.model")
@@ -203,8 +216,13 @@ def test_loader_checks(tmp_path):
 
     # A non-LLaMA vocabulary size is refused (the added-token ids would not be 32000-32002).
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a small corpus of words"] * 20),
-                                   model_writer=model, vocab_size=40, model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a small corpus of words"] * 20),
+        model_writer=model,
+        vocab_size=40,
+        model_type="bpe",
+        minloglevel=2,
+    )
     small = tmp_path / "small.model"
     small.write_bytes(model.getvalue())
     with pytest.raises(ValueError, match="40 pieces"):

@@ -35,9 +35,17 @@ def _config(**train):
 # No warmup, so that the first step already moves the parameters.
 TRAIN = _config(lr=1e-3, warmup_steps=0).train
 # The smoke model with READ's own recipe: LoRA on q/v + embed_tokens + lm_head + mask decoder + fcs train.
-CFG = T.read_config_from(_config().model).replace(lora=LoraConfig(r=4), trainable_regexes=READ_TRAINABLE_REGEXES)
-READ_GROUPS = ("/lora_a", "/lora_b", "embed_tokens/", "lm_head/", "visual_model/mask_decoder/", "text_hidden_fcs/")
-
+CFG = T.read_config_from(_config().model).replace(
+    lora=LoraConfig(r=4), trainable_regexes=READ_TRAINABLE_REGEXES
+)
+READ_GROUPS = (
+    "/lora_a",
+    "/lora_b",
+    "embed_tokens/",
+    "lm_head/",
+    "visual_model/mask_decoder/",
+    "text_hidden_fcs/",
+)
 
 
 def make_batch(cfg, num_images: int, seed: int = 0, rows_per_image: int = 1, length: int = 24) -> dict:
@@ -52,25 +60,33 @@ def make_batch(cfg, num_images: int, seed: int = 0, rows_per_image: int = 1, len
         q = rng.integers(100, 30000, size=rng.integers(2, 6)).tolist()
         a = rng.integers(100, 30000, size=3).tolist() + [seg, 29889, 2]
         row = [1, 319, s, -200, e] + q + a
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = True
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
         # Labels on the answer and the token before it: 7 supervised next-token targets (shifted CE).
-        labels[i, len(row) - len(a) - 1:len(row)] = row[len(row) - len(a) - 1:]
+        labels[i, len(row) - len(a) - 1 : len(row)] = row[len(row) - len(a) - 1 :]
     hw = rng.integers(CANVAS // 2, CANVAS + 1, size=(num_images, 2)).astype(np.int32)
     conv_image = np.arange(r, dtype=np.int32) // rows_per_image
     masks = np.zeros((r, CANVAS, CANVAS), np.uint8)
     for i in range(r):
         h, w = hw[conv_image[i]]
         y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        masks[i, y0:y0 + h // 3, x0:x0 + w // 3] = 1
+        masks[i, y0 : y0 + h // 3, x0 : x0 + w // 3] = 1
     side = cfg.sam.image_size
     return {
-        "images_clip": rng.normal(size=(num_images, cfg.clip.image_size, cfg.clip.image_size, 3)).astype(np.float32),
+        "images_clip": rng.normal(size=(num_images, cfg.clip.image_size, cfg.clip.image_size, 3)).astype(
+            np.float32
+        ),
         "images_sam": rng.normal(size=(num_images, side, side, 3)).astype(np.float32),
         "sam_input_hw": np.array([get_preprocess_shape(int(h), int(w), side) for h, w in hw], np.int32),
-        "orig_hw": hw, "image_valid": np.ones((num_images,), bool),
-        "input_ids": ids, "labels": labels, "attention_mask": mask, "conv_image": conv_image,
-        "conv_valid": np.ones((r,), bool), "masks": masks, "mask_valid": np.ones((r,), bool),
+        "orig_hw": hw,
+        "image_valid": np.ones((num_images,), bool),
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "conv_image": conv_image,
+        "conv_valid": np.ones((r,), bool),
+        "masks": masks,
+        "mask_valid": np.ones((r,), bool),
         "mask_hw": hw[conv_image],
     }
 
@@ -84,7 +100,9 @@ def concat(*batches):
     """One batch holding the images and rows of several (row -> image indices rebased)."""
     out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     offsets = np.cumsum([0] + [len(b["images_clip"]) for b in batches[:-1]])
-    out["conv_image"] = np.concatenate([b["conv_image"] + o for b, o in zip(batches, offsets)]).astype(np.int32)
+    out["conv_image"] = np.concatenate([b["conv_image"] + o for b, o in zip(batches, offsets)]).astype(
+        np.int32
+    )
     return out
 
 
@@ -95,16 +113,24 @@ class Runner:
         self.mesh = mesh
         self.setup = T.setup_model(CFG, mesh, strategy=strategy, min_fsdp_bytes=min_fsdp_bytes)
         self.tx = T.make_optimizer(TRAIN)
-        self.opt_sh, self.opt_abs = T.opt_state_shardings(self.tx, self.setup.trainable_abstract,
-                                                          self.setup.trainable_shardings, mesh)
+        self.opt_sh, self.opt_abs = T.opt_state_shardings(
+            self.tx, self.setup.trainable_abstract, self.setup.trainable_shardings, mesh
+        )
         self.sc = T.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False, ce_max_tokens=256)
         spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
         self.bsh = T.micro_batch_shardings(spec, mesh)
         jitted = T.jit_train_step(self.setup, self.tx, self.sc, self.opt_sh, self.bsh)
         with shd.use_mesh(mesh):
             # Tests run a few steps: compile for compile speed.
-            self.step_fn, self.stats = T.compile_step(jitted, self.setup, self.opt_abs, self.opt_sh, spec, self.bsh,
-                                                      compiler_options=T.fast_compile_options())
+            self.step_fn, self.stats = T.compile_step(
+                jitted,
+                self.setup,
+                self.opt_abs,
+                self.opt_sh,
+                spec,
+                self.bsh,
+                compiler_options=T.fast_compile_options(),
+            )
 
     def place(self, tr, fr):
         """Copies of (trainable, frozen) in this mesh's shardings, and a fresh optimizer state."""
@@ -114,8 +140,14 @@ class Runner:
 
     def step(self, tr, fr, opt, batch, step=0):
         with shd.use_mesh(self.mesh):
-            return self.step_fn(tr, fr, opt, T.put_batch(batch, self.mesh), jnp.asarray(step, jnp.int32),
-                                jnp.asarray(TRAIN.lr, jnp.float32))
+            return self.step_fn(
+                tr,
+                fr,
+                opt,
+                T.put_batch(batch, self.mesh),
+                jnp.asarray(step, jnp.int32),
+                jnp.asarray(TRAIN.lr, jnp.float32),
+            )
 
 
 def flat(state) -> dict:
@@ -170,6 +202,7 @@ def init8(runner8):
 
 # ---- sharded init and parameter shardings --------------------------------------------------------------------
 
+
 def test_sharded_init_follows_the_strategy(runner8, init8):
     assert jax.device_count() == 8
     tr, fr = init8
@@ -211,6 +244,7 @@ def test_strategy_rules_are_applied_by_regex():
 
 # ---- the step: 8 devices == 1 device, only trainables change ---------------------------------------------------
 
+
 def test_eight_device_step_equals_one_device_and_only_trainables_change(runner8, runner1, init8):
     tr8, fr8, opt8 = runner8.place(*init8)
     tr1, fr1, opt1 = runner1.place(*init8)
@@ -243,6 +277,7 @@ def test_eight_device_step_equals_one_device_and_only_trainables_change(runner8,
 
 # ---- gradient accumulation ---------------------------------------------------------------------------------------
 
+
 def test_accumulation_over_k_micro_batches_equals_one_k_times_larger_batch(runner8, mesh8, init8):
     """k = 2 micro-batches of 8 images vs the same 16 images as one batch, one step from the same state.
 
@@ -266,6 +301,7 @@ def test_accumulation_over_k_micro_batches_equals_one_k_times_larger_batch(runne
 
 # ---- NaN guard ---------------------------------------------------------------------------------------------------
 
+
 def test_non_finite_step_is_not_applied(runner1, init8):
     tr, fr, opt = runner1.place(*init8)
     before, opt_before = flat(tr), [np.asarray(x) for x in jax.tree.leaves(opt)]
@@ -282,10 +318,12 @@ def test_non_finite_step_is_not_applied(runner1, init8):
 
 # ---- pieces ------------------------------------------------------------------------------------------------------
 
+
 def test_schedule_and_optimizer_follow_the_recipe():
     s = T.make_schedule(1e-4, 100, 1000)
-    np.testing.assert_allclose([float(s(i)) for i in (0, 50, 100, 550, 1000)], [0.0, 5e-5, 1e-4, 5e-5, 0.0],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        [float(s(i)) for i in (0, 50, 100, 550, 1000)], [0.0, 5e-5, 1e-4, 5e-5, 0.0], atol=1e-12
+    )
     tc = _config(lr=1e-4, warmup_steps=100).train
     tx, sched = T.make_optimizer(tc), T.schedule_of(tc, 1000)
     # Global-norm clipping to 1.0, then AdamW(b1=.9, b2=.95, eps=1e-8, wd=0), by hand over two steps; the step
@@ -298,8 +336,9 @@ def test_schedule_and_optimizer_follow_the_recipe():
     gc = np.array([0.6, 0.8])
     m_hat = (1 - 0.9**2) * gc / (1 - 0.9**2)
     v_hat = (1 - 0.95**2) * gc**2 / (1 - 0.95**2)
-    np.testing.assert_allclose(-float(sched(1)) * np.asarray(up["w"]), -1e-6 * m_hat / (np.sqrt(v_hat) + 1e-8),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        -float(sched(1)) * np.asarray(up["w"]), -1e-6 * m_hat / (np.sqrt(v_hat) + 1e-8), rtol=1e-5
+    )
     # ... which is optax.adamw's update.
     ref = optax.adamw(sched, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
     rst = ref.init(p)
@@ -318,7 +357,9 @@ def test_sparse_ce_equals_the_full_ce(runner1, init8):
 
     @jax.jit
     def three(tr, fr, mb):  # one compile for the three variants
-        return [T.micro_loss(tr, fr, g, mb, key, dataclasses.replace(sc, ce_max_tokens=k)) for k in (0, 64, 50)]
+        return [
+            T.micro_loss(tr, fr, g, mb, key, dataclasses.replace(sc, ce_max_tokens=k)) for k in (0, 64, 50)
+        ]
 
     (full, mf), (sparse, ms), (_, mt) = three(tr, fr, mb)
     np.testing.assert_allclose(float(sparse), float(full), rtol=1e-6)

@@ -22,8 +22,14 @@ from read_jax import train_lib as T
 from read_jax.data import mixture as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = [("tiny_shapes", None), ("tiny_shapes", "smoke"), ("read_7b_reasonseg", None), ("read_7b_refseg", None),
-           ("read_13b_reasonseg", "stage1"), ("read_13b_reasonseg", "stage2")]
+CONFIGS = [
+    ("tiny_shapes", None),
+    ("tiny_shapes", "smoke"),
+    ("read_7b_reasonseg", None),
+    ("read_7b_refseg", None),
+    ("read_13b_reasonseg", "stage1"),
+    ("read_13b_reasonseg", "stage2"),
+]
 
 
 def load(name: str, arg: str | None = None, *overrides: str):
@@ -39,12 +45,17 @@ def load(name: str, arg: str | None = None, *overrides: str):
 def shallow(cfg):
     """The same architecture with 2 layers per stack (LLaMA, CLIP, SAM encoder)."""
     sam = dataclasses.replace(cfg.sam, encoder_depth=2, global_attn_indexes=(1,))
-    return cfg.replace(llama=dataclasses.replace(cfg.llama, num_hidden_layers=2),
-                       clip=dataclasses.replace(cfg.clip, num_hidden_layers=2), sam=sam)
+    return cfg.replace(
+        llama=dataclasses.replace(cfg.llama, num_hidden_layers=2),
+        clip=dataclasses.replace(cfg.clip, num_hidden_layers=2),
+        sam=sam,
+    )
 
 
 def test_every_config_file_is_covered():
-    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))} - {"__init__"}
+    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))} - {
+        "__init__"
+    }
     assert files == {name for name, _ in CONFIGS}
 
 
@@ -74,18 +85,29 @@ def test_config_loads_and_builds_an_abstract_model(name, arg):
         assert str(full.llama.dtype) == "bfloat16" and full.llama.remat
         # FSDP: the big frozen matrices are split over the 8 devices.
         sh = dict(_flat(setup.frozen_shardings))
-        assert sh["llava/language_model/model/layers/0/mlp/gate_proj/kernel"].spec != jax.sharding.PartitionSpec()
+        assert (
+            sh["llava/language_model/model/layers/0/mlp/gate_proj/kernel"].spec
+            != jax.sharding.PartitionSpec()
+        )
 
 
 def _flat(state):
     from flax import nnx
 
-    return [("/".join(map(str, p)), v.get_value() if hasattr(v, "get_value") else v)
-            for p, v in nnx.to_flat_state(state)]
+    return [
+        ("/".join(map(str, p)), v.get_value() if hasattr(v, "get_value") else v)
+        for p, v in nnx.to_flat_state(state)
+    ]
 
 
 def test_command_line_overrides_and_named_stages():
-    c = load("read_7b_reasonseg", None, "--config.train.lr=2e-5", "--config.data.root=/data", "--config.model.lora.r=16")
+    c = load(
+        "read_7b_reasonseg",
+        None,
+        "--config.train.lr=2e-5",
+        "--config.data.root=/data",
+        "--config.model.lora.r=16",
+    )
     assert c.train.lr == 2e-5 and c.data.root == "/data" and T.read_config_from(c.model).lora.r == 16
     s1, s2 = load("read_13b_reasonseg", "stage1"), load("read_13b_reasonseg", "stage2")
     assert (s1.data.rates, s2.data.rates) == ("read_13b_stage1", "read_13b_stage2")
@@ -103,11 +125,19 @@ def test_7b_step_lowers_on_8_devices_shallow():
     """The 7B recipe's train step (bf16, remat, LoRA r=8, FSDP over 8 devices, 10-step accumulation) traces and
     lowers without executing anything; 2 layers per stack keep it fast (full size: the slow test below)."""
     c = load("read_7b_reasonseg")
-    report = T.memory_report(shallow(T.read_config_from(c.model)), c, mesh=shd.make_mesh(data=1, fsdp=8),
-                             lower=True, accum=2, length=256, images_per_device=1)
+    report = T.memory_report(
+        shallow(T.read_config_from(c.model)),
+        c,
+        mesh=shd.make_mesh(data=1, fsdp=8),
+        lower=True,
+        accum=2,
+        length=256,
+        images_per_device=1,
+    )
     assert report["lowered"]
     assert report["trainable_bytes_per_device"] > 0 and report["optimizer_bytes_per_device"] == pytest.approx(
-        2 * report["trainable_bytes_per_device"], rel=0.01)
+        2 * report["trainable_bytes_per_device"], rel=0.01
+    )
 
 
 @pytest.mark.slow  # full size, abstract only (~20 s each): runs in the default suite and CI

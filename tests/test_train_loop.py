@@ -29,22 +29,45 @@ def env(tmp_path_factory):
     for split, n in (("train", 16), ("val", 8)):
         make_shapes.write_split(str(data), split, n, seed=3)
     e = dict(os.environ)
-    e.update(JAX_COMPILATION_CACHE_DIR=str(base / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+    e.update(
+        JAX_COMPILATION_CACHE_DIR=str(base / "xla_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_PLATFORMS="cpu",
+    )
     e["XLA_FLAGS"] = (e.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     return {"base": base, "data": data, "env": e}
 
 
 def command(env, workdir, *extra):
-    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny_shapes.py") + ":smoke",
-            "--workdir", str(workdir), f"--config.data.root={env['data']}", "--config.data.make_shapes=False",
-            f"--config.train.total_steps={STEPS}", "--config.train.log_every=1", "--config.progress=False",
-            "--config.checkpoint.every_steps=3", "--config.checkpoint.keep=2", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny_shapes.py") + ":smoke",
+        "--workdir",
+        str(workdir),
+        f"--config.data.root={env['data']}",
+        "--config.data.make_shapes=False",
+        f"--config.train.total_steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.progress=False",
+        "--config.checkpoint.every_steps=3",
+        "--config.checkpoint.keep=2",
+        *extra,
+    ]
 
 
 def run(env, workdir, *extra, check=True):
-    p = subprocess.run(command(env, workdir, *extra), env=env["env"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, check=False)
+    p = subprocess.run(
+        command(env, workdir, *extra),
+        env=env["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -72,8 +95,9 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(env, uninterrupted):
     ref = train_rows(uninterrupted)
     assert sorted(ref) == list(range(1, STEPS + 1))
     w = env["base"] / "killed"
-    proc = subprocess.Popen(command(env, w), env=env["env"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(env, w), env=env["env"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 300
         while not finished_steps(w) and proc.poll() is None and time.time() < deadline:
@@ -107,7 +131,12 @@ def test_checkpoint_holds_trainables_optimizer_data_state_and_a_base_reference(u
     steps = finished_steps(uninterrupted)
     assert steps == [STEPS - 3, STEPS]  # keep-N = 2
     ck = uninterrupted / "checkpoints" / str(STEPS)
-    assert {p.name for p in ck.iterdir() if not p.name.startswith("_")} >= {"trainable", "opt_state", "data", "meta"}
+    assert {p.name for p in ck.iterdir() if not p.name.startswith("_")} >= {
+        "trainable",
+        "opt_state",
+        "data",
+        "meta",
+    }
     meta = json.loads((ck / "meta" / "metadata").read_text())
     assert meta["step"] == STEPS and meta["base"]["kind"] == "scratch" and meta["base"]["seed"] == 0
     # The data state is the grain iterator position: STEPS batches consumed.
@@ -183,8 +212,9 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
     init_state = nnx.to_pure_dict(nnx.state(init_model))
     moved = 0
     for path in _paths(jax.tree.map(lambda x: 0, saved)):
-        np.testing.assert_array_equal(np.asarray(_get(init_state, path)), np.asarray(_get(nnx.to_pure_dict(tr0), path)),
-                                      err_msg=path)
+        np.testing.assert_array_equal(
+            np.asarray(_get(init_state, path)), np.asarray(_get(nnx.to_pure_dict(tr0), path)), err_msg=path
+        )
         moved += not np.array_equal(np.asarray(_get(init_state, path)), np.asarray(_get(saved, path)))
     assert init_meta["step"] == 0 and moved > 0
     with pytest.raises(ValueError, match="which"):

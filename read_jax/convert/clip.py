@@ -23,24 +23,43 @@ from read_jax.convert.common import Rule, conv, linear, prefixed
 # Target paths are relative to a ClipVisionModel; `clip_rules(dst_prefix=...)` re-roots them.
 CLIP_VISION_RULES = [
     Rule(r"vision_model\.embeddings\.class_embedding", "vision_model/embeddings/class_embedding"),
-    Rule(r"vision_model\.embeddings\.patch_embedding\.weight",
-         "vision_model/embeddings/patch_embedding/kernel", conv),
-    Rule(r"vision_model\.embeddings\.position_embedding\.weight",
-         "vision_model/embeddings/position_embedding/embedding"),
+    Rule(
+        r"vision_model\.embeddings\.patch_embedding\.weight",
+        "vision_model/embeddings/patch_embedding/kernel",
+        conv,
+    ),
+    Rule(
+        r"vision_model\.embeddings\.position_embedding\.weight",
+        "vision_model/embeddings/position_embedding/embedding",
+    ),
     Rule(r"vision_model\.(pre_layrnorm|post_layernorm)\.weight", r"vision_model/\1/scale"),
     Rule(r"vision_model\.(pre_layrnorm|post_layernorm)\.bias", r"vision_model/\1/bias"),
-    Rule(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
-         r"vision_model/encoder/layers/\1/self_attn/\2/kernel", linear),
-    Rule(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias",
-         r"vision_model/encoder/layers/\1/self_attn/\2/bias"),
-    Rule(r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.weight",
-         r"vision_model/encoder/layers/\1/mlp/\2/kernel", linear),
-    Rule(r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.bias",
-         r"vision_model/encoder/layers/\1/mlp/\2/bias"),
-    Rule(r"vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.weight",
-         r"vision_model/encoder/layers/\1/\2/scale"),
-    Rule(r"vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.bias",
-         r"vision_model/encoder/layers/\1/\2/bias"),
+    Rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
+        r"vision_model/encoder/layers/\1/self_attn/\2/kernel",
+        linear,
+    ),
+    Rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias",
+        r"vision_model/encoder/layers/\1/self_attn/\2/bias",
+    ),
+    Rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.weight",
+        r"vision_model/encoder/layers/\1/mlp/\2/kernel",
+        linear,
+    ),
+    Rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.bias",
+        r"vision_model/encoder/layers/\1/mlp/\2/bias",
+    ),
+    Rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.weight",
+        r"vision_model/encoder/layers/\1/\2/scale",
+    ),
+    Rule(
+        r"vision_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.bias",
+        r"vision_model/encoder/layers/\1/\2/bias",
+    ),
 ]
 
 # Source keys dropped on purpose: the non-persistent `position_ids` buffer (arange) that some transformers
@@ -76,7 +95,8 @@ def clip_ignore(src_prefix: str = "") -> list[str]:
     return [re.escape(src_prefix) + p for p in CLIP_VISION_IGNORE]
 
 
-def mm_projector_rules(src_prefix: str = LLAVA_MM_PROJECTOR_PREFIX,
-                       dst_prefix: str = "mm_projector/") -> list[Rule]:
+def mm_projector_rules(
+    src_prefix: str = LLAVA_MM_PROJECTOR_PREFIX, dst_prefix: str = "mm_projector/"
+) -> list[Rule]:
     """The projector table; defaults map a LLaVA/READ checkpoint onto `LlavaModel.mm_projector`."""
     return prefixed(MM_PROJECTOR_RULES, src_prefix, dst_prefix)

@@ -84,8 +84,10 @@ class ConversionError(ValueError):
 
 def prefixed(rules: Sequence[Rule], src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
     """The same table under other key prefixes (e.g. SAM inside a READ checkpoint)."""
-    return [Rule(re.escape(src_prefix) + r.source if src_prefix else r.source,
-                 dst_prefix + r.target, r.transform) for r in rules]
+    return [
+        Rule(re.escape(src_prefix) + r.source if src_prefix else r.source, dst_prefix + r.target, r.transform)
+        for r in rules
+    ]
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -103,8 +105,15 @@ class Converter:
       dtype: cast every leaf to this dtype; default: the target leaf's dtype.
     """
 
-    def __init__(self, rules: Sequence[Rule], target: Mapping[str, Any], *, ignore: Sequence[str] = (),
-                 allow_unfilled: Sequence[str] = (), dtype=None):
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        target: Mapping[str, Any],
+        *,
+        ignore: Sequence[str] = (),
+        allow_unfilled: Sequence[str] = (),
+        dtype=None,
+    ):
         self.rules = list(rules)
         self.target = dict(target)
         self.ignore = [re.compile(p) for p in ignore]
@@ -147,20 +156,25 @@ class Converter:
         self.out[dst] = np.asarray(arr).astype(dtype, copy=False)
 
     def add_all(self, items: Mapping[str, Array] | Iterable[tuple[str, Array]]) -> Converter:
-        for k, v in (items.items() if isinstance(items, Mapping) else items):
+        for k, v in items.items() if isinstance(items, Mapping) else items:
             self.add(k, v)
         return self
 
     def missing(self) -> list[str]:
-        return sorted(p for p in self.target if p not in self.out
-                      and not any(r.fullmatch(p) for r in self.allow_unfilled))
+        return sorted(
+            p
+            for p in self.target
+            if p not in self.out and not any(r.fullmatch(p) for r in self.allow_unfilled)
+        )
 
     def finish(self) -> dict[str, Array]:
         """The filled leaves; raises one ConversionError listing every problem."""
         problems = []
         if self.unmatched:
-            problems.append(f"{len(self.unmatched)} source keys match no rule and no ignore pattern:\n  "
-                            + "\n  ".join(sorted(self.unmatched)))
+            problems.append(
+                f"{len(self.unmatched)} source keys match no rule and no ignore pattern:\n  "
+                + "\n  ".join(sorted(self.unmatched))
+            )
         if self.errors:
             problems.append(f"{len(self.errors)} mapping errors:\n  " + "\n  ".join(self.errors))
         miss = self.missing()
@@ -171,8 +185,9 @@ class Converter:
         return self.out
 
 
-def convert(source: Mapping[str, Array], rules: Sequence[Rule], target: Mapping[str, Any],
-            **kw) -> dict[str, Array]:
+def convert(
+    source: Mapping[str, Array], rules: Sequence[Rule], target: Mapping[str, Any], **kw
+) -> dict[str, Array]:
     """One-shot `Converter(...).add_all(source).finish()`."""
     return Converter(rules, target, **kw).add_all(source).finish()
 
@@ -209,8 +224,11 @@ def load_leaves(model, leaves: Mapping[str, Array], *, strict: bool = True) -> N
     nnx.update(model, nnx.from_flat_state(flat))
 
 
-def export_leaves(leaves: Mapping[str, Array], rules: Sequence[Rule],
-                  inverse: Mapping[str, tuple[str, Transform]] | None = None) -> dict[str, Array]:
+def export_leaves(
+    leaves: Mapping[str, Array],
+    rules: Sequence[Rule],
+    inverse: Mapping[str, tuple[str, Transform]] | None = None,
+) -> dict[str, Array]:
     """Invert a table for export: target path -> source key, using INVERSE transforms.
 
     Works for rules whose source regex is a literal pattern with groups that appear in the target

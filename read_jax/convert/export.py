@@ -65,10 +65,12 @@ _SHAPE = {
 # The LoRA leaves in PEFT's key layout (an invertible spelling of `read_jax.convert.llama.PEFT_LORA_RULES`).
 _ATTN = r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 PEFT_LORA_EXPORT_RULES = [
-    Rule(_ATTN + r"\.lora_A\.default\.weight", LANGUAGE_MODEL + r"model/layers/\1/self_attn/\2/lora_a",
-         linear),
-    Rule(_ATTN + r"\.lora_B\.default\.weight", LANGUAGE_MODEL + r"model/layers/\1/self_attn/\2/lora_b",
-         linear),
+    Rule(
+        _ATTN + r"\.lora_A\.default\.weight", LANGUAGE_MODEL + r"model/layers/\1/self_attn/\2/lora_a", linear
+    ),
+    Rule(
+        _ATTN + r"\.lora_B\.default\.weight", LANGUAGE_MODEL + r"model/layers/\1/self_attn/\2/lora_b", linear
+    ),
 ]
 DEFAULT_MAX_SHARD_BYTES = 10 << 30  # transformers 4.31 save_pretrained default (§10.1)
 _LORA_LEAF = re.compile(r"(.*)/lora_([ab])")
@@ -87,40 +89,83 @@ def invert_path(rules: Sequence[Rule], path: str) -> tuple[str, Callable]:
 
 def hf_config_dict(cfg: rc.ReadConfig, base: Mapping[str, Any] | None, torch_dtype: str) -> dict:
     """The READ `config.json` (§10.3) for `cfg`, starting from the converted checkpoint's original if any."""
-    out = dict(base) if base else {
-        "architectures": ["READForCausalLM"], "model_type": "llava", "hidden_act": "silu",
-        "tie_word_embeddings": False, "rope_scaling": None, "pretraining_tp": 1, "initializer_range": 0.02,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch", "mm_use_im_start_end": True,
-        "mm_use_im_patch_token": False, "image_aspect_ratio": "square", "train_mask_decoder": True,
-        "mm_vision_tower": HF_CLIP_336, "vision_tower": HF_CLIP_336,
-        "use_cache": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-        "transformers_version": "4.31.0",
-    }
+    out = (
+        dict(base)
+        if base
+        else {
+            "architectures": ["READForCausalLM"],
+            "model_type": "llava",
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "rope_scaling": None,
+            "pretraining_tp": 1,
+            "initializer_range": 0.02,
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_feature": "patch",
+            "mm_use_im_start_end": True,
+            "mm_use_im_patch_token": False,
+            "image_aspect_ratio": "square",
+            "train_mask_decoder": True,
+            "mm_vision_tower": HF_CLIP_336,
+            "vision_tower": HF_CLIP_336,
+            "use_cache": False,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "transformers_version": "4.31.0",
+        }
+    )
     ll = cfg.llama
-    out.update(vocab_size=ll.vocab_size, hidden_size=ll.hidden_size, intermediate_size=ll.intermediate_size,
-               num_hidden_layers=ll.num_hidden_layers, num_attention_heads=ll.num_attention_heads,
-               num_key_value_heads=ll.num_key_value_heads, rms_norm_eps=ll.rms_norm_eps,
-               rope_theta=ll.rope_theta, max_position_embeddings=ll.max_position_embeddings,
-               mm_hidden_size=cfg.clip.hidden_size, mm_vision_select_layer=cfg.clip.select_layer,
-               out_dim=cfg.out_dim, torch_dtype=torch_dtype)
+    out.update(
+        vocab_size=ll.vocab_size,
+        hidden_size=ll.hidden_size,
+        intermediate_size=ll.intermediate_size,
+        num_hidden_layers=ll.num_hidden_layers,
+        num_attention_heads=ll.num_attention_heads,
+        num_key_value_heads=ll.num_key_value_heads,
+        rms_norm_eps=ll.rms_norm_eps,
+        rope_theta=ll.rope_theta,
+        max_position_embeddings=ll.max_position_embeddings,
+        mm_hidden_size=cfg.clip.hidden_size,
+        mm_vision_select_layer=cfg.clip.select_layer,
+        out_dim=cfg.out_dim,
+        torch_dtype=torch_dtype,
+    )
     return out
 
 
 def clip_config_dict(c: rc.ClipVisionConfig, torch_dtype: str) -> dict:
     """An HF `CLIPVisionModel` config.json for the vision tower."""
-    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
-            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-            "image_size": c.image_size, "patch_size": c.patch_size, "num_channels": c.num_channels,
-            "layer_norm_eps": c.layer_norm_eps, "hidden_act": c.hidden_act, "attention_dropout": 0.0,
-            "initializer_range": 0.02, "initializer_factor": 1.0, "torch_dtype": torch_dtype}
+    return {
+        "architectures": ["CLIPVisionModel"],
+        "model_type": "clip_vision_model",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "image_size": c.image_size,
+        "patch_size": c.patch_size,
+        "num_channels": c.num_channels,
+        "layer_norm_eps": c.layer_norm_eps,
+        "hidden_act": c.hidden_act,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "torch_dtype": torch_dtype,
+    }
 
 
 class _Plan:
     """Every output tensor: which file, key, shape, dtype, and which leaf (or LoRA triplet) it comes from."""
 
-    def __init__(self, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]], cfg: rc.ReadConfig, *,
-                 merge_lora: bool, dtype):
+    def __init__(
+        self,
+        leaves: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+        cfg: rc.ReadConfig,
+        *,
+        merge_lora: bool,
+        dtype,
+    ):
         lora = {m.group(1) for p in leaves if (m := _LORA_LEAF.fullmatch(p))}
         self.peft = bool(lora) and not merge_lora
         self.merge = bool(lora) and merge_lora
@@ -134,8 +179,9 @@ class _Plan:
         for path, (shape, dt) in leaves.items():
             if self.merge and _LORA_LEAF.fullmatch(path):
                 continue  # folded into its kernel
-            group, rules = (("clip", clip_dir_rules()) if path.startswith(VISION_TOWER)
-                            else ("main", main_rules))
+            group, rules = (
+                ("clip", clip_dir_rules()) if path.startswith(VISION_TOWER) else ("main", main_rules)
+            )
             key, fwd = invert_path(rules, path)
             if group == "main" and self.peft and not key.startswith(PEFT_PREFIX):
                 key = PEFT_PREFIX + key
@@ -143,8 +189,13 @@ class _Plan:
             self.by_leaf[path] = (group, key, fwd)
 
 
-def export_layout(leaves: Mapping[str, tuple[tuple[int, ...], Any]], cfg: rc.ReadConfig, *,
-                  merge_lora: bool = True, dtype=None) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def export_layout(
+    leaves: Mapping[str, tuple[tuple[int, ...], Any]],
+    cfg: rc.ReadConfig,
+    *,
+    merge_lora: bool = True,
+    dtype=None,
+) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """The HF tensors an export of `leaves` (path -> (shape, dtype)) writes, without any data.
 
     Returns:
@@ -168,8 +219,11 @@ class _ShardedWriter:
             size += nb
         groups.append(cur)
         n = len(groups)
-        names = ([f"{stem}.safetensors"] if n == 1
-                 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        names = (
+            [f"{stem}.safetensors"]
+            if n == 1
+            else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.writers = {}
         self.file_of = {}
         for name, g in zip(names, groups, strict=True):
@@ -190,11 +244,19 @@ class _ShardedWriter:
             w.close()
 
 
-def export_leaves_to_hf(parts: Iterable[Mapping[str, np.ndarray]], leaves: Mapping[str, tuple],
-                        cfg: rc.ReadConfig, out_dir: str | os.PathLike, *, merge_lora: bool = False,
-                        dtype: str | None = None, hf_config: Mapping[str, Any] | None = None,
-                        tokenizer_dir: str | os.PathLike | None = None,
-                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+def export_leaves_to_hf(
+    parts: Iterable[Mapping[str, np.ndarray]],
+    leaves: Mapping[str, tuple],
+    cfg: rc.ReadConfig,
+    out_dir: str | os.PathLike,
+    *,
+    merge_lora: bool = False,
+    dtype: str | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Write an HF READ directory from a stream of leaf dicts.
 
     Args:
@@ -256,8 +318,9 @@ def export_leaves_to_hf(parts: Iterable[Mapping[str, np.ndarray]], leaves: Mappi
                 emit(path, arr)
         missing = sorted(set(leaves) - seen)
         if missing or pending:
-            raise ConversionError(f"export: leaves never provided: {missing}; "
-                                  f"incomplete LoRA: {sorted(pending)}")
+            raise ConversionError(
+                f"export: leaves never provided: {missing}; incomplete LoRA: {sorted(pending)}"
+            )
         main.close()
         if clip is not None:
             clip.close()
@@ -265,10 +328,20 @@ def export_leaves_to_hf(parts: Iterable[Mapping[str, np.ndarray]], leaves: Mappi
             (tmp / "vision_tower" / "config.json").write_text(json.dumps(clip_cfg, indent=1))
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, hf_config, torch_dtype), indent=1))
         if plan.peft:
-            (tmp / "adapter_config.json").write_text(json.dumps({
-                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha,
-                "lora_dropout": cfg.lora.dropout, "bias": "none",
-                "target_modules": sorted({m.rsplit("/", 1)[1] for m in plan.lora_modules})}, indent=1))
+            (tmp / "adapter_config.json").write_text(
+                json.dumps(
+                    {
+                        "peft_type": "LORA",
+                        "task_type": "CAUSAL_LM",
+                        "r": cfg.lora.r,
+                        "lora_alpha": cfg.lora.alpha,
+                        "lora_dropout": cfg.lora.dropout,
+                        "bias": "none",
+                        "target_modules": sorted({m.rsplit("/", 1)[1] for m in plan.lora_modules}),
+                    },
+                    indent=1,
+                )
+            )
         if tokenizer_dir is not None:
             for f in Path(tokenizer_dir).iterdir():
                 if f.is_file():
@@ -282,9 +355,15 @@ def export_leaves_to_hf(parts: Iterable[Mapping[str, np.ndarray]], leaves: Mappi
     return out_dir
 
 
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, merge_lora: bool = False,
-                      dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    merge_lora: bool = False,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """A converted read_jax checkpoint (convert_weights.py output) -> an HF READ directory, part by part."""
     from read_jax import checkpoint as ck
 
@@ -295,22 +374,40 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     if uninit:
         raise ConversionError(
             f"{ckpt_dir}: {len(uninit)} leaves were left to their init at conversion ({uninit[:3]}...): "
-            "build the model with read_jax.checkpoint.load_model and export it with export_model instead")
+            "build the model with read_jax.checkpoint.load_model and export it with export_model instead"
+        )
     import ml_dtypes  # noqa: F401  (registers 'bfloat16' with numpy for the manifest dtype names)
 
     leaves = {p: (tuple(v["shape"]), np.dtype(v["dtype"])) for p, v in manifest["leaves"].items()}
     hf_path = ckpt_dir / ck.HF_CONFIG
     hf = json.loads(hf_path.read_text()) if hf_path.is_file() else None
     tok = ckpt_dir / ck.TOKENIZER_DIR
-    return export_leaves_to_hf(ck.iter_parts(ckpt_dir), leaves, cfg, out_dir, merge_lora=merge_lora,
-                               dtype=dtype, hf_config=hf, tokenizer_dir=tok if tok.is_dir() else None,
-                               max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    return export_leaves_to_hf(
+        ck.iter_parts(ckpt_dir),
+        leaves,
+        cfg,
+        out_dir,
+        merge_lora=merge_lora,
+        dtype=dtype,
+        hf_config=hf,
+        tokenizer_dir=tok if tok.is_dir() else None,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+    )
 
 
-def export_model(model, cfg: rc.ReadConfig, out_dir: str | os.PathLike, *, merge_lora: bool = False,
-                 dtype: str | None = "bfloat16", tokenizer_dir: str | os.PathLike | None = None,
-                 hf_config: Mapping[str, Any] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 overwrite: bool = False) -> Path:
+def export_model(
+    model,
+    cfg: rc.ReadConfig,
+    out_dir: str | os.PathLike,
+    *,
+    merge_lora: bool = False,
+    dtype: str | None = "bfloat16",
+    tokenizer_dir: str | os.PathLike | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """An in-memory (possibly sharded) NNX model -> an HF READ directory; one leaf at a time on the host."""
     import jax
     from flax import nnx
@@ -324,6 +421,15 @@ def export_model(model, cfg: rc.ReadConfig, out_dir: str | os.PathLike, *, merge
         for p, v in state.items():
             yield {p: np.asarray(jax.device_get(v))}
 
-    return export_leaves_to_hf(parts(), leaves, cfg, out_dir, merge_lora=merge_lora, dtype=dtype,
-                               hf_config=hf_config, tokenizer_dir=tokenizer_dir,
-                               max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    return export_leaves_to_hf(
+        parts(),
+        leaves,
+        cfg,
+        out_dir,
+        merge_lora=merge_lora,
+        dtype=dtype,
+        hf_config=hf_config,
+        tokenizer_dir=tokenizer_dir,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+    )

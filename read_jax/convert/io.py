@@ -41,9 +41,16 @@ class CheckpointFileError(ValueError):
 
 # ---- safetensors -----------------------------------------------------------------------------------------
 _ST_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
@@ -74,7 +81,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise CheckpointFileError(
-                f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+                f"{path}: truncated safetensors file (header of {n} bytes, file {size})"
+            )
         try:
             header = json.loads(f.read(n))
         except json.JSONDecodeError as e:
@@ -92,7 +100,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
         end = max(end, e)
     if 8 + n + end > size:
         raise CheckpointFileError(
-            f"{path}: truncated safetensors file: tensors end at byte {8 + n + end}, the file has {size}")
+            f"{path}: truncated safetensors file: tensors end at byte {8 + n + end}, the file has {size}"
+        )
     return infos, meta
 
 
@@ -119,8 +128,9 @@ def _iter_safetensors(path: Path, copy: bool) -> Iterator[tuple[str, np.ndarray]
                 del arr
 
 
-def safetensors_layout(specs: Sequence[tuple[str, Sequence[int], Any]],
-                       metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, int], int]:
+def safetensors_layout(
+    specs: Sequence[tuple[str, Sequence[int], Any]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, int], int]:
     """The header of a safetensors file holding `specs` = [(key, shape, dtype)] in that order.
 
     Returns (the 8-byte length + JSON header bytes, key -> absolute byte offset of its data, file size).
@@ -134,8 +144,11 @@ def safetensors_layout(specs: Sequence[tuple[str, Sequence[int], Any]],
         if dt not in _ST_NAMES:
             raise CheckpointFileError(f"cannot write {key!r} of dtype {dt} to safetensors")
         nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        header[key] = {"dtype": _ST_NAMES[dt], "shape": [int(x) for x in shape],
-                       "data_offsets": [off, off + nb]}
+        header[key] = {
+            "dtype": _ST_NAMES[dt],
+            "shape": [int(x) for x in shape],
+            "data_offsets": [off, off + nb],
+        }
         rel[key] = off
         off += nb
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -148,8 +161,12 @@ class SafetensorsWriter:
     """A safetensors file laid out up front from (key, shape, dtype) specs, then filled tensor by tensor in
     any order (each `write` seeks to its slot), so a writer never holds more than the tensor it is given."""
 
-    def __init__(self, path: str | os.PathLike, specs: Sequence[tuple[str, Sequence[int], Any]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Sequence[tuple[str, Sequence[int], Any]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.specs = {k: (tuple(int(x) for x in s), np.dtype(d)) for k, s, d in specs}
         head, self.offsets, size = safetensors_layout(specs, metadata)
@@ -162,7 +179,8 @@ class SafetensorsWriter:
         shape, dt = self.specs[key]
         if tuple(a.shape) != shape or np.dtype(a.dtype) != dt:
             raise CheckpointFileError(
-                f"{self.path}: {key!r} is {a.shape} {a.dtype}, the header says {shape} {dt}")
+                f"{self.path}: {key!r} is {a.shape} {a.dtype}, the header says {shape} {dt}"
+            )
         with open(self.path, "r+b") as f:
             f.seek(self.offsets[key])
             f.write(np.ascontiguousarray(a).tobytes(order="C"))
@@ -173,9 +191,11 @@ class SafetensorsWriter:
             raise CheckpointFileError(f"{self.path}: tensors never written: {sorted(self.pending)}")
 
 
-def write_safetensors(path: str | os.PathLike,
-                      items: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike,
+    items: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write (key, array) pairs to one safetensors file (bf16 arrays as BF16); loadable by
     `safetensors.torch.load_file` and transformers (which also wants `metadata={"format": "pt"}`)."""
     items = list(items.items() if isinstance(items, Mapping) else items)
@@ -215,7 +235,8 @@ def _torch_load(path: Path) -> tuple[dict, bool]:
         if "zip archive" in msg or "central directory" in msg:
             # The zip index is at the end of a torch.save file: a truncated download loses it first.
             raise CheckpointFileError(
-                f"{path}: cannot read the checkpoint (truncated or corrupt file: {msg})") from e
+                f"{path}: cannot read the checkpoint (truncated or corrupt file: {msg})"
+            ) from e
         if "mmap" not in msg:
             raise CheckpointFileError(f"{path}: cannot read the checkpoint ({msg})") from e
         # Legacy (pre-zipfile) pickles cannot be memory-mapped: read them whole, they are small (< 2 GB era).
@@ -371,6 +392,8 @@ def find_checkpoint_files(directory: str | os.PathLike) -> CheckpointFiles:
             return CheckpointFiles(d, (d / name,), None)
     shards = sorted(d.glob("pytorch_model-*.bin")) + sorted(d.glob("model-*.safetensors"))
     if shards:
-        raise CheckpointFileError(f"{d}: found shards {[s.name for s in shards]} but no index json "
-                                  f"(expected one of {list(_INDEX_NAMES)})")
+        raise CheckpointFileError(
+            f"{d}: found shards {[s.name for s in shards]} but no index json "
+            f"(expected one of {list(_INDEX_NAMES)})"
+        )
     raise CheckpointFileError(f"{d}: no weights found (expected {list(_SINGLE_NAMES)} or an index json)")

@@ -24,12 +24,21 @@ from read_jax.convert.common import Rule, identity, linear
 # Plain literal patterns with capture groups only, so `common.export_leaves` can invert them.
 LLAMA_RULES: list[Rule] = [
     Rule(r"model\.embed_tokens\.weight", "model/embed_tokens/embedding", identity),
-    Rule(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
-         r"model/layers/\1/self_attn/\2/kernel", linear),
-    Rule(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
-         r"model/layers/\1/mlp/\2/kernel", linear),
-    Rule(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-         r"model/layers/\1/\2/scale", identity),
+    Rule(
+        r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
+        r"model/layers/\1/self_attn/\2/kernel",
+        linear,
+    ),
+    Rule(
+        r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
+        r"model/layers/\1/mlp/\2/kernel",
+        linear,
+    ),
+    Rule(
+        r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+        r"model/layers/\1/\2/scale",
+        identity,
+    ),
     Rule(r"model\.norm\.weight", "model/norm/scale", identity),
     Rule(r"lm_head\.weight", "lm_head/kernel", linear),
 ]
@@ -40,17 +49,29 @@ LLAMA_IGNORE: list[str] = [r"(base_model\.model\.)?model\.layers\.\d+\.self_attn
 # PEFT LoRA leaves, with or without the `base_model.model.` prefix and the `.default` adapter name. Any of the
 # four attention projections (READ targets q_proj and v_proj only; the LoRA match count is checked elsewhere).
 PEFT_LORA_RULES: list[Rule] = [
-    Rule(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-         r"\.lora_A(?:\.default)?\.weight", r"model/layers/\1/self_attn/\2/lora_a", linear),
-    Rule(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-         r"\.lora_B(?:\.default)?\.weight", r"model/layers/\1/self_attn/\2/lora_b", linear),
+    Rule(
+        r"(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+        r"\.lora_A(?:\.default)?\.weight",
+        r"model/layers/\1/self_attn/\2/lora_a",
+        linear,
+    ),
+    Rule(
+        r"(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+        r"\.lora_B(?:\.default)?\.weight",
+        r"model/layers/\1/self_attn/\2/lora_b",
+        linear,
+    ),
 ]
 
 # The base weights inside a PEFT-wrapped model's state dict: `base_model.model.` prefix, and newer PEFT
 # versions' `base_layer.` inside the wrapped projections.
 PEFT_BASE_RULES: list[Rule] = [
-    Rule(r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-         r"\.(?:base_layer\.)?weight", r"model/layers/\1/self_attn/\2/kernel", linear),
+    Rule(
+        r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+        r"\.(?:base_layer\.)?weight",
+        r"model/layers/\1/self_attn/\2/kernel",
+        linear,
+    ),
 ] + [Rule(r"base_model\.model\." + r.source, r.target, r.transform) for r in LLAMA_RULES]
 
 # Everything a PEFT-wrapped LLaMA state dict can hold (base + LoRA).

@@ -68,14 +68,23 @@ from read_jax.convert.sam import SAM_IGNORE, sam_rules
 PEFT_PREFIX = "base_model.model."
 SAM_PREFIX = "model.visual_model."
 SEG_TOKENS = {"[SEG]": rc.SEG_TOKEN_ID, "<im_start>": rc.IM_START_TOKEN_ID, "<im_end>": rc.IM_END_TOKEN_ID}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+    "generation_config.json",
+)
 HF_CLIP_336 = "openai/clip-vit-large-patch14-336"
 # HF 4.31 `resize_token_embeddings` initialises new rows with `_init_weights`: normal(0, initializer_range).
 RESIZE_INIT_STD = 0.02
 ARCHITECTURES = {
-    "READForCausalLM": "read", "SESAMEForCausalLM": "sesame", "LISAForCausalLM": "lisa",
-    "LlavaLlamaForCausalLM": "llava", "LlamaForCausalLM": "llama",
+    "READForCausalLM": "read",
+    "SESAMEForCausalLM": "sesame",
+    "LISAForCausalLM": "lisa",
+    "LlavaLlamaForCausalLM": "llava",
+    "LlamaForCausalLM": "llama",
 }
 
 # ---- key tables --------------------------------------------------------------------------------------------
@@ -95,26 +104,34 @@ TEXT_HIDDEN_FCS_RULES: list[Rule] = [
 
 # The text tower and projections of a full HF `CLIPModel` directory (openai/clip-vit-large-patch14-336 is
 # one): LLaVA's `CLIPVisionModel.from_pretrained` drops them too.
-CLIP_MODEL_EXTRA_IGNORE = [r"text_model\..*", r"visual_projection\.weight", r"text_projection\.weight",
-                           r"logit_scale"]
+CLIP_MODEL_EXTRA_IGNORE = [
+    r"text_model\..*",
+    r"visual_projection\.weight",
+    r"text_projection\.weight",
+    r"logit_scale",
+]
 _VM = r"vision_model\."
 _PEFT = r"(?:base_model\.model\.)?"
 
 
 def read_rules() -> list[Rule]:
     """The READ/SESAME checkpoint table in the released (merged) layout; invertible for export."""
-    return (prefixed(LLAMA_RULES, "", LANGUAGE_MODEL)
-            + mm_projector_rules(dst_prefix=MM_PROJECTOR)
-            + TEXT_HIDDEN_FCS_RULES
-            + sam_rules(SAM_PREFIX, VISUAL_MODEL))
+    return (
+        prefixed(LLAMA_RULES, "", LANGUAGE_MODEL)
+        + mm_projector_rules(dst_prefix=MM_PROJECTOR)
+        + TEXT_HIDDEN_FCS_RULES
+        + sam_rules(SAM_PREFIX, VISUAL_MODEL)
+    )
 
 
 def peft_read_rules() -> list[Rule]:
     """The same checkpoint wrapped by PEFT (`base_model.model.` prefix; `base_layer` in newer peft)."""
-    return (prefixed(PEFT_BASE_RULES, "", LANGUAGE_MODEL)
-            + prefixed(mm_projector_rules(dst_prefix=MM_PROJECTOR), PEFT_PREFIX)
-            + prefixed(TEXT_HIDDEN_FCS_RULES, PEFT_PREFIX)
-            + sam_rules(PEFT_PREFIX + SAM_PREFIX, VISUAL_MODEL))
+    return (
+        prefixed(PEFT_BASE_RULES, "", LANGUAGE_MODEL)
+        + prefixed(mm_projector_rules(dst_prefix=MM_PROJECTOR), PEFT_PREFIX)
+        + prefixed(TEXT_HIDDEN_FCS_RULES, PEFT_PREFIX)
+        + sam_rules(PEFT_PREFIX + SAM_PREFIX, VISUAL_MODEL)
+    )
 
 
 def lora_rules() -> list[Rule]:
@@ -124,8 +141,9 @@ def lora_rules() -> list[Rule]:
 
 def vision_tower_rules() -> list[Rule]:
     """CLIP inside a LLaVA state dict (`model.vision_tower.vision_tower.`), plain or PEFT-wrapped."""
-    return (clip_rules(LLAVA_VISION_TOWER_PREFIX, VISION_TOWER)
-            + clip_rules(PEFT_PREFIX + LLAVA_VISION_TOWER_PREFIX, VISION_TOWER))
+    return clip_rules(LLAVA_VISION_TOWER_PREFIX, VISION_TOWER) + clip_rules(
+        PEFT_PREFIX + LLAVA_VISION_TOWER_PREFIX, VISION_TOWER
+    )
 
 
 def clip_dir_rules() -> list[Rule]:
@@ -136,8 +154,9 @@ def clip_dir_rules() -> list[Rule]:
     through the one CLIP table: the prefix-less rules are its rules with `vision_model.` cut off the source.
     """
     rules = clip_rules("", VISION_TOWER)
-    return rules + [Rule(r.source[len(_VM):], r.target, r.transform)
-                    for r in rules if r.source.startswith(_VM)]
+    return rules + [
+        Rule(r.source[len(_VM) :], r.target, r.transform) for r in rules if r.source.startswith(_VM)
+    ]
 
 
 def sam_pth_rules() -> list[Rule]:
@@ -159,8 +178,11 @@ def read_ignore(*, clip_given: bool, sam_given: bool) -> list[str]:
 
 def clip_dir_ignore() -> list[str]:
     """Source-key regexes of an HF CLIP directory dropped on purpose."""
-    return (list(CLIP_VISION_IGNORE) + [p[len(_VM):] for p in CLIP_VISION_IGNORE if p.startswith(_VM)]
-            + CLIP_MODEL_EXTRA_IGNORE)
+    return (
+        list(CLIP_VISION_IGNORE)
+        + [p[len(_VM) :] for p in CLIP_VISION_IGNORE if p.startswith(_VM)]
+        + CLIP_MODEL_EXTRA_IGNORE
+    )
 
 
 # ---- target tree -------------------------------------------------------------------------------------------
@@ -201,15 +223,22 @@ def family_of(hf: Mapping[str, Any]) -> str:
         raise rc.ConfigError(
             f"config.json: mm_projector_type={hf.get('mm_projector_type')!r}: this is a LLaVA-v1 style "
             "checkpoint (LISA-v1: a single-Linear mm_projector and CLIP ViT-L/14-224), but read_jax "
-            "implements LLaVA-1.5's mlp2x_gelu projector only (READ and SESAME)")
+            "implements LLaVA-1.5's mlp2x_gelu projector only (READ and SESAME)"
+        )
     return family
 
 
 # transformers 4.x wrote only the values that differ from its defaults (`to_diff_dict`), so an absent key
 # means HF's CLIPVisionConfig default (ViT-B/32), not read_jax's ViT-L/14-336 one.
 _HF_CLIP_VISION_DEFAULTS = {
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "image_size": 224, "patch_size": 32, "num_channels": 3, "layer_norm_eps": 1e-5,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "num_channels": 3,
+    "layer_norm_eps": 1e-5,
     "hidden_act": "quick_gelu",
 }
 
@@ -248,7 +277,8 @@ def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], d
     def note(tok: str, idx: int, where: str):
         if tok in found and found[tok][0] != idx:
             raise rc.ConfigError(
-                f"{tok_dir}: {tok} has id {found[tok][0]} in {found[tok][1]} but {idx} in {where}")
+                f"{tok_dir}: {tok} has id {found[tok][0]} in {found[tok][1]} but {idx} in {where}"
+            )
         found.setdefault(tok, (int(idx), where))
 
     for tok in SEG_TOKENS:
@@ -270,19 +300,23 @@ def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], d
             return files, dict(SEG_TOKENS)
         raise rc.ConfigError(
             f"{tok_dir}: the tokenizer has no [SEG] token (tokenizer.model has {base} pieces); READ needs "
-            f"[SEG]=32000, <im_start>=32001, <im_end>=32002 (--resize-vocab adds them to a LLaVA base)")
+            f"[SEG]=32000, <im_start>=32001, <im_end>=32002 (--resize-vocab adds them to a LLaVA base)"
+        )
     for tok, want in SEG_TOKENS.items():
         if tok not in found:
             raise rc.ConfigError(f"{tok_dir}: the tokenizer has [SEG] but no {tok} (READ needs {tok}={want})")
         idx, where = found[tok]
         if idx != want:
-            raise rc.ConfigError(f"{tok_dir / where}: {tok} has id {idx}, READ needs {want} "
-                                 f"(read_reference.md §2.3: the ids are baked into the model and the data)")
+            raise rc.ConfigError(
+                f"{tok_dir / where}: {tok} has id {idx}, READ needs {want} "
+                f"(read_reference.md §2.3: the ids are baked into the model and the data)"
+            )
     return files, None
 
 
-def build_config(hf: Mapping[str, Any], *, clip_dir: Path | None, base: str, dtype: str,
-                 resize_vocab: bool) -> rc.ReadConfig:
+def build_config(
+    hf: Mapping[str, Any], *, clip_dir: Path | None, base: str, dtype: str, resize_vocab: bool
+) -> rc.ReadConfig:
     """ReadConfig of a checkpoint: LLaMA from config.json, CLIP from --clip, SAM/SasP/LoRA from `base`.
 
     `mm_hidden_size` and `out_dim` are checked against the CLIP and SAM configs here (rather than against
@@ -300,12 +334,16 @@ def build_config(hf: Mapping[str, Any], *, clip_dir: Path | None, base: str, dty
         raise rc.ConfigError(
             "config.json: vocab_size 32000 (a plain LLaVA/LLaMA vocabulary); READ checkpoints have 32003 "
             "([SEG], <im_start>, <im_end>). Pass --resize-vocab to append the 3 rows (N(0, 0.02) init, as HF "
-            "resize_token_embeddings does) for a from-scratch init")
+            "resize_token_embeddings does) for a from-scratch init"
+        )
     elif vocab != rc.VOCAB_SIZE:
         raise rc.ConfigError(f"config.json: vocab_size {vocab}, READ needs {rc.VOCAB_SIZE}")
     llama = rc.from_hf_config(hf, dtype=dtype)
-    factories = {"read_7b": rc.ReadConfig.read_7b, "read_13b": rc.ReadConfig.read_13b,
-                 "tiny": lambda: rc.ReadConfig.tiny(dtype)}
+    factories = {
+        "read_7b": rc.ReadConfig.read_7b,
+        "read_13b": rc.ReadConfig.read_13b,
+        "tiny": lambda: rc.ReadConfig.tiny(dtype),
+    }
     if base == "auto":
         base = {4096: "read_7b", 5120: "read_13b"}.get(llama.hidden_size)
         if base is None:
@@ -317,11 +355,14 @@ def build_config(hf: Mapping[str, Any], *, clip_dir: Path | None, base: str, dty
     clip = clip_config_from_hf(clip_dir, select_layer=select, dtype=dtype) if clip_dir else cfg.clip
     cfg = cfg.replace(llama=llama, clip=clip)
     if mm_hidden is not None and mm_hidden != clip.hidden_size:
-        raise rc.ConfigError(f"config.json: mm_hidden_size {mm_hidden} != {clip.hidden_size}, the "
-                             f"hidden_size of the --clip tower")
+        raise rc.ConfigError(
+            f"config.json: mm_hidden_size {mm_hidden} != {clip.hidden_size}, the "
+            f"hidden_size of the --clip tower"
+        )
     if out_dim is not None and out_dim != cfg.out_dim:
-        raise rc.ConfigError(f"config.json: out_dim {out_dim} != the SAM prompt_embed_dim {cfg.out_dim} of "
-                             f"--base {base}")
+        raise rc.ConfigError(
+            f"config.json: out_dim {out_dim} != the SAM prompt_embed_dim {cfg.out_dim} of --base {base}"
+        )
     return cfg
 
 
@@ -449,8 +490,9 @@ class _Written:
         self.shape, self.dtype = a.shape, a.dtype
 
 
-def precheck(conv: Converter, keys: Iterable[str], *, complete: bool,
-             consumed: Callable[[str], bool]) -> None:
+def precheck(
+    conv: Converter, keys: Iterable[str], *, complete: bool, consumed: Callable[[str], bool]
+) -> None:
     """Key-level dry run before any tensor is read: unknown keys always, unfilled leaves if `complete`."""
     unmatched = []
     for k in keys:
@@ -463,8 +505,10 @@ def precheck(conv: Converter, keys: Iterable[str], *, complete: bool,
             conv.out.setdefault(t, None)
     problems = []
     if unmatched:
-        problems.append(f"{len(unmatched)} source keys match no rule and no ignore pattern:\n  "
-                        + "\n  ".join(sorted(unmatched)))
+        problems.append(
+            f"{len(unmatched)} source keys match no rule and no ignore pattern:\n  "
+            + "\n  ".join(sorted(unmatched))
+        )
     miss = conv.missing() if complete else []
     if miss:
         problems.append(f"{len(miss)} target leaves have no source key:\n  " + "\n  ".join(miss))
@@ -546,8 +590,10 @@ def convert_read_checkpoint(
     family = family_of(hf)
     vt = hf.get("mm_vision_tower") or hf.get("vision_tower")
     if vt and clip_dir is not None:
-        log(f"config.json names the vision tower {vt!r} (a path on the training machine, §10.3): "
-            f"using --clip {clip_dir}")
+        log(
+            f"config.json names the vision tower {vt!r} (a path on the training machine, §10.3): "
+            f"using --clip {clip_dir}"
+        )
     cfg = build_config(hf, clip_dir=clip_dir, base=base, dtype=dtype, resize_vocab=resize_vocab)
     tok_files, added_tokens = check_tokenizer(hf_dir, resize_vocab=resize_vocab)
     sources = [hf_source("checkpoint", hf_dir)]
@@ -558,16 +604,25 @@ def convert_read_checkpoint(
     if lora_alpha is None:
         adapter = hf_dir / "adapter_config.json"
         lora_alpha = (_read_json(adapter).get("lora_alpha") if adapter.is_file() else None) or (
-            cfg.lora.alpha if cfg.lora is not None else 16.0)
+            cfg.lora.alpha if cfg.lora is not None else 16.0
+        )
 
     # ---- target and tables: one Converter per source, all filling one shared `out` ----
     target = target_leaves((model_fn or default_model_fn)(cfg))
     merge = not any(p.endswith(("/lora_a", "/lora_b")) for p in target)
-    rules = {"checkpoint": read_rules() + peft_read_rules() + ([] if merge else lora_rules())
-             + ([] if clip_dir is not None else vision_tower_rules()),
-             "clip": clip_dir_rules(), "sam": sam_pth_rules()}
-    ignore = {"checkpoint": read_ignore(clip_given=clip_dir is not None, sam_given=sam_path is not None),
-              "clip": clip_dir_ignore(), "sam": list(SAM_IGNORE)}
+    rules = {
+        "checkpoint": read_rules()
+        + peft_read_rules()
+        + ([] if merge else lora_rules())
+        + ([] if clip_dir is not None else vision_tower_rules()),
+        "clip": clip_dir_rules(),
+        "sam": sam_pth_rules(),
+    }
+    ignore = {
+        "checkpoint": read_ignore(clip_given=clip_dir is not None, sam_given=sam_path is not None),
+        "clip": clip_dir_ignore(),
+        "sam": list(SAM_IGNORE),
+    }
     allow_unfilled = list(ck.DEFAULT_ALLOW_MISSING)
     if family == "llava":  # a LLaVA-1.5 base: text_hidden_fcs is new in READ (torch default init, §2.6)
         allow_unfilled.append(r"text_hidden_fcs/.*")
@@ -600,8 +655,13 @@ def convert_read_checkpoint(
         writer = ck.PartWriter(tmp / ck.PARAMS_DIR, part_bytes or ck.DEFAULT_PART_BYTES, compress=compress)
         rng = np.random.default_rng(seed)
         merger = LoraMerger(float(lora_alpha), lora_modules) if merge else None
-        bar = tqdm(total=sum(s.nbytes for s in sources), unit="B", unit_scale=True, desc="convert",
-                   disable=not progress)
+        bar = tqdm(
+            total=sum(s.nbytes for s in sources),
+            unit="B",
+            unit_scale=True,
+            desc="convert",
+            disable=not progress,
+        )
         read_bytes = 0
 
         def add(conv: Converter, key: str, arr: np.ndarray, where: Path):
@@ -628,15 +688,17 @@ def convert_read_checkpoint(
                 for key, arr in io.iter_tensors(f):
                     seen.add(key)
                     file_bytes += arr.nbytes
-                    for k, a in (stage.feed(key, arr) if stage else [(key, arr)]):
+                    for k, a in stage.feed(key, arr) if stage else [(key, arr)]:
                         add(conv, k, a, f)
                     bar.update(arr.nbytes)
                 read_bytes += file_bytes
                 bar.update(max(0, f.stat().st_size - file_bytes))  # headers, pickle
                 expected = None if s.expected_keys is None else s.expected_keys[f]
                 if expected is not None and seen != expected:
-                    conv.errors.append(f"{f}: does not hold the keys its index lists (missing "
-                                       f"{sorted(expected - seen)}, unlisted {sorted(seen - expected)})")
+                    conv.errors.append(
+                        f"{f}: does not hold the keys its index lists (missing "
+                        f"{sorted(expected - seen)}, unlisted {sorted(seen - expected)})"
+                    )
             if stage is not None:
                 for k, a in stage.finish():
                     add(conv, k, a, s.files[-1])
@@ -660,11 +722,23 @@ def convert_read_checkpoint(
         writer.close(extra={"uninitialized": uninit})
         (tmp / ck.CONFIG).write_text(json.dumps(rc.config_to_dict(cfg), indent=1))
         shutil.copyfile(cfg_path, tmp / ck.HF_CONFIG)
-        (tmp / "conversion.json").write_text(json.dumps({
-            "source": str(hf_dir), "family": family, "clip": None if clip_dir is None else str(clip_dir),
-            "sam": None if sam_path is None else str(sam_path), "dtype": dtype, "resize_vocab": resize_vocab,
-            "lora_merged": merged, "lora_alpha": lora_alpha, "ignored_keys": ignored,
-            "uninitialized": uninit}, indent=1))
+        (tmp / "conversion.json").write_text(
+            json.dumps(
+                {
+                    "source": str(hf_dir),
+                    "family": family,
+                    "clip": None if clip_dir is None else str(clip_dir),
+                    "sam": None if sam_path is None else str(sam_path),
+                    "dtype": dtype,
+                    "resize_vocab": resize_vocab,
+                    "lora_merged": merged,
+                    "lora_alpha": lora_alpha,
+                    "ignored_keys": ignored,
+                    "uninitialized": uninit,
+                },
+                indent=1,
+            )
+        )
         (tmp / ck.TOKENIZER_DIR).mkdir()
         for f in tok_files:
             shutil.copyfile(f, tmp / ck.TOKENIZER_DIR / f.name)
@@ -674,11 +748,14 @@ def convert_read_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = ConversionReport(out_dir, len(shared_out), read_bytes, writer.written_bytes, time.time() - t0,
-                              ignored, uninit, merged)
-    log(f"converted {report.leaves} leaves, {report.bytes_read / 2**20:.0f} MiB read, "
+    report = ConversionReport(
+        out_dir, len(shared_out), read_bytes, writer.written_bytes, time.time() - t0, ignored, uninit, merged
+    )
+    log(
+        f"converted {report.leaves} leaves, {report.bytes_read / 2**20:.0f} MiB read, "
         f"{report.bytes_written / 2**20:.0f} MiB written in {report.seconds:.1f} s -> {out_dir}"
-        + (f"; left to their init: {uninit}" if uninit else ""))
+        + (f"; left to their init: {uninit}" if uninit else "")
+    )
     return report
 
 
@@ -705,6 +782,8 @@ def _dedupe(problems: list[str]) -> list[str]:
 
 def _hint(clip_dir: Path | None, vt: str | None, msg: str) -> str:
     if clip_dir is None and VISION_TOWER in msg:
-        return (f"\n(READ releases do not contain the CLIP vision tower; config.json names {vt!r}, a path on "
-                f"the training machine: pass --clip DIR with the HF {HF_CLIP_336} directory)")
+        return (
+            f"\n(READ releases do not contain the CLIP vision tower; config.json names {vt!r}, a path on "
+            f"the training machine: pass --clip DIR with the HF {HF_CLIP_336} directory)"
+        )
     return ""

@@ -34,8 +34,9 @@ from read_jax.data.tokenizer import (
 
 # LISA's fixed ReasonSeg evaluation templates, used by READ's val/test (test_dataset.py:156-167).
 LONG_QUESTION_TEMPLATE = DEFAULT_IMAGE_TOKEN + "\n" + "{sent} Please output segmentation mask."
-SHORT_QUESTION_TEMPLATE = (DEFAULT_IMAGE_TOKEN + "\n"
-                           + "What is {class_name} in this image? Please output segmentation mask.")
+SHORT_QUESTION_TEMPLATE = (
+    DEFAULT_IMAGE_TOKEN + "\n" + "What is {class_name} in this image? Please output segmentation mask."
+)
 ANSWER_TEMPLATE = "Sure, the segmentation result is [SEG]."
 
 
@@ -98,9 +99,12 @@ def wrap_image_token(prompt: str) -> str:
     return prompt.replace(DEFAULT_IMAGE_TOKEN, wrapped)
 
 
-def build_conversation(rounds: Sequence[tuple[str, str | None]],
-                       template: str | ConversationTemplate = "llava_v1",
-                       image: bool = True, mm_start_end: bool = True) -> str:
+def build_conversation(
+    rounds: Sequence[tuple[str, str | None]],
+    template: str | ConversationTemplate = "llava_v1",
+    image: bool = True,
+    mm_start_end: bool = True,
+) -> str:
     """The prompt text of a (multi-round) conversation.
 
     Args:
@@ -127,8 +131,10 @@ def build_conversation(rounds: Sequence[tuple[str, str | None]],
         if not answer and k != len(rounds) - 1:
             raise ValueError(f"round {k}: only the last round may lack an answer")
         if DEFAULT_IMAGE_TOKEN in question and (k > 0 or not image):
-            raise ValueError(f"round {k}: {DEFAULT_IMAGE_TOKEN} may only appear in the first question, and "
-                             "only with image=True (one image per conversation)")
+            raise ValueError(
+                f"round {k}: {DEFAULT_IMAGE_TOKEN} may only appear in the first question, and "
+                "only with image=True (one image per conversation)"
+            )
         if answer and DEFAULT_IMAGE_TOKEN in answer:
             raise ValueError(f"round {k}: an answer may not contain {DEFAULT_IMAGE_TOKEN}")
     first_q = rounds[0][0]
@@ -136,7 +142,8 @@ def build_conversation(rounds: Sequence[tuple[str, str | None]],
         n_images = first_q.count(DEFAULT_IMAGE_TOKEN)
         if n_images > 1:
             raise ValueError(
-                f"the first question has {n_images} {DEFAULT_IMAGE_TOKEN} placeholders; READ takes one")
+                f"the first question has {n_images} {DEFAULT_IMAGE_TOKEN} placeholders; READ takes one"
+            )
         if n_images == 0:
             rounds[0] = (DEFAULT_IMAGE_TOKEN + "\n" + first_q, rounds[0][1])
     messages = []
@@ -146,15 +153,21 @@ def build_conversation(rounds: Sequence[tuple[str, str | None]],
     return wrap_image_token(prompt) if image and mm_start_end else prompt
 
 
-def build_prompt(question: str, answer: str | None = None, template: str | ConversationTemplate = "llava_v1",
-                 image: bool = True, mm_start_end: bool = True) -> str:
+def build_prompt(
+    question: str,
+    answer: str | None = None,
+    template: str | ConversationTemplate = "llava_v1",
+    image: bool = True,
+    mm_start_end: bool = True,
+) -> str:
     """One round: `system + " USER: " + question + " ASSISTANT: " + answer + "</s>"`, or ending in
     `"ASSISTANT:"` when `answer` is None.  See `build_conversation` for the arguments."""
     return build_conversation([(question, answer)], template=template, image=image, mm_start_end=mm_start_end)
 
 
-def encode_conversation(prompt: str, tokenizer: ReadTokenizer,
-                        template: str | ConversationTemplate = "llava_v1") -> tuple[list[int], list[int]]:
+def encode_conversation(
+    prompt: str, tokenizer: ReadTokenizer, template: str | ConversationTemplate = "llava_v1"
+) -> tuple[list[int], list[int]]:
     """Token ids and training labels of a complete conversation (`handle_conversation_specifics`).
 
     The labels copy the ids, then IGNORE (-100) the first token (BOS) and, in every round, the instruction
@@ -194,7 +207,8 @@ def encode_conversation(prompt: str, tokenizer: ReadTokenizer,
         if len(parts) != 2:
             raise ValueError(
                 f"round {k} of the conversation splits into {len(parts)} parts on {sep!r} (need exactly 2: "
-                f"every round needs an answer; use tokenizer_image_token for generation prompts): {rou!r}")
+                f"every round needs an answer; use tokenizer_image_token for generation prompts): {rou!r}"
+            )
         round_len = len(tokenizer_image_token(rou, tokenizer))
         instruction_len = len(tokenizer_image_token(parts[0] + sep, tokenizer)) - 2
         end = min(cur_len + instruction_len, len(labels))
@@ -204,6 +218,8 @@ def encode_conversation(prompt: str, tokenizer: ReadTokenizer,
     # The reference counts non-pad tokens (pad = unk = 0) and asserts they match the rounds' lengths.
     total_len = sum(1 for i in input_ids if i != tokenizer.pad_token_id)
     if cur_len != total_len:
-        raise ValueError(f"tokenization mismatch: the rounds add up to {cur_len} tokens, the conversation "
-                         f"has {total_len} non-pad tokens: {prompt!r}")
+        raise ValueError(
+            f"tokenization mismatch: the rounds add up to {cur_len} tokens, the conversation "
+            f"has {total_len} non-pad tokens: {prompt!r}"
+        )
     return input_ids, labels

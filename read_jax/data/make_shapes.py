@@ -295,15 +295,27 @@ _NAMED = f"{_COLOR} {_KIND}"
 _REL = "(?:" + "|".join(p for _, p1, p2 in _DIRS.values() for p in (p1, p2)) + ")"
 QUERY_KIND_PATTERNS = {
     "extreme": (f"the (?:{'|'.join(_EXTREMES)}) shape", f"(?:{'|'.join(_EXTREMES)}) object"),
-    "most_corners": ("Which object in the picture has the largest number of corners\\?",
-                     "Find the shape that has more corners than any other\\."),
+    "most_corners": (
+        "Which object in the picture has the largest number of corners\\?",
+        "Find the shape that has more corners than any other\\.",
+    ),
     "largest_of_color": (f"the largest {_COLOR} object", f"biggest {_COLOR} shape"),
-    "smallest": ("Which shape is the smallest one in this picture\\?", "Point out the tiniest object in the image\\."),
-    "relation": (f"Which object sits nearest {_REL} the {_NAMED}\\?", f"What is the closest shape {_REL} the {_NAMED}\\?"),
-    "same_color": (f"Which shape has the same colour as the {_KIND}\\?",
-                   f"Which other object is painted in the colour of the {_KIND}\\?"),
-    "could_roll": ("Something in the picture would roll if you gave it a push\\. What is it\\?",
-                   "Which object could roll across a table\\?"),
+    "smallest": (
+        "Which shape is the smallest one in this picture\\?",
+        "Point out the tiniest object in the image\\.",
+    ),
+    "relation": (
+        f"Which object sits nearest {_REL} the {_NAMED}\\?",
+        f"What is the closest shape {_REL} the {_NAMED}\\?",
+    ),
+    "same_color": (
+        f"Which shape has the same colour as the {_KIND}\\?",
+        f"Which other object is painted in the colour of the {_KIND}\\?",
+    ),
+    "could_roll": (
+        "Something in the picture would roll if you gave it a push\\. What is it\\?",
+        "Which object could roll across a table\\?",
+    ),
 }
 _KIND_RES = {k: [re.compile(p) for p in ps] for k, ps in QUERY_KIND_PATTERNS.items()}
 

@@ -129,8 +129,11 @@ def build_reference_sources(
                 seed=seed,
             )
         elif n == "reason_seg":
-            fp = {} if reason_seg_false_premise is None else {
-                "mode_weights": (1.0 - reason_seg_false_premise, reason_seg_false_premise)}
+            fp = (
+                {}
+                if reason_seg_false_premise is None
+                else {"mode_weights": (1.0 - reason_seg_false_premise, reason_seg_false_premise)}
+            )
             out[n] = R.ReasonSegReader(
                 reason_seg_dir or os.path.join(root, "reason_seg", "ReasonSeg"), "train", **kw, **fp
             )

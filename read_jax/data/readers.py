@@ -529,8 +529,9 @@ def _sem_seg_conversations(
     return mode, convs
 
 
-def _init_train_only(reader: Reader, dataset: str, mode: str, max_convs: int, seed: int,
-                     mode_weights: Sequence[float]) -> None:
+def _init_train_only(
+    reader: Reader, dataset: str, mode: str, max_convs: int, seed: int, mode_weights: Sequence[float]
+) -> None:
     """Common constructor part of the semantic-segmentation readers (training sets, no eval protocol)."""
     Reader.__init__(reader, mode, max_convs, seed)
     if mode != "train":

@@ -117,16 +117,19 @@ class ReadTokenizer:
         if n != BASE_VOCAB_SIZE:
             raise ValueError(
                 f"{model_file}: the SentencePiece model has {n} pieces, READ's tokenizer needs LLaMA's "
-                f"{BASE_VOCAB_SIZE} so that [SEG]/<im_start>/<im_end> get ids 32000-32002")
+                f"{BASE_VOCAB_SIZE} so that [SEG]/<im_start>/<im_end> get ids 32000-32002"
+            )
         head = [self.sp.id_to_piece(i) for i in range(3)]
         if head != [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN]:
             raise ValueError(
-                f"{model_file}: pieces 0-2 are {head}, expected ['<unk>', '<s>', '</s>'] as in LLaMA")
+                f"{model_file}: pieces 0-2 are {head}, expected ['<unk>', '<s>', '</s>'] as in LLaMA"
+            )
         for token in ADDED_TOKENS:
             # 4.31's add_tokens skips strings that already are in the vocabulary, which would shift the ids.
             if self.sp.piece_to_id(token) != self.sp.unk_id():
                 raise ValueError(
-                    f"{model_file}: {token!r} is already a SentencePiece piece; it must be an added token")
+                    f"{model_file}: {token!r} is already a SentencePiece piece; it must be an added token"
+                )
 
     @staticmethod
     def _check_directory(directory: str):
@@ -145,7 +148,8 @@ class ReadTokenizer:
             bos, eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
             if bos is not True or eos not in (None, False):
                 raise ValueError(
-                    f"{config_file}: add_bos_token must be true and add_eos_token false, as in LLaMA")
+                    f"{config_file}: add_bos_token must be true and add_eos_token false, as in LLaMA"
+                )
 
     # ------------------------------------------------------------------------------------------- encoding
 
@@ -209,7 +213,8 @@ class ReadTokenizer:
             if not 0 <= i < len(self):
                 raise ValueError(
                     f"token id {i} is outside the vocabulary [0, {len(self)}) (the image placeholder "
-                    f"{IMAGE_TOKEN_INDEX} cannot be decoded)")
+                    f"{IMAGE_TOKEN_INDEX} cannot be decoded)"
+                )
             if skip_special_tokens and i in self.all_special_ids:
                 continue
             added = self.added_tokens_decoder.get(i)
@@ -256,8 +261,9 @@ class ReadTokenizer:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
 
 
-def tokenizer_image_token(prompt: str, tokenizer: ReadTokenizer,
-                          image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
+def tokenizer_image_token(
+    prompt: str, tokenizer: ReadTokenizer, image_token_index: int = IMAGE_TOKEN_INDEX
+) -> list[int]:
     """Tokenise a prompt with `<image>` placeholders (LLaVA `mm_utils.tokenizer_image_token`).
 
     The prompt is split on `"<image>"`; each chunk is encoded on its own with BOS, BOS is kept only on the

@@ -36,19 +36,32 @@ def layer_norm(num_features: int, eps: float, cfg: SamConfig, *, rngs: nnx.Rngs)
     `use_fast_variance=False`: torch computes mean((x - mean)^2), flax's default E[x^2] - E[x]^2 loses ~1e-4
     when |mean| >> std, which the parity tests would see.
     """
-    return nnx.LayerNorm(num_features, epsilon=eps, use_fast_variance=False, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.weight_dtype, rngs=rngs)
+    return nnx.LayerNorm(
+        num_features,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        rngs=rngs,
+    )
 
 
 def linear(din: int, dout: int, cfg: SamConfig, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                      rngs=rngs)
+    return nnx.Linear(
+        din, dout, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs
+    )
 
 
 def embedding(num: int, dim: int, cfg: SamConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
     """torch nn.Embedding(num, dim), N(0, 1) init (the checkpoint overwrites it): `embedding` [num, dim]."""
-    return nnx.Embed(num, dim, embedding_init=jax.nn.initializers.normal(1.0), dtype=cfg.compute_dtype,
-                     param_dtype=cfg.weight_dtype, rngs=rngs)
+    return nnx.Embed(
+        num,
+        dim,
+        embedding_init=jax.nn.initializers.normal(1.0),
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        rngs=rngs,
+    )
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -91,8 +104,9 @@ def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, i
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, d), (hp, wp)
 
 
-def window_unpartition(windows: jax.Array, window: int, pad_hw: tuple[int, int],
-                       hw: tuple[int, int]) -> jax.Array:
+def window_unpartition(
+    windows: jax.Array, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> jax.Array:
     """Inverse of `window_partition`: float[B * nw, w, w, D] -> float[B, H, W, D] (padding cropped)."""
     hp, wp = pad_hw
     h, w_ = hw
@@ -127,7 +141,7 @@ class Attention(nnx.Module):
             raise ValueError(f"encoder_embed_dim {dim} is not divisible by encoder_num_heads {heads}")
         self.num_heads = heads
         self.head_dim = dim // heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.input_size = tuple(input_size)
         self.use_rel_pos = cfg.use_rel_pos
         self.compute_dtype = cfg.compute_dtype
@@ -197,9 +211,16 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, cfg: SamConfig, in_chans: int = 3, *, rngs: nnx.Rngs):
         p = cfg.patch_size
-        self.proj = nnx.Conv(in_chans, cfg.encoder_embed_dim, kernel_size=(p, p), strides=(p, p),
-                             padding="VALID", dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                             rngs=rngs)
+        self.proj = nnx.Conv(
+            in_chans,
+            cfg.encoder_embed_dim,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(x)
@@ -219,18 +240,22 @@ class ImageEncoderViT(nnx.Module):
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
         # Absolute position embedding for the pre-training size; Meta zero-initialises it.
         self.pos_embed = nnx.Param(jnp.zeros((1, g, g, d), cfg.weight_dtype))
-        self.blocks = nnx.List([
-            Block(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, rngs=rngs)
-            for i in range(cfg.encoder_depth)
-        ])
+        self.blocks = nnx.List(
+            [
+                Block(cfg, 0 if i in cfg.global_attn_indexes else cfg.window_size, rngs=rngs)
+                for i in range(cfg.encoder_depth)
+            ]
+        )
         conv = {"dtype": cfg.compute_dtype, "param_dtype": cfg.weight_dtype, "use_bias": False, "rngs": rngs}
-        self.neck = nnx.List([
-            nnx.Conv(d, c, kernel_size=(1, 1), padding="VALID", **conv),
-            layer_norm(c, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
-            # padding=1 on a 3x3 kernel == SAME.
-            nnx.Conv(c, c, kernel_size=(3, 3), padding=((1, 1), (1, 1)), **conv),
-            layer_norm(c, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
-        ])
+        self.neck = nnx.List(
+            [
+                nnx.Conv(d, c, kernel_size=(1, 1), padding="VALID", **conv),
+                layer_norm(c, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
+                # padding=1 on a 3x3 kernel == SAME.
+                nnx.Conv(c, c, kernel_size=(3, 3), padding=((1, 1), (1, 1)), **conv),
+                layer_norm(c, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
+            ]
+        )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Encode normalised, padded images.

@@ -60,23 +60,39 @@ class MaskDecoder(nnx.Module):
         self.transformer = TwoWayTransformer(cfg, rngs=rngs)
         self.iou_token = embedding(1, c, cfg, rngs=rngs)
         self.mask_tokens = embedding(self.num_mask_tokens, c, cfg, rngs=rngs)
-        convt = {"kernel_size": (2, 2), "strides": (2, 2), "padding": "VALID", "dtype": cfg.compute_dtype,
-                 "param_dtype": cfg.weight_dtype, "rngs": rngs}
+        convt = {
+            "kernel_size": (2, 2),
+            "strides": (2, 2),
+            "padding": "VALID",
+            "dtype": cfg.compute_dtype,
+            "param_dtype": cfg.weight_dtype,
+            "rngs": rngs,
+        }
         # Index-for-index Meta's nn.Sequential (2 and 4 are parameter-free GELUs).
-        self.output_upscaling = nnx.List([
-            nnx.ConvTranspose(c, c // 4, **convt),
-            layer_norm(c // 4, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
-            None,
-            nnx.ConvTranspose(c // 4, c // 8, **convt),
-            None,
-        ])
-        self.output_hypernetworks_mlps = nnx.List([MLP(c, c, c // 8, 3, cfg, rngs=rngs)
-                                                   for _ in range(self.num_mask_tokens)])
-        self.iou_prediction_head = MLP(c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth,
-                                       cfg, rngs=rngs)
+        self.output_upscaling = nnx.List(
+            [
+                nnx.ConvTranspose(c, c // 4, **convt),
+                layer_norm(c // 4, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
+                None,
+                nnx.ConvTranspose(c // 4, c // 8, **convt),
+                None,
+            ]
+        )
+        self.output_hypernetworks_mlps = nnx.List(
+            [MLP(c, c, c // 8, 3, cfg, rngs=rngs) for _ in range(self.num_mask_tokens)]
+        )
+        self.iou_prediction_head = MLP(
+            c, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth, cfg, rngs=rngs
+        )
 
-    def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse_prompt_embeddings: jax.Array,
-                 dense_prompt_embeddings: jax.Array, multimask_output: bool) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        multimask_output: bool,
+    ) -> tuple[jax.Array, jax.Array]:
         """Decode masks for n prompts.
 
         Args:
@@ -89,26 +105,30 @@ class MaskDecoder(nnx.Module):
         Returns:
           masks: float[n, M, 4h, 4w] low-resolution mask logits; iou_pred: float[n, M].
         """
-        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings,
-                                             dense_prompt_embeddings)
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         sl = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sl], iou_pred[:, sl]
 
-    def predict_masks(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array,
-                      dense: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def predict_masks(
+        self, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array, dense: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """All M' masks and IoU scores: (float[n, M', 4h, 4w], float[n, M']). Arguments as `__call__`."""
         dt = self.cfg.compute_dtype
         n, _, c = sparse.shape
         emb_shape = image_embeddings.shape
         if len(emb_shape) != 4 or emb_shape[0] not in (1, n) or emb_shape[-1] != c:
-            raise ValueError(f"image_embeddings must be float[1 or {n}, h, w, {c}] (NHWC), got "
-                             f"{image_embeddings.shape}")
+            raise ValueError(
+                f"image_embeddings must be float[1 or {n}, h, w, {c}] (NHWC), got {image_embeddings.shape}"
+            )
         hwc = image_embeddings.shape[1:]
         if image_pe.shape != hwc:
             raise ValueError(f"image_pe must be float{list(hwc)}, got {image_pe.shape}")
         if dense.ndim != 4 or dense.shape[0] not in (1, n) or dense.shape[1:] != hwc:
-            raise ValueError(f"dense_prompt_embeddings must be float[{n}, {', '.join(map(str, hwc))}], "
-                             f"got {dense.shape}")
+            raise ValueError(
+                f"dense_prompt_embeddings must be float[{n}, {', '.join(map(str, hwc))}], got {dense.shape}"
+            )
         h, w, _ = hwc
 
         output_tokens = jnp.concatenate([self.iou_token.embedding[...], self.mask_tokens.embedding[...]])
@@ -120,14 +140,15 @@ class MaskDecoder(nnx.Module):
         pos_src = jnp.broadcast_to(image_pe.astype(dt), (n, h, w, c))
         hs, src = self.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
         x = src.reshape(n, h, w, c)
         for layer in self.output_upscaling:
             x = gelu(x) if layer is None else layer(x)  # -> [n, 4h, 4w, C/8]
         # One hypernetwork MLP per mask token: [n, M', C/8].
-        hyper_in = jnp.stack([mlp(mask_tokens_out[:, i, :])
-                              for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
+        hyper_in = jnp.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
+        )
         masks = jnp.einsum("nmc,nyxc->nmyx", hyper_in, x)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred

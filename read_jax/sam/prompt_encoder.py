@@ -52,7 +52,8 @@ class PositionEmbeddingRandom(nnx.Module):
     def __init__(self, num_pos_feats: int, cfg: SamConfig, *, rngs: nnx.Rngs, scale: float = 1.0):
         self.compute_dtype = cfg.compute_dtype
         self.positional_encoding_gaussian_matrix = Buffer(
-            scale * jax.random.normal(rngs.params(), (2, num_pos_feats), jnp.float32))
+            scale * jax.random.normal(rngs.params(), (2, num_pos_feats), jnp.float32)
+        )
 
     def _pe_encoding(self, coords: jax.Array) -> jax.Array:
         """coords: float[..., 2] (x, y) normalised to [0, 1] -> float32[..., 2F]."""
@@ -99,20 +100,23 @@ class PromptEncoder(nnx.Module):
         self.input_image_size = (cfg.image_size, cfg.image_size)
         self.mask_input_size = (4 * g, 4 * g)
         self.pe_layer = PositionEmbeddingRandom(c // 2, cfg, rngs=rngs)
-        self.point_embeddings = nnx.List([embedding(1, c, cfg, rngs=rngs)
-                                          for _ in range(self.num_point_embeddings)])
+        self.point_embeddings = nnx.List(
+            [embedding(1, c, cfg, rngs=rngs) for _ in range(self.num_point_embeddings)]
+        )
         self.not_a_point_embed = embedding(1, c, cfg, rngs=rngs)
         conv = {"dtype": cfg.compute_dtype, "param_dtype": cfg.weight_dtype, "padding": "VALID", "rngs": rngs}
         # Index-for-index Meta's nn.Sequential (the activations, 2 and 5, hold no parameters).
-        self.mask_downscaling = nnx.List([
-            nnx.Conv(1, mic // 4, kernel_size=(2, 2), strides=(2, 2), **conv),
-            layer_norm(mic // 4, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
-            None,
-            nnx.Conv(mic // 4, mic, kernel_size=(2, 2), strides=(2, 2), **conv),
-            layer_norm(mic, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
-            None,
-            nnx.Conv(mic, c, kernel_size=(1, 1), **conv),
-        ])
+        self.mask_downscaling = nnx.List(
+            [
+                nnx.Conv(1, mic // 4, kernel_size=(2, 2), strides=(2, 2), **conv),
+                layer_norm(mic // 4, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
+                None,
+                nnx.Conv(mic // 4, mic, kernel_size=(2, 2), strides=(2, 2), **conv),
+                layer_norm(mic, LAYER_NORM_2D_EPS, cfg, rngs=rngs),
+                None,
+                nnx.Conv(mic, c, kernel_size=(1, 1), **conv),
+            ]
+        )
         self.no_mask_embed = embedding(1, c, cfg, rngs=rngs)
 
     # ---- pieces ---------------------------------------------------------------------------------------
@@ -157,9 +161,16 @@ class PromptEncoder(nnx.Module):
         return x
 
     # ---- forward --------------------------------------------------------------------------------------
-    def __call__(self, points: jax.Array | None = None, labels: jax.Array | None = None,
-                 text_embeds: jax.Array | None = None, boxes: jax.Array | None = None,
-                 masks: jax.Array | None = None, *, pad_point: bool = True) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        points: jax.Array | None = None,
+        labels: jax.Array | None = None,
+        text_embeds: jax.Array | None = None,
+        boxes: jax.Array | None = None,
+        masks: jax.Array | None = None,
+        *,
+        pad_point: bool = True,
+    ) -> tuple[jax.Array, jax.Array]:
         """Embed the prompts of n masks.
 
         Args:

@@ -40,8 +40,10 @@ class Attention(nnx.Module):
         self.internal_dim = c // downsample_rate
         self.num_heads = cfg.transformer_num_heads
         if self.internal_dim % self.num_heads:
-            raise ValueError(f"transformer_num_heads {self.num_heads} must divide {self.internal_dim} "
-                             f"(prompt_embed_dim / downsample rate)")
+            raise ValueError(
+                f"transformer_num_heads {self.num_heads} must divide {self.internal_dim} "
+                f"(prompt_embed_dim / downsample rate)"
+            )
         self.compute_dtype = cfg.compute_dtype
         self.q_proj = linear(c, self.internal_dim, cfg, rngs=rngs)
         self.k_proj = linear(c, self.internal_dim, cfg, rngs=rngs)
@@ -77,8 +79,9 @@ class TwoWayAttentionBlock(nnx.Module):
         self.cross_attn_image_to_token = Attention(cfg, rate, rngs=rngs)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def __call__(self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array,
-                 key_pe: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, queries: jax.Array, keys: jax.Array, query_pe: jax.Array, key_pe: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """queries/query_pe: float[n, T, C]; keys/key_pe: float[n, L, C] -> (queries, keys), same shapes."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
@@ -102,13 +105,18 @@ class TwoWayTransformer(nnx.Module):
 
     def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
         c = cfg.prompt_embed_dim
-        self.layers = nnx.List([TwoWayAttentionBlock(cfg, skip_first_layer_pe=(i == 0), rngs=rngs)
-                                for i in range(cfg.transformer_depth)])
+        self.layers = nnx.List(
+            [
+                TwoWayAttentionBlock(cfg, skip_first_layer_pe=(i == 0), rngs=rngs)
+                for i in range(cfg.transformer_depth)
+            ]
+        )
         self.final_attn_token_to_image = Attention(cfg, cfg.attention_downsample_rate, rngs=rngs)
         self.norm_final_attn = layer_norm(c, TORCH_LAYER_NORM_EPS, cfg, rngs=rngs)
 
-    def __call__(self, image_embedding: jax.Array, image_pe: jax.Array,
-                 point_embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, image_embedding: jax.Array, image_pe: jax.Array, point_embedding: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """Run the two-way transformer.
 
         Args:

@@ -90,8 +90,10 @@ def apply_coords(coords, original_size, target_length: int):
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"SAM expects an RGB image uint8[H, W, 3], got shape {image.shape} "
-                         "(convert grayscale/RGBA to RGB first)")
+        raise ValueError(
+            f"SAM expects an RGB image uint8[H, W, 3], got shape {image.shape} "
+            "(convert grayscale/RGBA to RGB first)"
+        )
     if image.dtype != np.uint8:
         raise ValueError(f"SAM expects a uint8 image, got dtype {image.dtype}")
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -152,7 +154,7 @@ def _source_index_jnp(out_len: jax.Array, in_len: jax.Array, out_max: int) -> ja
     addition rounds the exact N once (round-to-nearest-even), which is what the double -> float cast does.
     Scaling by 2^(E-1) is exact. Needs out_max < 2^15 (so X < 2^16) and 1 <= in_len <= 2^13.
     """
-    if out_max >= 2 ** 15:
+    if out_max >= 2**15:
         raise ValueError(f"postprocess canvas side {out_max} must be < 32768")
     scale = in_len.astype(jnp.float32) / out_len.astype(jnp.float32)  # [n]
     bits = jax.lax.bitcast_convert_type(scale, jnp.int32)
@@ -184,8 +186,9 @@ def _bilinear_taps(src, in_len, xp=jnp):
     return i0, i1, f32(1.0) - lam, lam
 
 
-def _axis_weights(input_len: jax.Array, orig_len: jax.Array, out_max: int, low_len: int,
-                  image_size: int) -> jax.Array:
+def _axis_weights(
+    input_len: jax.Array, orig_len: jax.Array, out_max: int, low_len: int, image_size: int
+) -> jax.Array:
     """Folded weights of one axis: float32[n, out_max, l] mapping low-res rows to output rows.
 
     Stage 1 (static): l -> S. Stage 2 (traced): the first `input_len` of those S rows -> `orig_len`.
@@ -207,8 +210,9 @@ def _axis_weights(input_len: jax.Array, orig_len: jax.Array, out_max: int, low_l
 
 
 @functools.partial(jax.jit, static_argnames=("out_hw", "image_size"))
-def postprocess_masks_padded(low_res: jax.Array, input_hw: jax.Array, orig_hw: jax.Array,
-                             out_hw: tuple[int, int], image_size: int) -> jax.Array:
+def postprocess_masks_padded(
+    low_res: jax.Array, input_hw: jax.Array, orig_hw: jax.Array, out_hw: tuple[int, int], image_size: int
+) -> jax.Array:
     """`Sam.postprocess_masks` for a batch of images of different sizes, with static output shapes.
 
     Args:
@@ -237,8 +241,9 @@ def postprocess_masks_padded(low_res: jax.Array, input_hw: jax.Array, orig_hw: j
     return jnp.einsum("nhy,nmyw->nmhw", wh, x, precision=_HIGHEST)
 
 
-def postprocess_masks(low_res: jax.Array, input_size: Sequence[int], original_size: Sequence[int],
-                      image_size: int) -> jax.Array:
+def postprocess_masks(
+    low_res: jax.Array, input_size: Sequence[int], original_size: Sequence[int], image_size: int
+) -> jax.Array:
     """`Sam.postprocess_masks` for one image size (Python ints: one compile per original size).
 
     Args:

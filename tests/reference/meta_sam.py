@@ -22,6 +22,7 @@ def meta_sam():
     require("torch")
     try:
         from segment_anything import build_sam, modeling
+
         return modeling, build_sam
     except ModuleNotFoundError as e:
         if e.name != "torchvision":
@@ -33,4 +34,6 @@ def meta_sam():
     pkg.__path__ = list(spec.submodule_search_locations)
     pkg.__spec__ = spec
     sys.modules["segment_anything"] = pkg
-    return importlib.import_module("segment_anything.modeling"), importlib.import_module("segment_anything.build_sam")
+    return importlib.import_module("segment_anything.modeling"), importlib.import_module(
+        "segment_anything.build_sam"
+    )

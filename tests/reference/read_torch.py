@@ -27,10 +27,17 @@ def _llama(cfg: ReadConfig):
 
     c = cfg.llama
     hf = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False)
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=False,
+    )
     hf._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(hf)
 
@@ -40,9 +47,15 @@ def _clip(cfg: ReadConfig):
 
     c = cfg.clip
     hf = transformers.CLIPVisionConfig(
-        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, image_size=c.image_size, patch_size=c.patch_size,
-        layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act)
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        layer_norm_eps=c.layer_norm_eps,
+        hidden_act=c.hidden_act,
+    )
     hf._attn_implementation = "eager"
     return transformers.CLIPVisionModel(hf)
 
@@ -57,20 +70,42 @@ def _sam(cfg: ReadConfig):
     s = cfg.sam
     e = s.image_embedding_size
     enc = ImageEncoderViT(
-        img_size=s.image_size, patch_size=s.patch_size, in_chans=3, embed_dim=s.encoder_embed_dim,
-        depth=s.encoder_depth, num_heads=s.encoder_num_heads, mlp_ratio=s.mlp_ratio, out_chans=s.prompt_embed_dim,
-        qkv_bias=s.qkv_bias, norm_layer=functools.partial(nn.LayerNorm, eps=s.layer_norm_eps), act_layer=nn.GELU,
-        use_abs_pos=True, use_rel_pos=s.use_rel_pos, rel_pos_zero_init=False, window_size=s.window_size,
-        global_attn_indexes=tuple(s.global_attn_indexes))
-    pe = PromptEncoder(embed_dim=s.prompt_embed_dim, image_embedding_size=(e, e),
-                       input_image_size=(s.image_size, s.image_size), mask_in_chans=s.mask_in_chans)
+        img_size=s.image_size,
+        patch_size=s.patch_size,
+        in_chans=3,
+        embed_dim=s.encoder_embed_dim,
+        depth=s.encoder_depth,
+        num_heads=s.encoder_num_heads,
+        mlp_ratio=s.mlp_ratio,
+        out_chans=s.prompt_embed_dim,
+        qkv_bias=s.qkv_bias,
+        norm_layer=functools.partial(nn.LayerNorm, eps=s.layer_norm_eps),
+        act_layer=nn.GELU,
+        use_abs_pos=True,
+        use_rel_pos=s.use_rel_pos,
+        rel_pos_zero_init=False,
+        window_size=s.window_size,
+        global_attn_indexes=tuple(s.global_attn_indexes),
+    )
+    pe = PromptEncoder(
+        embed_dim=s.prompt_embed_dim,
+        image_embedding_size=(e, e),
+        input_image_size=(s.image_size, s.image_size),
+        mask_in_chans=s.mask_in_chans,
+    )
     dec = MaskDecoder(
         num_multimask_outputs=s.num_multimask_outputs,
-        transformer=TwoWayTransformer(depth=s.transformer_depth, embedding_dim=s.prompt_embed_dim,
-                                      mlp_dim=s.transformer_mlp_dim, num_heads=s.transformer_num_heads,
-                                      attention_downsample_rate=s.attention_downsample_rate),
-        transformer_dim=s.prompt_embed_dim, iou_head_depth=s.iou_head_depth,
-        iou_head_hidden_dim=s.iou_head_hidden_dim)
+        transformer=TwoWayTransformer(
+            depth=s.transformer_depth,
+            embedding_dim=s.prompt_embed_dim,
+            mlp_dim=s.transformer_mlp_dim,
+            num_heads=s.transformer_num_heads,
+            attention_downsample_rate=s.attention_downsample_rate,
+        ),
+        transformer_dim=s.prompt_embed_dim,
+        iou_head_depth=s.iou_head_depth,
+        iou_head_hidden_dim=s.iou_head_hidden_dim,
+    )
     return nn.ModuleDict({"image_encoder": enc, "prompt_encoder": pe, "mask_decoder": dec})
 
 
@@ -79,13 +114,26 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.2) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # Buffers: only SAM's stored Gaussian PE matrix is a weight; `inv_freq` & co. must stay as built.
-        buffers = [(n, b) for n, b in module.named_buffers() if n.endswith("positional_encoding_gaussian_matrix")]
+        buffers = [
+            (n, b) for n, b in module.named_buffers() if n.endswith("positional_encoding_gaussian_matrix")
+        ]
         for name, p in list(module.named_parameters()) + buffers:
             if not p.dtype.is_floating_point:
                 continue
-            if name.endswith(("norm.weight", "layernorm.weight", "layer_norm1.weight", "layer_norm2.weight",
-                              "pre_layrnorm.weight", "post_layernorm.weight")) or ".norm" in name and name.endswith(
-                                  "weight"):
+            if (
+                name.endswith(
+                    (
+                        "norm.weight",
+                        "layernorm.weight",
+                        "layer_norm1.weight",
+                        "layer_norm2.weight",
+                        "pre_layrnorm.weight",
+                        "post_layernorm.weight",
+                    )
+                )
+                or ".norm" in name
+                and name.endswith("weight")
+            ):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
@@ -102,8 +150,13 @@ class TorchRead(nn.Module):
         self.clip = _clip(cfg)
         c = cfg.llama.hidden_size
         self.mm_projector = nn.Sequential(nn.Linear(cfg.clip.hidden_size, c), nn.GELU(), nn.Linear(c, c))
-        self.text_hidden_fcs = nn.ModuleList([nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True),
-                                                            nn.Linear(c, cfg.out_dim), nn.Dropout(0.0))])
+        self.text_hidden_fcs = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, cfg.out_dim), nn.Dropout(0.0)
+                )
+            ]
+        )
         self.visual_model = _sam(cfg)
         randomize_(self, seed)
 
@@ -132,8 +185,8 @@ class TorchRead(nn.Module):
         for r in range(input_ids.shape[0]):
             ids = input_ids[r]
             i = int((ids == self.cfg.image_token_index).nonzero()[0, 0])
-            embeds.append(torch.cat([emb_layer(ids[:i]), image_tokens[r], emb_layer(ids[i + 1:])]))
-            labs.append(torch.cat([labels[r, :i], torch.full((p,), IGNORE_INDEX), labels[r, i + 1:]]))
+            embeds.append(torch.cat([emb_layer(ids[:i]), image_tokens[r], emb_layer(ids[i + 1 :])]))
+            labs.append(torch.cat([labels[r, :i], torch.full((p,), IGNORE_INDEX), labels[r, i + 1 :]]))
             # The reference prepends P - 1 True entries (consistent for right padding, §2.4).
             masks.append(torch.cat([torch.ones(p - 1, dtype=torch.bool), attention_mask[r].bool()]))
         return torch.stack(embeds), torch.stack(labs), torch.stack(masks)
@@ -154,8 +207,9 @@ class TorchRead(nn.Module):
 
         # [SEG] mask with the reference's shift (READ.py:435-455).
         m0 = ids[:, 1:] == cfg.seg_token_id
-        seg_mask = torch.cat([torch.zeros(r_rows, p - 1, dtype=torch.bool), m0,
-                              torch.zeros(r_rows, 1, dtype=torch.bool)], 1)
+        seg_mask = torch.cat(
+            [torch.zeros(r_rows, p - 1, dtype=torch.bool), m0, torch.zeros(r_rows, 1, dtype=torch.bool)], 1
+        )
         fcs = self.text_hidden_fcs[0]
         pred_all = fcs(h)
         rows, cols = seg_mask.nonzero(as_tuple=True)  # row-major, as h[seg_mask]
@@ -165,31 +219,49 @@ class TorchRead(nn.Module):
         dec = self.visual_model["mask_decoder"]
         results = []
         for r, c in zip(rows.tolist(), cols.tolist()):
-            start = int((ids[r] == cfg.im_start_token_id).nonzero()[0, 0])  # image tokens at start+1 .. start+P
+            start = int(
+                (ids[r] == cfg.im_start_token_id).nonzero()[0, 0]
+            )  # image tokens at start+1 .. start+P
             img = batch["conv_image"][r]
             H, W = (int(v) for v in batch["orig_hw"][img])
-            sim = similarity(h[r, start + 1:start + 1 + p], h[r, c])
+            sim = similarity(h[r, start + 1 : start + 1 + p], h[r, c])
             pts, labs = to_points(sim, (H, W), **sasp_kw)
             pts = dtoc(sim, pts, (H, W)) if cfg.sasp.use_dtoc else pts.float()
             nh, nw = (int(v) for v in batch["sam_input_hw"][img])
             coords = pts * torch.tensor([nw / W, nh / H])
             sparse, dense = pe(points=(coords[None], labs[None].int()), boxes=None, masks=None)
             sparse = torch.cat([sparse, pred_all[r, c][None, None]], 1)
-            low, _ = dec(image_embeddings=emb[img:img + 1], image_pe=pe.get_dense_pe(),
-                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+            low, _ = dec(
+                image_embeddings=emb[img : img + 1],
+                image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
             s = cfg.sam.image_size
             m = F.interpolate(low.float(), (s, s), mode="bilinear", align_corners=False)[..., :nh, :nw]
             m = F.interpolate(m, (H, W), mode="bilinear", align_corners=False)[0, 0]
-            results.append({"row": r, "col": c, "seg_hidden": h[r, c], "pred_emb": pred_all[r, c], "points": pts,
-                            "labels": labs, "mask": m, "low": low[0, 0]})
+            results.append(
+                {
+                    "row": r,
+                    "col": c,
+                    "seg_hidden": h[r, c],
+                    "pred_emb": pred_all[r, c],
+                    "points": pts,
+                    "labels": labs,
+                    "mask": m,
+                    "low": low[0, 0],
+                }
+            )
         return {"logits": logits, "labels": labels, "hidden": h, "segs": results}
 
 
 def torch_losses(out: dict, gts: list, weights=(1.0, 2.0, 0.5)):
     """READ's losses on the torch outputs: gts[i] is the GT mask (float [H, W]) of out['segs'][i]."""
     logits, labels = out["logits"], out["labels"]
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                         ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     bce = dice = 0.0
     n = len(gts)
     for s, g in zip(out["segs"], gts):
