@@ -16,7 +16,7 @@ Both: LoRA r=64 / alpha 16 (scale 0.25), from-scratch text_hidden_fcs and mask d
 (`use_released_param=False`), the three new vocabulary rows N(0, 0.02) (`convert_weights.py --resize-vocab`).
 """
 
-from read_jax.train_lib import default_config
+from read_jax.train.config import default_config
 
 STAGES = ("stage1", "stage2")
 

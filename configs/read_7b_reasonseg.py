@@ -15,7 +15,7 @@ optimizer state, rematerialised decoder layers, the frozen base FSDP-sharded ove
 The README reports 4-8 epochs when fine-tuning from SESAME; `train_read.py`'s schedule default is 20.
 """
 
-from read_jax.train_lib import default_config
+from read_jax.train.config import default_config
 
 
 def get_config(arg: str | None = None):
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
     c.train.epochs = 20
     c.train.steps_per_epoch = 500
     c.train.grad_accum = 10
-    c.train.lora_dropout = True
+    c.train.dropout = True
 
     c.mesh.data = 1
     c.mesh.fsdp = -1

@@ -8,11 +8,14 @@ no reason_seg); everything else as `read_7b_reasonseg.py`. Validation runs the t
 RefCOCO val (`eval.dataset`); FP-RefCOCO's generation metrics (See/Segment) are `evaluate.py --split fprefcoco_val`.
 """
 
-from configs import read_7b_reasonseg
+import os
+
+from read_jax.train.config import load_config_file
 
 
 def get_config(arg: str | None = None):
-    c = read_7b_reasonseg.get_config(arg)
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "read_7b_reasonseg.py")
+    c = load_config_file(base + (f":{arg}" if arg else ""))
     c.data.rates = "refer_seg"
     c.eval.dataset = "refcoco"
     c.eval.split = "val"

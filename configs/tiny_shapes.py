@@ -41,7 +41,7 @@ scenes instead of 2,000; and 2,400 more steps from the finished run.
 
 import os
 
-from read_jax.train_lib import default_config
+from read_jax.train.config import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,44 +64,13 @@ def get_config(arg: str | None = None):
     c = default_config()
 
     # ---- model ------------------------------------------------------------------------------------------
-    c.model.preset = "tiny"
+    c.model.preset = "shapes"  # ReadConfig.shapes(): the sizes of this job
     c.model.dtype = "float32"
     c.model.remat = False
     c.model.max_segs = 1
     c.model.lora = None
     c.model.freeze_vision_towers = False
     c.model.trainable_regexes = TRAINABLE
-    c.model.llama = {
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 512,
-    }
-    c.model.clip = {
-        "image_size": 112,
-        "patch_size": 14,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    }
-    c.model.sam = {
-        "image_size": 128,
-        "patch_size": 8,
-        "encoder_embed_dim": 32,
-        "encoder_depth": 2,
-        "encoder_num_heads": 2,
-        "window_size": 8,
-        "global_attn_indexes": (1,),
-        "prompt_embed_dim": 32,
-        "transformer_mlp_dim": 64,
-        "transformer_num_heads": 2,
-        "iou_head_hidden_dim": 32,
-        "mask_in_chans": 4,
-    }
-    c.model.sasp = {"grid_size": 8, "num_points": 10, "similarity_dtype": "float32"}
 
     # ---- data -------------------------------------------------------------------------------------------
     c.data.root = "data/shapes"
@@ -113,7 +82,6 @@ def get_config(arg: str | None = None):
     c.data.batch_size = 16
     c.data.max_convs = 1
     c.data.length_buckets = (128,)
-    c.data.clip_size = 112
     c.data.max_mask_side = 448  # the largest generated image side: validation scores at full resolution
     c.data.reason_seg_false_premise = 0.0  # CE is off: a false-premise row would carry no loss
 
@@ -127,7 +95,7 @@ def get_config(arg: str | None = None):
     c.train.sim_weight = 1.0
     c.train.dice_weight = 2.0
     c.train.mask_side = 224
-    c.train.lora_dropout = False
+    c.train.dropout = False
     c.train.log_every = 25
 
     c.mesh.data = -1
@@ -149,40 +117,7 @@ def _smoke(c) -> None:
     c.model.trainable_regexes = tuple(
         r for r in TRAINABLE if "vision_tower" not in r and "image_encoder" not in r
     )
-    c.model.llama = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 256,
-    }
-    c.model.clip = {
-        "image_size": 28,
-        "patch_size": 14,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    }
-    c.model.sam = {
-        "image_size": 64,
-        "patch_size": 16,
-        "encoder_embed_dim": 16,
-        "encoder_depth": 2,
-        "encoder_num_heads": 2,
-        "window_size": 2,
-        "global_attn_indexes": (1,),
-        "prompt_embed_dim": 16,
-        "transformer_depth": 1,
-        "transformer_mlp_dim": 32,
-        "transformer_num_heads": 2,
-        "iou_head_depth": 2,
-        "iou_head_hidden_dim": 16,
-        "mask_in_chans": 4,
-    }
-    c.model.sasp = {"grid_size": 2, "num_points": 4, "similarity_dtype": "float32"}
-    c.data.clip_size = 28
+    c.model.preset = "smoke"  # ReadConfig.smoke(): every size at its minimum
     c.data.batch_size = 8
     c.data.num_shapes = (16, 8, 8)
     c.train.epochs = 1
@@ -192,4 +127,6 @@ def _smoke(c) -> None:
     c.train.log_every = 1
     c.checkpoint.every_steps = 0
     c.eval.max_batches = 1
-    c.train.fast_compile = True  # a few steps: compile for compile speed (`train_lib.fast_compile_options`)
+    c.train.fast_compile = (
+        True  # a few steps: compile for compile speed (`read_jax.train.state.fast_compile_options`)
+    )

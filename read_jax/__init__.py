@@ -2,7 +2,8 @@
 
 Public API (the model modules are imported lazily so that `import read_jax` stays light):
 
-    ReadConfig (read_7b / read_13b / tiny), ReadModel, predict, load_for_inference, apply_lora, load_model
+    ReadConfig (read_7b / read_13b / tiny / shapes / smoke), ReadModel, build_model, load_model, predict,
+    load_for_inference, apply_lora
 """
 
 from read_jax.config import ClipVisionConfig, LlamaConfig, LoraConfig, ReadConfig, SamConfig, SaspConfig
@@ -16,6 +17,7 @@ __all__ = [
     "SamConfig",
     "SaspConfig",
     "apply_lora",
+    "build_model",
     "load_for_inference",
     "load_model",
     "predict",
@@ -27,7 +29,8 @@ _LAZY = {
     "predict": ("read_jax.inference", "predict"),
     "load_for_inference": ("read_jax.inference", "load_for_inference"),
     "apply_lora": ("read_jax.lora", "apply_lora"),
-    "load_model": ("read_jax.checkpoint", "load_model"),
+    "build_model": ("read_jax.build", "build_model"),
+    "load_model": ("read_jax.build", "load_model"),
 }
 
 

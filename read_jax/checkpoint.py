@@ -25,14 +25,19 @@ Leaf names are '/'-joined NNX state paths ('llava/language_model/model/layers/0/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from read_jax.tree_util import path_str
 
 FORMAT = "read_jax/converted-params/1"
 PARAMS_DIR = "params"
@@ -113,6 +118,38 @@ def _release_freed_memory() -> None:
         pass
 
 
+def owned_copy(a: np.ndarray) -> np.ndarray:
+    """`a` if it owns its (anonymous) memory, else a C-contiguous copy (memmaps, torch-shared views)."""
+    if a.base is None and a.flags.c_contiguous and not isinstance(a, np.memmap):
+        return a
+    return np.array(a, copy=True, order="C")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a directory atomically: yields a hidden temporary sibling of `out_dir`; on success it is renamed to
+    `out_dir` (an existing `out_dir` is replaced only with `overwrite`, and only once the new one is complete: it is
+    renamed aside, the new one renamed in, then the old one removed); on any error the temporary is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # ---- writing -----------------------------------------------------------------------------------------------
 class PartWriter:
     """Write leaves to `directory` (the `params/` folder) as a sequence of orbax parts of <= `part_bytes`.
@@ -136,8 +173,6 @@ class PartWriter:
         self.written_bytes = 0
 
     def add(self, path: str, array: np.ndarray) -> None:
-        from read_jax.convert.io import owned_copy
-
         if path in self.leaves or path in self.buffer:
             raise CheckpointError(f"leaf {path} written twice")
         a = owned_copy(np.asarray(array))
@@ -289,21 +324,22 @@ def leaf_shardings(
     return out
 
 
-def load_model(
+def restore_model(
     directory: str | os.PathLike,
-    model_fn: Callable[[], Any] | None = None,
+    model_fn: Callable[[], Any],
     *,
     mesh=None,
     strategy=None,
     allow_missing: Sequence[str] | None = None,
 ):
-    """Build a model from a converted checkpoint, every leaf restored straight into its sharding.
+    """The model `model_fn` builds, with every leaf restored from a converted checkpoint into its sharding.
+
+    `read_jax.build.load_model` is the public loader; this is its converted-checkpoint half.
 
     Args:
       directory: a converted checkpoint (the output of `convert_weights.py`).
-      model_fn: builds the model eagerly (e.g. `lambda: ReadModel(cfg, rngs=nnx.Rngs(0))`); only traced here
-        (abstractly, and under jit for the leaves the checkpoint lacks). Default: `ReadModel` of the stored
-        config.
+      model_fn: builds the model eagerly (`read_jax.build.model_fn(cfg)`); only traced here (abstractly, and
+        under jit for the leaves the checkpoint lacks).
       mesh: default: every device on the `fsdp` axis (`read_jax.sharding.make_mesh(1, -1)`).
       strategy: `read_jax.sharding` parameter rules (default FSDP on everything large).
       allow_missing: regexes of parameter paths the checkpoint may lack (they keep their init). Default: LoRA
@@ -315,13 +351,7 @@ def load_model(
     from flax import nnx
 
     from read_jax import sharding as shd
-    from read_jax.convert.common import path_str
 
-    if model_fn is None:
-        cfg = load_config(directory)
-        from read_jax.read_model import ReadModel
-
-        model_fn = lambda: ReadModel(cfg, rngs=nnx.Rngs(0))
     mesh = shd.make_mesh(1, -1) if mesh is None else mesh
     manifest = read_manifest(directory)
     if allow_missing is None:
@@ -357,8 +387,7 @@ def load_model(
     if need:
 
         def init_subset():
-            st = nnx.state(model_fn())
-            fl = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(st)}
+            fl = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model_fn()))}
             return {p: fl[p] for p in need}
 
         values.update(jax.jit(init_subset, out_shardings={p: shardings[p] for p in need})())

@@ -28,9 +28,10 @@ from read_jax.config import ReadConfig
 from read_jax.data.conversation import build_prompt
 from read_jax.data.preprocess import clip_preprocess
 from read_jax.data.tokenizer import ReadTokenizer, tokenizer_image_token
-from read_jax.read_model import ReadModel
+from read_jax.read_model import MaskOutput, ReadModel
 from read_jax.sam.transforms import preprocess as sam_preprocess
 
+Array = jax.Array
 LENGTH_BUCKET = 64  # full-forward lengths are padded to a multiple of this (few compiles)
 CANVAS_BUCKET = 64  # mask canvases likewise
 
@@ -62,11 +63,11 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-@functools.partial(nnx.jit, static_argnames=("canvas_hw",))
-def _forward(model: ReadModel, batch: dict, canvas_hw: tuple[int, int]):
-    outputs, aux = model(batch, canvas_hw=canvas_hw)
-    keep = ("sasp/points", "sasp/labels", "sasp/sim")
-    return outputs["mask_logits"], outputs["seg_valid"], {k: aux[k] for k in keep}
+@functools.partial(jax.jit, static_argnames=("graphdef", "canvas_hw"))
+def _forward(graphdef, state, batch: dict, canvas_hw: tuple[int, int]) -> tuple[Array, MaskOutput]:
+    """The full forward's [SEG] validity and masks (the model's state is an input, never an output)."""
+    out = nnx.merge(graphdef, state)(batch, canvas_hw=canvas_hw, logits="none")
+    return out.seg.valid, out.masks
 
 
 def prepare_image(image: np.ndarray, cfg: ReadConfig) -> dict:
@@ -150,9 +151,10 @@ def predict(
     mask[0, : len(full)] = True
     batch = {**img, "input_ids": input_ids, "attention_mask": mask, "conv_image": np.zeros(1, np.int32)}
     canvas = (_round_up(H, CANVAS_BUCKET), _round_up(W, CANVAS_BUCKET))
-    logits, valid, aux = _forward(model, {k: jnp.asarray(v) for k, v in batch.items()}, canvas)
+    graphdef, state = nnx.split(model)
+    valid, out = _forward(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, canvas)
     k = int(np.asarray(valid[0]).sum())
-    logits = np.asarray(logits[0, :k, :H, :W])
+    logits = np.asarray(out.mask_logits[0, :k, :H, :W])
     masks = logits > 0
     return Prediction(
         text=text,
@@ -160,9 +162,9 @@ def predict(
         masks=masks,
         mask_logits=logits,
         object_present=bool(masks[0].any()),
-        points=np.asarray(aux["sasp/points"][0, :k]),
-        point_labels=np.asarray(aux["sasp/labels"][0, :k]),
-        similarity=np.asarray(aux["sasp/sim"][0, :k], np.float32),
+        points=np.asarray(out.points[0, :k]),
+        point_labels=np.asarray(out.point_labels[0, :k]),
+        similarity=np.asarray(out.similarity[0, :k], np.float32),
     )
 
 
@@ -193,18 +195,14 @@ def overlay(
     return pil
 
 
-def load_for_inference(checkpoint: str, *, dtype: str | None = None) -> tuple[ReadModel, ReadTokenizer]:
+def load_for_inference(
+    checkpoint: str, *, dtype: str | None = None, mesh=None
+) -> tuple[ReadModel, ReadTokenizer]:
     """A ReadModel + tokenizer from a converted checkpoint directory (`convert_weights.py` output)."""
-    from pathlib import Path
+    from read_jax import build
 
-    from read_jax import checkpoint as ckpt
-
-    cfg = ckpt.load_config(checkpoint)
-    if dtype is not None:
-        cfg = cfg.with_dtype(dtype)
-    model = ckpt.load_model(checkpoint, lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
-    tok_dir = Path(checkpoint) / "tokenizer"
-    return model, ReadTokenizer(str(tok_dir if tok_dir.exists() else checkpoint))
+    model = build.load_model(checkpoint, dtype=dtype, mesh=mesh)
+    return model, ReadTokenizer(build.tokenizer_dir(checkpoint) or str(checkpoint))
 
 
 def batch_questions(questions: Sequence[str]) -> list[str]:
@@ -217,31 +215,20 @@ def batch_questions(questions: Sequence[str]) -> list[str]:
 
 def save_for_inference(model: ReadModel, directory: str, tokenizer_dir: str) -> None:
     """Write `model` as a converted-checkpoint directory (config.json, tokenizer/, params/) that
-    `load_for_inference`, `python -m read_jax.chat` and `evaluate.py` read. Atomic: written to a temporary
-    sibling and renamed."""
+    `load_for_inference`, `python -m read_jax.cli.chat` and `evaluate.py` read. Atomic (written beside, renamed)."""
     import json
     import shutil
-    import tempfile
-    from pathlib import Path
 
-    from read_jax import checkpoint as ckpt
+    from read_jax import checkpoint as ck
     from read_jax.config import config_to_dict
-    from read_jax.convert.common import abstract_leaves
+    from read_jax.tree_util import abstract_leaves
 
-    dst = Path(directory)
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists")
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".tmp-", dir=dst.parent if dst.parent.exists() else None))
-    try:
-        writer = ckpt.PartWriter(tmp / ckpt.PARAMS_DIR)
+    with ck.atomic_directory(directory) as tmp:
+        writer = ck.PartWriter(tmp / ck.PARAMS_DIR)
         for path, leaf in abstract_leaves(model).items():
             if "rngs" in path.split("/"):
                 continue  # RNG state is not a parameter
             writer.add(path, np.asarray(jax.device_get(leaf)))
         writer.close()
-        (tmp / ckpt.CONFIG).write_text(json.dumps(config_to_dict(model.config), indent=1))
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / ck.CONFIG).write_text(json.dumps(config_to_dict(model.config), indent=1))
+        shutil.copytree(tokenizer_dir, tmp / ck.TOKENIZER_DIR)

@@ -24,17 +24,14 @@ from flax import nnx
 
 from read_jax.config import LoraConfig
 from read_jax.layers import Linear
+from read_jax.tree_util import path_str
 
 LoRAParam = nnx.LoRAParam
 
 
-def _path_str(path) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def linear_paths(model: nnx.Module) -> dict[str, Linear]:
     """'/'-path -> every `read_jax.layers.Linear` in the model (in graph order)."""
-    return {_path_str(p): n for p, n in nnx.iter_graph(model) if isinstance(n, Linear)}
+    return {path_str(p): n for p, n in nnx.iter_graph(model) if isinstance(n, Linear)}
 
 
 def _default_expected(model: nnx.Module) -> int:
@@ -76,7 +73,7 @@ def apply_lora(
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module) or not path:
             continue
-        p = _path_str(path)
+        p = path_str(path)
         if pattern.fullmatch(p):
             if isinstance(node, Linear):
                 matched[p] = node
@@ -142,7 +139,7 @@ def trainable_filter(regexes: Sequence[str]) -> Callable[[tuple, object], bool]:
     def is_trainable(path, value) -> bool:
         if not isinstance(value, nnx.Param):
             return False
-        p = _path_str(path)
+        p = path_str(path)
         return any(c.fullmatch(p) for c in compiled)
 
     return is_trainable
@@ -159,7 +156,7 @@ def partition_trainable(
     fcs) that a bare LLaMA does not have.
     """
     if require_all:
-        paths = [_path_str(p) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+        paths = [path_str(p) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
         unused = [r for r in regexes if not any(re.fullmatch(r, p) for p in paths)]
         if unused:
             raise ValueError(f"trainable regexes that match no parameter: {unused}")

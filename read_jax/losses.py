@@ -15,11 +15,15 @@ Differences from the reference, all numerically invisible at fp32:
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from read_jax.config import IGNORE_INDEX
+from read_jax.read_model import ReadOutput
+from read_jax.sam.transforms import pixel_valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +46,18 @@ def ce_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]
     Returns:
       (mean loss over the batch's supervised tokens (0 if none), number of supervised tokens).
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+    return token_ce(logits[:, :-1], labels[:, 1:])
+
+
+def token_ce(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of already-aligned logits and targets, mean over the supervised ones.
+
+    Args:
+      logits: float[..., V]; targets: int[...], IGNORE_INDEX where unsupervised.
+    Returns:
+      (mean loss (0 if nothing is supervised), number of supervised targets).
+    """
+    logits = logits.astype(jnp.float32)
     valid = targets != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
@@ -85,23 +99,6 @@ def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array, m
     w = mask_valid.astype(jnp.float32)
     n = w.sum()
     return (bce * w).sum() / (n + 1e-8), (dice * w).sum() / (n + 1e-8)
-
-
-def read_loss(
-    logits, labels, mask_logits, mask_targets, pixel_valid, mask_valid, weights: LossWeights = LossWeights()
-) -> tuple[jax.Array, dict]:
-    """The total READ loss and its terms: ce_w * CE + bce_w * BCE + dice_w * Dice."""
-    ce, n_tok = ce_loss(logits, labels)
-    bce, dice = mask_losses(mask_logits, mask_targets, pixel_valid, mask_valid)
-    loss = weights.ce * ce + weights.bce * bce + weights.dice * dice
-    return loss, {
-        "loss": loss,
-        "ce": ce,
-        "bce": bce,
-        "dice": dice,
-        "num_tokens": n_tok,
-        "num_masks": mask_valid.sum(),
-    }
 
 
 def cell_coverage(
@@ -150,3 +147,69 @@ def similarity_loss(sim_logits: jax.Array, coverage: jax.Array, mask_valid: jax.
     kl = jnp.sum(jnp.where(t > 0, t * (jnp.log(jnp.maximum(t, 1e-30)) - logp), 0.0), axis=-1)
     w = valid.astype(jnp.float32)
     return (kl * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The READ batch loss: what the train step calls
+# ----------------------------------------------------------------------------------------------------
+def text_ce(out: ReadOutput) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The text CE of a forward in whichever logits form it computed.
+
+    Returns:
+      (ce, supervised tokens, supervised tokens left out of the loss by `max_supervised`); all zero when the
+      forward computed no logits (`logits="none"`: the text loss is off).
+    """
+    zero = jnp.zeros((), jnp.int32)
+    if out.supervised is not None:
+        ce, n = token_ce(out.supervised.logits, out.supervised.targets)
+        return ce, n, out.supervised.dropped
+    if out.logits is not None:
+        ce, n = ce_loss(out.logits, out.labels)
+        return ce, n, zero
+    return jnp.zeros((), jnp.float32), zero, zero
+
+
+def read_batch_loss(
+    out: ReadOutput, batch: Mapping[str, jax.Array], weights: LossWeights = LossWeights()
+) -> tuple[jax.Array, dict]:
+    """READ's loss of a teacher-forced batch: ce * CE + bce * BCE + dice * Dice (+ sim * the similarity term).
+
+    GT masks come per [SEG] slot: `batch["masks"]` uint8[R, S', Hc, Wc] (or [R, Hc, Wc] for S' = 1, the usual
+    one-[SEG]-per-conversation case) on the canvas of the predictions, with `batch["mask_valid"]` bool[R, S']
+    (or [R]). Training targets are `mask == 1` (READ's reason_seg_dataset: 255 -> 0). Slots beyond S' or
+    without a predicted [SEG] are not supervised.
+
+    Returns:
+      (loss, metrics): loss/ce/bce/dice (+ sim), num_tokens, num_masks, ce_dropped_tokens.
+    """
+    if out.masks is None or out.masks.mask_logits is None:
+        raise ValueError("the READ loss needs the forward's masks (compute_masks=True with a canvas)")
+    gt, mvalid = batch["masks"], batch["mask_valid"]
+    if gt.ndim == 3:
+        gt, mvalid = gt[:, None], mvalid[:, None]
+    r, s_gt = mvalid.shape
+    canvas = gt.shape[-2:]
+    logits = out.masks.mask_logits[:, :s_gt]  # [R, S', Hc, Wc]
+    if logits.shape[-2:] != canvas:
+        raise ValueError(f"mask canvas {logits.shape[-2:]} != GT canvas {canvas}")
+    valid = (mvalid & out.seg.valid[:, :s_gt]).reshape(-1)
+    conv_image = batch.get("conv_image")
+    if conv_image is None:
+        conv_image = jnp.arange(r)
+    extent = batch["mask_hw"] if "mask_hw" in batch else batch["orig_hw"][conv_image]
+    pv = jnp.broadcast_to(pixel_valid(extent, canvas)[:, None], logits.shape).reshape(r * s_gt, *canvas)
+    targets = (gt == 1).reshape(r * s_gt, *canvas)
+
+    ce, n_tok, dropped = text_ce(out)
+    bce, dice = mask_losses(logits.reshape(r * s_gt, *canvas), targets, pv, valid)
+    loss = weights.ce * ce + weights.bce * bce + weights.dice * dice
+    metrics = {"ce": ce, "bce": bce, "dice": dice, "num_tokens": n_tok, "num_masks": valid.sum()}
+    if weights.sim:
+        # The raw similarity scaled like attention logits (1 / sqrt(C)) before the softmax.
+        sim = out.masks.similarity[:, :s_gt] * out.hidden.shape[-1] ** -0.5  # [R, S', P]
+        grid = math.isqrt(sim.shape[-1])
+        orig = jnp.repeat(batch["orig_hw"][conv_image], s_gt, axis=0)
+        cov = cell_coverage(targets, jnp.repeat(extent, s_gt, axis=0), orig, grid)
+        metrics["sim"] = similarity_loss(sim.reshape(r * s_gt, -1), cov, valid)
+        loss = loss + weights.sim * metrics["sim"]
+    return loss, {"loss": loss, **metrics, "ce_dropped_tokens": dropped}

@@ -3,37 +3,116 @@
 PyTorch reference: rui-qian/READ@2549240 `model/READ.py` (`model_forward` 435-598, `similarity_as_points`
 600-898, `generate_pred_masks` 246-321, `evaluate` 900-1012); read_reference.md §1-§5.
 
+The model's contract is typed: `ReadModel.__call__` returns a `ReadOutput` (text logits in the form asked for,
+final hidden states, the [SEG] states, and the per-[SEG] `MaskOutput`), and `ReadModel.masks_from_states` is
+the one mask path (SasP points -> SAM prompt encoder -> mask decoder -> masks at a requested size) that training,
+evaluation, inference and the points-only analysis all call. Losses live in `read_jax.losses`.
+
 Shape letters:
   B images, R conversation rows (each row uses image `conv_image[r]`), L input text length,
-  E = L + P - 1 merged length, P = 576 image tokens, C LLM width, S = `max_segs` [SEG] slots per row,
-  N = R * S prompts, Np SasP points, D = 256 SAM prompt width, h w SAM embedding grid,
-  Hc Wc the static mask canvas (each mask's valid region is its image's original (H, W)).
+  E = L + P - 1 merged length, P image tokens (576 at full size), C LLM width, S = `max_segs` [SEG] slots per row,
+  N = R * S prompts, Np SasP points, D SAM prompt width, l low-res mask side, V vocabulary,
+  K supervised text positions kept (`max_supervised`), Hc Wc a static mask canvas (each mask valid in its
+  output extent, by default its image's original (H, W)).
 
 What differs from the reference, on purpose (read_reference.md §13):
   * Every [SEG] of a row gets its own mask (the reference crashes on >= 2 [SEG]s in generation and
     mis-pairs image sizes with rows in mixed training batches, §3.8): each [SEG] uses the image tokens
     and the original size of its own row.
   * The `<im_start>` position is read per row from the merge, not the hard-coded 32001 of the first row.
-  * Static shapes: S slots per row with validity `seg_valid`; rows without [SEG] produce no valid mask.
+  * Static shapes: S slots per row with validity `SegStates.valid`; rows without [SEG] produce no valid mask.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from read_jax import sasp as sasp_lib
-from read_jax.config import ReadConfig
+from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
 from read_jax.layers import Linear, kaiming_uniform_a_sqrt5
 from read_jax.llava import LlavaModel, expanded_position
 from read_jax.sam.sam import Sam
-from read_jax.sam.transforms import apply_coords, get_preprocess_shape_jnp, postprocess_masks_padded
+from read_jax.sam.transforms import apply_coords, postprocess_masks_padded
 from read_jax.sharding import constrain
 
 Array = jax.Array
+LogitsMode = Literal["full", "supervised", "none"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The typed outputs
+# ----------------------------------------------------------------------------------------------------
+@struct.dataclass
+class SupervisedLogits:
+    """Text logits at the batch's supervised positions only (`logits="supervised"`).
+
+    The text loss needs logits only where a label is supervised (the answers, ~10-30 tokens a row), while the
+    full [R, E, V] projection is most of a small model's step at V = 32003. Row k holds the projection of the
+    hidden state that predicts `targets[k]` (the first K supervised positions of the batch, row-major).
+
+    logits: float32[K, V]; targets: int32[K] (IGNORE_INDEX in unused slots); dropped: int32[] supervised
+    positions beyond K (not in the loss).
+    """
+
+    logits: Array
+    targets: Array
+    dropped: Array
+
+
+@struct.dataclass
+class SegStates:
+    """The [SEG] slots of each row and the image-token states they are compared with.
+
+    hidden: [R, S, C] hidden state that predicts each [SEG] (expanded position - 1); valid: bool[R, S];
+    index: int32[R, S] expanded index of the [SEG]; image_hidden: [R, P, C] the row's image-token states.
+    """
+
+    hidden: Array
+    valid: Array
+    index: Array
+    image_hidden: Array
+
+
+@struct.dataclass
+class MaskOutput:
+    """What `masks_from_states` computes for each prompt (leading dims [N], or [R, S] inside `ReadOutput`).
+
+    pred_embeddings: [.., D] the [SEG] state through text_hidden_fcs; points: float32[.., Np, 2] (x, y) SasP
+    points in original-image pixels; point_labels: int32[.., Np] (1 positive, 0 negative, -1 not a point);
+    similarity: [.., P] the raw [SEG] . image-token similarity; low_res_logits: float32[.., l, l] SAM's
+    decoder output; mask_logits: float32[.., Hc, Wc] at the requested size (zero outside each extent), or None
+    when no canvas was asked for.
+    """
+
+    pred_embeddings: Array
+    points: Array
+    point_labels: Array
+    similarity: Array
+    low_res_logits: Array
+    mask_logits: Array | None = None
+
+
+@struct.dataclass
+class ReadOutput:
+    """`ReadModel.__call__`'s result.
+
+    hidden: [R, E, C] final-norm hidden states; image_token_start: int32[R] expanded index of each row's first
+    image token; labels: int32[R, E] merged labels (None without `batch["labels"]`); logits: float32[R, E, V]
+    (`logits="full"`, else None); supervised: `SupervisedLogits` (`logits="supervised"`, else None);
+    seg: `SegStates` and masks: `MaskOutput` with leading dims [R, S] (None with `compute_masks=False`).
+    """
+
+    hidden: Array
+    image_token_start: Array
+    labels: Array | None = None
+    logits: Array | None = None
+    supervised: SupervisedLogits | None = None
+    seg: SegStates | None = None
+    masks: MaskOutput | None = None
 
 
 class TextHiddenFcs(nnx.Module):
@@ -88,6 +167,8 @@ def seg_slots(input_ids: Array, seg_token_id: int, max_segs: int) -> tuple[Array
 class ReadModel(nnx.Module):
     """The READ model: `llava` (CLIP + projector + LLaMA), `text_hidden_fcs`, `visual_model` (SAM).
 
+    Build it with `read_jax.build.build_model(cfg)` (LoRA attached where the config says).
+
     Args:
       cfg: ReadConfig.
       rngs: initialisation streams.
@@ -113,15 +194,12 @@ class ReadModel(nnx.Module):
         emb = self.visual_model.image_encoder(images_sam)
         return jax.lax.stop_gradient(emb) if self.config.freeze_vision_towers else emb
 
-    def seg_states(self, hidden: Array, input_ids: Array, image_start: Array):
+    def seg_states(self, hidden: Array, input_ids: Array, image_start: Array) -> SegStates:
         """[SEG] hidden states (at expanded position - 1) and the image-token hidden states of each row.
 
         Args:
           hidden: float[R, E, C] final-norm hidden states.
           input_ids: int[R, L]; image_start: int32[R] expanded index of each row's first image token.
-        Returns:
-          seg_hidden [R, S, C], seg_valid bool[R, S], seg_index int32[R, S] (expanded index of the [SEG]),
-          image_hidden [R, P, C].
         """
         cfg = self.config
         p = cfg.clip.num_patches
@@ -131,7 +209,27 @@ class ReadModel(nnx.Module):
         image_hidden = jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(h, s, p, axis=0))(
             hidden, image_start
         )
-        return seg_hidden, valid, pos, image_hidden
+        return SegStates(hidden=seg_hidden, valid=valid, index=pos, image_hidden=image_hidden)
+
+    def supervised_logits(self, hidden: Array, labels: Array, max_tokens: int) -> SupervisedLogits:
+        """The lm_head applied at the first `max_tokens` supervised positions of the batch only.
+
+        Args:
+          hidden: [R, E, C]; labels: int32[R, E] merged labels (position t predicts label t + 1).
+        """
+        c = hidden.shape[-1]
+        h = hidden[:, :-1].reshape(-1, c)
+        targets = labels[:, 1:].reshape(-1)
+        k = min(int(max_tokens), targets.shape[0])
+        valid = targets != IGNORE_INDEX
+        order = jnp.argsort(~valid, stable=True)[:k]  # supervised positions first, in order  [K]
+        kept = valid[order]
+        logits = self.llava.language_model.lm_head(h[order]).astype(jnp.float32)  # [K, V]
+        return SupervisedLogits(
+            logits=logits,
+            targets=jnp.where(kept, targets[order], IGNORE_INDEX).astype(jnp.int32),
+            dropped=(valid.sum() - kept.sum()).astype(jnp.int32),
+        )
 
     def masks_from_states(
         self,
@@ -141,24 +239,29 @@ class ReadModel(nnx.Module):
         orig_hw: Array,
         sam_input_hw: Array,
         image_emb: Array,
-        canvas_hw: tuple[int, int],
-        sasp_cfg=None,
+        *,
+        canvas_hw: tuple[int, int] | None = None,
         out_hw: Array | None = None,
-    ) -> tuple[Array, dict]:
-        """SasP points + SAM decoding for N prompts (flattened [SEG] slots).
+        sasp_cfg: SaspConfig | None = None,
+        text_prompt: bool = True,
+        sam: Sam | None = None,
+    ) -> MaskOutput:
+        """The one mask path: SasP points (+ the [SEG] prompt token) -> SAM decoding -> masks, for N prompts.
 
         Args:
           seg_hidden: [N, C] the [SEG]-predicting hidden states; image_hidden: [N, P, C] of the same rows.
           seg_image: int32[N] image index of each prompt; orig_hw / sam_input_hw: int32[B, 2].
-          image_emb: [B, h, w, D] SAM image embeddings; canvas_hw: static (Hc, Wc).
-          sasp_cfg: override of `cfg.sasp` (evaluation sweeps).
-          out_hw: int32[N, 2] size the logits are resampled to (default: the original size). The data pipeline
-            downscales GT masks of images larger than the canvas; predictions then follow the GT's size.
-        Returns:
-          mask logits float32[N, Hc, Wc] (zero outside each mask's extent), aux dict.
+          image_emb: [B, h, w, D] SAM image embeddings.
+          canvas_hw: static (Hc, Wc) of the output masks; None: only the low-res logits.
+          out_hw: int32[N, 2] size each mask is resampled to inside the canvas (default: its original size;
+            the data pipeline downscales the GT of images larger than its canvas, and predictions follow it).
+          sasp_cfg: override of `cfg.sasp` (evaluation sweeps, the points-only analysis).
+          text_prompt: False prompts SAM with the points only (Appendix B "points as prompt").
+          sam: another SAM for the prompt encoder + mask decoder (default: the model's own).
         """
         cfg = self.config
         sasp_cfg = sasp_cfg or cfg.sasp
+        sam = self.visual_model if sam is None else sam
         hw = orig_hw[seg_image]  # [N, 2]
         pred_emb = self.text_hidden_fcs(seg_hidden)  # [N, D]
         points, labels, sasp_aux = sasp_lib.sasp(
@@ -171,23 +274,25 @@ class ReadModel(nnx.Module):
         )
         # To the SAM input frame (ResizeLongestSide.apply_coords); keeps DtoC's gradient.
         coords = apply_coords(points.astype(jnp.float32), hw, cfg.sam.image_size)
-        pe = self.visual_model.prompt_encoder
-        sparse, dense = pe(coords, labels, text_embeds=pred_emb[:, None, :])
-        low, _ = self.visual_model.mask_decoder(
+        pe = sam.prompt_encoder
+        sparse, dense = pe(coords, labels, text_embeds=pred_emb[:, None, :] if text_prompt else None)
+        low, _ = sam.mask_decoder(
             image_emb[seg_image], pe.get_dense_pe(), sparse, dense, multimask_output=False
-        )  # [N, 1, 4h, 4w]
-        out_hw = hw if out_hw is None else out_hw
-        masks = postprocess_masks_padded(low, sam_input_hw[seg_image], out_hw, canvas_hw, cfg.sam.image_size)[
-            :, 0
-        ]
-        aux = {
-            "sasp/points": points,
-            "sasp/labels": labels,
-            "sasp/sim": sasp_aux["sim"],
-            "sam/low_res_masks": low[:, 0],
-            "read/pred_embeddings": pred_emb,
-        }
-        return masks, aux
+        )  # [N, 1, l, l]
+        masks = None
+        if canvas_hw is not None:
+            out_hw = hw if out_hw is None else out_hw
+            masks = postprocess_masks_padded(
+                low, sam_input_hw[seg_image], out_hw, canvas_hw, cfg.sam.image_size
+            )[:, 0]
+        return MaskOutput(
+            pred_embeddings=pred_emb,
+            points=points,
+            point_labels=labels,
+            similarity=sasp_aux["sim"],
+            low_res_logits=low[:, 0],
+            mask_logits=masks,
+        )
 
     # ---- forward -----------------------------------------------------------------------------------------
     def __call__(
@@ -195,29 +300,29 @@ class ReadModel(nnx.Module):
         batch: dict,
         *,
         canvas_hw: tuple[int, int] | None = None,
+        logits: LogitsMode = "full",
+        max_supervised: int = 0,
+        compute_masks: bool = True,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
-        compute_masks: bool = True,
-        sasp_cfg=None,
-    ) -> tuple[dict, dict]:
-        """Teacher-forced forward (training, validation, the ReasonSeg protocol).
+        sasp_cfg: SaspConfig | None = None,
+    ) -> ReadOutput:
+        """Teacher-forced forward (training, validation, the ReasonSeg protocol, inference's final pass).
 
         Args:
           batch: dict with
-            images_clip float[B, 336, 336, 3], images_sam float[B, S, S, 3] (normalised, padded),
+            images_clip float[B, Sc, Sc, 3], images_sam float[B, S, S, 3] (normalised, padded),
             sam_input_hw int32[B, 2] (resized extent), orig_hw int32[B, 2] (original H, W),
             input_ids int32[R, L] (right padded), attention_mask bool[R, L], conv_image int32[R],
             optional labels int32[R, L], optional conv_valid bool[R], optional mask_hw int32[R, 2] (the GT
             extent inside the canvas when the pipeline had to downscale a large image; default orig size).
             Host-only entries (strings) must be dropped before the call.
-          canvas_hw: static (Hc, Wc) >= every original size of the batch; default: the SAM frame.
-          deterministic / rngs: LoRA dropout.
+          canvas_hw: static (Hc, Wc) >= every mask extent of the batch; default: the SAM frame.
+          logits: "full" ([R, E, V]), "supervised" (`SupervisedLogits` of at most `max_supervised` positions;
+            needs labels) or "none" (the text loss is off: XLA then drops the lm_head altogether).
           compute_masks: False skips SAM (text-only forward).
-        Returns:
-          outputs: logits [R, E, V] (fp32), labels [R, E] (merged, if given), mask_logits float32[R, S, Hc, Wc],
-            seg_valid bool[R, S], pixel_valid bool[R, S, Hc, Wc] is NOT materialised (see `pixel_valid`).
-          aux: named intermediates ('llava/hidden', 'read/seg_hidden', 'sasp/points', 'sasp/labels',
-            'sasp/sim', 'sam/low_res_masks', ...).
+          deterministic / rngs: dropout (LoRA's).
+          sasp_cfg: override of `cfg.sasp`.
         """
         cfg = self.config
         input_ids = batch["input_ids"]
@@ -234,99 +339,34 @@ class ReadModel(nnx.Module):
             rngs=rngs,
         )
         hidden = constrain(out.hidden_states, ("act_batch", "act_len", "act_emb"))
-        outputs = {"logits": out.logits, "labels": merged.labels}
-        aux = {"llava/hidden": hidden, "llava/image_token_start": merged.image_token_start}
+        result = ReadOutput(hidden=hidden, image_token_start=merged.image_token_start, labels=merged.labels)
+        if logits == "full":
+            result = result.replace(logits=out.logits)
+        elif logits == "supervised":
+            if merged.labels is None or max_supervised < 1:
+                raise ValueError('logits="supervised" needs batch["labels"] and max_supervised >= 1')
+            result = result.replace(supervised=self.supervised_logits(hidden, merged.labels, max_supervised))
+        elif logits != "none":
+            raise ValueError(f"logits must be 'full', 'supervised' or 'none', got {logits!r}")
         if not compute_masks:
-            return outputs, aux
+            return result
 
-        seg_hidden, seg_valid, seg_pos, image_hidden = self.seg_states(
-            hidden, input_ids, merged.image_token_start
-        )
+        seg = self.seg_states(hidden, input_ids, merged.image_token_start)
         if "conv_valid" in batch:
-            seg_valid = seg_valid & batch["conv_valid"][:, None]
-        r, s = seg_valid.shape
+            seg = seg.replace(valid=seg.valid & batch["conv_valid"][:, None])
+        r, s = seg.valid.shape
         canvas_hw = canvas_hw or (cfg.sam.image_size, cfg.sam.image_size)
-        image_emb = self.image_embeddings(batch["images_sam"])  # once per image
-        n_img = jnp.repeat(image_hidden, s, axis=0)  # [N, P, C]
-        seg_image = jnp.repeat(conv_image, s)
         out_hw = batch.get("mask_hw")
-        out_hw = None if out_hw is None else jnp.repeat(out_hw, s, axis=0)
-        masks, m_aux = self.masks_from_states(
-            seg_hidden.reshape(r * s, -1),
-            n_img,
-            seg_image,
+        masks = self.masks_from_states(
+            seg.hidden.reshape(r * s, -1),
+            jnp.repeat(seg.image_hidden, s, axis=0),  # [N, P, C]
+            jnp.repeat(conv_image, s),
             batch["orig_hw"],
             batch["sam_input_hw"],
-            image_emb,
-            canvas_hw,
-            sasp_cfg,
-            out_hw,
+            self.image_embeddings(batch["images_sam"]),  # once per image
+            canvas_hw=canvas_hw,
+            out_hw=None if out_hw is None else jnp.repeat(out_hw, s, axis=0),
+            sasp_cfg=sasp_cfg,
         )
-        outputs["mask_logits"] = masks.reshape(r, s, *canvas_hw)
-        outputs["seg_valid"] = seg_valid
-        aux.update({k: v.reshape(r, s, *v.shape[1:]) for k, v in m_aux.items()})
-        aux.update({"read/seg_hidden": seg_hidden, "read/seg_index": seg_pos, "read/seg_image": conv_image})
-        return outputs, aux
-
-
-def pixel_valid(orig_hw: Array, canvas_hw: tuple[int, int]) -> Array:
-    """bool[..., Hc, Wc]: inside the original (H, W) of each entry of `orig_hw` int[..., 2]."""
-    ys = jnp.arange(canvas_hw[0])
-    xs = jnp.arange(canvas_hw[1])
-    return (ys[:, None] < orig_hw[..., 0, None, None]) & (xs[None, :] < orig_hw[..., 1, None, None])
-
-
-def sam_input_hw(orig_hw: Array, image_size: int) -> Array:
-    """Resized extent inside the SAM frame for original sizes int[..., 2] (traceable)."""
-    return get_preprocess_shape_jnp(orig_hw, image_size)
-
-
-def batch_loss(outputs: dict, batch: dict, weights=None) -> tuple[Array, dict]:
-    """READ's loss for a teacher-forced batch (`ReadModel.__call__` outputs).
-
-    GT masks come per [SEG] slot: `batch["masks"]` uint8[R, S', Hc, Wc] (or [R, Hc, Wc] for S' = 1, the
-    usual one-[SEG]-per-conversation case) on the same canvas as the predictions, with `batch["mask_valid"]`
-    bool[R, S'] (or [R]). Training targets are `mask == 1` (READ's reason_seg_dataset: 255 -> 0).
-    Slots beyond S' or without a predicted [SEG] are not supervised.
-    """
-    from read_jax.losses import LossWeights, cell_coverage, read_loss, similarity_loss
-
-    weights = weights or LossWeights()
-    gt = batch["masks"]
-    mvalid = batch["mask_valid"]
-    if gt.ndim == 3:
-        gt, mvalid = gt[:, None], mvalid[:, None]
-    r, s_gt = mvalid.shape
-    canvas = gt.shape[-2:]
-    logits = outputs["mask_logits"][:, :s_gt]  # [R, S', Hc, Wc]
-    if logits.shape[-2:] != canvas:
-        raise ValueError(f"mask canvas {logits.shape[-2:]} != GT canvas {canvas}")
-    valid = mvalid & outputs["seg_valid"][:, :s_gt]
-    conv_image = batch.get("conv_image")
-    if conv_image is None:
-        conv_image = jnp.arange(r)
-    extent = batch["mask_hw"] if "mask_hw" in batch else batch["orig_hw"][conv_image]
-    pv = pixel_valid(extent, canvas)[:, None]  # [R, 1, Hc, Wc]
-    pv = jnp.broadcast_to(pv, logits.shape)
-    loss, metrics = read_loss(
-        outputs["logits"],
-        outputs["labels"],
-        logits.reshape(r * s_gt, *canvas),
-        (gt == 1).reshape(r * s_gt, *canvas),
-        pv.reshape(r * s_gt, *canvas),
-        valid.reshape(-1),
-        weights,
-    )
-    if weights.sim:
-        if "sim_logits" not in outputs:
-            raise ValueError("weights.sim > 0 needs outputs['sim_logits'] (the scaled SasP similarity map)")
-        sim = outputs["sim_logits"][:, :s_gt]  # [R, S', P]
-        grid = math.isqrt(sim.shape[-1])
-        orig = jnp.repeat(batch["orig_hw"][conv_image], s_gt, axis=0)
-        cov = cell_coverage(
-            (gt == 1).reshape(r * s_gt, *canvas), jnp.repeat(extent, s_gt, axis=0), orig, grid
-        )
-        sim_l = similarity_loss(sim.reshape(r * s_gt, -1), cov, valid.reshape(-1))
-        loss = loss + weights.sim * sim_l
-        metrics = {**metrics, "loss": loss, "sim": sim_l}
-    return loss, metrics
+        masks = jax.tree.map(lambda v: v.reshape(r, s, *v.shape[1:]), masks)
+        return result.replace(seg=seg, masks=masks)

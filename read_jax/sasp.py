@@ -74,6 +74,7 @@ _NEG_BASE = 1 << 30
 _NEUTRAL_KEY = (1 << 31) - 2
 _UNUSABLE_KEY = (1 << 31) - 1
 
+Array = jax.Array
 _HI = lax.Precision.HIGHEST  # small f32 contractions: TF32/bf16 passes would cost DtoC its exactness
 
 
@@ -547,3 +548,56 @@ def sasp(
     else:
         points = points_int.astype(jnp.float32)
     return points, labels, {**aux, "sim": sim, "points_int": points_int}
+
+
+def similarity_map_full(
+    sim: Array,
+    orig_hw: Array,
+    out_hw: Array,
+    canvas_hw: tuple[int, int],
+    *,
+    similarity_dtype: str = "bfloat16",
+    minmax_eps: float = 1e-12,
+    clip_grid: int = CLIP_GRID,
+    clip_size: int = CLIP_SIZE,
+) -> Array:
+    """The reference's `origin_sm` (read_reference.md §3.2) on a static canvas: the Fig. 4 (a) heat map.
+
+    v = min-max(sim) (in bf16 like the reference when `similarity_dtype` is "bfloat16"), reshaped to g x g,
+    bilinear to clip_size^2, zero-padded to the short-side-clip_size frame of the original (H, W) (the
+    integer centre-crop geometry of `sasp.crop_padding`), bilinear to `out_hw`. Computed as
+    M = Ry V Rx^T with per-axis weights (the same composition DtoC evaluates on its windows).
+
+    Args:
+      sim: float[N, P] raw similarity maps (P = g*g).
+      orig_hw: int[N, 2] original (H, W): the crop geometry.
+      out_hw: int[N, 2] output size (usually == orig_hw; the GT canvas extent otherwise).
+      canvas_hw: static (Hc, Wc) >= every out_hw.
+    Returns:
+      float32[N, Hc, Wc] in [0, 1] inside each out_hw, 0 outside.
+    """
+    if sim.ndim != 2 or sim.shape[-1] != clip_grid * clip_grid:
+        raise ValueError(f"sim must be float[N, {clip_grid**2}], got {sim.shape}")
+    if orig_hw.shape != (sim.shape[0], 2) or out_hw.shape != (sim.shape[0], 2):
+        raise ValueError(
+            f"orig_hw and out_hw must be int[{sim.shape[0]}, 2], got {orig_hw.shape}, {out_hw.shape}"
+        )
+    n, g = sim.shape[0], clip_grid
+    bf16 = similarity_dtype == "bfloat16"
+    s = sim.astype(jnp.float32)
+    # The exact bf16 op sequence DtoC uses (tested against torch there).
+    v = _minmax(_round_to_bf16(s) if bf16 else s, minmax_eps, bf16=bf16).reshape(n, g, g)
+    orig_hw = orig_hw.astype(jnp.int32)
+    out_hw = out_hw.astype(jnp.int32)
+    ph, pw = crop_padding(orig_hw, clip_size)
+    up = _resize_matrix(g, clip_size)  # [clip_size, g]
+    hc, wc = canvas_hw
+    ys = jnp.broadcast_to(jnp.arange(hc, dtype=jnp.int32), (n, 1, hc))
+    xs = jnp.broadcast_to(jnp.arange(wc, dtype=jnp.int32), (n, 1, wc))
+    ry = _axis_weights(ys, out_hw[:, 0, None, None], ph[:, None, None], clip_size, up)[:, 0]  # [N, Hc, g]
+    rx = _axis_weights(xs, out_hw[:, 1, None, None], pw[:, None, None], clip_size, up)[:, 0]  # [N, Wc, g]
+    hi = jax.lax.Precision.HIGHEST
+    m = jnp.einsum("nyi,nij->nyj", ry, v, precision=hi)
+    m = jnp.einsum("nyj,nxj->nyx", m, rx, precision=hi)  # [N, Hc, Wc]
+    inside = (ys[:, 0, :, None] < out_hw[:, 0, None, None]) & (xs[:, 0, None, :] < out_hw[:, 1, None, None])
+    return jnp.where(inside, m, 0.0)

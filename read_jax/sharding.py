@@ -27,6 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from read_jax.tree_util import path_str
+
 DATA_AXES = ("data", "fsdp")
 LOGICAL_RULES: dict[str, Any] = {
     "act_batch": DATA_AXES,
@@ -122,27 +124,11 @@ def spec_for(
     raise ValueError(f"no sharding rule matches parameter {path!r}")
 
 
-def _path_of(keypath) -> str:
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name in ("value", "raw_value"):
-                continue
-            parts.append(k.name)
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def tree_shardings(tree, mesh: Mesh, strategy=DEFAULT_STRATEGY, min_fsdp_bytes: int = 1 << 20):
     """NamedSharding for every leaf of a (possibly abstract) pytree, by '/'-joined path."""
 
     def one(keypath, leaf):
-        spec = spec_for(_path_of(keypath), leaf.shape, leaf.dtype, mesh, strategy, min_fsdp_bytes)
+        spec = spec_for(path_str(keypath), leaf.shape, leaf.dtype, mesh, strategy, min_fsdp_bytes)
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, tree)

@@ -6,7 +6,7 @@ by `tests/reference/read_torch.TorchRead`). They are saved here in the exact rel
 `model.embed_tokens.weight`, `model.layers.*`, `model.mm_projector.*`, `model.text_hidden_fcs.0.*`,
 `model.visual_model.*`, `lm_head.weight`; multi-shard `.bin` + `pytorch_model.bin.index.json`; bf16
 safetensors shards + index; an unmerged-PEFT single `.bin`; CLIP as its own HF directory), converted with the
-command (`convert_weights.main`, in-process), loaded with `read_jax.checkpoint.load_model` onto 8 fake
+command (`read_jax.cli.convert.main`, in-process), loaded with `read_jax.build.load_model` onto 8 fake
 devices, and compared with the torch forward in fp32 (atol 1e-5).
 """
 
@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import convert_weights
+from read_jax.cli import convert as convert_cli
 from read_jax import checkpoint as ck
+from read_jax.build import load_model
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.convert.common import ConversionError
 from read_jax.convert.io import CheckpointFileError
@@ -141,7 +142,7 @@ def released_state_dict(ref) -> dict:
 
 
 def convert(argv: list[str]) -> None:
-    assert convert_weights.main(argv + ["--no-progress", "--base", "tiny"]) == 0
+    assert convert_cli.main(argv + ["--no-progress", "--base", "tiny", "--debug"]) == 0
 
 
 def leaves_of(ckpt: Path) -> dict[str, np.ndarray]:
@@ -211,7 +212,7 @@ def dirs(ref, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(dirs):
     """The converted checkpoint restored FSDP-sharded over the 8 fake CPU devices."""
-    return ck.load_model(dirs["out"])
+    return load_model(dirs["out"])
 
 
 # ---- parity -----------------------------------------------------------------------------------------------
@@ -307,7 +308,13 @@ def test_convert_loader_restores_sharded_and_records_the_run(dirs, model):
     ]
     manifest = ck.read_manifest(out)
     state = nnx.state(model, nnx.Not(nnx.RngState))
-    assert set(manifest["leaves"]) == {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+    paths = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
+    # The release's LoRA is merged into the stored weights; the loader attaches fresh factors (B = 0) where the
+    # config has LoRA, so the model computes exactly the stored weights.
+    lora = {p for p in paths if p.endswith(("/lora_a", "/lora_b"))}
+    assert len(lora) == 4 * CFG.llama.num_hidden_layers  # q and v of every layer, A and B each
+    assert all(not np.asarray(paths[p]).any() for p in lora if p.endswith("/lora_b"))
+    assert set(manifest["leaves"]) == set(paths) - lora
     assert all(v["dtype"] == "float32" for v in manifest["leaves"].values())
 
 
@@ -325,7 +332,7 @@ def test_convert_safetensors_bf16_shards(dirs, tmp_path):
         np.testing.assert_array_equal(got[k], want[k].astype(bf16).astype(got[k].dtype), err_msg=k)
     # bf16 round trip: export (BF16 safetensors, the releases' dtype) -> convert gives the same bits.
     hf, again = tmp_path / "hf_bf16", tmp_path / "again"
-    assert convert_weights.main(["--export", str(out), "--out", str(hf), "--dtype", "bf16"]) == 0
+    assert convert_cli.main(["--export", str(out), "--out", str(hf), "--dtype", "bf16"]) == 0
     convert(["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--out", str(again), "--dtype", "bf16"])
     for k, v in leaves_of(again).items():
         assert v.dtype == got[k].dtype, k
@@ -437,10 +444,10 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     # Such a checkpoint is not a READ checkpoint yet: exporting it is refused.
     with pytest.raises(ConversionError, match="left to their init"):
-        convert_weights.main(["--export", str(out), "--out", str(tmp_path / "hf")])
+        convert_cli.main(["--export", str(out), "--out", str(tmp_path / "hf"), "--debug"])
     assert no_output_left(tmp_path / "hf")
     # The loader fills the fcs from the model's own init (allowed by the manifest), sharded like the rest.
-    m = ck.load_model(out)
+    m = load_model(out)
     assert m.text_hidden_fcs.layers[0].kernel[...].shape == (CFG.llama.hidden_size,) * 2
 
 
@@ -451,7 +458,7 @@ def test_convert_export_round_trip(ref, dirs, tmp_path):
     from safetensors.torch import load_file
 
     hf = tmp_path / "hf"
-    assert convert_weights.main(["--export", str(dirs["out"]), "--out", str(hf), "--dtype", "fp32"]) == 0
+    assert convert_cli.main(["--export", str(dirs["out"]), "--out", str(hf), "--dtype", "fp32"]) == 0
     files = sorted(p.name for p in hf.iterdir())
     assert "model.safetensors" in files and "config.json" in files and "tokenizer.model" in files
     sd = load_file(str(hf / "model.safetensors"))
@@ -501,7 +508,7 @@ def test_convert_export_lora_merged_and_peft(dirs, tmp_path):
         apply_lora(m, cfg.lora, rngs=nnx.Rngs(1))
         return m
 
-    m = ck.load_model(dirs["out"], with_lora)
+    m = ck.restore_model(dirs["out"], with_lora)
     for _, lin in nnx.iter_graph(m):
         if getattr(lin, "has_lora", False):  # B starts at zero: give the branch a value
             lin.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2), lin.lora_b[...].shape)

@@ -26,7 +26,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from read_jax import evaluation as E
+from read_jax.eval import analysis, protocols, stages
+from read_jax.eval import records as erec
 from read_jax import visualize as V
 from read_jax.config import SEG_TOKEN_ID, ReadConfig
 from read_jax.convert.common import path_str
@@ -133,23 +134,23 @@ class CapturingPictures(V.AnalysisPictures):
 @pytest.fixture(scope="module")
 def single(model, cfg, batches, reader, tokenizer, tmp_path_factory):
     """The single-device run with every option: (summary, records, jsonl path, pictures, compile deltas)."""
-    import evaluate
+    from read_jax.eval import run as evaluate
 
     out = tmp_path_factory.mktemp("single")
     pics = CapturingPictures(str(out / "pictures"), cfg.sam, V.reader_image_fn(reader))
-    before = E.compile_counts()
-    summary, records = E.evaluate_reasonseg(
+    before = stages.compile_counts()
+    summary, records = protocols.evaluate_reasonseg(
         model,
         batches,
         threshold_search=True,
-        points_prompt=E.points_prompt_config(cfg.sasp),
+        points_prompt=analysis.points_prompt_config(cfg.sasp),
         tokenizer=tokenizer,
-        meta_fn=evaluate.reason_seg_meta_with_kind(reader),
+        meta_fn=erec.reason_seg_meta(reader),
         on_maps=pics,
         progress=False,
     )
-    after = E.compile_counts()
-    _, jsonl = E.write_results(str(out), summary, records)
+    after = stages.compile_counts()
+    _, jsonl = erec.write_results(str(out), summary, records)
     return summary, records, jsonl, pics, {k: after[k] - before[k] for k in after}
 
 
@@ -218,8 +219,8 @@ def test_evaluate_per_query_iou_matches_model_call(model, cfg, batches, single):
 
     @nnx.jit
     def fwd(m, b):
-        out, _ = m(b, canvas_hw=CANVAS)
-        return {"mask_logits": out["mask_logits"], "seg_valid": out["seg_valid"]}  # not the [R, E, V] logits
+        out = m(b, canvas_hw=CANVAS, logits="none")
+        return {"mask_logits": out.masks.mask_logits, "seg_valid": out.seg.valid}
 
     out = fwd(model, {k: jnp.asarray(v) for k, v in P.device_batch(batch).items()})
     logits = np.asarray(out["mask_logits"][:, 0])
@@ -244,7 +245,7 @@ def test_evaluate_per_query_iou_matches_model_call(model, cfg, batches, single):
 
 def test_evaluate_cli_data_parallel_8_devices_equals_single_device(model, cfg, shapes, single, tmp_path):
     """`evaluate.py`'s `run` on an 8-device mesh, from a converted checkpoint, == the single-device run."""
-    import evaluate
+    from read_jax.eval import run as evaluate
     from read_jax.inference import save_for_inference
 
     assert len(jax.devices()) == 8
@@ -258,18 +259,53 @@ def test_evaluate_cli_data_parallel_8_devices_equals_single_device(model, cfg, s
         "reasonseg_val",
         out=str(out),
         threshold_search=True,
-        analysis=str(tmp_path / "pics"),
+        analysis_dir=str(tmp_path / "pics"),
         progress=False,
     )
     assert summary8["devices"] == 8
     with open(out / "samples.jsonl") as f:
         records8 = [json.loads(line) for line in f]
-    assert records8 == json.loads(json.dumps(records1))  # every field of every query, bit for bit
-    for k in ("gIoU", "cIoU", "num_queries", "short", "long", "threshold_search", "points_as_prompt"):
-        assert summary8[k] == summary1[k], k
+    _assert_same_records(records8, json.loads(json.dumps(records1)))
+    assert summary8["num_queries"] == summary1["num_queries"]
+    for k in ("short", "long", "threshold_search", "points_as_prompt"):
+        assert summary8[k]["num_queries"] == summary1[k]["num_queries"], k
+        for m in ("gIoU", "cIoU"):
+            assert abs(summary8[k][m] - summary1[k][m]) <= 2e-3, (k, m)  # the per-query bound above, averaged
+    for m in ("gIoU", "cIoU"):
+        assert abs(summary8[m] - summary1[m]) <= 2e-3, m
     with open(out / "summary.json") as f:
-        assert json.load(f)["cIoU"] == summary1["cIoU"]
+        assert json.load(f)["cIoU"] == summary8["cIoU"]
     assert len(os.listdir(tmp_path / "pics")) == NUM_VAL
+
+
+def _assert_same_records(got: list, want: list) -> None:
+    """Every field of every query equal, up to the bound of float reductions partitioned another way.
+
+    The 8-device run partitions the batch, and XLA orders the float reductions of the forward (attention,
+    layer norms, DtoC's softmax-weighted sums) differently from one device: values agree to ~1e-6 relative,
+    not bit for bit (seen on AMD EPYC hosts). What that bounds in the records:
+      * point coordinates, rounded to 0.01 px in the records: within one rounding unit (204.0 vs 204.01);
+      * point labels, [SEG] presence and every count of a mask whose prompt did not move: exact;
+      * pixel counts (I, U, areas) of a mask whose prompt moved by ~1e-6 px: only pixels whose logit lies within
+        float error of 0 can flip; at most 0.1% of the union (and at least 2 pixels) per query.
+    Everything else (ids, queries, presence, the chosen thresholds) is exact.
+    """
+    assert len(got) == len(want)
+    counts = ("intersection", "union", "pred_area", "pp_intersection", "pp_union", "ts_intersection", "ts_union")
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in g:
+            if key in ("points", "pp_points"):
+                a, b = np.asarray(g[key], np.float64), np.asarray(w[key], np.float64)
+                assert a.shape == b.shape and (a[:, 2] == b[:, 2]).all(), (g["id"], key)
+                np.testing.assert_allclose(a[:, :2], b[:, :2], atol=0.0101, rtol=0, err_msg=f"{g['id']} {key}")
+            elif key in counts:
+                bound = max(2, 1e-3 * max(g.get("union", 0), g.get("pp_union", 0), g.get("ts_union", 0)))
+                assert abs(g[key] - w[key]) <= bound, (g["id"], key, g[key], w[key])
+            elif key in ("iou", "pp_iou", "ts_iou"):
+                assert abs(g[key] - w[key]) <= 2e-3, (g["id"], key)
+            else:
+                assert g[key] == w[key], (g["id"], key)
 
 
 def _config(shapes):
@@ -281,7 +317,6 @@ def _config(shapes):
         "batch_size": BATCH,
         "max_convs": 1,
         "length_buckets": (LENGTH,),
-        "clip_size": 336,
         "max_mask_side": CANVAS[0],
         "seed": 0,
     }
@@ -291,7 +326,7 @@ def _config(shapes):
 
 
 def test_sweep_prints_table8_shape(model, shapes, single, capsys, tmp_path):
-    import evaluate
+    from read_jax.eval import run as evaluate
 
     summary1 = single[0]
     results = evaluate.run(
@@ -304,7 +339,7 @@ def test_sweep_prints_table8_shape(model, shapes, single, capsys, tmp_path):
         tokenizer_dir=TOKENIZER,
         progress=False,
     )
-    assert set(results) == {(tp, tn, n) for tp, tn in E.TABLE8_THRESHOLDS for n in E.TABLE8_NUM_POINTS}
+    assert set(results) == {(tp, tn, n) for tp, tn in analysis.TABLE8_THRESHOLDS for n in analysis.TABLE8_NUM_POINTS}
     # The model's own setting (0.8/0.2, 30 points) through the traced-threshold path == the protocol.
     own = results[(0.8, 0.2, 30)]
     assert (own["gIoU"], own["cIoU"], own["num_queries"]) == (summary1["gIoU"], summary1["cIoU"], NUM_VAL)
@@ -313,10 +348,10 @@ def test_sweep_prints_table8_shape(model, shapes, single, capsys, tmp_path):
     head, sub, rows = lines[i + 1], lines[i + 2], lines[i + 3 : i + 6]
     assert [s for s in head.split() if s.startswith("|P|=")] == ["|P|=10", "|P|=30", "|P|=60"]
     assert sub.split() == ["gIoU", "cIoU"] * 3
-    for (tp, tn), row in zip(E.TABLE8_THRESHOLDS, rows):
+    for (tp, tn), row in zip(analysis.TABLE8_THRESHOLDS, rows):
         cells = row.split()
         assert [float(cells[0]), float(cells[1])] == [tp, tn] and len(cells) == 8
-        for k, n in enumerate(E.TABLE8_NUM_POINTS):
+        for k, n in enumerate(analysis.TABLE8_NUM_POINTS):
             r = results[(tp, tn, n)]
             assert float(cells[2 + 2 * k]) == pytest.approx(100 * r["gIoU"], abs=0.006)
             assert float(cells[3 + 2 * k]) == pytest.approx(100 * r["cIoU"], abs=0.006)
@@ -507,13 +542,13 @@ def test_fprefcoco_see_and_segment_hand_checked(model, cfg, tokenizer, fp_root):
         for i in range(r):
             if not batch["conv_valid"][i]:
                 continue
-            q = E.query_text(tokenizer, batch["input_ids"][i])
+            q = erec.query_text(tokenizer, batch["input_ids"][i])
             ans = seg_answer if any(s in q for s in FP_SEG_FOR) else no_answer
             tokens[i, : len(ans)] = ans
             lengths[i] = len(ans)
         return tokens, lengths
 
-    summary, records = E.evaluate_fprefcoco(
+    summary, records = protocols.evaluate_fprefcoco(
         _all_positive_masks(model), batches, tokenizer, total_len=LENGTH, generate_fn=scripted, progress=False
     )
     by = {next(s for pair in FP_SENTENCES.values() for s in pair if s in r["query"]): r for r in records}
@@ -539,7 +574,7 @@ def test_fprefcoco_see_and_segment_hand_checked(model, cfg, tokenizer, fp_root):
 def test_fprefcoco_cli_greedy_generation_on_8_devices(model, fp_root, tmp_path):
     """`evaluate.py --split fprefcoco_val`: sharded greedy generation (KV cache) -> full forward -> See/Segment,
     the records consistent with the generated text."""
-    import evaluate
+    from read_jax.eval import run as evaluate
 
     c = _config(fp_root)
     summary = evaluate.run(
@@ -568,7 +603,7 @@ def test_fprefcoco_cli_greedy_generation_on_8_devices(model, fp_root, tmp_path):
 def test_evaluate_cli_refcoco_teacher_forced(model, fp_root, tmp_path):
     """`--split refcoco_val`: every sentence of every ref is a query (two per image here, each in its own batch
     slot), teacher-forced, scored against the ref's mask."""
-    import evaluate
+    from read_jax.eval import run as evaluate
 
     summary = evaluate.run(
         _config(fp_root),
@@ -603,17 +638,17 @@ def test_fp_summary_counts_an_empty_mask_as_absent():
             (False, False, 0, False, 0, 0),
         )
     ]
-    s = E.fp_summary_from_records(recs)
+    s = erec.fp_summary_from_records(recs)
     assert s["See"] == pytest.approx(2 / 3) and s["Segment"] == pytest.approx(9 / 60)
 
 
 def test_left_pad_and_with_answers():
     ids = np.array([[1, 5, 6, 0, 0], [1, 7, 0, 0, 0]], np.int32)
     mask = ids != 0
-    lp, lm = E.left_pad(ids, mask)
+    lp, lm = protocols.left_pad(ids, mask)
     np.testing.assert_array_equal(lp, [[0, 0, 1, 5, 6], [0, 0, 0, 1, 7]])
     np.testing.assert_array_equal(lm, [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
-    full = E.with_answers(
+    full = protocols.with_answers(
         {"input_ids": ids, "attention_mask": mask, "x": 3},
         np.array([[9, 2, 0], [2, 0, 0]]),
         np.array([2, 1]),
@@ -623,7 +658,7 @@ def test_left_pad_and_with_answers():
     np.testing.assert_array_equal(full["attention_mask"], full["input_ids"] != 0)
     assert full["x"] == 3
     with pytest.raises(ValueError, match="total_len"):
-        E.with_answers(
+        protocols.with_answers(
             {"input_ids": ids, "attention_mask": mask}, np.array([[9, 2, 0], [2, 0, 0]]), np.array([3, 1]), 5
         )
 
@@ -634,15 +669,15 @@ def test_left_pad_and_with_answers():
 def test_evaluate_rejects_bad_batches(model, batches):
     b = dict(batches[0])
     with pytest.raises(ValueError, match="canvas_hw"):
-        E.evaluate_reasonseg(model, [b], canvas_hw=(320, 320), progress=False)
+        protocols.evaluate_reasonseg(model, [b], canvas_hw=(320, 320), progress=False)
     with pytest.raises(ValueError, match="lacks"):
-        E.evaluate_reasonseg(model, [{k: v for k, v in b.items() if k != "mask_hw"}], progress=False)
+        protocols.evaluate_reasonseg(model, [{k: v for k, v in b.items() if k != "mask_hw"}], progress=False)
     with pytest.raises(ValueError, match="does not split"):
         small = {k: v[:3] for k, v in b.items()}  # 3 images, 3 rows: not divisible over 8 devices
         small["conv_image"] = np.arange(3, dtype=np.int32)
-        E.evaluate_reasonseg(model, [small], mesh=make_mesh(), progress=False)
+        protocols.evaluate_reasonseg(model, [small], mesh=make_mesh(), progress=False)
     with pytest.raises(ValueError, match="unknown split"):
-        import evaluate
+        from read_jax.eval import run as evaluate
 
         evaluate.parse_split("reasonseg")
 
@@ -675,27 +710,27 @@ def test_evaluation_stages_trace_at_read_7b_shapes():
         "mask_hw": sds((b, 2), jnp.int32),
     }
     enc = jax.eval_shape(
-        lambda s, x: E.encode(nnx.merge(graphdef, s), x), state, {k: batch[k] for k in E._ENCODE_KEYS}
+        lambda s, x: stages.encode(nnx.merge(graphdef, s), x), state, {k: batch[k] for k in stages.ENCODE_KEYS}
     )
-    assert {k: v.shape for k, v in enc.items()} == {
+    assert {k: getattr(enc, k).shape for k in ("seg_hidden", "seg_valid", "image_hidden", "image_emb")} == {
         "seg_hidden": (b, 4096),
         "seg_valid": (b,),
         "image_hidden": (b, 576, 4096),
         "image_emb": (b, 64, 64, 256),
     }
-    opts = E.DecodeOptions(
+    opts = stages.DecodeOptions(
         canvas_hw=canvas,
         threshold_search=True,
-        points_prompt=E.points_prompt_config(cfg.sasp),
+        points_prompt=analysis.points_prompt_config(cfg.sasp),
         return_maps=True,
     )
     out = jax.eval_shape(
-        lambda s, e, x: E.decode(nnx.merge(graphdef, s), e, x, opts),
+        lambda s, e, x: stages.decode(nnx.merge(graphdef, s), e, x, opts),
         state,
         enc,
-        {k: batch[k] for k in E._DECODE_KEYS},
+        {k: batch[k] for k in stages.DECODE_KEYS},
     )
     assert out["inter"].shape == out["union"].shape == (b,) and out["inter"].dtype == jnp.int32
     assert out["points"].shape == out["pp_points"].shape == (b, 30, 2)
-    assert out["hist_fg"].shape == (b, len(E.THRESHOLDS) + 1)
+    assert out["hist_fg"].shape == (b, len(analysis.THRESHOLDS) + 1)
     assert out["pred_mask"].shape == out["sim_map"].shape == out["pp_mask"].shape == (b, *canvas)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from read_jax import evaluation as E
+from read_jax import sasp
+from read_jax.eval import analysis
 from read_jax.metrics import query_iou
 from tests.helpers import require_torch
 
@@ -15,8 +16,8 @@ def _search(maps, gts):
     maps = np.stack(maps).astype(np.float32)
     gts = np.stack(gts).astype(np.uint8)
     valid = np.ones(maps.shape, bool)
-    hist_fg, hist_all = E.threshold_histograms(jnp.asarray(maps), jnp.asarray(gts), jnp.asarray(valid))
-    return E.best_thresholds(np.asarray(hist_fg), np.asarray(hist_all))
+    hist_fg, hist_all = analysis.threshold_histograms(jnp.asarray(maps), jnp.asarray(gts), jnp.asarray(valid))
+    return analysis.best_thresholds(np.asarray(hist_fg), np.asarray(hist_all))
 
 
 def test_threshold_search_on_hand_made_maps():
@@ -65,13 +66,13 @@ def test_threshold_search_equals_brute_force():
     for m, g, t, i, u in zip(maps, gts, thr, inter, union):
         keep = g != 255
         scores = []
-        for tk in E.THRESHOLDS:
+        for tk in analysis.THRESHOLDS:
             p = (m >= tk) & keep
             ii = int((p & (g == 1)).sum())
             uu = int((p | ((g == 1) & keep)).sum())
             scores.append((ii / (uu + 1e-5) + (uu == 0), ii, uu))
         k = int(np.argmax([s[0] for s in scores]))
-        assert (t, i, u) == (E.THRESHOLDS[k], scores[k][1], scores[k][2])
+        assert (t, i, u) == (analysis.THRESHOLDS[k], scores[k][1], scores[k][2])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -85,7 +86,7 @@ def test_threshold_similarity_map_matches_reference_origin_sm(dtype):
     sim = rng.normal(0, 3, (len(sizes), 576)).astype(np.float32)
     hw = np.array(sizes, np.int32)
     got = np.asarray(
-        E.similarity_map_full(
+        sasp.similarity_map_full(
             jnp.asarray(sim), jnp.asarray(hw), jnp.asarray(hw), canvas, similarity_dtype=dtype
         )
     )

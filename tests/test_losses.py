@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from read_jax.losses import LossWeights, ce_loss, cell_coverage, mask_losses, read_loss, similarity_loss
+from read_jax.losses import LossWeights, ce_loss, cell_coverage, mask_losses, read_batch_loss, similarity_loss
+from read_jax.read_model import MaskOutput, ReadOutput, SegStates
+from read_jax.sam.transforms import pixel_valid
 from tests.helpers import require_torch
 
 
@@ -69,14 +71,31 @@ def test_losses_match_torch_reference_with_padding_and_mixed_sizes():
         [torch.tensor(np.stack(preds[:2])), torch.tensor(preds[2][None])],
         [torch.tensor(np.stack(gts[:2])), torch.tensor(gts[2][None])],
     )
-    loss, aux = read_loss(
-        jnp.asarray(logits),
-        jnp.asarray(labels),
-        jnp.asarray(p_can),
-        jnp.asarray(g_can),
-        jnp.asarray(valid),
-        jnp.asarray(mask_valid),
+    # The batch loss as the train step calls it, on a hand-built model output: 4 mask slots (one per row).
+    extents = np.array([*sizes, (1, 1)], np.int32)
+    out = ReadOutput(
+        hidden=jnp.zeros((R, T, 8)),
+        image_token_start=jnp.zeros((R,), jnp.int32),
+        labels=jnp.asarray(labels),
+        logits=jnp.asarray(logits),
+        seg=SegStates(
+            hidden=jnp.zeros((4, 1, 8)),
+            valid=jnp.ones((4, 1), bool),
+            index=jnp.zeros((4, 1), jnp.int32),
+            image_hidden=jnp.zeros((4, 4, 8)),
+        ),
+        masks=MaskOutput(
+            pred_embeddings=jnp.zeros((4, 1, 8)),
+            points=jnp.zeros((4, 1, 2, 2)),
+            point_labels=jnp.zeros((4, 1, 2), jnp.int32),
+            similarity=jnp.zeros((4, 1, 4)),
+            low_res_logits=jnp.zeros((4, 1, 4, 4)),
+            mask_logits=jnp.asarray(p_can)[:, None],
+        ),
     )
+    batch = {"masks": jnp.asarray(g_can, jnp.uint8), "mask_valid": jnp.asarray(mask_valid), "mask_hw": extents}
+    np.testing.assert_array_equal(np.asarray(pixel_valid(jnp.asarray(extents), (8, 10))), valid)
+    loss, aux = read_batch_loss(out, batch)
     np.testing.assert_allclose(aux["ce"], ce_t.item(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(aux["bce"], bce_t.item(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(aux["dice"], dice_t.item(), rtol=1e-5, atol=1e-7)

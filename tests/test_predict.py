@@ -76,7 +76,7 @@ def test_bad_image_is_refused(tiny):
 
 
 def test_chat_command_writes_overlay_png(tiny, tmp_path):
-    from read_jax import chat
+    from read_jax.cli import chat
 
     model, _ = tiny
     ckpt = tmp_path / "ckpt"

@@ -11,7 +11,8 @@ from read_jax.config import ReadConfig, SaspConfig
 from read_jax.convert.common import Converter, abstract_leaves, load_leaves
 from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
 from read_jax.lora import partition_trainable
-from read_jax.read_model import ReadModel, batch_loss, seg_slots
+from read_jax.losses import read_batch_loss
+from read_jax.read_model import ReadModel, seg_slots
 from read_jax.sam.transforms import get_preprocess_shape
 from tests.helpers import require_torch
 
@@ -133,26 +134,26 @@ def jax_run(pair):
     @jax.jit
     def run(tr, fr, b):
         def loss_fn(t):
-            out, aux = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
-            loss, terms = batch_loss(out, b)
-            return loss, (terms, out, aux)
+            out = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
+            loss, terms = read_batch_loss(out, b)
+            return loss, (terms, out)
 
-        (_, (terms, out, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
-        return terms, out, aux, grads
+        (_, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
+        return terms, out, grads
 
-    terms, out, aux, grads = run(trainable, frozen, jb)
-    return batch, terms, out, aux, grads
+    terms, out, grads = run(trainable, frozen, jb)
+    return batch, terms, out, grads
 
 
 def test_forward_matches_torch_reference(pair, jax_run):
     cfg, tm, model = pair
-    batch, _, out, aux, _ = jax_run
+    batch, _, out, _ = jax_run
     tb, tout = _torch_forward(cfg, tm, batch)
 
     np.testing.assert_allclose(
-        np.asarray(out["logits"]), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4
+        np.asarray(out.logits), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4
     )
-    valid = np.asarray(out["seg_valid"])
+    valid = np.asarray(out.seg.valid)
     np.testing.assert_array_equal(valid, [[True, False], [True, True], [False, False]])
     slots = [(0, 0), (1, 0), (1, 1)]
     assert len(tout["segs"]) == len(slots)
@@ -160,16 +161,16 @@ def test_forward_matches_torch_reference(pair, jax_run):
         assert ts["row"] == r
         h, w = ORIG[batch["conv_image"][r]]
         np.testing.assert_allclose(
-            np.asarray(aux["read/pred_embeddings"][r, k]),
+            np.asarray(out.masks.pred_embeddings[r, k]),
             ts["pred_emb"].detach().numpy(),
             atol=1e-5,
             rtol=1e-5,
         )
-        np.testing.assert_array_equal(np.asarray(aux["sasp/labels"][r, k]), ts["labels"].numpy())
+        np.testing.assert_array_equal(np.asarray(out.masks.point_labels[r, k]), ts["labels"].numpy())
         np.testing.assert_allclose(
-            np.asarray(aux["sasp/points"][r, k]), ts["points"].detach().numpy(), atol=1e-3
+            np.asarray(out.masks.points[r, k]), ts["points"].detach().numpy(), atol=1e-3
         )
-        got = np.asarray(out["mask_logits"][r, k])
+        got = np.asarray(out.masks.mask_logits[r, k])
         np.testing.assert_allclose(got[:h, :w], ts["mask"].detach().numpy(), atol=1e-4, rtol=1e-4)
         assert np.all(got[h:] == 0) and np.all(got[:, w:] == 0)
 
@@ -181,7 +182,7 @@ def test_losses_and_gradients_match_torch_reference(pair, jax_run):
     from tests.reference.read_torch import torch_losses
 
     cfg, tm, model = pair
-    batch, terms, _, _, grads = jax_run
+    batch, terms, _, grads = jax_run
     tm.zero_grad()
     tb, tout = _torch_forward(cfg, tm, batch)
     gts = []
@@ -227,7 +228,7 @@ def test_rows_without_seg_get_no_mask_and_jit_compiles_once(pair):
     @nnx.jit(static_argnames=("canvas_hw",))
     def fwd(m, b, canvas_hw):
         traces.append(1)
-        return m(b, canvas_hw=canvas_hw)[0]["seg_valid"]
+        return m(b, canvas_hw=canvas_hw).seg.valid
 
     v1 = fwd(model, batch, canvas_hw=CANVAS)
     b2 = dict(batch, orig_hw=jnp.asarray([[200, 100], [150, 320]], jnp.int32))  # other sizes, same shapes
@@ -241,7 +242,8 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
     lets the mask loss reach them. Marking frozen towers trainable is refused up front."""
     import dataclasses
 
-    from read_jax import train_lib as T
+    from read_jax.config import ConfigError
+    from read_jax.train import state as tstate
 
     cfg, _, model = pair
     towers = (r"llava/vision_tower/.*", r"visual_model/image_encoder/.*")
@@ -253,8 +255,8 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
         graphdef, tr, fr = partition_trainable(m, towers)
 
         def loss_fn(t, graphdef=graphdef, fr=fr):
-            out, _ = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
-            return batch_loss(out, b)[0]
+            out = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
+            return read_batch_loss(out, b)[0]
 
         g = jax.grad(loss_fn)(tr)
         norms[name] = {
@@ -264,22 +266,22 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
     assert norms["frozen"] and not any(norms["frozen"].values())
     for prefix in ("llava/vision_tower/", "visual_model/image_encoder/"):
         assert sum(v for p, v in norms["open"].items() if p.startswith(prefix)) > 0, prefix
-    with pytest.raises(T.ConfigError, match="freeze_vision_towers"):
-        T.check_trainable_regexes(model, cfg.replace(trainable_regexes=cfg.trainable_regexes + towers[:1]))
-    assert T.check_trainable_regexes(model, open_cfg.replace(trainable_regexes=towers))[towers[0]] > 0
+    with pytest.raises(ConfigError, match="freeze_vision_towers"):
+        tstate.check_trainable_regexes(model, cfg.replace(trainable_regexes=cfg.trainable_regexes + towers[:1]))
+    assert tstate.check_trainable_regexes(model, open_cfg.replace(trainable_regexes=towers))[towers[0]] > 0
 
 
 def test_similarity_term_is_added_only_when_weighted(pair, jax_run):
     from read_jax.losses import LossWeights, cell_coverage, similarity_loss
 
     cfg, _, _ = pair
-    batch, terms, out, aux, _ = jax_run
+    batch, terms, out, _ = jax_run
     b = {k: jnp.asarray(v) for k, v in batch.items()}
     w = LossWeights(sim=0.7)
-    with pytest.raises(ValueError, match="sim_logits"):
-        batch_loss(out, b, w)
-    sim = aux["sasp/sim"] * 0.1
-    loss, t2 = batch_loss({**out, "sim_logits": sim}, b, w)
+    loss, t2 = read_batch_loss(out, b, w)
+    assert "sim" not in terms  # weight 0: the term is not computed at all
+    # The raw [SEG] . image-token similarity, scaled like attention logits by 1 / sqrt(LLM width).
+    sim = out.masks.similarity * cfg.llama.hidden_size**-0.5
     # Rows 0 (slot 0), 1 (slots 0, 1) carry a [SEG] and a GT; row 2 has neither.
     hw = b["orig_hw"][b["conv_image"]]
     cov = cell_coverage(

@@ -18,9 +18,13 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny_shapes
 from read_jax import sharding as shd
-from read_jax import train_lib as T
-from read_jax.config import IGNORE_INDEX, READ_TRAINABLE_REGEXES, LoraConfig
+from read_jax.config import IGNORE_INDEX, READ_TRAINABLE_REGEXES, ConfigError, LoraConfig
+from read_jax.data import loaders
 from read_jax.sam.transforms import get_preprocess_shape
+from read_jax.train import checkpoints as ckpts
+from read_jax.train import config as run_config
+from read_jax.train import state as tstate
+from read_jax.train import step as tstep
 
 CANVAS = 32
 
@@ -35,7 +39,7 @@ def _config(**train):
 # No warmup, so that the first step already moves the parameters.
 TRAIN = _config(lr=1e-3, warmup_steps=0).train
 # The smoke model with READ's own recipe: LoRA on q/v + embed_tokens + lm_head + mask decoder + fcs train.
-CFG = T.read_config_from(_config().model).replace(
+CFG = run_config.read_config(_config().model).replace(
     lora=LoraConfig(r=4), trainable_regexes=READ_TRAINABLE_REGEXES
 )
 READ_GROUPS = (
@@ -111,25 +115,20 @@ class Runner:
 
     def __init__(self, mesh, batch: dict, *, strategy=shd.DEFAULT_STRATEGY, min_fsdp_bytes=4096):
         self.mesh = mesh
-        self.setup = T.setup_model(CFG, mesh, strategy=strategy, min_fsdp_bytes=min_fsdp_bytes)
-        self.tx = T.make_optimizer(TRAIN)
-        self.opt_sh, self.opt_abs = T.opt_state_shardings(
+        self.setup = tstate.setup_model(CFG, mesh, strategy=strategy, min_fsdp_bytes=min_fsdp_bytes)
+        self.tx = tstate.make_optimizer(TRAIN)
+        self.opt_sh, self.opt_abs = tstate.opt_state_shardings(
             self.tx, self.setup.trainable_abstract, self.setup.trainable_shardings, mesh
         )
-        self.sc = T.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False, ce_max_tokens=256)
+        self.sc = tstep.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False, ce_max_tokens=256)
         spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-        self.bsh = T.micro_batch_shardings(spec, mesh)
-        jitted = T.jit_train_step(self.setup, self.tx, self.sc, self.opt_sh, self.bsh)
+        self.bsh = tstep.micro_batch_shardings(spec, mesh)
+        jitted = tstep.jit_train_step(self.setup, self.tx, self.sc, self.opt_sh, self.bsh)
         with shd.use_mesh(mesh):
             # Tests run a few steps: compile for compile speed.
-            self.step_fn, self.stats = T.compile_step(
-                jitted,
-                self.setup,
-                self.opt_abs,
-                self.opt_sh,
-                spec,
-                self.bsh,
-                compiler_options=T.fast_compile_options(),
+            args = tstep.step_arguments(self.setup, self.opt_abs, self.opt_sh, spec, self.bsh)
+            self.step_fn, self.stats = tstep.compile_step(
+                jitted, args, compiler_options=tstate.fast_compile_options()
             )
 
     def place(self, tr, fr):
@@ -144,7 +143,7 @@ class Runner:
                 tr,
                 fr,
                 opt,
-                T.put_batch(batch, self.mesh),
+                shd.shard_batch(batch, self.mesh, batch_axis=1),
                 jnp.asarray(step, jnp.int32),
                 jnp.asarray(TRAIN.lr, jnp.float32),
             )
@@ -197,7 +196,7 @@ def runner1():
 @pytest.fixture(scope="module")
 def init8(runner8):
     """The sharded from-scratch init on the 8-device mesh (one jit whose outputs are already sharded)."""
-    return T.init_params(runner8.setup)
+    return tstate.init_params(runner8.setup)
 
 
 # ---- sharded init and parameter shardings --------------------------------------------------------------------
@@ -233,13 +232,13 @@ def test_strategy_rules_are_applied_by_regex():
     """A config strategy that replicates the LLaMA and FSDP-shards the rest, with no size threshold."""
     mesh = shd.make_mesh(data=1, fsdp=8)
     strategy = ((r"llava/language_model/.*", "replicate"), (r".*", "fsdp"))
-    setup = T.setup_model(CFG, mesh, strategy=strategy, min_fsdp_bytes=0)
+    setup = tstate.setup_model(CFG, mesh, strategy=strategy, min_fsdp_bytes=0)
     sh = {"/".join(map(str, p)): s for p, s in nnx.to_flat_state(setup.trainable_shardings)}
     assert sh["llava/language_model/model/embed_tokens/embedding"].spec == P()
     assert sh["llava/language_model/lm_head/kernel"].spec == P()
     assert sh["text_hidden_fcs/layers/0/kernel"].spec == P("fsdp", None)  # [32, 32]
     with pytest.raises(ValueError, match="no sharding rule"):
-        T.setup_model(CFG, mesh, strategy=((r"llava/.*", "fsdp"),))
+        tstate.setup_model(CFG, mesh, strategy=((r"llava/.*", "fsdp"),))
 
 
 # ---- the step: 8 devices == 1 device, only trainables change ---------------------------------------------------
@@ -320,12 +319,12 @@ def test_non_finite_step_is_not_applied(runner1, init8):
 
 
 def test_schedule_and_optimizer_follow_the_recipe():
-    s = T.make_schedule(1e-4, 100, 1000)
+    s = tstate.make_schedule(1e-4, 100, 1000)
     np.testing.assert_allclose(
         [float(s(i)) for i in (0, 50, 100, 550, 1000)], [0.0, 5e-5, 1e-4, 5e-5, 0.0], atol=1e-12
     )
     tc = _config(lr=1e-4, warmup_steps=100).train
-    tx, sched = T.make_optimizer(tc), T.schedule_of(tc, 1000)
+    tx, sched = tstate.make_optimizer(tc), tstate.schedule_of(tc, 1000)
     # Global-norm clipping to 1.0, then AdamW(b1=.9, b2=.95, eps=1e-8, wd=0), by hand over two steps; the step
     # applies the scheduled lr (lr(1) = 1e-6) to the optimizer's direction.
     g = {"w": jnp.array([3.0, 4.0])}  # norm 5 -> clipped to [0.6, 0.8]
@@ -352,13 +351,13 @@ def test_sparse_ce_equals_the_full_ce(runner1, init8):
     tr, fr, _ = runner1.place(*init8)
     mb = jax.tree.map(lambda x: jnp.asarray(x[0]), stack(A))
     key = jax.random.key(0)
-    sc = T.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False)
+    sc = tstep.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False)
     g = runner1.setup.graphdef
 
     @jax.jit
     def three(tr, fr, mb):  # one compile for the three variants
         return [
-            T.micro_loss(tr, fr, g, mb, key, dataclasses.replace(sc, ce_max_tokens=k)) for k in (0, 64, 50)
+            tstep.micro_loss(tr, fr, g, mb, key, dataclasses.replace(sc, ce_max_tokens=k)) for k in (0, 64, 50)
         ]
 
     (full, mf), (sparse, ms), (_, mt) = three(tr, fr, mb)
@@ -370,20 +369,20 @@ def test_sparse_ce_equals_the_full_ce(runner1, init8):
 def test_config_errors_are_raised_before_compiling():
     c = tiny_shapes.get_config("smoke")
     c.model.trainable_regexes = (r"text_hidden_fcs/.*", r"no_such_module/.*")
-    with pytest.raises(T.ConfigError, match="no_such_module"):
-        T.setup_model(T.read_config_from(c.model), shd.make_mesh())
+    with pytest.raises(ConfigError, match="no_such_module"):
+        tstate.setup_model(run_config.read_config(c.model), shd.make_mesh())
     c = tiny_shapes.get_config("smoke")
     c.model.llama = {"hidden_sise": 8}
-    with pytest.raises(T.ConfigError, match="hidden_sise"):
-        T.read_config_from(c.model)
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        run_config.read_config(c.model)
     c = tiny_shapes.get_config("smoke")
     c.data.clip_size = 56
-    with pytest.raises(T.ConfigError, match="clip_size"):
-        T.data_config_from(c.data, CFG)
+    with pytest.raises(ConfigError, match="clip_size"):
+        loaders.data_config(c.data, CFG)
     with pytest.raises(ValueError, match="not divisible"):
         shd.shard_batch({"x": np.zeros((1, 6, 2))}, shd.make_mesh(), batch_axis=1)
-    assert T.parse_rates("reason_seg:1,sem_seg:10") == {"reason_seg": 1.0, "sem_seg": 10.0}
-    assert T.parse_rates("read_7b") == "read_7b"
+    assert loaders.parse_rates("reason_seg:1,sem_seg:10") == {"reason_seg": 1.0, "sem_seg": 10.0}
+    assert loaders.parse_rates("read_7b") == "read_7b"
 
 
 def test_init_from_a_converted_checkpoint(tmp_path):
@@ -392,7 +391,7 @@ def test_init_from_a_converted_checkpoint(tmp_path):
     from read_jax.checkpoint import PartWriter
 
     mesh = shd.make_mesh(data=2, fsdp=4)
-    setup = T.setup_model(CFG, mesh, min_fsdp_bytes=4096)
+    setup = tstate.setup_model(CFG, mesh, min_fsdp_bytes=4096)
     rng = np.random.default_rng(0)
     stored = {}
     writer = PartWriter(tmp_path / "params", part_bytes=1 << 20)
@@ -404,7 +403,7 @@ def test_init_from_a_converted_checkpoint(tmp_path):
             stored[p] = rng.normal(size=leaf.get_value().shape).astype(np.float32)
             writer.add(p, stored[p])
     writer.close()
-    tr, fr = T.init_params(setup, str(tmp_path))
+    tr, fr = tstate.init_params(setup, str(tmp_path))
     for state in (tr, fr):
         for p, v in flat_arrays(state).items():
             if p.endswith("/lora_b"):
@@ -412,7 +411,7 @@ def test_init_from_a_converted_checkpoint(tmp_path):
             elif not p.endswith("/lora_a"):
                 np.testing.assert_array_equal(np.asarray(v), stored[p], err_msg=p)
             assert v.sharding.spec == shd.spec_for(p, v.shape, v.dtype, mesh, shd.DEFAULT_STRATEGY, 4096), p
-    assert T.base_reference(_config(), CFG)["kind"] == "scratch"
+    assert ckpts.base_reference(_config(), CFG)["kind"] == "scratch"
 
 
 def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
@@ -426,14 +425,14 @@ def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
         return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(tmp_path / split / "*"))}
 
     d = ConfigDict({"make_shapes": True, "root": str(tmp_path), "num_shapes": (3, 1, 0)})
-    T.ensure_shapes_data(d)
+    loaders.ensure_shapes_data(d)
     first = files("train")
     assert len(first) == 6 and len(files("val")) == 2 and not (tmp_path / "test").exists()
     d.num_shapes = (5, 1, 0)
-    T.ensure_shapes_data(d)
+    loaders.ensure_shapes_data(d)
     second = files("train")
     assert len(second) == 10 and all(second[k] == v for k, v in first.items())
     d.make_shapes = False
     d.num_shapes = (9, 1, 0)
-    T.ensure_shapes_data(d)  # off: nothing written
+    loaders.ensure_shapes_data(d)  # off: nothing written
     assert len(files("train")) == 10

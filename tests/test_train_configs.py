@@ -14,12 +14,15 @@ import os
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from read_jax import sharding as shd
-from read_jax import train_lib as T
+from read_jax.cli import common
+from read_jax.config import ConfigError
+from read_jax.data import loaders
 from read_jax.data import mixture as M
+from read_jax.train import config as run_config
+from read_jax.train import state as tstate
+from read_jax.train import step as tstep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [
@@ -33,13 +36,11 @@ CONFIGS = [
 
 
 def load(name: str, arg: str | None = None, *overrides: str):
-    """`train.py`'s `--config configs/<name>.py[:arg] --config.x=y ...`, through ml_collections."""
+    """`train.py`'s `--config configs/<name>.py[:arg] --config.x=y ...`, through the commands' own loader."""
     path = os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else "")
-    argv = ["train.py", f"--config={path}", *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
-    return fv.config
+    rest, pairs = common.split_overrides(list(overrides))
+    assert not rest
+    return common.load_run_config(path, pairs)
 
 
 def shallow(cfg):
@@ -62,12 +63,12 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("name,arg", CONFIGS)
 def test_config_loads_and_builds_an_abstract_model(name, arg):
     c = load(name, arg)
-    cfg = T.read_config_from(c.model)
+    cfg = run_config.read_config(c.model)
     full = cfg
     if cfg.llama.hidden_size > 1024:
         cfg = shallow(cfg)
     mesh = shd.make_mesh(data=1, fsdp=8)
-    setup = T.setup_model(cfg, mesh, strategy=T._plain(c.mesh.strategy))
+    setup = tstate.setup_model(cfg, mesh, strategy=loaders.plain(c.mesh.strategy))
     assert all(n > 0 for r, n in setup.regex_counts.items() if not (cfg.lora is None and "lora" in r))
     leaves = jax.tree.leaves(setup.trainable_abstract)
     assert leaves and all(x.dtype == np.float32 for x in leaves)  # fp32 master copies
@@ -76,10 +77,10 @@ def test_config_loads_and_builds_an_abstract_model(name, arg):
         assert len(lora) == 2 * cfg.llama.num_hidden_layers
         assert setup.regex_counts[r"(.*/)?model/embed_tokens/.*"] == 1
     # The data, schedule and mixture settings are valid too.
-    dc = T.data_config_from(c.data, full)
+    dc = loaders.data_config(c.data, full)
     assert dc.clip_size == full.clip.image_size
-    assert T.total_steps_of(c.train) >= 1
-    rates = T.parse_rates(str(c.data.rates))
+    assert run_config.total_steps(c.train) >= 1
+    rates = loaders.parse_rates(str(c.data.rates))
     assert (rates in M.RATE_PRESETS) if isinstance(rates, str) else set(rates) <= set(M.SOURCES)
     if full.llama.hidden_size > 1024:
         assert str(full.llama.dtype) == "bfloat16" and full.llama.remat
@@ -108,15 +109,31 @@ def test_command_line_overrides_and_named_stages():
         "--config.data.root=/data",
         "--config.model.lora.r=16",
     )
-    assert c.train.lr == 2e-5 and c.data.root == "/data" and T.read_config_from(c.model).lora.r == 16
+    assert c.train.lr == 2e-5 and c.data.root == "/data" and run_config.read_config(c.model).lora.r == 16
     s1, s2 = load("read_13b_reasonseg", "stage1"), load("read_13b_reasonseg", "stage2")
     assert (s1.data.rates, s2.data.rates) == ("read_13b_stage1", "read_13b_stage2")
     assert (s1.train.lr, s2.train.lr) == (3e-4, 1e-4)
     assert s2.init.trainables_from and not s1.init.trainables_from
-    assert T.read_config_from(s1.model).lora.r == 64
-    assert T.read_config_from(s1.model).llama.hidden_size == 5120
+    assert run_config.read_config(s1.model).lora.r == 64
+    assert run_config.read_config(s1.model).llama.hidden_size == 5120
     with pytest.raises(Exception, match="stage3"):
         load("read_13b_reasonseg", "stage3")
+    # An unknown or misspelt key is an error naming it (and the key it probably meant).
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown config key \(did you mean 'train\.lr'\?\)"):
+        load("tiny_shapes", None, "--config.train.lrr=1e-4")
+    with pytest.raises(ConfigError, match="no section 'trian'"):
+        load("tiny_shapes", None, "--config.trian.lr=1e-4")
+    with pytest.raises(ConfigError, match=r"--config.train.lr=fast"):
+        load("tiny_shapes", None, "--config.train.lr=fast")
+    # ... also when a config file sets it: the derived CLIP size cannot be configured a second time.
+    bad = load("tiny_shapes", "smoke")
+    bad.data.clip_size = 28
+    with pytest.raises(ConfigError, match="clip_size"):
+        run_config.validate(bad)
+    bad = load("tiny_shapes", "smoke")
+    bad.train.lora_dropout = False
+    with pytest.raises(ConfigError, match=r"'lora_dropout'"):
+        run_config.validate(bad)
     tiny = load("tiny_shapes", None, "--config.data.root=/tmp/x", "--config.train.lr=1e-4")
     assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4 and not tiny.model.freeze_vision_towers
 
@@ -125,8 +142,8 @@ def test_7b_step_lowers_on_8_devices_shallow():
     """The 7B recipe's train step (bf16, remat, LoRA r=8, FSDP over 8 devices, 10-step accumulation) traces and
     lowers without executing anything; 2 layers per stack keep it fast (full size: the slow test below)."""
     c = load("read_7b_reasonseg")
-    report = T.memory_report(
-        shallow(T.read_config_from(c.model)),
+    report = tstep.memory_report(
+        shallow(run_config.read_config(c.model)),
         c,
         mesh=shd.make_mesh(data=1, fsdp=8),
         lower=True,
@@ -143,7 +160,7 @@ def test_7b_step_lowers_on_8_devices_shallow():
 @pytest.mark.slow  # full size, abstract only (~20 s each): runs in the default suite and CI
 def test_full_size_7b_train_step_lowers_on_8_devices():
     c = load("read_7b_reasonseg")
-    report = T.memory_report(T.read_config_from(c.model), c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
+    report = tstep.memory_report(run_config.read_config(c.model), c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
     print(report)
     assert report["lowered"]
     gib = 1 << 30
@@ -156,5 +173,5 @@ def test_full_size_7b_train_step_lowers_on_8_devices():
 @pytest.mark.parametrize("name,arg", [("read_7b_reasonseg", None), ("read_13b_reasonseg", "stage1")])
 def test_full_size_abstract_models(name, arg):
     c = load(name, arg)
-    setup = T.setup_model(T.read_config_from(c.model), shd.make_mesh(data=1, fsdp=8))
+    setup = tstate.setup_model(run_config.read_config(c.model), shd.make_mesh(data=1, fsdp=8))
     assert setup.num_frozen > 7e9 and 2e8 < setup.num_trainable < 1e9

@@ -187,15 +187,19 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
     from flax import nnx
 
     from configs import tiny_shapes
-    from read_jax import train_lib as T
+    from read_jax import sharding as shd
+    from read_jax.config import ConfigError
+    from read_jax.train import checkpoints as ckpts
+    from read_jax.train import config as run_config
+    from read_jax.train import state as tstate
 
     c = tiny_shapes.get_config("smoke")
     # Another scratch seed is another frozen base: refused before anything is built.
     other = tiny_shapes.get_config("smoke")
     other.init.seed = 7
-    with pytest.raises(T.ConfigError, match="frozen base"):
-        T.load_trained(other, uninterrupted)
-    model, _, meta = T.load_trained(c, uninterrupted, which="latest")
+    with pytest.raises(ConfigError, match="frozen base"):
+        ckpts.load_trained(other, uninterrupted)
+    model, meta = ckpts.load_trained(c, uninterrupted, which="latest")
     assert meta["step"] == STEPS
     import orbax.checkpoint as ocp
 
@@ -206,9 +210,9 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
         b = _get(got, path)
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=path)
     # which="init": the run's untrained starting point (same frozen base, trainables as initialised), a baseline.
-    init_model, _, init_meta = T.load_trained(c, uninterrupted, which="init")
-    setup = T.setup_model(T.read_config_from(c.model), T.shd.make_mesh(), seed=int(c.init.seed))
-    tr0, _ = T.init_params(setup)
+    init_model, init_meta = ckpts.load_trained(c, uninterrupted, which="init")
+    setup = tstate.setup_model(run_config.read_config(c.model), shd.make_mesh(), seed=int(c.init.seed))
+    tr0, _ = tstate.init_params(setup)
     init_state = nnx.to_pure_dict(nnx.state(init_model))
     moved = 0
     for path in _paths(jax.tree.map(lambda x: 0, saved)):
@@ -218,7 +222,7 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
         moved += not np.array_equal(np.asarray(_get(init_state, path)), np.asarray(_get(saved, path)))
     assert init_meta["step"] == 0 and moved > 0
     with pytest.raises(ValueError, match="which"):
-        T.load_trained(c, uninterrupted, which="newest")
+        ckpts.load_trained(c, uninterrupted, which="newest")
 
 
 def _get(tree, path):

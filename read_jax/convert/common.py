@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from read_jax.tree_util import abstract_leaves, load_leaves, path_str  # noqa: F401 - re-exported for key-table users
+
 Array = np.ndarray
 Transform = Callable[[Array], Array]
 
@@ -88,10 +90,6 @@ def prefixed(rules: Sequence[Rule], src_prefix: str = "", dst_prefix: str = "") 
         Rule(re.escape(src_prefix) + r.source if src_prefix else r.source, dst_prefix + r.target, r.transform)
         for r in rules
     ]
-
-
-def path_str(path: Iterable[Any]) -> str:
-    return "/".join(str(p) for p in path)
 
 
 class Converter:
@@ -190,38 +188,6 @@ def convert(
 ) -> dict[str, Array]:
     """One-shot `Converter(...).add_all(source).finish()`."""
     return Converter(rules, target, **kw).add_all(source).finish()
-
-
-# ---- NNX glue ------------------------------------------------------------------------------------------
-def abstract_leaves(model_or_state) -> dict[str, Any]:
-    """'/'-path -> ShapeDtypeStruct (or array) for every variable of an NNX module or state."""
-    from flax import nnx
-
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        v = var.get_value() if hasattr(var, "get_value") else var
-        out[path_str(path)] = v
-    return out
-
-
-def load_leaves(model, leaves: Mapping[str, Array], *, strict: bool = True) -> None:
-    """Write '/'-path leaves into an (already built) NNX module in place."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    state = nnx.state(model)
-    flat = nnx.to_flat_state(state)
-    seen = set()
-    for path, var in flat:
-        key = path_str(path)
-        if key in leaves:
-            var.set_value(jnp.asarray(leaves[key]))
-            seen.add(key)
-    extra = set(leaves) - seen
-    if strict and extra:
-        raise ConversionError(f"leaves with no place in the model: {sorted(extra)}")
-    nnx.update(model, nnx.from_flat_state(flat))
 
 
 def export_leaves(

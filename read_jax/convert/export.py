@@ -27,13 +27,13 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from read_jax import checkpoint as ck
 from read_jax import config as rc
 from read_jax.convert import io
 from read_jax.convert.common import (
@@ -279,10 +279,7 @@ def export_leaves_to_hf(
         np_dtype = np.dtype(ml_dtypes.bfloat16)
     plan = _Plan(leaves, cfg, merge_lora=merge_lora, dtype=np_dtype)
     torch_dtype = str((np_dtype or next(iter(leaves.values()))[1]).name)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
-    try:
+    with ck.atomic_directory(out_dir, overwrite=overwrite) as tmp:
         main = _ShardedWriter(tmp, plan.out["main"], max_shard_bytes)
         clip = None
         if plan.out["clip"]:
@@ -346,12 +343,6 @@ def export_leaves_to_hf(
             for f in Path(tokenizer_dir).iterdir():
                 if f.is_file():
                     shutil.copyfile(f, tmp / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -365,8 +356,6 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """A converted read_jax checkpoint (convert_weights.py output) -> an HF READ directory, part by part."""
-    from read_jax import checkpoint as ck
-
     ckpt_dir = Path(ckpt_dir)
     cfg = ck.load_config(ckpt_dir)
     manifest = ck.read_manifest(ckpt_dir)

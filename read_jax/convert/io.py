@@ -326,13 +326,6 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(iter_tensors(path))
 
 
-def owned_copy(a: np.ndarray) -> np.ndarray:
-    """`a` if it owns its (anonymous) memory, else a C-contiguous copy (memmaps, torch-shared views)."""
-    if a.base is None and a.flags.c_contiguous and not isinstance(a, np.memmap):
-        return a
-    return np.array(a, copy=True, order="C")
-
-
 def tensor_keys(path: str | os.PathLike) -> list[str] | None:
     """The keys of a file without reading its tensors, when the format allows it (safetensors); else None."""
     path = Path(path)

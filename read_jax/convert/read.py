@@ -54,6 +54,7 @@ import ml_dtypes
 import numpy as np
 
 from read_jax import config as rc
+from read_jax.checkpoint import owned_copy
 from read_jax.convert import io
 from read_jax.convert.clip import (
     CLIP_VISION_IGNORE,
@@ -197,12 +198,11 @@ def target_leaves(model_fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 def default_model_fn(cfg: rc.ReadConfig) -> Callable[[], Any]:
-    """`ReadModel(cfg)` (read_jax.read_model), the model a converted checkpoint is for."""
-    from flax import nnx
+    """The model a converted checkpoint stores: READ without LoRA (a released PEFT checkpoint's LoRA is merged
+    into the base weights; `read_jax.build.load_model` attaches fresh LoRA factors where the config has them)."""
+    from read_jax.build import model_fn
 
-    from read_jax.read_model import ReadModel
-
-    return lambda: ReadModel(cfg, rngs=nnx.Rngs(0))
+    return model_fn(cfg.replace(lora=None))
 
 
 # ---- input checks (all before any tensor is read) ---------------------------------------------------------
@@ -437,12 +437,12 @@ class LoraMerger:
         """(key, array) pairs ready for the converter: nothing while a triplet is incomplete."""
         m = _LORA_KEY.fullmatch(key)
         if m:
-            self.pending.setdefault(m.group(1), {})[m.group(2)] = io.owned_copy(arr)
+            self.pending.setdefault(m.group(1), {})[m.group(2)] = owned_copy(arr)
             yield from self._try(m.group(1))
             return
         m = _BASE_KEY.fullmatch(key)
         if m and self._maybe_lora(key, m.group(1)):
-            self.pending.setdefault(m.group(1), {})["base"] = (key, io.owned_copy(arr))
+            self.pending.setdefault(m.group(1), {})["base"] = (key, owned_copy(arr))
             yield from self._try(m.group(1))
             return
         yield key, arr

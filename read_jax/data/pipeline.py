@@ -65,7 +65,8 @@ from read_jax.data.preprocess import (
 
 log = logging.getLogger(__name__)
 
-HOST_ONLY_KEYS = ("sample_id",)
+# Batch entries that stay on the host: strings, and bookkeeping used only to name a batch (guards, logs).
+HOST_KEYS = ("sample_id", "example_index", "num_skipped", "source")
 DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 1024, 1793)
 
 
@@ -110,7 +111,7 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 def device_batch(batch: dict) -> dict:
     """The batch without its host-only (string) entries, ready for `jax.device_put`."""
-    return {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
+    return {k: v for k, v in batch.items() if k not in HOST_KEYS}
 
 
 # ---- one example -> variable-size arrays ----------------------------------------------------------------

@@ -209,6 +209,13 @@ def _axis_weights(
     return jnp.where(valid[..., None], weights, 0.0)
 
 
+def pixel_valid(extent_hw: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
+    """bool[..., Hc, Wc]: the pixels of a static canvas inside each extent (H, W) of `extent_hw` int[..., 2]."""
+    ys = jnp.arange(canvas_hw[0])
+    xs = jnp.arange(canvas_hw[1])
+    return (ys[:, None] < extent_hw[..., 0, None, None]) & (xs[None, :] < extent_hw[..., 1, None, None])
+
+
 @functools.partial(jax.jit, static_argnames=("out_hw", "image_size"))
 def postprocess_masks_padded(
     low_res: jax.Array, input_hw: jax.Array, orig_hw: jax.Array, out_hw: tuple[int, int], image_size: int

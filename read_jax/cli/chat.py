@@ -1,0 +1,81 @@
+"""Ask READ about an image: prints the answer and writes the mask overlay (with the SasP points) as a PNG.
+
+    python -m read_jax.cli.chat --checkpoint CONVERTED_DIR --image photo.jpg "Which object keeps the food cold?"
+
+`--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
+`read_jax.inference.save_for_inference` (same layout). READ's demo uses the vicuna_v1 system prompt
+(read_reference.md §2.3); `--template llava_v1` uses the training one. Saying "segment" explicitly helps the model
+emit a [SEG].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from read_jax.cli import common
+
+
+def parse_args(argv=None):
+    p = common.parser("python -m read_jax.cli.chat", __doc__)
+    p.add_argument("question", nargs="+", help="one or more questions about the image")
+    p.add_argument("--checkpoint", required=True, help="converted READ checkpoint directory")
+    p.add_argument("--image", required=True, help="image file (jpg/png/...)")
+    p.add_argument("--out", default="chat_out", help="directory for the overlay PNGs and answers.json")
+    p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "llava_v1"))
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=(None, "bfloat16", "float32"),
+        help="override the checkpoint's compute/param dtype",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        from read_jax.data.preprocess import ImageError, load_image
+        from read_jax.inference import batch_questions, load_for_inference, overlay, predict
+
+        if not os.path.isdir(args.checkpoint):
+            raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+        try:
+            image = load_image(args.image)
+        except (ImageError, OSError) as e:
+            raise ValueError(f"cannot read image {args.image!r}: {e}") from e
+        questions = batch_questions(args.question)
+        model, tok = load_for_inference(os.path.abspath(args.checkpoint), dtype=args.dtype)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for i, q in enumerate(questions):
+            pred = predict(model, tok, image, q, max_new_tokens=args.max_new_tokens, template=args.template)
+            png = out / f"answer_{i:02d}.png"
+            overlay(image, pred.masks, pred.points, pred.point_labels).save(png)
+            print(
+                f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
+                f"{len(pred.masks)} mask(s) -> {png}"
+            )
+            records.append(
+                {
+                    "question": q,
+                    "answer": pred.text,
+                    "object_present": pred.object_present,
+                    "num_masks": len(pred.masks),
+                    "overlay": str(png),
+                    "mask_pixels": [int(m.sum()) for m in pred.masks],
+                }
+            )
+        (out / "answers.json").write_text(json.dumps(records, indent=2))
+        return 0
+
+    return common.run_main("chat", body, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""What every read_jax command shares: run-config files with `--config.<section>.<key>=value` overrides, logging,
+and one-line errors (a traceback only with `--debug`)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ml_collections import ConfigDict
+
+from read_jax.config import ConfigError
+from read_jax.train import config as run_config
+
+OVERRIDE_PREFIX = "--config."
+
+
+def parser(prog: str, doc: str, *, config: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser with the module docstring as its help, `--debug`, and (config=True) `--config`."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if config:
+        p.add_argument(
+            "--config",
+            required=True,
+            metavar="FILE[:ARG]",
+            help="a configs/*.py file (optionally `file.py:arg`); override any field with "
+            "--config.<section>.<key>=value",
+        )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """argv -> (the other arguments, [(dotted key, value)]) for `--config.a.b=v` and `--config.a.b v`."""
+    rest, overrides = [], []
+    it = iter(argv)
+    for a in it:
+        if not a.startswith(OVERRIDE_PREFIX):
+            rest.append(a)
+            continue
+        key, eq, value = a[len(OVERRIDE_PREFIX) :].partition("=")
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise ConfigError(f"{a} needs a value")
+        overrides.append((key, value))
+    return rest, overrides
+
+
+def _parse_value(text: str, current):
+    """The override's text as the type of the value it replaces (literal syntax for tuples, dicts, None)."""
+    if isinstance(current, bool):
+        low = text.lower()
+        if low not in ("true", "false", "1", "0"):
+            raise ValueError(f"want true/false, got {text!r}")
+        return low in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) -> ConfigDict:
+    """Set each dotted key of `config`; a key the config does not have is an error naming it."""
+    for key, text in overrides:
+        *path, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(path):
+            if not isinstance(node, (ConfigDict, dict)) or part not in node:
+                raise ConfigError(f"--config.{key}: the config has no section {'.'.join(path[: i + 1])!r}")
+            node = node[part]
+        if not isinstance(node, (ConfigDict, dict)) or leaf not in node:
+            near = difflib.get_close_matches(leaf, list(node.keys()) if hasattr(node, "keys") else [], 1)
+            hint = f" (did you mean {'.'.join([*path, near[0]])!r}?)" if near else ""
+            raise ConfigError(f"--config.{key}: unknown config key{hint}")
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"--config.{key}={text}: {e}") from e
+    return config
+
+
+def load_run_config(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
+    """A `--config FILE[:ARG]` file with its overrides applied, validated (unknown keys are errors)."""
+    config = apply_overrides(run_config.load_config_file(spec), overrides)
+    run_config.validate(config)
+    return config
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# Errors that describe the user's input: printed as one line (exit 2) unless --debug.
+USER_ERRORS = (
+    ConfigError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
+    """Run a command's body; an input error becomes `prog: error: ...` on stderr and exit status 2."""
+    try:
+        return body()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

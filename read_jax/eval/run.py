@@ -1,0 +1,173 @@
+"""What `evaluate.py` does, importable: one split of one checkpoint through its protocol, written to disk.
+
+Splits: reasonseg_{val,test} (teacher-forced; test adds short/long), refcoco_{val,testA,testB},
+refcoco+_{val,testA,testB}, refcocog_{val,test} (teacher-forced), fprefcoco_val, fprefcoco+_val, fprefcocog_val
+(free greedy generation: See / Segment). Outputs: OUT/summary.json and OUT/samples.jsonl (one record per query),
+OUT/sweep.{json,txt} for the Table 8 sweep, and the analysis PNGs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+
+from read_jax import build
+from read_jax import sharding as shd
+from read_jax import visualize as V
+from read_jax.data import loaders
+from read_jax.data.tokenizer import ReadTokenizer
+from read_jax.eval import analysis, protocols, records
+
+log = logging.getLogger(__name__)
+
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog", "fprefcoco", "fprefcoco+", "fprefcocog")
+_SPLIT = re.compile(r"(reasonseg|refcocog|refcoco\+|refcoco|fprefcocog|fprefcoco\+|fprefcoco)_(\w+)")
+
+
+def parse_split(split: str) -> tuple[str, str, str]:
+    """'reasonseg_test' -> ('reasonseg', 'reasonseg', 'test'); 'refcoco+_testA' -> ('refer', 'refcoco+', 'testA');
+    'fprefcoco_val' -> ('fp', 'fprefcoco', 'val')."""
+    m = _SPLIT.fullmatch(split)
+    if m is None:
+        raise ValueError(
+            f"unknown split {split!r}: want reasonseg_<split>, one of {REFER_DATASETS} + _<split>"
+        )
+    dataset, sub = m.groups()
+    kind = "reasonseg" if dataset == "reasonseg" else "fp" if dataset.startswith("fp") else "refer"
+    return kind, dataset, sub
+
+
+def _summary_lines(split: str, summary: dict) -> str:
+    line = (
+        f"{split}: gIoU {100 * summary['gIoU']:.2f}  cIoU {100 * summary['cIoU']:.2f}  "
+        f"({summary['num_queries']} queries)"
+    )
+    names = (
+        ("short", "short"),
+        ("long", "long"),
+        ("threshold_search", "threshold search"),
+        ("points_as_prompt", "points as prompt"),
+        ("all_foreground", "all-foreground baseline"),
+    )
+    for k, name in names:
+        if k in summary:
+            line += f"\n  {name}: gIoU {100 * summary[k]['gIoU']:.2f}  cIoU {100 * summary[k]['cIoU']:.2f}"
+    for k, m in summary.get("by_query_kind", {}).items():
+        line += (
+            f"\n  {k} ({m['num_queries']} queries): gIoU {100 * m['gIoU']:.2f}  cIoU {100 * m['cIoU']:.2f}"
+        )
+    return line
+
+
+def _write_sweep(out: str, meta: dict, results: dict) -> str:
+    table = analysis.format_table8(results)
+    os.makedirs(out, exist_ok=True)
+    rows = [{"t_pos": tp, "t_neg": tn, "num_points": n, **r} for (tp, tn, n), r in sorted(results.items())]
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({**meta, "results": rows}, f, indent=2)
+    with open(os.path.join(out, "sweep.txt"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+def run(
+    config,
+    checkpoint: str,
+    split: str,
+    *,
+    out: str | None = None,
+    threshold_search: bool = False,
+    analysis_dir: str | None = None,
+    sweep: bool = False,
+    which: str = "best",
+    max_new_tokens: int = 512,
+    points_prompt_num: int | None = None,
+    analysis_limit: int | None = None,
+    max_batches: int | None = None,
+    mesh=None,
+    model=None,
+    tokenizer_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `checkpoint` (a converted checkpoint or a train.py workdir) on `split`; returns the summary (or
+    the sweep's results). `model`/`tokenizer_dir` skip loading `checkpoint` (tests, notebooks); `mesh` defaults
+    to `config.mesh`."""
+    kind, dataset, sub = parse_split(split)
+    if kind == "fp" and (threshold_search or analysis_dir or sweep):
+        raise ValueError(
+            "--threshold-search/--analysis/--sweep apply to the teacher-forced splits, not FP-RefCOCO"
+        )
+    if mesh is None:
+        mesh = shd.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
+    if model is None:
+        model = build.load_model(checkpoint, mesh=mesh, run_config=config, which=which)
+        tokenizer_dir = build.tokenizer_dir(checkpoint)
+    cfg = model.config
+    tokenizer_dir = tokenizer_dir or config.data.get("tokenizer")
+    tokenizer = ReadTokenizer(tokenizer_dir)
+    reader = loaders.eval_reader(config.data, dataset, sub, answers=kind != "fp")
+    dc = loaders.eval_data_config(config, cfg, generation=kind == "fp")
+    batches, total = loaders.eval_iterator(reader, dc, cfg, tokenizer_dir)
+    if max_batches:
+        batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
+    out = out or os.path.join(checkpoint, "eval", split)
+    ev = protocols.Evaluator(model, mesh)
+    meta = {
+        "split": split,
+        "checkpoint": os.path.abspath(checkpoint),
+        "num_items": len(reader),
+        "sasp": dataclasses.asdict(cfg.sasp),
+        "devices": int(mesh.size),
+    }
+
+    if sweep:
+        results = protocols.sweep_sasp(model, batches, evaluator=ev, total=total, progress=progress)
+        print(_write_sweep(out, meta, results))
+        return results
+    if kind == "fp":
+        summary, recs = protocols.evaluate_fprefcoco(
+            model,
+            batches,
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            evaluator=ev,
+            total=total,
+            progress=progress,
+        )
+        line = (
+            f"{split}: See {100 * summary['See']:.2f}  Segment (cIoU) {100 * summary['Segment']:.2f}  "
+            f"({summary['num_queries']} queries)"
+        )
+    else:
+        pictures = None
+        if analysis_dir:
+            pictures = V.AnalysisPictures(
+                analysis_dir, cfg.sam, V.reader_image_fn(reader), limit=analysis_limit
+            )
+        summary, recs = protocols.evaluate_reasonseg(
+            model,
+            batches,
+            threshold_search=threshold_search,
+            points_prompt=analysis.points_prompt_config(cfg.sasp, points_prompt_num)
+            if analysis_dir
+            else None,
+            tokenizer=tokenizer,
+            meta_fn=records.reason_seg_meta(reader) if kind == "reasonseg" else None,
+            on_maps=pictures,
+            evaluator=ev,
+            total=total,
+            progress=progress,
+            desc=split,
+        )
+        line = _summary_lines(split, summary)
+        if pictures is not None:
+            meta["pictures"] = {"dir": os.path.abspath(analysis_dir), "count": len(pictures.paths)}
+    summary = {**meta, **summary}
+    s_path, r_path = records.write_results(out, summary, recs)
+    print(line)
+    print(f"wrote {s_path} and {r_path}")
+    return summary
