@@ -140,7 +140,7 @@ def test_with_dtype_changes_every_component():
 
 
 def test_initializer_range_is_read_and_sets_the_llama_init():
-    """HF's `initializer_range` (the std of every Linear and the embedding at init) is honoured, not ignored."""
+    """HF's `initializer_range` (std of every Linear and the embedding at init) is honoured, not ignored."""
     import numpy as np
     from flax import nnx
 

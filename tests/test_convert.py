@@ -139,7 +139,7 @@ def save_shards(torch, sd: dict, d: Path, n: int, fmt: str, dtype) -> None:
 
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             save_file(shard, str(d / name), metadata={"format": "pt"})
-        wm.update({k: name for k in ks})
+        wm.update(dict.fromkeys(ks, name))
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
     (d / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
 
@@ -156,7 +156,7 @@ def released_state_dict(ref) -> dict:
 
 
 def convert(argv: list[str]) -> None:
-    assert convert_weights.main(argv + ["--no-progress", "--base", "tiny"]) == 0
+    assert convert_weights.main([*argv, "--no-progress", "--base", "tiny"]) == 0
 
 
 def leaves_of(ckpt: Path) -> dict[str, np.ndarray]:
@@ -424,7 +424,7 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
     pth = tmp_path / "sam_tiny.pth"
     torch.save(ref.visual_model.state_dict(), pth)
     out = tmp_path / "init"
-    with pytest.raises(ConfigError, match="vocab_size 32000.*--resize-vocab"):
+    with pytest.raises(ConfigError, match=r"vocab_size 32000.*--resize-vocab"):
         convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--sam", str(pth), "--out", str(out)])
     assert no_output_left(out)
     convert(
@@ -582,7 +582,7 @@ def _rewrite_shard(d: Path, name: str, edit) -> None:
     torch.save(sd, d / name)
     index = json.loads((d / "pytorch_model.bin.index.json").read_text())
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
-    index["weight_map"].update({k: name for k in sd})
+    index["weight_map"].update(dict.fromkeys(sd, name))
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
 
