@@ -27,7 +27,14 @@ checkpoints were built on LLaVA-v1 (a single-Linear `mm_projector`, CLIP ViT-L/1
 `mm_projector_type` in config.json), which `read_jax.llava` does not implement: they are refused up front
 with that explanation. LLaVA-1.5 bases (`LlavaLlamaForCausalLM`, vocab 32000) are accepted for from-scratch
 inits with `--resize-vocab` (3 new rows ~ N(0, 0.02), as HF 4.31 `resize_token_embeddings`) and `--sam`;
-`text_hidden_fcs` then keeps its init, and the checkpoint records that.
+`text_hidden_fcs` then keeps its init, and the checkpoint records that. LISA releases on LLaVA-1.5 share
+READ's layout and are read; llava-hf's `LlavaForConditionalGeneration` layout is refused (not yet read).
+
+config.json policy (`read_jax.config.audit_hf_config`, `build_config`): every attribute that changes the
+computation is mapped or checked, and a value read_jax cannot honour is refused naming attribute and value;
+the others (bookkeeping, training flags, what newer releases add) are listed in conversion.json
+(`config_unused_attributes`, and `clip_config_unused_attributes` for --clip) and logged on one warning line,
+or refused with `strict=True` (`convert_weights.py --strict`).
 
 Memory: tensors are streamed one at a time from one shard at a time (`read_jax.convert.io`), and each
 converted leaf goes to `read_jax.checkpoint.PartWriter`, which writes it out in orbax parts of `part_bytes`;
