@@ -5,8 +5,10 @@ One code path, N data records (house style §3): `ReadConfig.read_7b()`, `ReadCo
 `SamConfig`, `LoraConfig`, `SaspConfig`) are usable on their own.
 
 `from_hf_config()` turns a HF `config.json` dict (LLaVA/READ/SESAME/LISA, or plain LLaMA) into a
-`LlamaConfig` and **raises** on any attribute it does not understand: a silently ignored `rope_scaling`
-or `tie_word_embeddings` is the classic conversion bug (penzai's `handled_or_ignored_attributes`).
+`LlamaConfig`. It maps or checks every attribute that changes the computation and **raises** on a value it
+cannot honour (a silently ignored `rope_scaling` or `tie_word_embeddings` is the classic conversion bug);
+attributes that do not change the computation (bookkeeping, training flags, what newer transformers or LLaVA
+releases add) are recorded as unused (`audit_hf_config`), or refused with `strict=True`.
 
 Reference: ../shared/docs/read_reference.md §1, §2.1-2.7, §3.6, §6.1, §10.3.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -65,7 +67,7 @@ class LlamaConfig(_DtypeMixin):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
-    # Std of the normal init of every Linear and the embedding (HF `_init_weights`); only matters from scratch.
+    # Std of the normal init of every Linear and the embedding (HF `_init_weights`); only used from scratch.
     initializer_range: float = 0.02
     # Compute dtype and parameter dtype: fp32 for parity tests, bf16 for the released sizes.
     dtype: str = "bfloat16"
@@ -239,12 +241,12 @@ class SaspConfig:
     @classmethod
     def read_7b(cls, **kw) -> SaspConfig:
         """Released READ-7B setting: 12x12 grid, 30 points, 0.8/0.2."""
-        return cls(**{**dict(grid_size=12, num_points=30, t_pos=0.8, t_neg=0.2), **kw})
+        return cls(**{"grid_size": 12, "num_points": 30, "t_pos": 0.8, "t_neg": 0.2, **kw})
 
     @classmethod
     def read_13b_eval(cls, **kw) -> SaspConfig:
         """Released READ-13B evaluation setting: 24x24 grid, 60 points, 0.6/0.2."""
-        return cls(**{**dict(grid_size=24, num_points=60, t_pos=0.6, t_neg=0.2), **kw})
+        return cls(**{"grid_size": 24, "num_points": 60, "t_pos": 0.6, "t_neg": 0.2, **kw})
 
 
 # What READ trains (§6.1 step 7 + LoRA), as path regexes over the ReadModel parameter tree.
@@ -276,7 +278,7 @@ class ReadConfig:
     image_token_index: int = IMAGE_TOKEN_INDEX
     trainable_regexes: tuple[str, ...] = READ_TRAINABLE_REGEXES
     # READ runs CLIP and SAM's image encoder under no_grad. False lets gradients into them, for models trained
-    # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still decide what updates.
+    # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still pick what updates.
     freeze_vision_towers: bool = True
 
     def __post_init__(self):
@@ -306,7 +308,7 @@ class ReadConfig:
     # ---- size factories -------------------------------------------------------------------------
     @classmethod
     def read_7b(cls, **kw) -> ReadConfig:
-        return cls(**{**dict(llama=LlamaConfig(), lora=LoraConfig(r=8), sasp=SaspConfig.read_7b()), **kw})
+        return cls(**{"llama": LlamaConfig(), "lora": LoraConfig(r=8), "sasp": SaspConfig.read_7b(), **kw})
 
     @classmethod
     def read_13b(cls, **kw) -> ReadConfig:
@@ -317,7 +319,7 @@ class ReadConfig:
             num_attention_heads=40,
             num_key_value_heads=40,
         )
-        return cls(**{**dict(llama=llama, lora=LoraConfig(r=64), sasp=SaspConfig.read_13b_eval()), **kw})
+        return cls(**{"llama": llama, "lora": LoraConfig(r=64), "sasp": SaspConfig.read_13b_eval(), **kw})
 
     @classmethod
     def tiny(cls, dtype: str = "float32", **kw) -> ReadConfig:
@@ -361,14 +363,12 @@ class ReadConfig:
         )
         return cls(
             **{
-                **dict(
-                    llama=llama,
-                    clip=clip,
-                    sam=sam,
-                    out_dim=32,
-                    lora=LoraConfig(r=4),
-                    sasp=SaspConfig.read_7b(),
-                ),
+                "llama": llama,
+                "clip": clip,
+                "sam": sam,
+                "out_dim": 32,
+                "lora": LoraConfig(r=4),
+                "sasp": SaspConfig.read_7b(),
                 **kw,
             }
         )
@@ -474,95 +474,189 @@ class ReadConfig:
 
 
 # ---- HF config bridge ---------------------------------------------------------------------------------
+#
+# Policy: every attribute of a config.json that changes what the model computes is either mapped onto the
+# LlamaConfig or checked against the values read_jax implements (a value it cannot honour raises, naming
+# attribute and value). Everything else (bookkeeping, generation and training flags, attributes a newer
+# transformers or LLaVA release writes) is *recorded* as unused: the converter writes the list into
+# conversion.json and logs it on one line. `strict=True` refuses any unused attribute instead.
 
-# Attributes of a LLaVA/READ/SESAME/LISA config.json that we map, check, or knowingly ignore.
-_HF_MAPPED = {
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "rms_norm_eps",
-    "rope_theta",
-    "max_position_embeddings",
-    "initializer_range",
+# transformers 4.31 `LlamaConfig` defaults: an attribute absent from config.json means this value, not
+# read_jax's own default (`rms_norm_eps` 1e-6 and `max_position_embeddings` 2048 differ from LLaMA-2's).
+HF_LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
 }
-_HF_CHECKED = {  # attribute -> accepted values
-    "hidden_act": {"silu"},
-    "tie_word_embeddings": {False},
-    "rope_scaling": {None},
-    "pretraining_tp": {1},
-    "attention_bias": {False},
-    "mm_projector_type": {"mlp2x_gelu"},
-    "mm_vision_select_layer": {-2},
-    "mm_vision_select_feature": {"patch"},
-    "mm_use_im_start_end": {True},
-    "mm_use_im_patch_token": {False},
-    "image_aspect_ratio": {"square", "pad"},
-    "model_type": {"llava", "llama", "llava_llama"},
+_HF_MAPPED = (*HF_LLAMA_DEFAULTS, "num_key_value_heads")
+
+
+def _same(v, w) -> bool:
+    """JSON equality that tells bools from numbers (`1` is not `True`) and None from everything else."""
+    if isinstance(v, bool) or isinstance(w, bool) or v is None or w is None:
+        return type(v) is type(w) and v == w
+    return v == w
+
+
+def _is(*values):
+    """Accept exactly these values."""
+    return lambda v: any(_same(v, w) for w in values)
+
+
+def _neg_int(v) -> bool:
+    return type(v) is int and v < 0
+
+
+# Attributes that change the computation: attribute -> (accepted?, what read_jax implements).
+_HF_CHECKED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hidden_act": (_is("silu"), "LLaMA's SiLU-gated MLP only"),
+    "tie_word_embeddings": (_is(False), "an untied lm_head only"),
+    "rope_scaling": (_is(None), "plain, unscaled RoPE only"),
+    "pretraining_tp": (_is(1), "pretraining_tp 1 only"),
+    "attention_bias": (_is(False), "bias-free q/k/v/o projections only"),
+    "mlp_bias": (_is(False), "a bias-free MLP only"),
+    "attention_dropout": (_is(0.0, None), "no attention dropout"),
+    "model_type": (_is("llava", "llava_llama", "llama"), "LLaVA/LLaMA configs only"),
+    "mm_projector_type": (_is("mlp2x_gelu"), "LLaVA-1.5's mlp2x_gelu projector only"),
+    "mm_vision_select_layer": (
+        _neg_int,
+        "negative CLIP hidden-state indices only, counted from the last layer",
+    ),
+    "mm_vision_select_feature": (_is("patch"), "'patch' features only, CLS dropped"),
+    "mm_use_im_start_end": (_is(True, False), "a boolean; READ sets it True in memory"),
+    "mm_use_im_patch_token": (_is(False), "no <im_patch> tokens"),
+    "image_aspect_ratio": (_is("square", "pad"), "square images; READ forces 'square' in memory"),
+    "mm_patch_merge_type": (_is("flat"), "LLaVA-1.5's 'flat' image features only"),
+    "mm_resampler_type": (_is(None), "no vision resampler"),
 }
-_HF_IGNORED = {
-    # bookkeeping, generation and training-only flags
-    "_name_or_path",
+# Used: `head_dim` is checked by `audit_hf_config`, the others by `read_jax.convert.read` against what only
+# it knows (the family, the CLIP and SAM configs, whether --clip replaces the checkpoint's tower).
+_HF_USED_BY_CONVERTER = (
     "architectures",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "torch_dtype",
-    "transformers_version",
-    "use_cache",
-    "train_mask_decoder",
-    "tune_mm_mlp_adapter",
-    "freeze_mm_mlp_adapter",
-    "mm_vision_tower",
-    "vision_tower",
-    "mm_patch_merge_type",
-    "tokenizer_padding_side",
-    "tokenizer_model_max_length",
-    "model_max_length",
-    "seg_token_idx",
-    "max_length",
-    "freeze_mm_vision_resampler",
-    "tune_mm_vision_resampler",
-    "mm_resampler_type",
-    "unfreeze_mm_vision_tower",
-    "mm_vision_tower_lr",
-    "mm_projector_lr",
-    "use_mm_proj",
-    "image_grid_pinpoints",
-    "dtype",
     "head_dim",
-    "mlp_bias",
-    "attention_dropout",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    # checked against the CLIP / SAM configs by read_jax.convert.read.build_config
     "mm_hidden_size",
     "out_dim",
+    "mm_vision_tower",
+    "vision_tower",
+    "unfreeze_mm_vision_tower",
+)
+HF_USED = frozenset((*_HF_MAPPED, *_HF_CHECKED, *_HF_USED_BY_CONVERTER))
+
+# `architectures[0]` -> None (read_jax reads this layout) or why it is refused.
+HF_ARCHITECTURES: dict[str, str | None] = {
+    "READForCausalLM": None,
+    "SESAMEForCausalLM": None,
+    "LISAForCausalLM": None,
+    "LlavaLlamaForCausalLM": None,
+    "LlamaForCausalLM": None,
+    "LlavaForConditionalGeneration": "the transformers-native llava-hf layout (text_config/vision_config, "
+    "language_model.* keys) is not supported yet; convert the original LLaVA checkpoint "
+    "(liuhaotian/llava-v1.5-7b or -13b) instead",
+    "LlavaForCausalLM": "the early llava-hf layout (text_config/vision_config) is not supported yet; convert "
+    "the original LLaVA checkpoint (liuhaotian/llava-v1.5-7b or -13b) instead",
 }
+
+
+def hf_architecture(hf: Mapping[str, Any]) -> str:
+    """`architectures[0]` of a config.json (LlamaForCausalLM if absent); one-line ConfigError if refused."""
+    archs = hf.get("architectures") or ["LlamaForCausalLM"]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"config.json: architectures={archs!r} is not a list of class names")
+    arch = archs[0]
+    if arch not in HF_ARCHITECTURES:
+        known = sorted(a for a, why in HF_ARCHITECTURES.items() if why is None)
+        raise ConfigError(f"config.json: architecture {arch!r} is not supported (read_jax reads {known})")
+    if HF_ARCHITECTURES[arch] is not None:
+        raise ConfigError(f"config.json: architecture {arch!r}: {HF_ARCHITECTURES[arch]}")
+    return arch
+
+
+@dataclasses.dataclass(frozen=True)
+class HfConfigAudit:
+    """What read_jax made of a config.json: the attributes it did not use, and the values it translated."""
+
+    unused: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def audit_hf_config(hf: Mapping[str, Any]) -> HfConfigAudit:
+    """Check every computation-changing attribute of a config.json; list the ones read_jax does not use.
+
+    Raises:
+      ConfigError naming each attribute whose value read_jax cannot honour, with that value.
+    """
+    hf_architecture(hf)
+    bad = [
+        f"{k}={hf[k]!r} (read_jax implements {why})"
+        for k, (ok, why) in _HF_CHECKED.items()
+        if k in hf and not ok(hf[k])
+    ]
+    multimodal = any(k.startswith("mm_") for k in hf) or hf.get("model_type") in ("llava", "llava_llama")
+    if multimodal and "mm_projector_type" not in hf:
+        bad.append(
+            "mm_projector_type absent (LLaVA's default is a single Linear, the LLaVA-v1 projector; read_jax "
+            "implements LLaVA-1.5's mlp2x_gelu only)"
+        )
+    heads = hf.get("num_attention_heads", HF_LLAMA_DEFAULTS["num_attention_heads"])
+    kv = hf.get("num_key_value_heads")
+    if kv is not None and (type(kv) is not int or kv < 1 or type(heads) is not int or heads % kv):
+        bad.append(
+            f"num_key_value_heads={kv!r} (read_jax implements MHA or GQA: kv heads dividing "
+            f"num_attention_heads={heads!r})"
+        )
+    hidden = hf.get("hidden_size", HF_LLAMA_DEFAULTS["hidden_size"])
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and (
+        type(head_dim) is not int or type(heads) is not int or head_dim * heads != hidden
+    ):
+        bad.append(
+            f"head_dim={head_dim!r} (read_jax implements head_dim = hidden_size / num_attention_heads = "
+            f"{hidden}/{heads})"
+        )
+    if bad:
+        raise ConfigError("config.json has unsupported values: " + "; ".join(bad))
+    notes = []
+    if hf.get("mm_use_im_start_end") is False:
+        notes.append(
+            "mm_use_im_start_end=False: READ sets it True in memory when it builds the model; read_jax "
+            "always wraps the image in <im_start>/<im_end>"
+        )
+    if hf.get("image_aspect_ratio") == "pad":
+        notes.append("image_aspect_ratio='pad': READ forces 'square' in memory; read_jax preprocesses square")
+    return HfConfigAudit(unused=tuple(sorted(set(hf) - HF_USED)), notes=tuple(notes))
 
 
 def from_hf_config(
-    hf: Mapping[str, Any] | str, *, dtype: str = "bfloat16", param_dtype: str | None = None
+    hf: Mapping[str, Any] | str,
+    *,
+    dtype: str = "bfloat16",
+    param_dtype: str | None = None,
+    strict: bool = False,
 ) -> LlamaConfig:
-    """LlamaConfig from a HF config dict or config.json path; raises on anything not understood."""
+    """LlamaConfig from a HF config dict or config.json path (transformers 4.31 defaults for absent keys).
+
+    Attributes that change the computation are mapped or checked (`audit_hf_config`); the others are unused
+    and tolerated (`audit_hf_config(hf).unused` lists them) unless `strict`, which refuses them by name.
+    """
     if isinstance(hf, str):
         with open(hf) as f:
             hf = json.load(f)
-    unknown = sorted(set(hf) - _HF_MAPPED - set(_HF_CHECKED) - _HF_IGNORED)
-    if unknown:
-        raise ConfigError(f"config.json has attributes read_jax does not handle: {unknown}")
-    bad = {k: hf[k] for k, ok in _HF_CHECKED.items() if k in hf and not any(hf[k] == v for v in ok)}
+    audit = audit_hf_config(hf)
+    if strict and audit.unused:
+        raise ConfigError(
+            f"config.json has attributes read_jax does not use (strict mode): {list(audit.unused)}"
+        )
+    kw = {k: hf.get(k, d) for k, d in HF_LLAMA_DEFAULTS.items()}
+    kw["num_key_value_heads"] = hf.get("num_key_value_heads") or kw["num_attention_heads"]
+    bad = {k: v for k, v in kw.items() if isinstance(v, bool) or not isinstance(v, int | float)}
     if bad:
-        raise ConfigError(f"config.json has unsupported values: {bad}")
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise ConfigError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-    if hf.get("mlp_bias"):
-        raise ConfigError("mlp_bias=True is not supported")
-    kw = {k: hf[k] for k in _HF_MAPPED if k in hf}
-    kw.setdefault("num_key_value_heads", kw.get("num_attention_heads", LlamaConfig.num_attention_heads))
+        raise ConfigError(f"config.json has non-numeric sizes: {bad}")
     return LlamaConfig(**kw, dtype=dtype, param_dtype=param_dtype or dtype)
 
 

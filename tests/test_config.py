@@ -9,6 +9,7 @@ from read_jax.config import (
     LlamaConfig,
     ReadConfig,
     SaspConfig,
+    audit_hf_config,
     config_to_dict,
     from_hf_config,
     read_config_from_dict,
@@ -72,13 +73,20 @@ def test_released_config_maps_to_read_7b_llama():
     ],
 )
 def test_unsupported_values_raise(extra):
-    with pytest.raises(ConfigError, match="unsupported values"):
+    ((attr, value),) = extra.items()
+    with pytest.raises(ConfigError, match="unsupported values") as e:
         from_hf_config({**READ_7B_HF, **extra})
+    assert f"{attr}={value!r}" in str(e.value)
 
 
-def test_unknown_attribute_raises_and_names_it():
-    with pytest.raises(ConfigError, match="sliding_window"):
-        from_hf_config({**READ_7B_HF, "sliding_window": 4096})
+def test_unknown_attribute_is_recorded_and_refused_in_strict_mode():
+    """An attribute read_jax does not use is recorded (audit_hf_config), not fatal; strict=True refuses it."""
+    hf = {**READ_7B_HF, "sliding_window": 4096}
+    assert from_hf_config(hf) == ReadConfig.read_7b().llama
+    unused = audit_hf_config(hf).unused
+    assert "sliding_window" in unused and "torch_dtype" in unused and "hidden_size" not in unused
+    with pytest.raises(ConfigError, match=r"does not use \(strict mode\): \[.*'sliding_window'"):
+        from_hf_config(hf, strict=True)
 
 
 def test_missing_kv_heads_defaults_to_mha():
@@ -132,7 +140,7 @@ def test_with_dtype_changes_every_component():
 
 
 def test_initializer_range_is_read_and_sets_the_llama_init():
-    """HF's `initializer_range` (the std of every Linear and the embedding at init) is honoured, not ignored."""
+    """HF's `initializer_range` (std of every Linear and the embedding at init) is honoured, not ignored."""
     import numpy as np
     from flax import nnx
 

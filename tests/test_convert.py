@@ -88,6 +88,21 @@ def read_hf_config(cfg: ReadConfig, **kw) -> dict:
     return out
 
 
+# The attributes of `read_hf_config` that read_jax does not use (recorded in conversion.json).
+UNUSED_IN_READ_HF_CONFIG = [
+    "_name_or_path",
+    "bos_token_id",
+    "eos_token_id",
+    "freeze_mm_mlp_adapter",
+    "pad_token_id",
+    "torch_dtype",
+    "train_mask_decoder",
+    "transformers_version",
+    "tune_mm_mlp_adapter",
+    "use_cache",
+]
+
+
 def write_tokenizer(d: Path, added: dict | None = ADDED) -> None:
     if not (TOKENIZER_ASSETS / "tokenizer.model").is_file():
         pytest.skip("tests/assets/tokenizer/tokenizer.model not there yet")
@@ -125,7 +140,7 @@ def save_shards(torch, sd: dict, d: Path, n: int, fmt: str, dtype) -> None:
 
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             save_file(shard, str(d / name), metadata={"format": "pt"})
-        wm.update({k: name for k in ks})
+        wm.update(dict.fromkeys(ks, name))
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
     (d / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
 
@@ -142,7 +157,7 @@ def released_state_dict(ref) -> dict:
 
 
 def convert(argv: list[str]) -> None:
-    assert convert_cli.main(argv + ["--no-progress", "--base", "tiny", "--debug"]) == 0
+    assert convert_cli.main([*argv, "--no-progress", "--base", "tiny", "--debug"]) == 0
 
 
 def leaves_of(ckpt: Path) -> dict[str, np.ndarray]:
@@ -302,6 +317,10 @@ def test_convert_loader_restores_sharded_and_records_the_run(dirs, model):
     ]
     info = json.loads((out / "conversion.json").read_text())
     assert info["family"] == "read" and info["uninitialized"] == [] and info["lora_merged"] == []
+    # The released config's bookkeeping and training flags are recorded, not fatal (nothing translated).
+    assert info["config_unused_attributes"] == UNUSED_IN_READ_HF_CONFIG
+    assert info["config_notes"] == []
+    assert "hidden_size" not in info["clip_config_unused_attributes"]
     # Nothing but the RoPE buffers is dropped from a released checkpoint.
     assert info["ignored_keys"] == [
         f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(CFG.llama.num_hidden_layers)
@@ -412,7 +431,7 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
     pth = tmp_path / "sam_tiny.pth"
     torch.save(ref.visual_model.state_dict(), pth)
     out = tmp_path / "init"
-    with pytest.raises(ConfigError, match="vocab_size 32000.*--resize-vocab"):
+    with pytest.raises(ConfigError, match=r"vocab_size 32000.*--resize-vocab"):
         convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--sam", str(pth), "--out", str(out)])
     assert no_output_left(out)
     convert(
@@ -570,7 +589,7 @@ def _rewrite_shard(d: Path, name: str, edit) -> None:
     torch.save(sd, d / name)
     index = json.loads((d / "pytorch_model.bin.index.json").read_text())
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
-    index["weight_map"].update({k: name for k in sd})
+    index["weight_map"].update(dict.fromkeys(sd, name))
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
 
@@ -650,6 +669,42 @@ def test_convert_refuses_lisa_v1_layout(bad, dirs):
     _convert_fails(bad, dirs["clip"], ConfigError, r"LLaVA-v1 style checkpoint .*mlp2x_gelu")
 
 
+def test_convert_strict_refuses_unused_config_attributes(bad, dirs):
+    """--strict reaches the converter: the attributes read_jax does not use become an error naming them."""
+    out = bad.parent / "out"
+    with pytest.raises(
+        ConfigError, match=re.escape(f"does not use (strict mode): {UNUSED_IN_READ_HF_CONFIG}")
+    ):
+        convert(["--hf", str(bad), "--clip", str(dirs["clip"]), "--out", str(out), "--strict"])
+    assert no_output_left(out)
+
+
+def test_convert_logs_unused_config_attributes_on_one_line(bad, dirs, monkeypatch):
+    """A config.json from a newer release converts: its extra attributes are logged once, on one line."""
+    from read_jax.convert import read as read_mod
+
+    hf = {**read_hf_config(CFG), "pretrain_mm_mlp_adapter": None, "attention_dropout": 0.0}
+    (bad / "config.json").write_text(json.dumps({**hf, "mm_use_im_start_end": False}))
+
+    def stop(model_fn):  # the checks are done by then; skip building the target model
+        raise RuntimeError("stop after the input checks")
+
+    monkeypatch.setattr(read_mod, "target_leaves", stop)
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="stop after the input checks"):
+        read_mod.convert_read_checkpoint(
+            bad, bad.parent / "out", clip_dir=dirs["clip"], base="tiny", progress=False, log=lines.append
+        )
+    warnings = [line for line in lines if line.startswith("warning")]
+    want = sorted([*UNUSED_IN_READ_HF_CONFIG, "pretrain_mm_mlp_adapter"])
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(
+        "warning: attributes read_jax does not use (recorded in conversion.json; --strict refuses them): "
+        f"config.json {want}"
+    )
+    assert warnings[0].endswith("; mm_use_im_start_end=False accepted")
+
+
 def test_convert_requires_clip_for_released_checkpoints(bad):
     """No --clip: the missing vision tower is named, with the §10.3 path quirk explained."""
     out = bad.parent / "out"
@@ -668,5 +723,14 @@ def test_convert_weights_help_subprocess():
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    for flag in ("--hf", "--clip", "--sam", "--dtype", "--resize-vocab", "--export", "--merge-lora"):
+    for flag in (
+        "--hf",
+        "--clip",
+        "--sam",
+        "--dtype",
+        "--resize-vocab",
+        "--export",
+        "--merge-lora",
+        "--strict",
+    ):
         assert flag in r.stdout

@@ -27,7 +27,14 @@ checkpoints were built on LLaVA-v1 (a single-Linear `mm_projector`, CLIP ViT-L/1
 `mm_projector_type` in config.json), which `read_jax.llava` does not implement: they are refused up front
 with that explanation. LLaVA-1.5 bases (`LlavaLlamaForCausalLM`, vocab 32000) are accepted for from-scratch
 inits with `--resize-vocab` (3 new rows ~ N(0, 0.02), as HF 4.31 `resize_token_embeddings`) and `--sam`;
-`text_hidden_fcs` then keeps its init, and the checkpoint records that.
+`text_hidden_fcs` then keeps its init, and the checkpoint records that. LISA releases on LLaVA-1.5 share
+READ's layout and are read; llava-hf's `LlavaForConditionalGeneration` layout is refused (not yet read).
+
+config.json policy (`read_jax.config.audit_hf_config`, `build_config`): every attribute that changes the
+computation is mapped or checked, and a value read_jax cannot honour is refused naming attribute and value;
+the others (bookkeeping, training flags, what newer releases add) are listed in conversion.json
+(`config_unused_attributes`, and `clip_config_unused_attributes` for --clip) and logged on one warning line,
+or refused with `strict=True` (`convert_weights.py --strict`).
 
 Memory: tensors are streamed one at a time from one shard at a time (`read_jax.convert.io`), and each
 converted leaf goes to `read_jax.checkpoint.PartWriter`, which writes it out in orbax parts of `part_bytes`;
@@ -214,16 +221,20 @@ def _read_json(path: Path) -> Any:
 
 
 def family_of(hf: Mapping[str, Any]) -> str:
-    """'read' | 'sesame' | 'lisa' | 'llava' | 'llama' from `architectures`; refuses LLaVA-v1 layouts."""
-    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in ARCHITECTURES:
-        raise rc.ConfigError(f"config.json: unknown architecture {arch!r} (known: {sorted(ARCHITECTURES)})")
+    """'read' | 'sesame' | 'lisa' | 'llava' | 'llama' from `architectures`.
+
+    Refuses, with a one-line ConfigError naming the architecture, the layouts read_jax does not read yet:
+    llava-hf's `LlavaForConditionalGeneration` and LLaVA-v1 style checkpoints (LISA-v1).
+    """
+    arch = rc.hf_architecture(hf)
     family = ARCHITECTURES[arch]
-    if family != "llama" and hf.get("mm_projector_type", "linear") != "mlp2x_gelu":
+    proj = hf.get("mm_projector_type")
+    if family != "llama" and proj != "mlp2x_gelu":
+        which = "without mm_projector_type" if proj is None else f"with mm_projector_type={proj!r}"
         raise rc.ConfigError(
-            f"config.json: mm_projector_type={hf.get('mm_projector_type')!r}: this is a LLaVA-v1 style "
-            "checkpoint (LISA-v1: a single-Linear mm_projector and CLIP ViT-L/14-224), but read_jax "
-            "implements LLaVA-1.5's mlp2x_gelu projector only (READ and SESAME)"
+            f"config.json: architecture {arch!r} {which} is a LLaVA-v1 style checkpoint (a single-Linear "
+            "mm_projector, as in LISA-v1), but read_jax implements LLaVA-1.5's mlp2x_gelu projector only "
+            "(READ, SESAME, LISA on LLaVA-1.5)"
         )
     return family
 
@@ -241,24 +252,68 @@ _HF_CLIP_VISION_DEFAULTS = {
     "layer_norm_eps": 1e-5,
     "hidden_act": "quick_gelu",
 }
+# Vision-config attributes that change the computation besides the mapped ones: read_jax has no dropout.
+_HF_CLIP_VISION_ZERO = ("dropout", "attention_dropout")
+_HF_CLIP_VISION_USED = frozenset((*_HF_CLIP_VISION_DEFAULTS, *_HF_CLIP_VISION_ZERO, "model_type"))
 
 
-def clip_config_from_hf(clip_dir: Path, *, select_layer: int, dtype: str) -> rc.ClipVisionConfig:
-    """ClipVisionConfig from an HF `CLIPVisionModel` or `CLIPModel` directory's config.json."""
+def _clip_vision_config(clip_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """(config.json path, the vision config dict) of an HF `CLIPVisionModel` or `CLIPModel` directory.
+
+    For a `CLIPModel` only `vision_config` is read: its text tower and projections are dropped on purpose
+    (`CLIP_MODEL_EXTRA_IGNORE`), like LLaVA's `CLIPVisionModel.from_pretrained` does.
+    """
     path = clip_dir / "config.json"
     if not path.is_file():
         raise rc.ConfigError(f"{path}: not found (--clip must be an HF CLIP directory)")
     hf = _read_json(path)
     if hf.get("model_type") == "clip":
-        hf = hf.get("vision_config") or {}
-    elif hf.get("model_type") != "clip_vision_model":
+        return path, {"model_type": "clip_vision_model", **(hf.get("vision_config") or {})}
+    if hf.get("model_type") != "clip_vision_model":
         raise rc.ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a CLIP vision model")
+    return path, hf
+
+
+def clip_config_unused(clip_dir: Path) -> list[str]:
+    """The attributes of --clip's vision config that read_jax does not use (recorded in conversion.json)."""
+    return sorted(set(_clip_vision_config(clip_dir)[1]) - _HF_CLIP_VISION_USED)
+
+
+def clip_config_from_hf(
+    clip_dir: Path, *, select_layer: int, dtype: str, strict: bool = False
+) -> rc.ClipVisionConfig:
+    """ClipVisionConfig from an HF `CLIPVisionModel` or `CLIPModel` directory's config.json.
+
+    Raises ConfigError naming the attribute and value read_jax cannot honour (a hidden_act other than
+    quick_gelu/gelu, dropout), and with `strict` any vision-config attribute it does not use.
+    """
+    path, hf = _clip_vision_config(clip_dir)
     kw = {k: hf.get(k, d) for k, d in _HF_CLIP_VISION_DEFAULTS.items()}
-    return rc.ClipVisionConfig(**kw, select_layer=select_layer, dtype=dtype, param_dtype=dtype)
+    bad = [f"{k}={hf[k]!r}" for k in _HF_CLIP_VISION_ZERO if hf.get(k) not in (None, 0, 0.0)]
+    if kw["hidden_act"] not in ("quick_gelu", "gelu"):
+        bad.append(f"hidden_act={kw['hidden_act']!r}")
+    if bad:
+        raise rc.ConfigError(
+            f"{path}: unsupported values: {'; '.join(bad)} (read_jax's CLIP tower has quick_gelu or gelu "
+            "MLPs and no dropout)"
+        )
+    unused = clip_config_unused(clip_dir)
+    if strict and unused:
+        raise rc.ConfigError(
+            f"{path}: vision-config attributes read_jax does not use (strict mode): {unused}"
+        )
+    try:
+        return rc.ClipVisionConfig(**kw, select_layer=select_layer, dtype=dtype, param_dtype=dtype)
+    except rc.ConfigError as e:
+        raise rc.ConfigError(f"{path}: {e}") from None
 
 
 def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], dict[str, int] | None]:
     """Find the tokenizer files and check [SEG]/<im_start>/<im_end> = 32000/32001/32002 (§2.3).
+
+    Also refuses a tokenizer_config.json whose add_bos_token/add_eos_token would change the token ids
+    READ's prompts get (it prepends BOS and appends no EOS), and, with `resize_vocab`, a tokenizer whose
+    own added tokens already hold the ids the three READ tokens would get (llava-hf's <image>/<pad>).
 
     Returns:
       (files to copy, the added tokens to write when `resize_vocab` adds them, else None). Raises ConfigError
@@ -288,16 +343,28 @@ def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], d
         for tok, idx in _read_json(tok_dir / "added_tokens.json").items():
             note(tok, idx, "added_tokens.json")
     if (tok_dir / "tokenizer_config.json").is_file():
-        decoder = _read_json(tok_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
-        for idx, d in decoder.items():
+        tok_cfg = _read_json(tok_dir / "tokenizer_config.json")
+        bos, eos = tok_cfg.get("add_bos_token", True), tok_cfg.get("add_eos_token", False)
+        if bos is not True or eos not in (None, False):
+            raise rc.ConfigError(
+                f"{tok_dir / 'tokenizer_config.json'}: add_bos_token={bos!r}, add_eos_token={eos!r}; READ's "
+                "prompts need LLaMA's BOS prepended and no EOS appended (true / false)"
+            )
+        for idx, d in (tok_cfg.get("added_tokens_decoder") or {}).items():
             note(d["content"], int(idx), "tokenizer_config.json")
     if (tok_dir / "tokenizer.json").is_file():
         for d in _read_json(tok_dir / "tokenizer.json").get("added_tokens") or []:
             note(d["content"], int(d["id"]), "tokenizer.json")
 
     if "[SEG]" not in found:
-        if resize_vocab and base == rc.SEG_TOKEN_ID and not any(t in found for t in SEG_TOKENS):
+        taken = {t: i for t, (i, _) in found.items() if i >= base}
+        if resize_vocab and base == rc.SEG_TOKEN_ID and not taken and not any(t in found for t in SEG_TOKENS):
             return files, dict(SEG_TOKENS)
+        if resize_vocab and taken:
+            raise rc.ConfigError(
+                f"{tok_dir}: the tokenizer's added tokens {taken} already hold the ids --resize-vocab would "
+                "give [SEG]=32000, <im_start>=32001, <im_end>=32002"
+            )
         raise rc.ConfigError(
             f"{tok_dir}: the tokenizer has no [SEG] token (tokenizer.model has {base} pieces); READ needs "
             f"[SEG]=32000, <im_start>=32001, <im_end>=32002 (--resize-vocab adds them to a LLaVA base)"
@@ -314,22 +381,38 @@ def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], d
     return files, None
 
 
+# An openai CLIP directory name: clip-vit-large-patch14 (224 pixels) or clip-vit-large-patch14-336.
+_OPENAI_CLIP_NAME = re.compile(r"clip-vit-(?:base|large)-patch(\d+)(?:-(\d+))?")
+
+
+def _named_clip_geometry(name: str) -> tuple[int, int] | None:
+    """(patch size, image size) that a vision-tower path names, when it names an openai CLIP directory."""
+    m = _OPENAI_CLIP_NAME.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])
+    return None if m is None else (int(m.group(1)), int(m.group(2) or 224))
+
+
 def build_config(
-    hf: Mapping[str, Any], *, clip_dir: Path | None, base: str, dtype: str, resize_vocab: bool
+    hf: Mapping[str, Any],
+    *,
+    clip_dir: Path | None,
+    base: str,
+    dtype: str,
+    resize_vocab: bool,
+    strict: bool = False,
 ) -> rc.ReadConfig:
     """ReadConfig of a checkpoint: LLaMA from config.json, CLIP from --clip, SAM/SasP/LoRA from `base`.
 
-    `mm_hidden_size` and `out_dim` are checked against the CLIP and SAM configs here (rather than against
-    the 7B constants of `from_hf_config`), so that tiny test checkpoints can carry them too.
+    `rc.from_hf_config` checks the computation-changing attributes (and with `strict` refuses unused ones);
+    the ones only the converter can check are checked here: `mm_hidden_size` and `out_dim` against the CLIP
+    and SAM configs (so that tiny test checkpoints can carry them too), `mm_vision_select_layer` against the
+    CLIP depth, the vision tower the config names against the CLIP that is used (§10.3: the name is a path
+    on the training machine, CLIP comes from --clip; an openai directory name still tells patch and image
+    size), and `unfreeze_mm_vision_tower` against --clip replacing a fine-tuned tower.
     """
-    hf = dict(hf)
-    # §10.3 quirk: the vision tower is a path on the training machine; CLIP comes from --clip instead.
-    for k in ("mm_vision_tower", "vision_tower"):
-        hf.pop(k, None)
-    mm_hidden, out_dim = hf.pop("mm_hidden_size", None), hf.pop("out_dim", None)
-    vocab = hf.get("vocab_size")
+    llama = rc.from_hf_config(hf, dtype=dtype, strict=strict)
+    vocab = hf.get("vocab_size", rc.HF_LLAMA_DEFAULTS["vocab_size"])
     if vocab == rc.SEG_TOKEN_ID and resize_vocab:
-        hf["vocab_size"] = rc.VOCAB_SIZE
+        llama = dataclasses.replace(llama, vocab_size=rc.VOCAB_SIZE)
     elif vocab == rc.SEG_TOKEN_ID:
         raise rc.ConfigError(
             "config.json: vocab_size 32000 (a plain LLaVA/LLaMA vocabulary); READ checkpoints have 32003 "
@@ -338,7 +421,6 @@ def build_config(
         )
     elif vocab != rc.VOCAB_SIZE:
         raise rc.ConfigError(f"config.json: vocab_size {vocab}, READ needs {rc.VOCAB_SIZE}")
-    llama = rc.from_hf_config(hf, dtype=dtype)
     factories = {
         "read_7b": rc.ReadConfig.read_7b,
         "read_13b": rc.ReadConfig.read_13b,
@@ -351,18 +433,42 @@ def build_config(
     if base not in factories:
         raise rc.ConfigError(f"unknown --base {base!r}; choose from {sorted(factories)}")
     cfg = factories[base]().with_dtype(dtype)
-    select = hf.get("mm_vision_select_layer", cfg.clip.select_layer)
-    clip = clip_config_from_hf(clip_dir, select_layer=select, dtype=dtype) if clip_dir else cfg.clip
+    tower_src = "--clip DIR" if clip_dir else f"--base {base}"
+    clip = cfg.clip
+    if clip_dir is not None:
+        clip = clip_config_from_hf(clip_dir, select_layer=clip.select_layer, dtype=dtype, strict=strict)
+    select = hf.get("mm_vision_select_layer", clip.select_layer)
+    try:
+        clip = dataclasses.replace(clip, select_layer=select)
+    except rc.ConfigError:
+        raise rc.ConfigError(
+            f"config.json: mm_vision_select_layer={select!r} is outside the {clip.num_hidden_layers}-layer "
+            f"CLIP tower of {tower_src}"
+        ) from None
     cfg = cfg.replace(llama=llama, clip=clip)
+    problems = []
+    mm_hidden, out_dim = hf.get("mm_hidden_size"), hf.get("out_dim")
     if mm_hidden is not None and mm_hidden != clip.hidden_size:
-        raise rc.ConfigError(
-            f"config.json: mm_hidden_size {mm_hidden} != {clip.hidden_size}, the "
-            f"hidden_size of the --clip tower"
-        )
+        problems.append(f"mm_hidden_size={mm_hidden!r} != {clip.hidden_size}, the hidden_size of {tower_src}")
     if out_dim is not None and out_dim != cfg.out_dim:
-        raise rc.ConfigError(
-            f"config.json: out_dim {out_dim} != the SAM prompt_embed_dim {cfg.out_dim} of --base {base}"
+        problems.append(f"out_dim={out_dim!r} != the SAM prompt_embed_dim {cfg.out_dim} of --base {base}")
+    for k in ("mm_vision_tower", "vision_tower"):
+        named = _named_clip_geometry(hf[k]) if isinstance(hf.get(k), str) else None
+        if named is not None and named != (clip.patch_size, clip.image_size):
+            problems.append(
+                f"{k}={hf[k]!r} names a CLIP with {named[0]}-pixel patches at {named[1]} px, but the tower "
+                f"of {tower_src} has {clip.patch_size}-pixel patches at {clip.image_size} px"
+            )
+    unfreeze = hf.get("unfreeze_mm_vision_tower", False)
+    if not isinstance(unfreeze, bool):
+        problems.append(f"unfreeze_mm_vision_tower={unfreeze!r} is not a boolean")
+    elif unfreeze and clip_dir is not None:
+        problems.append(
+            "unfreeze_mm_vision_tower=True: the checkpoint's CLIP was fine-tuned; --clip would replace it "
+            "with other weights (convert without --clip to use the checkpoint's own vision tower)"
         )
+    if problems:
+        raise rc.ConfigError("config.json: " + "; ".join(problems))
     return cfg
 
 
@@ -526,6 +632,10 @@ class ConversionReport:
     ignored: list[str]
     uninitialized: list[str]
     lora_merged: list[str]
+    # config.json (and --clip's vision config) attributes read_jax does not use, and values it translated.
+    config_unused: list[str] = dataclasses.field(default_factory=list)
+    clip_config_unused: list[str] = dataclasses.field(default_factory=list)
+    config_notes: list[str] = dataclasses.field(default_factory=list)
 
 
 # ---- the driver --------------------------------------------------------------------------------------------
@@ -544,6 +654,7 @@ def convert_read_checkpoint(
     compress: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    strict: bool = False,
     model_fn: Callable[[rc.ReadConfig], Callable[[], Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> ConversionReport:
@@ -562,6 +673,8 @@ def convert_read_checkpoint(
       seed: of the --resize-vocab rows.
       part_bytes: converted bytes buffered per orbax part (the memory knob; default 256 MiB).
       compress: zstd in the orbax parts (~20% smaller for bf16 weights, a little more memory per part).
+      strict: refuse config.json (and --clip vision-config) attributes read_jax does not use, instead of
+        recording them in conversion.json and logging them on one warning line.
       model_fn: cfg -> zero-arg builder of the target model (default `ReadModel`).
       log: where the one-line summaries go.
     Returns:
@@ -594,7 +707,18 @@ def convert_read_checkpoint(
             f"config.json names the vision tower {vt!r} (a path on the training machine, §10.3): "
             f"using --clip {clip_dir}"
         )
-    cfg = build_config(hf, clip_dir=clip_dir, base=base, dtype=dtype, resize_vocab=resize_vocab)
+    cfg = build_config(
+        hf, clip_dir=clip_dir, base=base, dtype=dtype, resize_vocab=resize_vocab, strict=strict
+    )
+    audit = rc.audit_hf_config(hf)
+    clip_unused = [] if clip_dir is None else clip_config_unused(clip_dir)
+    if audit.unused or clip_unused or audit.notes:
+        log(
+            "warning: attributes read_jax does not use (recorded in conversion.json; --strict refuses them): "
+            f"config.json {list(audit.unused)}"
+            + (f", CLIP config.json {clip_unused}" if clip_unused else "")
+            + "".join(f"; {n.split(':')[0]} accepted" for n in audit.notes)
+        )
     tok_files, added_tokens = check_tokenizer(hf_dir, resize_vocab=resize_vocab)
     sources = [hf_source("checkpoint", hf_dir)]
     if clip_dir is not None:
@@ -735,6 +859,9 @@ def convert_read_checkpoint(
                     "lora_alpha": lora_alpha,
                     "ignored_keys": ignored,
                     "uninitialized": uninit,
+                    "config_unused_attributes": list(audit.unused),
+                    "clip_config_unused_attributes": clip_unused,
+                    "config_notes": list(audit.notes),
                 },
                 indent=1,
             )
@@ -749,7 +876,17 @@ def convert_read_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report = ConversionReport(
-        out_dir, len(shared_out), read_bytes, writer.written_bytes, time.time() - t0, ignored, uninit, merged
+        out_dir,
+        len(shared_out),
+        read_bytes,
+        writer.written_bytes,
+        time.time() - t0,
+        ignored,
+        uninit,
+        merged,
+        list(audit.unused),
+        clip_unused,
+        list(audit.notes),
     )
     log(
         f"converted {report.leaves} leaves, {report.bytes_read / 2**20:.0f} MiB read, "
