@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a READ checkpoint (`read_jax.cli.evaluate`): `python evaluate.py --config C --checkpoint D --split S`."""
+"""Evaluate a READ checkpoint (`read_jax.cli.evaluate`): `python evaluate.py --config C --checkpoint D --split
+S`."""
 
 import sys
 

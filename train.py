@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train READ (`read_jax.cli.train`): `python train.py --config configs/tiny_shapes.py --workdir runs/tiny`."""
+"""Train READ (`read_jax.cli.train`): `python train.py --config configs/tiny_shapes.py --workdir DIR`."""
 
 import sys
 

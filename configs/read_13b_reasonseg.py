@@ -1,6 +1,7 @@
 """READ-13B for ReasonSeg, from LLaVA-1.5-13B + SAM ViT-H, in two named stages (the seed's Appendix A.2).
 
-    python convert_weights.py --hf llava-v1.5-13b --clip clip-vit-large-patch14-336 --sam sam_vit_h_4b8939.pth \\
+    python convert_weights.py --hf llava-v1.5-13b --clip clip-vit-large-patch14-336 --sam sam_vit_h_4b8939.pth
+    \\
         --resize-vocab --out ckpt/init13b
     python train.py --config configs/read_13b_reasonseg.py:stage1 --workdir runs/read13b/stage1 \\
         --config.init.checkpoint=ckpt/init13b --config.data.root=dataset
@@ -8,9 +9,11 @@
         --config.init.checkpoint=ckpt/init13b --config.init.trainables_from=runs/read13b/stage1 \\
         --config.data.root=dataset
 
-stage1: ~8 epochs at the SESAME mixture 10:10:2:3:1:1, lr 3e-4 (`train_read.py`'s default), SasP on the full 24x24
+stage1: ~8 epochs at the SESAME mixture 10:10:2:3:1:1, lr 3e-4 (`train_read.py`'s default), SasP on the full
+  24x24
   grid with 10 points (README:130), Dice weight 4 (the from-scratch setting, README:96; read_reference.md §5).
-stage2: fine-tuning at 3:10:2:3:1:10 with lr 1e-4 and 30 points, starting from stage1's trainables (best-by-cIoU)
+stage2: fine-tuning at 3:10:2:3:1:10 with lr 1e-4 and 30 points, starting from stage1's trainables
+  (best-by-cIoU)
   with a fresh optimizer and schedule, as a separate run of the reference script does.
 Both: LoRA r=64 / alpha 16 (scale 0.25), from-scratch text_hidden_fcs and mask decoder from SAM
 (`use_released_param=False`), the three new vocabulary rows N(0, 0.02) (`convert_weights.py --resize-vocab`).

@@ -6,10 +6,12 @@
         --config.data.root=dataset
 
 read_reference.md §6: everything comes from SESAME (SAM, text_hidden_fcs and the LLM: `use_released_param`),
-LoRA r=8 / alpha 16 / dropout 0.05 on q_proj and v_proj, trainable embed_tokens + lm_head + mask decoder + fcs;
+LoRA r=8 / alpha 16 / dropout 0.05 on q_proj and v_proj, trainable embed_tokens + lm_head + mask decoder +
+fcs;
 AdamW lr 1e-4 (`train_read.sh:94`), beta 0.9/0.95, wd 0, 100 warmup steps then linear decay to 0 over
 epochs x 500 steps, clip 1.0; batch 2 x 10 accumulation per device (`train_read.sh`); the ReasonSeg mixture
-10:1:1:1:1:10 over sem_seg/refer_seg/correct_refer_seg/vqa/neg_refer_seg/reason_seg; 3 conversations per image;
+10:1:1:1:1:10 over sem_seg/refer_seg/correct_refer_seg/vqa/neg_refer_seg/reason_seg; 3 conversations per
+image;
 validation on ReasonSeg val after each epoch, best checkpoint by cIoU. bf16 compute, fp32 trainables and
 optimizer state, rematerialised decoder layers, the frozen base FSDP-sharded over every device.
 The README reports 4-8 epochs when fine-tuning from SESAME; `train_read.py`'s schedule default is 20.

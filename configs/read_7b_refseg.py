@@ -1,11 +1,14 @@
-"""READ-7B for FP-RefCOCO(+/g) ("ReferSeg"), continued from SESAME-7B: the released `fprefcoco` model's recipe.
+"""READ-7B for FP-RefCOCO(+/g) ("ReferSeg"), continued from SESAME-7B: the released `fprefcoco` model's
+recipe.
 
     python train.py --config configs/read_7b_refseg.py --workdir runs/read7b_refseg \\
         --config.init.checkpoint=ckpt/sesame7b --config.data.root=dataset
 
-read_reference.md §6.3: the ReferSeg mixture refer_seg:correct_refer_seg:vqa:neg_refer_seg = 12:2:2:1 (no sem_seg,
+read_reference.md §6.3: the ReferSeg mixture refer_seg:correct_refer_seg:vqa:neg_refer_seg = 12:2:2:1 (no
+sem_seg,
 no reason_seg); everything else as `read_7b_reasonseg.py`. Validation runs the teacher-forced protocol on
-RefCOCO val (`eval.dataset`); FP-RefCOCO's generation metrics (See/Segment) are `evaluate.py --split fprefcoco_val`.
+RefCOCO val (`eval.dataset`); FP-RefCOCO's generation metrics (See/Segment) are `evaluate.py --split
+fprefcoco_val`.
 """
 
 import os

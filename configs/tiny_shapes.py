@@ -3,23 +3,33 @@
     python train.py --config configs/tiny_shapes.py --workdir runs/tiny [--config.data.root=DIR]
     python evaluate.py --config configs/tiny_shapes.py --checkpoint runs/tiny --split reasonseg_test
 
-The architecture is READ's (LLaVA = CLIP + projector + LLaMA, [SEG] -> text_hidden_fcs, SasP points, SAM prompt
-encoder + mask decoder) in miniature. Nothing pretrained exists offline, so everything starts from random weights
-and the recipe departs from READ's (which fine-tunes a pretrained LLaVA and SAM), each time for a measured reason:
+The architecture is READ's (LLaVA = CLIP + projector + LLaMA, [SEG] -> text_hidden_fcs, SasP points, SAM
+prompt
+encoder + mask decoder) in miniature. Nothing pretrained exists offline, so everything starts from random
+weights
+and the recipe departs from READ's (which fine-tunes a pretrained LLaVA and SAM), each time for a measured
+reason:
 
   * What trains: the whole LLaMA but its lm_head (embeddings, decoder layers, final norm; not LoRA: a low-rank
     update of a random LLaMA has nothing to adapt), the projector, text_hidden_fcs, SAM's prompt encoder (its
     point embeddings are random too) and mask decoder, and -- unlike READ -- CLIP and the SAM image encoder
-    (`freeze_vision_towers=False`): random frozen towers are a poor code of shape and size. Measured on this set
-    (2400 steps, validation gIoU): frozen random token embeddings 0.18, trained ones 0.33-0.36. lm_head would get
+    (`freeze_vision_towers=False`): random frozen towers are a poor code of shape and size. Measured on this
+    set
+    (2400 steps, validation gIoU): frozen random token embeddings 0.18, trained ones 0.33-0.36. lm_head would
+    get
     no gradient without a text loss (next point), so it stays out of AdamW.
-  * No text loss (`train.ce_weight=0`): the protocol is teacher-forced, so generation is never scored, and at a
-    128-wide LLaMA the CE term pulls the [SEG]-predicting hidden state to one vector for every query (measured:
-    cosine 1.00 between the [SEG] states of different queries after 300 steps with CE, query-dependent without),
-    which starves the mask decoder of the query. Dice weight 2 (READ's from-scratch runs used 4, the default is
+  * No text loss (`train.ce_weight=0`): the protocol is teacher-forced, so generation is never scored, and at
+    a
+    128-wide LLaMA the CE term pulls the [SEG]-predicting hidden state to one vector for every query
+    (measured:
+    cosine 1.00 between the [SEG] states of different queries after 300 steps with CE, query-dependent
+    without),
+    which starves the mask decoder of the query. Dice weight 2 (READ's from-scratch runs used 4, the default
+    is
     0.5): the targets cover 1-5% of an image, and BCE alone settles on "background".
   * Small frames and a coarse training canvas: CLIP sees a 112-pixel crop (8x8 = 64 image tokens), SAM a 128
-    frame with 8-pixel patches (16x16 embedding, 64x64 low-res masks), and the training GT canvas is 224 pixels
+    frame with 8-pixel patches (16x16 embedding, 64x64 low-res masks), and the training GT canvas is 224
+    pixels
     (`train.mask_side`); validation and `evaluate.py` score at the original resolution (`data.max_mask_side`).
   * A similarity-map loss (`train.sim_weight=1`, not in READ; `losses.similarity_loss`): READ inherits a [SEG]
     similarity map that already peaks on the object from pretrained LLaVA; here the map has to learn it, and
@@ -27,15 +37,21 @@ and the recipe departs from READ's (which fine-tunes a pretrained LLaVA and SAM)
     softmax of the map.
   * Data: one of a query's two phrasings per image and step (`max_convs=1`), 16 images per step, AdamW at 2e-3
     with READ's schedule shape (linear warmup, linear decay to 0). No false-premise samples
-    (`data.reason_seg_false_premise=0`, SESAME mixes 15%): without the text loss such a row has no loss at all, so
+    (`data.reason_seg_false_premise=0`, SESAME mixes 15%): without the text loss such a row has no loss at
+    all, so
     every row of a step now carries a mask.
 
-What limits it (measured on 200 validation queries; `evaluate.py` prints the figures per query kind): the masks
+What limits it (measured on 200 validation queries; `evaluate.py` prints the figures per query kind): the
+masks
 land on *an* object far more often than on *the* queried one. Scored against every object of the scene, the
-prediction's best match is the target for 94% of "smallest" queries but 21-36% of the corner, extreme, relation
-and colour queries, and the runs below all stop near the same validation gIoU (0.28-0.32 at 1,800-2,400 steps):
-CLIP at 224 px with 28-px patches and a 256-px SAM frame; a 64-wide mask decoder; three CLIP layers feeding the
-LLM instead of one (LLaVA takes `hidden_states[-2]`, so the tiny CLIP's second layer is unused); 10,000 training
+prediction's best match is the target for 94% of "smallest" queries but 21-36% of the corner, extreme,
+relation
+and colour queries, and the runs below all stop near the same validation gIoU (0.28-0.32 at 1,800-2,400
+steps):
+CLIP at 224 px with 28-px patches and a 256-px SAM frame; a 64-wide mask decoder; three CLIP layers feeding
+the
+LLM instead of one (LLaVA takes `hidden_states[-2]`, so the tiny CLIP's second layer is unused); 10,000
+training
 scenes instead of 2,000; and 2,400 more steps from the finished run.
 """
 
@@ -45,7 +61,8 @@ from read_jax.train.config import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Everything that trains (see the module docstring); CLIP and the SAM encoder need `freeze_vision_towers=False`.
+# Everything that trains (see the module docstring); CLIP and the SAM encoder need
+# `freeze_vision_towers=False`.
 TRAINABLE = (
     r"llava/language_model/model/.*",
     r"llava/mm_projector/.*",
@@ -111,7 +128,8 @@ def get_config(arg: str | None = None):
 def _smoke(c) -> None:
     """Every size at its minimum: a 2x2 CLIP grid, a 4x4 SAM embedding, a 32-wide 1-layer LLaMA, a few steps.
 
-    The towers stay frozen as in READ (a smoke run learns nothing anyway), so it exercises the stop-gradient path.
+    The towers stay frozen as in READ (a smoke run learns nothing anyway), so it exercises the stop-gradient
+    path.
     """
     del c.model["freeze_vision_towers"]
     c.model.trainable_regexes = tuple(

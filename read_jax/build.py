@@ -5,7 +5,8 @@
     model = load_model("runs/tiny", run_config=config)     # a train.py workdir: its base + trained trainables
 
 `model_fn(cfg)` is the zero-argument builder that abstract builds (`nnx.eval_shape`), sharded inits and the
-checkpoint restorer trace; every model in the project comes out of it, so LoRA is present wherever the config has
+checkpoint restorer trace; every model in the project comes out of it, so LoRA is present wherever the config
+has
 it (its factors start at B = 0: a model with fresh LoRA computes exactly what the model without it does).
 """
 

@@ -112,10 +112,8 @@ def _release_freed_memory() -> None:
     """
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def owned_copy(a: np.ndarray) -> np.ndarray:
@@ -127,9 +125,12 @@ def owned_copy(a: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write a directory atomically: yields a hidden temporary sibling of `out_dir`; on success it is renamed to
-    `out_dir` (an existing `out_dir` is replaced only with `overwrite`, and only once the new one is complete: it is
-    renamed aside, the new one renamed in, then the old one removed); on any error the temporary is removed."""
+    """Write a directory atomically: yields a hidden temporary sibling of `out_dir`; on success it is renamed
+    to
+    `out_dir` (an existing `out_dir` is replaced only with `overwrite`, and only once the new one is complete:
+    it is
+    renamed aside, the new one renamed in, then the old one removed); on any error the temporary is
+    removed."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")

@@ -376,7 +376,8 @@ class ReadConfig:
     @classmethod
     def shapes(cls, dtype: str = "float32", **kw) -> ReadConfig:
         """The generated shapes set's model (`configs/tiny_shapes.py`): a 128-wide LLaMA, CLIP on a 112-pixel
-        crop (8 x 8 = 64 image tokens, SasP on the same 8 x 8 grid), SAM on a 128 frame with 8-pixel patches."""
+        crop (8 x 8 = 64 image tokens, SasP on the same 8 x 8 grid), SAM on a 128 frame with 8-pixel
+        patches."""
         t = cls.tiny(dtype)
         return cls._resized(
             t,
@@ -416,7 +417,8 @@ class ReadConfig:
 
     @classmethod
     def smoke(cls, dtype: str = "float32", **kw) -> ReadConfig:
-        """Every size at its minimum (seconds-sized pipeline tests): a 2 x 2 CLIP grid on 28 pixels, a 4 x 4 SAM
+        """Every size at its minimum (seconds-sized pipeline tests): a 2 x 2 CLIP grid on 28 pixels, a 4 x 4
+        SAM
         embedding of a 64 frame, a 32-wide one-layer LLaMA."""
         t = cls.tiny(dtype)
         return cls._resized(

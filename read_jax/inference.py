@@ -215,7 +215,8 @@ def batch_questions(questions: Sequence[str]) -> list[str]:
 
 def save_for_inference(model: ReadModel, directory: str, tokenizer_dir: str) -> None:
     """Write `model` as a converted-checkpoint directory (config.json, tokenizer/, params/) that
-    `load_for_inference`, `python -m read_jax.cli.chat` and `evaluate.py` read. Atomic (written beside, renamed)."""
+    `load_for_inference`, `python -m read_jax.cli.chat` and `evaluate.py` read. Atomic (written beside,
+    renamed)."""
     import json
     import shutil
 

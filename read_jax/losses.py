@@ -133,11 +133,13 @@ def similarity_loss(sim_logits: jax.Array, coverage: jax.Array, mask_valid: jax.
 
     Not part of READ's recipe (weight 0 there). READ starts from a pretrained LLaVA whose [SEG] similarity map
     already peaks on the object; a model trained from scratch has no such signal: the point selection is not
-    differentiable and DtoC only moves points within a cell's neighbourhood. This term teaches the map where the
+    differentiable and DtoC only moves points within a cell's neighbourhood. This term teaches the map where
+    the
     target is. Masks whose target lies outside the CLIP view (zero coverage) are skipped.
 
     Args:
-      sim_logits: float[M, P] scaled [SEG] . image-token similarities; coverage: float[M, P] (`cell_coverage`).
+      sim_logits: float[M, P] scaled [SEG] . image-token similarities; coverage: float[M, P]
+        (`cell_coverage`).
       mask_valid: bool[M].
     """
     total = coverage.sum(axis=-1, keepdims=True)

@@ -5,12 +5,14 @@ PyTorch reference: rui-qian/READ@2549240 `model/READ.py` (`model_forward` 435-59
 
 The model's contract is typed: `ReadModel.__call__` returns a `ReadOutput` (text logits in the form asked for,
 final hidden states, the [SEG] states, and the per-[SEG] `MaskOutput`), and `ReadModel.masks_from_states` is
-the one mask path (SasP points -> SAM prompt encoder -> mask decoder -> masks at a requested size) that training,
+the one mask path (SasP points -> SAM prompt encoder -> mask decoder -> masks at a requested size) that
+training,
 evaluation, inference and the points-only analysis all call. Losses live in `read_jax.losses`.
 
 Shape letters:
   B images, R conversation rows (each row uses image `conv_image[r]`), L input text length,
-  E = L + P - 1 merged length, P image tokens (576 at full size), C LLM width, S = `max_segs` [SEG] slots per row,
+  E = L + P - 1 merged length, P image tokens (576 at full size), C LLM width, S = `max_segs` [SEG] slots per
+  row,
   N = R * S prompts, Np SasP points, D SAM prompt width, l low-res mask side, V vocabulary,
   K supervised text positions kept (`max_supervised`), Hc Wc a static mask canvas (each mask valid in its
   output extent, by default its image's original (H, W)).

@@ -162,8 +162,8 @@ def shard_batch(batch: dict, mesh: Mesh, batch_axis: int = 0) -> dict:
         shape = np.shape(x)
         if len(shape) > batch_axis and (shape[batch_axis] * jax.process_count()) % n:
             raise ValueError(
-                f"batch entry {jax.tree_util.keystr(k)} has {shape[batch_axis]} rows on axis {batch_axis}, not "
-                f"divisible over the {n} data-parallel devices"
+                f"batch entry {jax.tree_util.keystr(k)} has {shape[batch_axis]} rows on axis {batch_axis}, "
+                f"not divisible over the {n} data-parallel devices"
             )
 
     def put(x):

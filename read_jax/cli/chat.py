@@ -1,10 +1,12 @@
 """Ask READ about an image: prints the answer and writes the mask overlay (with the SasP points) as a PNG.
 
-    python -m read_jax.cli.chat --checkpoint CONVERTED_DIR --image photo.jpg "Which object keeps the food cold?"
+    python -m read_jax.cli.chat --checkpoint CONVERTED_DIR --image photo.jpg "Which object keeps the food
+    cold?"
 
 `--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
 `read_jax.inference.save_for_inference` (same layout). READ's demo uses the vicuna_v1 system prompt
-(read_reference.md §2.3); `--template llava_v1` uses the training one. Saying "segment" explicitly helps the model
+(read_reference.md §2.3); `--template llava_v1` uses the training one. Saying "segment" explicitly helps the
+model
 emit a [SEG].
 """
 

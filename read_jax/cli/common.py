@@ -1,4 +1,5 @@
-"""What every read_jax command shares: run-config files with `--config.<section>.<key>=value` overrides, logging,
+"""What every read_jax command shares: run-config files with `--config.<section>.<key>=value` overrides,
+logging,
 and one-line errors (a traceback only with `--debug`)."""
 
 from __future__ import annotations

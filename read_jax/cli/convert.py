@@ -64,8 +64,11 @@ def parse_args(argv=None):
         "--no-compress", action="store_true", help="no zstd in the orbax parts (faster, ~20%% larger)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the --resize-vocab rows")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse config.json attributes read_jax does not use (default: record them in conversion.json)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse config.json attributes read_jax does not use (default: record them in conversion.json)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)

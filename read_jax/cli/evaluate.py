@@ -13,14 +13,16 @@
 architecture). --config supplies the data, mesh and eval settings; any field can be overridden with
 `--config.<section>.<field>=value`.
 
-Splits: reasonseg_{val,test} (teacher-forced, LISA's fixed templates; test adds short/long), refcoco_{val,testA,
+Splits: reasonseg_{val,test} (teacher-forced, LISA's fixed templates; test adds short/long),
+  refcoco_{val,testA,
 testB}, refcoco+_{val,testA,testB}, refcocog_{val,test} (teacher-forced), fprefcoco_val, fprefcoco+_val,
 fprefcocog_val (free greedy generation: See / Segment).
 
 Modes (on top of the protocol):
   --threshold-search  Appendix A.1: per query the best threshold (0.01 grid) of the [SEG] similarity map, and
                       the gIoU/cIoU of the similarity map as a mask.
-  --analysis DIR      Appendix B: one PNG per query in DIR (image, similarity heat map, SasP points, prediction,
+  --analysis DIR      Appendix B: one PNG per query in DIR (image, similarity heat map, SasP points,
+  prediction,
                       GT, points-only mask) and the "points as prompt" gIoU/cIoU (Fig. 6).
   --sweep             Appendix C / Table 8: t_pos/t_neg in {.8/.2, .7/.3, .6/.4} x |P| in {10, 30, 60}; prints
                       the table and writes sweep.json (instead of the single protocol run).

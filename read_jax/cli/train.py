@@ -6,8 +6,10 @@
     python train.py --config configs/read_13b_reasonseg.py:stage2 --workdir runs/read13b_stage2 \\
         --config.init.trainables_from=runs/read13b_stage1
 
-Any config field can be overridden with `--config.<section>.<field>=value`; an unknown field is an error naming
-it. Rerunning the same command on the same `--workdir` resumes from its latest checkpoint. On a TPU pod run the
+Any config field can be overridden with `--config.<section>.<field>=value`; an unknown field is an error
+naming
+it. Rerunning the same command on the same `--workdir` resumes from its latest checkpoint. On a TPU pod run
+the
 same command on every host with `--config.mesh.distributed=true`. Exit status: 0 done, 2 bad input, 3 a
 non-finite training step (the run stopped before checkpointing it).
 """

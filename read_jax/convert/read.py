@@ -206,7 +206,8 @@ def target_leaves(model_fn: Callable[[], Any]) -> dict[str, Any]:
 
 def default_model_fn(cfg: rc.ReadConfig) -> Callable[[], Any]:
     """The model a converted checkpoint stores: READ without LoRA (a released PEFT checkpoint's LoRA is merged
-    into the base weights; `read_jax.build.load_model` attaches fresh LoRA factors where the config has them)."""
+    into the base weights; `read_jax.build.load_model` attaches fresh LoRA factors where the config has
+    them)."""
     from read_jax.build import model_fn
 
     return model_fn(cfg.replace(lora=None))

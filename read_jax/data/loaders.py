@@ -75,7 +75,8 @@ def data_config(data_cfg, cfg: ReadConfig, **overrides) -> Pl.DataConfig:
 
 
 def parse_rates(rates: str) -> str | dict[str, float]:
-    """'read_7b' (a `mixture.RATE_PRESETS` name) or 'reason_seg:1,sem_seg:10' -> preset name or {source: rate}."""
+    """'read_7b' (a `mixture.RATE_PRESETS` name) or 'reason_seg:1,sem_seg:10' -> preset name or {source:
+    rate}."""
     if ":" not in rates:
         return rates
     out = {}
@@ -95,7 +96,8 @@ def reason_seg_dir(data_cfg) -> str:
 
 
 def ensure_shapes_data(data_cfg) -> None:
-    """`data.make_shapes`: make `data.root` hold the generated shapes set with `data.num_shapes` images per split.
+    """`data.make_shapes`: make `data.root` hold the generated shapes set with `data.num_shapes` images per
+    split.
 
     A split with fewer images than asked for is (re)written with `make_shapes.write_split`, a pure function of
     (seed, split, index): images already there are rewritten identically, so a set made by
@@ -143,7 +145,8 @@ def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iter
 
 
 def eval_reader(data_cfg, dataset: str, split: str, *, answers: bool = True) -> R.Reader:
-    """The eval-mode reader of `dataset` ('reasonseg', or a refer set such as 'refcoco' / 'fprefcoco') and split.
+    """The eval-mode reader of `dataset` ('reasonseg', or a refer set such as 'refcoco' / 'fprefcoco') and
+    split.
 
     `answers=False` gives prompt-only rows (the generation protocols).
     """

@@ -106,7 +106,8 @@ def build_reference_sources(
     sem_seg = ade20k, cocostuff, pascal_part, paco_lvis, mapillary; refer_seg = refclef, refcoco, refcoco+,
     refcocog; neg_refer_seg = R-refcoco(+/g); correct_refer_seg = fprefcoco(+/g); vqa = llava_instruct_150k;
     reason_seg = ReasonSeg|train (or `reason_seg_dir`, e.g. the generated shapes set).
-    `reason_seg_false_premise`: the share of ReasonSeg samples drawn as false-premise corrections (None: SESAME's
+    `reason_seg_false_premise`: the share of ReasonSeg samples drawn as false-premise corrections (None:
+    SESAME's
     0.15, `readers.REASON_SEG_MODE_WEIGHTS`).
     """
     if reason_seg_false_premise is not None and not 0.0 <= reason_seg_false_premise <= 1.0:

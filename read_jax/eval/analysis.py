@@ -4,7 +4,8 @@ full-resolution similarity map, Appendix B's points-only prompting setting, and 
 Supplementary material: A.1 (threshold grid search), B (similarity maps and "points as prompt"), C (Table 8).
 The full-resolution map itself is the reference's `origin_sm`, `read_jax.sasp.similarity_map_full`.
 
-Shape letters: N rows, Hc Wc the GT canvas, K = 101 thresholds of the Appendix A.1 grid (0.00, 0.01, ..., 1.00).
+Shape letters: N rows, Hc Wc the GT canvas, K = 101 thresholds of the Appendix A.1 grid (0.00, 0.01, ...,
+  1.00).
 """
 
 from __future__ import annotations

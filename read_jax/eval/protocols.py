@@ -1,23 +1,28 @@
-"""The paper's evaluation protocols over batches of the eval pipeline: ReasonSeg/RefCOCO teacher-forced gIoU and
+"""The paper's evaluation protocols over batches of the eval pipeline: ReasonSeg/RefCOCO teacher-forced gIoU
+and
 cIoU (with the appendix analyses), the Table 8 sweep, and FP-RefCOCO "See"/"Segment" through free generation.
 
 PyTorch reference: rui-qian/READ@2549240 `train_read.py:455-506` (`validate`: teacher-forced ReasonSeg and
 RefCOCO), `utils.py:80-92` (`intersectionAndUnionGPU`), `test_read.py` + `model/READ.py:900-1012` (FP-RefCOCO
 through free generation); read_reference.md §4, §8, §11, §13 items 10-12.
 
-Metrics (read_reference.md §8.1): prediction = the first [SEG]'s mask logits > 0 (all zero for a row that has no
-[SEG]); per query I and U count foreground pixels inside the row's image, GT 255 ignored. I and U leave the device
+Metrics (read_reference.md §8.1): prediction = the first [SEG]'s mask logits > 0 (all zero for a row that has
+no
+[SEG]); per query I and U count foreground pixels inside the row's image, GT 255 ignored. I and U leave the
+device
 as int32 per row, and padding rows are dropped on the host before anything is summed (`records.row_valid`).
 
 Deliberate choices (documented where they differ from the reference):
   * Every row is scored at its GT canvas resolution `mask_hw`, which equals the original size unless the
     data pipeline downscaled a GT larger than `DataConfig.max_mask_side` (then the mask is decoded straight
     to that size: set `max_mask_side` >= the largest image for the exact protocol).
-  * Appendix A.1 thresholds the reference's full-resolution similarity map (`sasp.similarity_map_full`), values
+  * Appendix A.1 thresholds the reference's full-resolution similarity map (`sasp.similarity_map_full`),
+    values
     in [0, 1]: pixel predicted iff S >= t, t on the 0.01 grid; the best threshold of each query maximises that
     query's IoU; ties go to the smallest threshold.
   * Appendix B's "points as prompt" uses SasP's "topk" mode (the Q/2 highest cells positive, the Q/2 lowest
-    negative) as prompts WITHOUT the [SEG] embedding, through a SAM prompt encoder + mask decoder. The default SAM
+    negative) as prompts WITHOUT the [SEG] embedding, through a SAM prompt encoder + mask decoder. The default
+    SAM
     is READ's own (its prompt encoder is SAM's, frozen; its mask decoder is fine-tuned); pass `points_sam=` a
     plain `Sam` for the paper's "original SAM".
 """
@@ -302,7 +307,8 @@ def evaluate_fprefcoco(
     ev = evaluator or Evaluator(model, mesh)
 
     def default_generate(b):
-        # The budget cannot pass the position table: prompt + image tokens + answer <= max_position_embeddings.
+        # The budget cannot pass the position table: prompt + image tokens + answer <=
+        # max_position_embeddings.
         cfg = ev.config
         room = cfg.llama.max_position_embeddings - (np.shape(b["input_ids"])[1] + cfg.clip.num_patches - 1)
         if room < 1:

@@ -1,7 +1,8 @@
 """Per-query records of an evaluation, the summaries computed from them, and the files they are written to.
 
 A record is one query: its id, the question, integer intersection/union at the protocol's resolution, the SasP
-points, presence, and the analyses' figures. Summaries are pure functions of the records (the `samples.jsonl`),
+points, presence, and the analyses' figures. Summaries are pure functions of the records (the
+`samples.jsonl`),
 so figures can be recomputed from the file and do not depend on batch size, padding or device count
 (read_reference.md §8.1: gIoU = mean over queries of I / (U + 1e-5), +1 when U == 0; cIoU = sum I / sum U).
 """
@@ -52,7 +53,8 @@ def points_json(points: np.ndarray, labels: np.ndarray) -> list:
 
 
 def reason_seg_meta(reader) -> Callable[[int, int], dict]:
-    """meta_fn for a `ReasonSegReader`: is_sentence (short/long subsets of ReasonSeg test), text[0], and the query
+    """meta_fn for a `ReasonSegReader`: is_sentence (short/long subsets of ReasonSeg test), text[0], and the
+    query
     kind of the generated shapes set (`make_shapes.query_kind`) when the text is one of its phrasings (the
     summary then gives gIoU/cIoU per kind)."""
     from read_jax.data.make_shapes import query_kind

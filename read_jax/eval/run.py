@@ -1,8 +1,10 @@
 """What `evaluate.py` does, importable: one split of one checkpoint through its protocol, written to disk.
 
 Splits: reasonseg_{val,test} (teacher-forced; test adds short/long), refcoco_{val,testA,testB},
-refcoco+_{val,testA,testB}, refcocog_{val,test} (teacher-forced), fprefcoco_val, fprefcoco+_val, fprefcocog_val
-(free greedy generation: See / Segment). Outputs: OUT/summary.json and OUT/samples.jsonl (one record per query),
+refcoco+_{val,testA,testB}, refcocog_{val,test} (teacher-forced), fprefcoco_val, fprefcoco+_val,
+fprefcocog_val
+(free greedy generation: See / Segment). Outputs: OUT/summary.json and OUT/samples.jsonl (one record per
+query),
 OUT/sweep.{json,txt} for the Table 8 sweep, and the analysis PNGs.
 """
 
@@ -29,7 +31,8 @@ _SPLIT = re.compile(r"(reasonseg|refcocog|refcoco\+|refcoco|fprefcocog|fprefcoco
 
 
 def parse_split(split: str) -> tuple[str, str, str]:
-    """'reasonseg_test' -> ('reasonseg', 'reasonseg', 'test'); 'refcoco+_testA' -> ('refer', 'refcoco+', 'testA');
+    """'reasonseg_test' -> ('reasonseg', 'reasonseg', 'test'); 'refcoco+_testA' -> ('refer', 'refcoco+',
+    'testA');
     'fprefcoco_val' -> ('fp', 'fprefcoco', 'val')."""
     m = _SPLIT.fullmatch(split)
     if m is None:
@@ -93,8 +96,10 @@ def run(
     tokenizer_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate `checkpoint` (a converted checkpoint or a train.py workdir) on `split`; returns the summary (or
-    the sweep's results). `model`/`tokenizer_dir` skip loading `checkpoint` (tests, notebooks); `mesh` defaults
+    """Evaluate `checkpoint` (a converted checkpoint or a train.py workdir) on `split`; returns the summary
+    (or
+    the sweep's results). `model`/`tokenizer_dir` skip loading `checkpoint` (tests, notebooks); `mesh`
+    defaults
     to `config.mesh`."""
     kind, dataset, sub = parse_split(split)
     if kind == "fp" and (threshold_search or analysis_dir or sweep):

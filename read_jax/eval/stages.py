@@ -64,7 +64,8 @@ class DecodeOptions:
 
 @struct.dataclass
 class Encoded:
-    """`encode`'s result: seg_hidden [R, C] (the state predicting the row's first [SEG]), seg_valid bool[R] (the
+    """`encode`'s result: seg_hidden [R, C] (the state predicting the row's first [SEG]), seg_valid bool[R]
+    (the
     row has a [SEG] and holds a conversation), image_hidden [R, P, C], image_emb [B, h, w, D]."""
 
     seg_hidden: Array
@@ -74,7 +75,7 @@ class Encoded:
 
 
 def encode(model, batch: Mapping[str, Array]) -> Encoded:
-    """Stage 1: the LLM forward (no text logits, no SAM decoding), first-[SEG] states, SAM image embeddings."""
+    """Stage 1: the LLM forward (no text logits, no SAM), first-[SEG] states, SAM image embeddings."""
     out = model(batch, logits="none", compute_masks=False)
     seg = model.seg_states(out.hidden, batch["input_ids"], out.image_token_start)
     return Encoded(
@@ -124,7 +125,8 @@ def decode(
     pred = (masks.mask_logits > 0) & enc.seg_valid[:, None, None] & pv
     gt = batch["masks"]
     inter, union = intersection_union(pred, gt, pv)
-    # The all-foreground baseline (every pixel of the image predicted): what a model that ignores the query gets.
+    # The all-foreground baseline (every pixel of the image predicted): what a model that ignores the query
+    # gets.
     fg_inter, fg_union = intersection_union(pv, gt, pv)
     out = {
         "inter": inter,

@@ -1,4 +1,5 @@
-"""READ training: the run config (`config`), the sharded model state and optimizer (`state`), the pure train step
+"""READ training: the run config (`config`), the sharded model state and optimizer (`state`), the pure train
+step
 (`step`), run checkpoints (`checkpoints`) and the sectioned loop (`loop.train_and_evaluate`).
 
 A training step, from the CLI down: `read_jax.cli.train.main` -> `loop.train_and_evaluate` ->

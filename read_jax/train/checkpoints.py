@@ -34,9 +34,11 @@ def _pure(state) -> dict:
 
 
 class RunCheckpoints:
-    """`workdir/checkpoints` (latest, keep-N, for resume) and `workdir/best` (best-by-metric, kept separately).
+    """`workdir/checkpoints` (latest, keep-N, for resume) and `workdir/best` (best-by-metric, kept
+    separately).
 
-    Each checkpoint holds `trainable` (pure dict of arrays), `opt_state`, `data` (the grain iterator state of every
+    Each checkpoint holds `trainable` (pure dict of arrays), `opt_state`, `data` (the grain iterator state of
+    every
     host) and `meta` (json: step, the frozen base's reference, metrics).
     """
 
@@ -125,13 +127,15 @@ class RunCheckpoints:
 
 
 def base_reference(config, cfg: ReadConfig) -> dict:
-    """How to rebuild the frozen base: the converted checkpoint path and its manifest hash, or the scratch seed."""
+    """How to rebuild the frozen base: the converted checkpoint path and its manifest hash, or the scratch
+    seed."""
     path = config.init.get("checkpoint") or ""
     if path:
         manifest = ck.params_dir(path) / ck.MANIFEST
         digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
         return {"kind": "converted", "path": str(Path(path).absolute()), "manifest_sha256": digest}
-    # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or where
+    # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or
+    # where
     # gradients stop.
     arch = {
         k: v
@@ -150,13 +154,14 @@ def check_base(workdir, meta: dict, base: dict) -> None:
     """A run's checkpoints belong to the frozen base they were trained on."""
     if meta.get("base") is not None and meta["base"] != base:
         raise ConfigError(
-            f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: use the "
-            f"run's own config (init.checkpoint / init.seed / model), or another workdir"
+            f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: "
+            f"use the run's own config (init.checkpoint / init.seed / model), or another workdir"
         )
 
 
 def load_into(state_abstract, pure: dict, shardings):
-    """A pure dict restored by orbax -> nnx.State with the structure of `state_abstract`, placed on `shardings`."""
+    """A pure dict restored by orbax -> nnx.State with the structure of `state_abstract`, placed on
+    `shardings`."""
     st = jax.tree.map(lambda x: x, state_abstract)
     nnx.replace_by_pure_dict(st, pure)
     return jax.tree.map(jax.device_put, st, shardings)
@@ -168,7 +173,8 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
     Args:
       config: the run's config (ConfigDict).
       workdir: `train.py --workdir`.
-      which: 'best' (best-by-metric, falling back to the latest), 'latest', or 'init' (no checkpoint is read: the
+      which: 'best' (best-by-metric, falling back to the latest), 'latest', or 'init' (no checkpoint is read:
+        the
         config's frozen base with freshly initialised trainables, the untrained baseline).
     Returns:
       (nnx model, meta dict of the restored checkpoint).

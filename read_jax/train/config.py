@@ -2,8 +2,10 @@
 
 A run config is an ml_collections `ConfigDict` with sections `model` (-> `read_config`), `init` (scratch seed,
 converted base `checkpoint`, or another run's `trainables_from`), `data` (`read_jax.data.loaders`), `train`
-(optimizer, schedule, losses, accumulation), `mesh`, `checkpoint`, `eval`, and `progress`. Model sizes are named
-by `model.preset` (a `ReadConfig` factory), never repeated in a config file; a key that the defaults do not have is
+(optimizer, schedule, losses, accumulation), `mesh`, `checkpoint`, `eval`, and `progress`. Model sizes are
+named
+by `model.preset` (a `ReadConfig` factory), never repeated in a config file; a key that the defaults do not
+have is
 an error naming it (`validate`).
 """
 
@@ -69,7 +71,8 @@ def default_config() -> ConfigDict:
             "seed": 0,
             "num_workers": 0,
             "template": "llava_v1",
-            # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train, val, test).
+            # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train,
+            # val, test).
             "make_shapes": False,
             "num_shapes": (200, 40, 40),
             # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
@@ -102,7 +105,8 @@ def default_config() -> ConfigDict:
             "log_every": 10,
             "trainable_dtype": "float32",
             "fast_compile": False,  # compile for compile speed (tests, smoke runs)
-            "mask_side": 0,  # > 0: a coarser GT canvas for training only (validation keeps data.max_mask_side)
+            # > 0: a coarser GT canvas for training only (validation keeps data.max_mask_side)
+            "mask_side": 0,
         }
     )
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "strategy": ((r".*", "fsdp"),), "distributed": False})
@@ -141,7 +145,8 @@ def read_config(model_cfg) -> ReadConfig:
     """A ReadConfig from the `config.model` section.
 
     Fields: `preset` (a `PRESETS` name), `dtype` / `param_dtype` (every component), optional component
-    overrides `llama`, `clip`, `sam`, `sasp` (dicts of dataclass fields), `lora` (a dict of LoraConfig fields, or
+    overrides `llama`, `clip`, `sam`, `sasp` (dicts of dataclass fields), `lora` (a dict of LoraConfig fields,
+    or
     None for no LoRA), `remat` (LLaMA decoder layers), and any other `ReadConfig` field (`max_segs`,
     `trainable_regexes`, `freeze_vision_towers`, ...). An unknown field raises ConfigError.
     """

@@ -49,14 +49,14 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A training step produced a non-finite loss, gradient, update or parameter (its update was not applied)."""
+    """A training step produced a non-finite loss, gradient, update or parameter (not applied)."""
 
     def __init__(self, step: int, metrics: Mapping[str, float], batch_ids: Mapping[str, Any]):
         self.step, self.metrics, self.batch_ids = step, dict(metrics), dict(batch_ids)
         figures = ", ".join(f"{k}={metrics.get(k)}" for k in ("loss", "l2_grads", "l2_updates", "l2_params"))
         super().__init__(
-            f"non-finite training step {step}: {figures}; batch {self.batch_ids}. The update was not applied, and "
-            f"nothing after step {step} was checkpointed."
+            f"non-finite training step {step}: {figures}; batch {self.batch_ids}. The update was not "
+            f"applied, and nothing after step {step} was checkpointed."
         )
 
 
@@ -142,10 +142,11 @@ def _matches(dev: Mapping[str, np.ndarray], spec: Mapping[str, jax.ShapeDtypeStr
     return {k: (v.shape, v.dtype) for k, v in dev.items()} == want
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:  # noqa: PLR0915 - the sectioned loop
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     """Train READ as `config` says, checkpointing and validating in `workdir`; resumes automatically.
 
-    Resume order (house style §14): an existing run in `workdir` -> `init.trainables_from` (another run's saved
+    Resume order (house style §14): an existing run in `workdir` -> `init.trainables_from` (another run's
+    saved
     trainables, e.g. a previous stage) -> `init.checkpoint` (a converted base) -> scratch.
 
     Returns a summary dict (final step, last metrics, best validation figures, timings).
@@ -192,7 +193,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:  # noqa: PLR
     schedule = schedule_of(tc, total_steps)
     opt_sh, opt_abs = opt_state_shardings(tx, setup.trainable_abstract, setup.trainable_shardings, mesh)
 
-    # ---- restore: this run -> init.trainables_from -> init.checkpoint / scratch ------------------------------
+    # ---- restore: this run -> init.trainables_from -> init.checkpoint / scratch
+    # ------------------------------
     # The data state is restored with the run, before the first batch is drawn.
     ckpts = RunCheckpoints(
         workdir,

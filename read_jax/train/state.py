@@ -1,9 +1,11 @@
 """What a training run holds: the abstract model split into trainable and frozen states, their shardings, the
 sharded init (from scratch or from a converted base), and the optimizer with its schedule.
 
-The recipe (read_reference.md §6.2): AdamW (beta 0.9/0.95, weight decay 0, eps 1e-8), linear warmup 0 -> lr over
+The recipe (read_reference.md §6.2): AdamW (beta 0.9/0.95, weight decay 0, eps 1e-8), linear warmup 0 -> lr
+over
 100 optimizer steps then linear decay to 0 at the last step, global-norm clipping 1.0; only the trainables
-(`ReadConfig.trainable_regexes`: LoRA, embed_tokens, lm_head, mask decoder, text_hidden_fcs) see the optimizer.
+(`ReadConfig.trainable_regexes`: LoRA, embed_tokens, lm_head, mask decoder, text_hidden_fcs) see the
+optimizer.
 Trainables and optimizer state are fp32 while the model computes in its config dtype; the frozen base stays in
 its parameter dtype and is never donated or re-saved.
 """
@@ -74,8 +76,9 @@ def check_trainable_regexes(abstract_model, cfg: ReadConfig) -> dict[str, int]:
         ]
         if towers:
             raise ConfigError(
-                f"{len(towers)} parameters of frozen vision towers (e.g. {towers[0]}) are marked trainable; they "
-                "would get no gradient. Set model.freeze_vision_towers=False to train them, or drop them from "
+                f"{len(towers)} parameters of frozen vision towers (e.g. {towers[0]}) are marked trainable; "
+                "they would get no gradient. Set model.freeze_vision_towers=False to train them, or drop "
+                "them from "
                 "trainable_regexes"
             )
     return counts
@@ -96,7 +99,8 @@ def setup_model(
       cfg: the architecture; `cfg.trainable_regexes` says what trains.
       mesh: a ('data', 'fsdp') mesh.
       strategy: `read_jax.sharding` (regex, rule) pairs over '/'-joined parameter paths.
-      trainable_dtype: storage dtype of the trainables (and so of the optimizer state); None keeps the config's.
+      trainable_dtype: storage dtype of the trainables (and so of the optimizer state); None keeps the
+        config's.
     """
     model_fn = build.model_fn(cfg, seed)
     abstract = nnx.eval_shape(model_fn)
@@ -118,7 +122,8 @@ def setup_model(
 
 
 def fast_compile_options() -> dict:
-    """XLA options that trade run time for compile time, for code that runs once (init) or a few times (tests).
+    """XLA options that trade run time for compile time, for code that runs once (init) or a few times
+    (tests).
 
     On CPU the from-scratch init is hundreds of small random-number kernels: at the default optimisation level
     compiling them takes ~3x longer than at level 0, and they run once.
@@ -131,8 +136,10 @@ def fast_compile_options() -> dict:
 def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=shd.DEFAULT_STRATEGY):
     """(trainable, frozen) states, sharded, from scratch or from a converted checkpoint.
 
-    From scratch the whole model is initialised under one jit whose outputs are already sharded (the 7B model is
-    never materialised on one device). From `base_checkpoint` (a `convert_weights.py` output) every leaf is read
+    From scratch the whole model is initialised under one jit whose outputs are already sharded (the 7B model
+    is
+    never materialised on one device). From `base_checkpoint` (a `convert_weights.py` output) every leaf is
+    read
     straight into its sharding by `read_jax.build.load_model`; LoRA factors keep their init (B = 0).
     """
     filt = trainable_filter(setup.cfg.trainable_regexes)
@@ -158,7 +165,7 @@ def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=
 
 # ---- optimizer -------------------------------------------------------------------------------------------
 def make_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """DeepSpeed `WarmupDecayLR` (linear): 0 -> lr over `warmup_steps`, then linearly to 0 at `total_steps`."""
+    """DeepSpeed `WarmupDecayLR` (linear): 0 -> lr over `warmup_steps`, then linearly to 0 at the end."""
     warmup_steps = max(0, min(int(warmup_steps), int(total_steps)))
     decay = optax.linear_schedule(lr, 0.0, max(int(total_steps) - warmup_steps, 1))
     if warmup_steps == 0:
@@ -169,7 +176,8 @@ def make_schedule(lr: float, warmup_steps: int, total_steps: int) -> optax.Sched
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
     """clip_by_global_norm -> Adam moments -> decoupled weight decay, WITHOUT the learning rate.
 
-    This is `optax.adamw` after clipping, except that the final `-lr` scaling happens in the train step with the
+    This is `optax.adamw` after clipping, except that the final `-lr` scaling happens in the train step with
+    the
     step's scheduled value passed in as a traced scalar (`make_schedule`): one compiled step then serves every
     learning rate and schedule (a second stage, a resumed run with another lr, a test). It only ever sees the
     trainable state: that is the mask.
@@ -186,7 +194,8 @@ def schedule_of(train_cfg, total_steps: int) -> optax.Schedule:
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, trainable_abstract, trainable_shardings, mesh):
-    """(optimizer-state shardings, abstract optimizer state): moments like their parameter, counters replicated."""
+    """(optimizer-state shardings, abstract optimizer state): moments like their parameter, counters
+    replicated."""
     opt_abstract = jax.eval_shape(tx.init, trainable_abstract)
     rep = NamedSharding(mesh, P())
     shardings = optax.tree_utils.tree_map_params(

@@ -1,4 +1,5 @@
-"""The train step: READ's loss on k micro-batches, one optimizer update, pure and jitted with explicit shardings;
+"""The train step: READ's loss on k micro-batches, one optimizer update, pure and jitted with explicit
+shardings;
 its compilation and the per-device memory it needs (`memory_report` lowers the 7B/13B steps on a CPU).
 
 Shape letters: k micro-batches per optimizer step, B images per micro-batch (global), R conversation rows,
@@ -100,8 +101,10 @@ def train_step(
       lr: float32[] this step's learning rate (`make_schedule(...)(step)`).
     Returns:
       (trainable, opt_state, metrics): metrics is a flat dict of float32 scalars: loss/ce/bce/dice (means over
-      the micro-batches), num_tokens/num_masks/ce_dropped_tokens (sums), l2_grads (before clipping), l2_updates,
-      l2_params, and `finite` (1.0 if the update was applied). The guard checks the loss, the gradient norm, the
+      the micro-batches), num_tokens/num_masks/ce_dropped_tokens (sums), l2_grads (before clipping),
+      l2_updates,
+      l2_params, and `finite` (1.0 if the update was applied). The guard checks the loss, the gradient norm,
+      the
       update and the new parameters: when any is not finite, the trainables and the optimizer state are left
       unchanged, and the host loop stops before anything is checkpointed.
 
@@ -230,7 +233,8 @@ def memory_report(
 
     Args:
       cfg: the architecture (e.g. `config.read_config(run.model)`); config: the run config (train/data/mesh).
-      accum / length: micro-batches per step and text length (default: `train.grad_accum`, the largest bucket).
+      accum / length: micro-batches per step and text length (default: `train.grad_accum`, the largest
+        bucket).
       images_per_device: images per device per micro-batch (the global batch is this x data-parallel devices).
     """
     strategy = loaders.plain(config.mesh.strategy)
