@@ -375,104 +375,53 @@ class ReadConfig:
 
     @classmethod
     def shapes(cls, dtype: str = "float32", **kw) -> ReadConfig:
-        """The generated shapes set's model (`configs/tiny_shapes.py`): a 128-wide LLaMA, CLIP on a 112-pixel
-        crop (8 x 8 = 64 image tokens, SasP on the same 8 x 8 grid), SAM on a 128 frame with 8-pixel
-        patches."""
-        t = cls.tiny(dtype)
-        return cls._resized(
-            t,
-            llama=dict(
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                max_position_embeddings=512,
-            ),
-            clip=dict(
-                image_size=112,
-                patch_size=14,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-            ),
-            sam=dict(
-                image_size=128,
-                patch_size=8,
-                encoder_embed_dim=32,
-                encoder_depth=2,
-                encoder_num_heads=2,
-                window_size=8,
-                global_attn_indexes=(1,),
-                prompt_embed_dim=32,
-                transformer_mlp_dim=64,
-                transformer_num_heads=2,
-                iou_head_hidden_dim=32,
-                mask_in_chans=4,
-            ),
-            sasp=dict(grid_size=8, num_points=10, similarity_dtype="float32"),
-            **kw,
-        )
+        """The generated shapes set's model (`configs/tiny_shapes.py`): `SMALL_PRESETS["shapes"]`."""
+        return cls._small("shapes", dtype, **kw)
 
     @classmethod
     def smoke(cls, dtype: str = "float32", **kw) -> ReadConfig:
-        """Every size at its minimum (seconds-sized pipeline tests): a 2 x 2 CLIP grid on 28 pixels, a 4 x 4
-        SAM
-        embedding of a 64 frame, a 32-wide one-layer LLaMA."""
-        t = cls.tiny(dtype)
-        return cls._resized(
-            t,
-            llama=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=256,
-            ),
-            clip=dict(
-                image_size=28,
-                patch_size=14,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-            ),
-            sam=dict(
-                image_size=64,
-                patch_size=16,
-                encoder_embed_dim=16,
-                encoder_depth=2,
-                encoder_num_heads=2,
-                window_size=2,
-                global_attn_indexes=(1,),
-                prompt_embed_dim=16,
-                transformer_depth=1,
-                transformer_mlp_dim=32,
-                transformer_num_heads=2,
-                iou_head_depth=2,
-                iou_head_hidden_dim=16,
-                mask_in_chans=4,
-            ),
-            sasp=dict(grid_size=2, num_points=4, similarity_dtype="float32"),
-            **kw,
-        )
+        """Every size at its minimum (seconds-sized pipeline tests): `SMALL_PRESETS["smoke"]`."""
+        return cls._small("smoke", dtype, **kw)
 
-    @staticmethod
-    def _resized(base: ReadConfig, *, llama: dict, clip: dict, sam: dict, sasp: dict, **kw) -> ReadConfig:
-        """`base` with component fields replaced; text_hidden_fcs' width follows SAM's prompt width."""
-        sam_cfg = dataclasses.replace(base.sam, **sam)
-        return base.replace(
-            **{
-                "llama": dataclasses.replace(base.llama, **llama),
-                "clip": dataclasses.replace(base.clip, **clip),
-                "sam": sam_cfg,
-                "sasp": dataclasses.replace(base.sasp, **sasp),
-                "out_dim": sam_cfg.prompt_embed_dim,
-                **kw,
-            }
-        )
+    @classmethod
+    def _small(cls, name: str, dtype: str, **kw) -> ReadConfig:
+        """`tiny()` with the component fields of `SMALL_PRESETS[name]`; text_hidden_fcs follows SAM."""
+        base = cls.tiny(dtype)
+        parts = {c: dataclasses.replace(getattr(base, c), **f) for c, f in SMALL_PRESETS[name].items()}
+        return base.replace(**{**parts, "out_dim": parts["sam"].prompt_embed_dim, **kw})
+
+
+# The small presets, as field overrides of `ReadConfig.tiny()`'s components.
+# fmt: off
+SMALL_PRESETS = {
+    # The generated shapes set's model: a 128-wide LLaMA, CLIP on a 112-pixel crop (8 x 8 = 64 image tokens,
+    # SasP on the same 8 x 8 grid), SAM on a 128 frame with 8-pixel patches (16 x 16 embedding).
+    "shapes": {
+        "llama": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
+        "clip": {"image_size": 112, "patch_size": 14, "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 2},
+        "sam": {"image_size": 128, "patch_size": 8, "encoder_embed_dim": 32, "encoder_depth": 2,
+                "encoder_num_heads": 2, "window_size": 8, "global_attn_indexes": (1,), "prompt_embed_dim": 32,
+                "transformer_mlp_dim": 64, "transformer_num_heads": 2, "iou_head_hidden_dim": 32,
+                "mask_in_chans": 4},
+        "sasp": {"grid_size": 8, "num_points": 10, "similarity_dtype": "float32"},
+    },
+    # Every size at its minimum: a 2 x 2 CLIP grid on 28 pixels, a 4 x 4 SAM embedding of a 64 frame, a
+    # 32-wide one-layer LLaMA.
+    "smoke": {
+        "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256},
+        "clip": {"image_size": 28, "patch_size": 14, "hidden_size": 16, "intermediate_size": 32,
+                 "num_hidden_layers": 2, "num_attention_heads": 2},
+        "sam": {"image_size": 64, "patch_size": 16, "encoder_embed_dim": 16, "encoder_depth": 2,
+                "encoder_num_heads": 2, "window_size": 2, "global_attn_indexes": (1,), "prompt_embed_dim": 16,
+                "transformer_depth": 1, "transformer_mlp_dim": 32, "transformer_num_heads": 2,
+                "iou_head_depth": 2, "iou_head_hidden_dim": 16, "mask_in_chans": 4},
+        "sasp": {"grid_size": 2, "num_points": 4, "similarity_dtype": "float32"},
+    },
+}
+# fmt: on
 
 
 # ---- HF config bridge ---------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -774,9 +773,7 @@ def convert_read_checkpoint(
         shared_out.clear()
 
     # ---- stream: shard by shard, tensor by tensor, into orbax parts in a temporary directory ----
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with ck.atomic_directory(out_dir, overwrite=overwrite) as tmp:
         writer = ck.PartWriter(tmp / ck.PARAMS_DIR, part_bytes or ck.DEFAULT_PART_BYTES, compress=compress)
         rng = np.random.default_rng(seed)
         merger = LoraMerger(float(lora_alpha), lora_modules) if merge else None
@@ -872,10 +869,6 @@ def convert_read_checkpoint(
             shutil.copyfile(f, tmp / ck.TOKENIZER_DIR / f.name)
         if added_tokens is not None:
             (tmp / ck.TOKENIZER_DIR / "added_tokens.json").write_text(json.dumps(added_tokens))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report = ConversionReport(
         out_dir,
         len(shared_out),
@@ -895,17 +888,6 @@ def convert_read_checkpoint(
         + (f"; left to their init: {uninit}" if uninit else "")
     )
     return report
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`, replacing an existing `out_dir` only once the new one is complete."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old)
 
 
 def _dedupe(problems: list[str]) -> list[str]:

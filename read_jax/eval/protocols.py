@@ -62,6 +62,16 @@ def _iterate(batches, total: int | None, desc: str, progress: bool):
     return tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True)
 
 
+def _summarise(records: list[dict], summary_fn: Callable, t0: float) -> tuple[dict, list[dict]]:
+    """Every host's records (on every host), their summary and the throughput since `t0`."""
+    records = gather_records(records)
+    wall = time.perf_counter() - t0
+    summary = summary_fn(records)
+    summary["wall_s"] = wall
+    summary["samples_per_s"] = len(records) / wall if wall > 0 else 0.0
+    return summary, records
+
+
 def evaluate_reasonseg(
     model,
     batches_or_loader: Iterable[Mapping[str, Any]],
@@ -142,12 +152,7 @@ def evaluate_reasonseg(
         if on_maps is not None:
             on_maps(batch, res, rows)
         records.extend(recs)
-    records = gather_records(records)
-    wall = time.perf_counter() - t0
-    summary = summary_from_records(records)
-    summary["wall_s"] = wall
-    summary["samples_per_s"] = len(records) / wall if wall > 0 else 0.0
-    return summary, records
+    return _summarise(records, summary_from_records, t0)
 
 
 def sweep_sasp(
@@ -347,9 +352,4 @@ def evaluate_fprefcoco(
                 else None
             )
         records.extend(recs)
-    records = gather_records(records)
-    wall = time.perf_counter() - t0
-    summary = fp_summary_from_records(records)
-    summary["wall_s"] = wall
-    summary["samples_per_s"] = len(records) / wall if wall > 0 else 0.0
-    return summary, records
+    return _summarise(records, fp_summary_from_records, t0)
