@@ -11,7 +11,8 @@ is timed separately and excluded.
   --preset 7b     READ-7B's shapes (LLaMA-7B, CLIP ViT-L/14-336, SAM ViT-H) in bf16: the GPU figure. Weights
                   are random normals generated on the device (nothing pretrained is needed to time it).
 
-Run: `.venv/bin/python benchmarks/eval.py [--preset tiny|7b] [--num 24] [--batch 8]`. Last line:
+Run: `.venv/bin/python benchmarks/eval.py [--preset tiny|7b] [--num 24] [--batch 8]` (with the package
+installed, `pip install -e .`, or `PYTHONPATH=.` from the repository root). Last line:
 `eval throughput: N.N samples/s`.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import tempfile
 import time
 
@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from read_jax import evaluation as E
 from read_jax.config import ReadConfig
@@ -132,8 +130,8 @@ def main():
     passes = ", ".join(f"{w:.2f}s" for w in walls)
     print(f"init {t_init:.1f}s, first batch incl. compile {t_compile:.1f}s, timed passes {passes}")
     print(
-        f"per query: {best / n * 1e3:.1f} ms; gIoU {100 * summary['gIoU']:.2f} cIoU {100 * summary['cIoU']:.2f} "
-        f"(random weights)"
+        f"per query: {best / n * 1e3:.1f} ms; gIoU {100 * summary['gIoU']:.2f} "
+        f"cIoU {100 * summary['cIoU']:.2f} (random weights)"
     )
     print(f"eval throughput: {n / best:.1f} samples/s")
 

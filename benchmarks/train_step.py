@@ -1,18 +1,20 @@
-"""Train-step throughput: read_jax's jitted step vs a torch READ doing the same forward/backward/AdamW, on CPU.
+"""Train-step throughput: read_jax's jitted step vs a torch READ doing the same forward/backward/AdamW (CPU).
 
-Workload (both sides, same weights through read_jax's converter tables, fp32): `ReadConfig.tiny()` (CLIP 336 / 576
-image tokens, a 64-wide 2-layer LLaMA, SAM on a 256 frame), B images x C conversation rows of L text tokens, one
-[SEG] and one GT mask per row on a 320x320 canvas, READ's trainables without LoRA (embed_tokens, lm_head, mask
-decoder, text_hidden_fcs), READ's loss (CE + 2 BCE + 0.5 Dice, full-vocabulary CE on both sides), global-norm
-clipping 1.0 and AdamW(0.9, 0.95, wd 0).
-  * torch: `tests/reference/read_torch.TorchRead` (transformers LLaMA/CLIP, Meta's SAM modules, the SasP + DtoC
+Workload (both sides, same weights through read_jax's converter tables, fp32): `ReadConfig.tiny()` (CLIP 336 /
+576 image tokens, a 64-wide 2-layer LLaMA, SAM on a 256 frame), B images x C conversation rows of L text
+tokens, one [SEG] and one GT mask per row on a 320x320 canvas, READ's trainables without LoRA (embed_tokens,
+lm_head, mask decoder, text_hidden_fcs), READ's loss (CE + 2 BCE + 0.5 Dice, full-vocabulary CE on both
+sides), global-norm clipping 1.0 and AdamW(0.9, 0.95, wd 0).
+  * torch: `torchref.read.TorchRead` (transformers LLaMA/CLIP, Meta's SAM modules, the SasP + DtoC
     transcription, one SAM decode per [SEG] in a Python loop as READ does), `torch.optim.AdamW`,
     `clip_grad_norm_`; the faster of 1 and 2 intra-op threads.
   * JAX: `read_jax.train_lib.train_step` jitted once (compile excluded) with donation, one device.
 Timings are medians of wall-clock step times after warm-up (`block_until_ready` / synchronous torch).
 
     .venv/bin/python benchmarks/train_step.py [--images 2 --rows 2 --length 64 --steps 8]
-    .venv/bin/python benchmarks/train_step.py --memory-7b   # the 7B step lowered on 8 fake devices: bytes/device
+    .venv/bin/python benchmarks/train_step.py --memory-7b   # 7B step lowered on 8 fake devices: bytes/device
+
+(with the package installed, `pip install -e ".[test]"`, or `PYTHONPATH=.` from the repository root).
 
 Last line: `train step JAX/torch: N.Nx` (torch step time / JAX step time).
 """
@@ -35,9 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-
 from read_jax import sharding as shd
 from read_jax import train_lib as T
 from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
@@ -53,7 +52,8 @@ TRAINABLE = (
 
 
 def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int = 0) -> dict:
-    """A pipeline-layout batch: every row `<s> ... <im_start> <image> <im_end> question answer [SEG] . </s>`."""
+    """A pipeline-layout batch; every row is
+    `<s> ... <im_start> <image> <im_end> question answer [SEG] . </s>`."""
     rng = np.random.default_rng(seed)
     r = images * rows
     ids = np.zeros((r, length), np.int32)
@@ -61,9 +61,9 @@ def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int =
     mask = np.zeros((r, length), bool)
     for i in range(r):
         q = rng.integers(100, 30000, size=length // 2).tolist()
-        a = rng.integers(100, 30000, size=4).tolist() + [cfg.seg_token_id, 29889, 2]
-        row = [1, 319, cfg.im_start_token_id, -200, cfg.im_end_token_id] + q + a
-        row = row[: length - 1] + [2] if len(row) > length else row
+        a = [*rng.integers(100, 30000, size=4).tolist(), cfg.seg_token_id, 29889, 2]
+        row = [1, 319, cfg.im_start_token_id, -200, cfg.im_end_token_id, *q, *a]
+        row = [*row[: length - 1], 2] if len(row) > length else row
         ids[i, : len(row)] = row
         mask[i, : len(row)] = True
         labels[i, len(row) - len(a) : len(row)] = row[len(row) - len(a) :]
@@ -100,7 +100,7 @@ def torch_model(cfg: ReadConfig):
     from read_jax.convert.common import Converter, abstract_leaves, load_leaves
     from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
     from read_jax.read_model import ReadModel
-    from tests.reference.read_torch import TorchRead
+    from torchref.read import TorchRead
 
     tm = TorchRead(cfg, seed=0).float()
     sd, clip_sd = tm.released_state_dict()
@@ -117,8 +117,8 @@ def torch_model(cfg: ReadConfig):
 def torch_step_fn(cfg: ReadConfig, tm, batch: dict, lr: float):
     import torch
 
-    from tests.reference import sasp_torch as st
-    from tests.reference.read_torch import to_torch_batch, torch_losses
+    from torchref import sasp as st
+    from torchref.read import to_torch_batch, torch_losses
 
     sc = cfg.sasp
 
@@ -241,8 +241,13 @@ def timed(step, n: int, warmup: int = 2) -> tuple[list[float], list[float]]:
 
 
 def memory_7b() -> None:
-    from configs import read_7b_reasonseg
+    import importlib.util
 
+    # configs/*.py are config files (not an installed package): loaded by path, as `train.py --config` does.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "read_7b_reasonseg.py")
+    spec = importlib.util.spec_from_file_location("read_7b_reasonseg", path)
+    read_7b_reasonseg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(read_7b_reasonseg)
     c = read_7b_reasonseg.get_config()
     cfg = T.read_config_from(c.model)
     t0 = time.perf_counter()
@@ -250,16 +255,19 @@ def memory_7b() -> None:
     gib = 1 << 30
     print(
         f"READ-7B train step (bf16, remat, LoRA r=8, FSDP over {rep['devices']} fake devices, accum "
-        f"{rep['accum']} x {rep['batch_images']} images x L={rep['text_length']}): lowered in {rep['lower_s']:.1f}s "
-        f"({time.perf_counter() - t0:.0f}s with eval_shape), nothing executed"
+        f"{rep['accum']} x {rep['batch_images']} images x L={rep['text_length']}): "
+        f"lowered in {rep['lower_s']:.1f}s ({time.perf_counter() - t0:.0f}s with eval_shape), "
+        "nothing executed"
     )
     print(
-        f"  parameters: {rep['frozen_params'] / 1e9:.2f}B frozen, {rep['trainable_params'] / 1e6:.1f}M trainable"
+        f"  parameters: {rep['frozen_params'] / 1e9:.2f}B frozen, "
+        f"{rep['trainable_params'] / 1e6:.1f}M trainable"
     )
     print(
         f"  per device: frozen {rep['frozen_bytes_per_device'] / gib:.3f} GiB, trainable (fp32) "
-        f"{rep['trainable_bytes_per_device'] / gib:.3f} GiB, AdamW state {rep['optimizer_bytes_per_device'] / gib:.3f}"
-        f" GiB; params + optimizer {rep['params_plus_optimizer_bytes_per_device'] / gib:.3f} GiB"
+        f"{rep['trainable_bytes_per_device'] / gib:.3f} GiB, "
+        f"AdamW state {rep['optimizer_bytes_per_device'] / gib:.3f} GiB; "
+        f"params + optimizer {rep['params_plus_optimizer_bytes_per_device'] / gib:.3f} GiB"
     )
 
 
@@ -287,7 +295,8 @@ def main() -> None:
     lr = 1e-4
     j_step, stats = jax_step_fn(cfg, model, batch, lr)
     j_times, j_losses = timed(j_step, args.steps)
-    # The same step with the text loss on the supervised positions only (`train.ce_max_tokens`), for reference.
+    # The same step with the text loss on the supervised positions only (`train.ce_max_tokens`), for
+    # reference.
     s_step, s_stats = jax_step_fn(cfg, model, batch, lr, ce_max_tokens=8 * args.images * args.rows)
     s_times, s_losses = timed(s_step, args.steps)
     best = None
@@ -302,8 +311,8 @@ def main() -> None:
     j_med = statistics.median(j_times)
     print(
         f"workload: ReadConfig.tiny(), {args.images} images x {args.rows} rows x {args.length} text tokens "
-        f"(+575 image tokens), canvas {CANVAS}, {sum(p.numel() for p in tm.parameters() if p.requires_grad):,} "
-        f"trainable parameters"
+        f"(+575 image tokens), canvas {CANVAS}, "
+        f"{sum(p.numel() for p in tm.parameters() if p.requires_grad):,} trainable parameters"
     )
     print(f"first-step loss: JAX {j_losses[0]:.6f}  torch {t_losses[0]:.6f} (same weights, same batch)")
     print(
@@ -320,7 +329,8 @@ def main() -> None:
 
 
 def TorchReadCopy(tm):
-    """A fresh copy of the torch model (each thread setting starts from the same weights and optimizer state)."""
+    """A fresh copy of the torch model (each thread setting starts from the same weights and optimizer
+    state)."""
     import copy
 
     return copy.deepcopy(tm)

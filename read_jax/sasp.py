@@ -2,7 +2,7 @@
 
 PyTorch reference: rui-qian/READ `model/READ.py` (commit 2549240): `compute_similarity_map` (:633-653),
 `similarity_map_to_points` with its inner `get_similarity_map` and `Discrete_to_Continuous` (:763-895);
-read_reference.md §3, §13 items 8/9/15, §14. Test transcription: `tests/reference/sasp_torch.py`.
+read_reference.md §3, §13 items 8/9/15, §14. Test transcription: `torchref/sasp.py`.
 
 Shape legend:
   N  similarity maps, one per [SEG] of a batch; each has its own original image size (H, W)

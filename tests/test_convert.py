@@ -2,7 +2,7 @@
 
 The torch references are tiny random-weight models (transformers `LlamaForCausalLM` with the real 32003
 vocabulary, `CLIPVisionModel`, Meta's `segment_anything` modules, torch `Sequential` projector and fcs; built
-by `tests/reference/read_torch.TorchRead`). They are saved here in the exact released layout (§10.2-10.3:
+by `torchref.read.TorchRead`). They are saved here in the exact released layout (§10.2-10.3:
 `model.embed_tokens.weight`, `model.layers.*`, `model.mm_projector.*`, `model.text_hidden_fcs.0.*`,
 `model.visual_model.*`, `lm_head.weight`; multi-shard `.bin` + `pytorch_model.bin.index.json`; bf16
 safetensors shards + index; an unmerged-PEFT single `.bin`; CLIP as its own HF directory), converted with the
@@ -32,7 +32,8 @@ from read_jax import checkpoint as ck
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.convert.common import ConversionError
 from read_jax.convert.io import CheckpointFileError
-from tests.helpers import require_torch, to_np
+from tests.helpers import require_meta_sam, require_torch
+from torchref.common import to_np
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_ASSETS = ROOT / "tests" / "assets" / "tokenizer"
@@ -124,7 +125,7 @@ def save_shards(torch, sd: dict, d: Path, n: int, fmt: str, dtype) -> None:
 
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             save_file(shard, str(d / name), metadata={"format": "pt"})
-        wm.update({k: name for k in ks})
+        wm.update(dict.fromkeys(ks, name))
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
     (d / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
 
@@ -141,7 +142,7 @@ def released_state_dict(ref) -> dict:
 
 
 def convert(argv: list[str]) -> None:
-    assert convert_weights.main(argv + ["--no-progress", "--base", "tiny"]) == 0
+    assert convert_weights.main([*argv, "--no-progress", "--base", "tiny"]) == 0
 
 
 def leaves_of(ckpt: Path) -> dict[str, np.ndarray]:
@@ -159,10 +160,8 @@ def no_output_left(out: Path) -> bool:
 @pytest.fixture(scope="module")
 def ref():
     require_torch()
-    from tests.test_sam_image_encoder import meta_sam
-
-    meta_sam()  # Meta's segment_anything.modeling, importable without torchvision
-    from tests.reference.read_torch import TorchRead
+    require_meta_sam()  # Meta's segment_anything.modeling, importable without torchvision
+    from torchref.read import TorchRead
 
     ref = TorchRead(CFG, seed=0).eval()
     # `randomize_` also overwrites float buffers, RoPE's `inv_freq` included, which no checkpoint carries and
@@ -405,7 +404,7 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
     pth = tmp_path / "sam_tiny.pth"
     torch.save(ref.visual_model.state_dict(), pth)
     out = tmp_path / "init"
-    with pytest.raises(ConfigError, match="vocab_size 32000.*--resize-vocab"):
+    with pytest.raises(ConfigError, match=r"vocab_size 32000.*--resize-vocab"):
         convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--sam", str(pth), "--out", str(out)])
     assert no_output_left(out)
     convert(
@@ -563,7 +562,7 @@ def _rewrite_shard(d: Path, name: str, edit) -> None:
     torch.save(sd, d / name)
     index = json.loads((d / "pytorch_model.bin.index.json").read_text())
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != name}
-    index["weight_map"].update({k: name for k in sd})
+    index["weight_map"].update(dict.fromkeys(sd, name))
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import require_torch, to_np
-from tests.test_sam_image_encoder import TINY, build_pair
+from tests.helpers import require_meta_sam, require_torch
+from torchref.common import state_dict_numpy, to_np
+from torchref.sam import TINY, build_pair
 
 # mask_in_chans 8 (tiny has 4, whose first LayerNorm2d sees a single channel and normalises it away).
 CFG = dataclasses.replace(TINY, mask_in_chans=8)
@@ -22,6 +23,8 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def pair():
+    require_torch()
+    require_meta_sam()
     return build_pair(CFG)
 
 
@@ -215,7 +218,6 @@ def test_bfloat16_pipeline_tracks_meta_float32(pair):
     from read_jax.convert.common import abstract_leaves, convert, load_leaves
     from read_jax.convert.sam import sam_rules
     from read_jax.sam import Sam, transforms
-    from tests.helpers import state_dict_numpy
 
     cfg = dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16")
     ours = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
