@@ -21,12 +21,20 @@ from typing import Any
 import jax.numpy as jnp
 
 # Token ids fixed by the released tokenizer (read_reference.md §2.3).
+SEG_TOKEN = "[SEG]"
 SEG_TOKEN_ID = 32000
 IM_START_TOKEN_ID = 32001
 IM_END_TOKEN_ID = 32002
 IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of unsupervised tokens (HF cross-entropy's ignore_index)
 VOCAB_SIZE = 32003
+# CLIP ViT-L/14-336 as LLaVA-1.5 uses it: crop side, patch side, and the patch grid (24 x 24 = 576 tokens).
+CLIP_SIZE = 336
+CLIP_PATCH_SIZE = 14
+CLIP_GRID = CLIP_SIZE // CLIP_PATCH_SIZE
+# "Ignore" pixels of ground-truth masks and semantic label maps (ReasonSeg's labelme "ignore" polygons,
+# unlabeled classes): neither intersection nor union. (IGNORE_INDEX is the text-label counterpart.)
+IGNORE_LABEL = 255
 
 
 class ConfigError(ValueError):
@@ -65,7 +73,7 @@ class LlamaConfig(_DtypeMixin):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
-    # Std of the normal init of every Linear and the embedding (HF `_init_weights`); only matters from scratch.
+    # Std of the normal init of every Linear and the embedding (HF `_init_weights`): from-scratch runs only.
     initializer_range: float = 0.02
     # Compute dtype and parameter dtype: fp32 for parity tests, bf16 for the released sizes.
     dtype: str = "bfloat16"
@@ -99,8 +107,8 @@ class ClipVisionConfig(_DtypeMixin):
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
+    image_size: int = CLIP_SIZE
+    patch_size: int = CLIP_PATCH_SIZE
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
@@ -239,12 +247,12 @@ class SaspConfig:
     @classmethod
     def read_7b(cls, **kw) -> SaspConfig:
         """Released READ-7B setting: 12x12 grid, 30 points, 0.8/0.2."""
-        return cls(**{**dict(grid_size=12, num_points=30, t_pos=0.8, t_neg=0.2), **kw})
+        return cls(**{"grid_size": 12, "num_points": 30, "t_pos": 0.8, "t_neg": 0.2, **kw})
 
     @classmethod
     def read_13b_eval(cls, **kw) -> SaspConfig:
         """Released READ-13B evaluation setting: 24x24 grid, 60 points, 0.6/0.2."""
-        return cls(**{**dict(grid_size=24, num_points=60, t_pos=0.6, t_neg=0.2), **kw})
+        return cls(**{"grid_size": 24, "num_points": 60, "t_pos": 0.6, "t_neg": 0.2, **kw})
 
 
 # What READ trains (§6.1 step 7 + LoRA), as path regexes over the ReadModel parameter tree.
@@ -276,7 +284,8 @@ class ReadConfig:
     image_token_index: int = IMAGE_TOKEN_INDEX
     trainable_regexes: tuple[str, ...] = READ_TRAINABLE_REGEXES
     # READ runs CLIP and SAM's image encoder under no_grad. False lets gradients into them, for models trained
-    # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still decide what updates.
+    # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still decide what
+    # updates.
     freeze_vision_towers: bool = True
 
     def __post_init__(self):
@@ -306,7 +315,7 @@ class ReadConfig:
     # ---- size factories -------------------------------------------------------------------------
     @classmethod
     def read_7b(cls, **kw) -> ReadConfig:
-        return cls(**{**dict(llama=LlamaConfig(), lora=LoraConfig(r=8), sasp=SaspConfig.read_7b()), **kw})
+        return cls(**{"llama": LlamaConfig(), "lora": LoraConfig(r=8), "sasp": SaspConfig.read_7b(), **kw})
 
     @classmethod
     def read_13b(cls, **kw) -> ReadConfig:
@@ -317,7 +326,7 @@ class ReadConfig:
             num_attention_heads=40,
             num_key_value_heads=40,
         )
-        return cls(**{**dict(llama=llama, lora=LoraConfig(r=64), sasp=SaspConfig.read_13b_eval()), **kw})
+        return cls(**{"llama": llama, "lora": LoraConfig(r=64), "sasp": SaspConfig.read_13b_eval(), **kw})
 
     @classmethod
     def tiny(cls, dtype: str = "float32", **kw) -> ReadConfig:
@@ -361,14 +370,12 @@ class ReadConfig:
         )
         return cls(
             **{
-                **dict(
-                    llama=llama,
-                    clip=clip,
-                    sam=sam,
-                    out_dim=32,
-                    lora=LoraConfig(r=4),
-                    sasp=SaspConfig.read_7b(),
-                ),
+                "llama": llama,
+                "clip": clip,
+                "sam": sam,
+                "out_dim": 32,
+                "lora": LoraConfig(r=4),
+                "sasp": SaspConfig.read_7b(),
                 **kw,
             }
         )

@@ -59,10 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from read_jax.config import SaspConfig
+from read_jax.config import CLIP_GRID, CLIP_SIZE, SaspConfig
 
-CLIP_GRID = 24  # ClipVisionConfig.grid_size: 336 / 14
-CLIP_SIZE = 336  # ClipVisionConfig.image_size
 # Largest short image side for which the double-rounding tables are built (64 KiB of int32 per grid side).
 MAX_SHORT_SIDE = 16384
 # Largest long side: keeps every int32 product in `_scaled_side` below 2**31 for grid sides up to 336.

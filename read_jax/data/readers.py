@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from read_jax.config import IGNORE_LABEL
 from read_jax.data import templates as T
 from read_jax.data.preprocess import (
     DEFAULT_MAX_PIXELS,
-    IGNORE_VALUE,
     ImageError,
     coco_mask,
     image_size,
@@ -62,7 +62,7 @@ MAX_CONVS = 3  # num_classes_per_sample
 # refer_seg_dataset.py:75-83 (`determine_split_by`).
 FP_REFER_SETS = ("fprefcoco", "fprefcoco+", "fprefcocog")
 NEG_REFER_SETS = ("R-refcoco", "R-refcoco+", "R-refcocog")
-REFER_SETS = ("refclef", "refcoco", "refcoco+", "refcocog") + NEG_REFER_SETS + FP_REFER_SETS
+REFER_SETS = ("refclef", "refcoco", "refcoco+", "refcocog", *NEG_REFER_SETS, *FP_REFER_SETS)
 
 
 def split_by(dataset: str) -> str:
@@ -518,7 +518,7 @@ def _sem_seg_conversations(
                 )
             )
     else:
-        for name, gt in zip(neg, pos):
+        for name, gt in zip(neg, pos, strict=False):
             q = T.short_question(rng, name.lower())
             a = (
                 T.neg_answer(rng, name.lower())
@@ -616,16 +616,16 @@ class LabelMapReader(Reader):
             raise SampleError(f"label {path} is not single-channel: {lab.shape}")
         if self.dataset == "ade20k":
             # 0 ("other") -> ignore, then ids shift down by one (sem_seg_dataset.py:232-235).
-            lab = np.where(lab == 0, IGNORE_VALUE + 1, lab) - 1
+            lab = np.where(lab == 0, IGNORE_LABEL + 1, lab) - 1
         elif self.dataset == "cocostuff" and self.ignore_ids:
-            lab = np.where(np.isin(lab, self.ignore_ids), IGNORE_VALUE, lab)
+            lab = np.where(np.isin(lab, self.ignore_ids), IGNORE_LABEL, lab)
         # Ids beyond the class list would index out of range in the reference: ignore them too.
-        return np.where((lab < 0) | (lab >= len(self.classes)), IGNORE_VALUE, lab)
+        return np.where((lab < 0) | (lab >= len(self.classes)), IGNORE_LABEL, lab)
 
     def example(self, idx: int, rng: np.random.Generator) -> Example:
         img, lab_path = self.pairs[idx]
         lab = self._label(lab_path)
-        present = [int(c) for c in np.unique(lab) if c != IGNORE_VALUE]
+        present = [int(c) for c in np.unique(lab) if c != IGNORE_LABEL]
         if not present:
             raise SampleError(f"{lab_path}: no labelled class")
         absent = sorted(set(range(len(self.classes))) - set(present))
