@@ -20,6 +20,8 @@ report this script's peak instead of its own.
   .venv/bin/python benchmarks/convert.py                 # 5 layers: ~2.6 GB in 2 shards of <= 2 GB
   .venv/bin/python benchmarks/convert.py --layers 8 --shard-gb 3 --keep
 
+(with the package installed, `pip install -e ".[convert]"`, or `PYTHONPATH=.` from the repository root).
+
 The last line is `peak RSS / largest shard: <ratio>x`. Temporary files are removed unless --keep.
 """
 
@@ -37,14 +39,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
 
 from read_jax.config import ReadConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "tokenizer.model"
 # Runs the converter (argv) and prints its peak RSS from a clean process (see the module docstring).
 MEASURE = (
@@ -125,7 +126,7 @@ def build_checkpoint(d: Path, cfg: ReadConfig, shard_bytes: int) -> tuple[int, i
         torch.save(sd, hf / name)
         del sd
         sizes.append((hf / name).stat().st_size)
-        wm.update({k: name for k in ks})
+        wm.update(dict.fromkeys(ks, name))
         print(f"  wrote {name}: {sizes[-1] / 2**30:.2f} GiB, {len(ks)} tensors", flush=True)
     total = sum(int(np.prod(s)) * 2 for s, _ in main.values())
     (hf / "pytorch_model.bin.index.json").write_text(

@@ -7,7 +7,8 @@ labelme GT, tokenises with the test SentencePiece model, and pads everything to 
 `read_jax.data.pipeline` (batch 2 x 3 conversation rows, 1024 x 1024 mask canvas), through grain with
 `--workers` worker processes (default 2). Worker start-up and the first `--warmup` batches are excluded.
 
-Run: `.venv/bin/python benchmarks/data.py [--workers 2] [--batches 40] [--sam-size 1024]`.
+Run: `.venv/bin/python benchmarks/data.py [--workers 2] [--batches 40] [--sam-size 1024]` (with the package
+installed, `pip install -e .`, or `PYTHONPATH=.` from the repository root).
 Last line: `data pipeline: N.N examples/s (W workers)`.
 """
 
@@ -15,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import grain
 

@@ -101,8 +101,10 @@ def flop_ratio(model, embeds, mask, new: int) -> float:
 
 
 def cached_floor(model, embeds, mask, new: int, repeats: int) -> tuple[float, float]:
-    """What the cached path cannot go below on this machine: its prefill (one full forward over the prompt) and
-    `new - 1` lm_head products [B, D] x [D, V] in one jitted loop (each step needs one; at batch 1 it streams the
+    """What the cached path cannot go below on this machine: its prefill (one full forward over the prompt)
+    and
+    `new - 1` lm_head products [B, D] x [D, V] in one jitted loop (each step needs one; at batch 1 it streams
+    the
     whole V x D matrix from memory). Returns (prefill s, products s), minima over `repeats`."""
     graphdef, state = nnx.split(model)
     b, t, _ = embeds.shape

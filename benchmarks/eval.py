@@ -1,4 +1,4 @@
-"""Throughput of the teacher-forced ReasonSeg protocol (`read_jax.evaluation.evaluate_reasonseg`).
+"""Throughput of the teacher-forced ReasonSeg protocol (`read_jax.eval.protocols.evaluate_reasonseg`).
 
 Workload: the generated shapes set (`read_jax.data.make_shapes`, ReasonSeg's on-disk format and LISA's fixed
 query templates + "Sure, the segmentation result is [SEG]."), batches from the real eval pipeline
@@ -11,7 +11,8 @@ is timed separately and excluded.
   --preset 7b     READ-7B's shapes (LLaMA-7B, CLIP ViT-L/14-336, SAM ViT-H) in bf16: the GPU figure. Weights
                   are random normals generated on the device (nothing pretrained is needed to time it).
 
-Run: `.venv/bin/python benchmarks/eval.py [--preset tiny|7b] [--num 24] [--batch 8]`. Last line:
+Run: `.venv/bin/python benchmarks/eval.py [--preset tiny|7b] [--num 24] [--batch 8]` (with the package
+installed, `pip install -e .`, or `PYTHONPATH=.` from the repository root). Last line:
 `eval throughput: N.N samples/s`.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import tempfile
 import time
 
@@ -29,14 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from read_jax import evaluation as E
 from read_jax.config import ReadConfig
 from read_jax.convert.common import path_str
 from read_jax.data import make_shapes
 from read_jax.data import pipeline as P
 from read_jax.data import readers as R
+from read_jax.eval import protocols
 from read_jax.read_model import ReadModel
 
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "assets", "tokenizer")
@@ -107,14 +105,14 @@ def main():
         from read_jax.sharding import make_mesh
 
         mesh = make_mesh()
-    ev = E.Evaluator(model, mesh)
+    ev = protocols.Evaluator(model, mesh)
 
     t0 = time.perf_counter()
-    E.evaluate_reasonseg(model, batches[:1], evaluator=ev, progress=False)  # compile both stages
+    protocols.evaluate_reasonseg(model, batches[:1], evaluator=ev, progress=False)  # compile both stages
     t_compile = time.perf_counter() - t0
     walls = []
     for _ in range(args.reps):
-        summary, records = E.evaluate_reasonseg(model, batches, evaluator=ev, progress=False)
+        summary, records = protocols.evaluate_reasonseg(model, batches, evaluator=ev, progress=False)
         walls.append(summary["wall_s"])
     best = min(walls)
     n = len(records)
@@ -132,8 +130,8 @@ def main():
     passes = ", ".join(f"{w:.2f}s" for w in walls)
     print(f"init {t_init:.1f}s, first batch incl. compile {t_compile:.1f}s, timed passes {passes}")
     print(
-        f"per query: {best / n * 1e3:.1f} ms; gIoU {100 * summary['gIoU']:.2f} cIoU {100 * summary['cIoU']:.2f} "
-        f"(random weights)"
+        f"per query: {best / n * 1e3:.1f} ms; gIoU {100 * summary['gIoU']:.2f} "
+        f"cIoU {100 * summary['cIoU']:.2f} (random weights)"
     )
     print(f"eval throughput: {n / best:.1f} samples/s")
 

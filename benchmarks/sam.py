@@ -7,7 +7,9 @@ mask decoder, multimask off) on CPU, fp32, median of several runs after warm-up 
   .venv/bin/python benchmarks/sam.py --config tiny
   .venv/bin/python benchmarks/sam.py --full     # ViT-H shapes (slow on CPU: minutes)
 
-The last line is `SAM JAX/torch speed ratio: <torch time / jax time>x` for encoder + decoder together.
+(with the package installed, `pip install -e ".[test]"`, or `PYTHONPATH=.` from the repository root: the Meta
+reference comes from `torchref.sam`). The last line is `SAM JAX/torch speed ratio: <torch time / jax time>x`
+for encoder + decoder together.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,7 @@ def main(argv=None) -> float:
 
     import torch
 
-    from tests.test_sam_image_encoder import build_pair  # Meta reference + the real key table
+    from torchref.sam import build_pair  # Meta reference + the real key table
 
     torch.set_grad_enabled(False)
     ref, ours = build_pair(cfg)

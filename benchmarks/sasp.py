@@ -2,7 +2,7 @@
 
 Workload: N [SEG]s (default 64), each with its own image size drawn in [200, 1000] px per side, bf16
 similarity maps, the READ-7B preset. Both sides start from the same [N, 576] similarity maps:
-  * torch: `tests/reference/sasp_torch.similarity_map_to_points` in a Python loop, as READ does
+  * torch: `torchref.sasp.similarity_map_to_points` in a Python loop, as READ does
     (`READ.py:672-679`): full-resolution map at (H, W), one pass over all H*W pixels per point.
   * JAX: `select_points` + `dtoc` for all maps at once, jitted once (compile excluded), one call.
 The similarity itself (dot products over C) is timed separately and reported, but is not part of the
@@ -10,15 +10,14 @@ headline ratio: it is a plain batched dot product, not the SasP algorithm.
 
 Timings are wall-clock medians over repetitions with `block_until_ready`; torch runs with
 `torch.set_num_threads(1)` (faster than 2 threads on the shared 2-core CPU, i.e. the reference's best
-case here). Run: `.venv/bin/python benchmarks/sasp.py [--n 64] [--preset 7b|13b]`. Last line:
+case here). Run: `.venv/bin/python benchmarks/sasp.py [--n 64] [--preset 7b|13b]` (with the package
+installed, `pip install -e ".[test]"`, or `PYTHONPATH=.` from the repository root). Last line:
 `SasP speedup: NNNNx` (torch time / JAX time).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
@@ -26,11 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from read_jax import sasp as S
 from read_jax.config import SaspConfig
-from tests.reference import sasp_torch as ref
+from torchref import sasp as ref
 
 
 def smooth_maps(rng, n: int, g: int = 24) -> np.ndarray:

@@ -1,18 +1,20 @@
-"""Train-step throughput: read_jax's jitted step vs a torch READ doing the same forward/backward/AdamW, on CPU.
+"""Train-step throughput: read_jax's jitted step vs a torch READ doing the same forward/backward/AdamW (CPU).
 
-Workload (both sides, same weights through read_jax's converter tables, fp32): `ReadConfig.tiny()` (CLIP 336 / 576
-image tokens, a 64-wide 2-layer LLaMA, SAM on a 256 frame), B images x C conversation rows of L text tokens, one
-[SEG] and one GT mask per row on a 320x320 canvas, READ's trainables without LoRA (embed_tokens, lm_head, mask
-decoder, text_hidden_fcs), READ's loss (CE + 2 BCE + 0.5 Dice, full-vocabulary CE on both sides), global-norm
-clipping 1.0 and AdamW(0.9, 0.95, wd 0).
-  * torch: `tests/reference/read_torch.TorchRead` (transformers LLaMA/CLIP, Meta's SAM modules, the SasP + DtoC
+Workload (both sides, same weights through read_jax's converter tables, fp32): `ReadConfig.tiny()` (CLIP 336 /
+576 image tokens, a 64-wide 2-layer LLaMA, SAM on a 256 frame), B images x C conversation rows of L text
+tokens, one [SEG] and one GT mask per row on a 320x320 canvas, READ's trainables without LoRA (embed_tokens,
+lm_head, mask decoder, text_hidden_fcs), READ's loss (CE + 2 BCE + 0.5 Dice, full-vocabulary CE on both
+sides), global-norm clipping 1.0 and AdamW(0.9, 0.95, wd 0).
+  * torch: `torchref.read.TorchRead` (transformers LLaMA/CLIP, Meta's SAM modules, the SasP + DtoC
     transcription, one SAM decode per [SEG] in a Python loop as READ does), `torch.optim.AdamW`,
     `clip_grad_norm_`; the faster of 1 and 2 intra-op threads.
-  * JAX: `read_jax.train_lib.train_step` jitted once (compile excluded) with donation, one device.
+  * JAX: `read_jax.train.step.train_step` jitted once (compile excluded) with donation, one device.
 Timings are medians of wall-clock step times after warm-up (`block_until_ready` / synchronous torch).
 
     .venv/bin/python benchmarks/train_step.py [--images 2 --rows 2 --length 64 --steps 8]
-    .venv/bin/python benchmarks/train_step.py --memory-7b   # the 7B step lowered on 8 fake devices: bytes/device
+    .venv/bin/python benchmarks/train_step.py --memory-7b   # 7B step lowered on 8 fake devices: bytes/device
+
+(with the package installed, `pip install -e ".[test]"`, or `PYTHONPATH=.` from the repository root).
 
 Last line: `train step JAX/torch: N.Nx` (torch step time / JAX step time).
 """
@@ -35,13 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-
 from read_jax import sharding as shd
-from read_jax import train_lib as T
 from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
 from read_jax.sam.transforms import get_preprocess_shape
+from read_jax.train import config as run_config
+from read_jax.train import state as tstate
+from read_jax.train import step as tstep
 
 CANVAS = 320
 TRAINABLE = (
@@ -53,7 +54,8 @@ TRAINABLE = (
 
 
 def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int = 0) -> dict:
-    """A pipeline-layout batch: every row `<s> ... <im_start> <image> <im_end> question answer [SEG] . </s>`."""
+    """A pipeline-layout batch; every row is
+    `<s> ... <im_start> <image> <im_end> question answer [SEG] . </s>`."""
     rng = np.random.default_rng(seed)
     r = images * rows
     ids = np.zeros((r, length), np.int32)
@@ -61,9 +63,9 @@ def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int =
     mask = np.zeros((r, length), bool)
     for i in range(r):
         q = rng.integers(100, 30000, size=length // 2).tolist()
-        a = rng.integers(100, 30000, size=4).tolist() + [cfg.seg_token_id, 29889, 2]
-        row = [1, 319, cfg.im_start_token_id, -200, cfg.im_end_token_id] + q + a
-        row = row[: length - 1] + [2] if len(row) > length else row
+        a = [*rng.integers(100, 30000, size=4).tolist(), cfg.seg_token_id, 29889, 2]
+        row = [1, 319, cfg.im_start_token_id, -200, cfg.im_end_token_id, *q, *a]
+        row = [*row[: length - 1], 2] if len(row) > length else row
         ids[i, : len(row)] = row
         mask[i, : len(row)] = True
         labels[i, len(row) - len(a) : len(row)] = row[len(row) - len(a) :]
@@ -100,7 +102,7 @@ def torch_model(cfg: ReadConfig):
     from read_jax.convert.common import Converter, abstract_leaves, load_leaves
     from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
     from read_jax.read_model import ReadModel
-    from tests.reference.read_torch import TorchRead
+    from torchref.read import TorchRead
 
     tm = TorchRead(cfg, seed=0).float()
     sd, clip_sd = tm.released_state_dict()
@@ -117,8 +119,8 @@ def torch_model(cfg: ReadConfig):
 def torch_step_fn(cfg: ReadConfig, tm, batch: dict, lr: float):
     import torch
 
-    from tests.reference import sasp_torch as st
-    from tests.reference.read_torch import to_torch_batch, torch_losses
+    from torchref import sasp as st
+    from torchref.read import to_torch_batch, torch_losses
 
     sc = cfg.sasp
 
@@ -188,9 +190,9 @@ def jax_step_fn(cfg: ReadConfig, model, batch: dict, lr: float, ce_max_tokens: i
             "weight_decay": 0.0,
         }
     )
-    tx = T.make_optimizer(tc)
+    tx = tstate.make_optimizer(tc)
     graphdef, tr, fr = nnx.split(model, trainable_filter(cfg.trainable_regexes), ...)
-    setup = T.ModelSetup(
+    setup = tstate.ModelSetup(
         cfg,
         None,
         graphdef,
@@ -201,19 +203,22 @@ def jax_step_fn(cfg: ReadConfig, model, batch: dict, lr: float, ce_max_tokens: i
         mesh,
         {},
     )
-    opt_sh, opt_abs = T.opt_state_shardings(tx, setup.trainable_abstract, setup.trainable_shardings, mesh)
+    opt_sh, opt_abs = tstate.opt_state_shardings(
+        tx, setup.trainable_abstract, setup.trainable_shardings, mesh
+    )
     stacked = {k: v[None] for k, v in batch.items()}
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in stacked.items()}
-    bsh = T.micro_batch_shardings(spec, mesh)
-    sc = T.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False, ce_max_tokens=ce_max_tokens)
-    compiled, stats = T.compile_step(
-        T.jit_train_step(setup, tx, sc, opt_sh, bsh), setup, opt_abs, opt_sh, spec, bsh
+    bsh = tstep.micro_batch_shardings(spec, mesh)
+    sc = tstep.StepConfig(canvas_hw=(CANVAS, CANVAS), dropout=False, ce_max_tokens=ce_max_tokens)
+    compiled, stats = tstep.compile_step(
+        tstep.jit_train_step(setup, tx, sc, opt_sh, bsh),
+        tstep.step_arguments(setup, opt_abs, opt_sh, spec, bsh),
     )
     # A copy: the step donates its trainables, and the model must stay usable for the next variant.
     state = {"tr": jax.device_put(tr, setup.trainable_shardings, may_alias=False), "opt": None, "i": 0}
     state["opt"] = jax.jit(tx.init, out_shardings=opt_sh)(state["tr"])
     fr = jax.device_put(fr, setup.frozen_shardings)
-    dev_batch = T.put_batch(stacked, mesh)
+    dev_batch = shd.shard_batch(stacked, mesh, batch_axis=1)
 
     def step():
         state["tr"], state["opt"], m = compiled(
@@ -241,25 +246,33 @@ def timed(step, n: int, warmup: int = 2) -> tuple[list[float], list[float]]:
 
 
 def memory_7b() -> None:
-    from configs import read_7b_reasonseg
+    import importlib.util
 
+    # configs/*.py are config files (not an installed package): loaded by path, as `train.py --config` does.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "read_7b_reasonseg.py")
+    spec = importlib.util.spec_from_file_location("read_7b_reasonseg", path)
+    read_7b_reasonseg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(read_7b_reasonseg)
     c = read_7b_reasonseg.get_config()
-    cfg = T.read_config_from(c.model)
+    cfg = run_config.read_config(c.model)
     t0 = time.perf_counter()
-    rep = T.memory_report(cfg, c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
+    rep = tstep.memory_report(cfg, c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
     gib = 1 << 30
     print(
         f"READ-7B train step (bf16, remat, LoRA r=8, FSDP over {rep['devices']} fake devices, accum "
-        f"{rep['accum']} x {rep['batch_images']} images x L={rep['text_length']}): lowered in {rep['lower_s']:.1f}s "
-        f"({time.perf_counter() - t0:.0f}s with eval_shape), nothing executed"
+        f"{rep['accum']} x {rep['batch_images']} images x L={rep['text_length']}): "
+        f"lowered in {rep['lower_s']:.1f}s ({time.perf_counter() - t0:.0f}s with eval_shape), "
+        "nothing executed"
     )
     print(
-        f"  parameters: {rep['frozen_params'] / 1e9:.2f}B frozen, {rep['trainable_params'] / 1e6:.1f}M trainable"
+        f"  parameters: {rep['frozen_params'] / 1e9:.2f}B frozen, "
+        f"{rep['trainable_params'] / 1e6:.1f}M trainable"
     )
     print(
         f"  per device: frozen {rep['frozen_bytes_per_device'] / gib:.3f} GiB, trainable (fp32) "
-        f"{rep['trainable_bytes_per_device'] / gib:.3f} GiB, AdamW state {rep['optimizer_bytes_per_device'] / gib:.3f}"
-        f" GiB; params + optimizer {rep['params_plus_optimizer_bytes_per_device'] / gib:.3f} GiB"
+        f"{rep['trainable_bytes_per_device'] / gib:.3f} GiB, "
+        f"AdamW state {rep['optimizer_bytes_per_device'] / gib:.3f} GiB; "
+        f"params + optimizer {rep['params_plus_optimizer_bytes_per_device'] / gib:.3f} GiB"
     )
 
 
@@ -287,7 +300,8 @@ def main() -> None:
     lr = 1e-4
     j_step, stats = jax_step_fn(cfg, model, batch, lr)
     j_times, j_losses = timed(j_step, args.steps)
-    # The same step with the text loss on the supervised positions only (`train.ce_max_tokens`), for reference.
+    # The same step with the text loss on the supervised positions only (`train.ce_max_tokens`), for
+    # reference.
     s_step, s_stats = jax_step_fn(cfg, model, batch, lr, ce_max_tokens=8 * args.images * args.rows)
     s_times, s_losses = timed(s_step, args.steps)
     best = None
@@ -302,8 +316,8 @@ def main() -> None:
     j_med = statistics.median(j_times)
     print(
         f"workload: ReadConfig.tiny(), {args.images} images x {args.rows} rows x {args.length} text tokens "
-        f"(+575 image tokens), canvas {CANVAS}, {sum(p.numel() for p in tm.parameters() if p.requires_grad):,} "
-        f"trainable parameters"
+        f"(+575 image tokens), canvas {CANVAS}, "
+        f"{sum(p.numel() for p in tm.parameters() if p.requires_grad):,} trainable parameters"
     )
     print(f"first-step loss: JAX {j_losses[0]:.6f}  torch {t_losses[0]:.6f} (same weights, same batch)")
     print(
@@ -320,7 +334,8 @@ def main() -> None:
 
 
 def TorchReadCopy(tm):
-    """A fresh copy of the torch model (each thread setting starts from the same weights and optimizer state)."""
+    """A fresh copy of the torch model (each thread setting starts from the same weights and optimizer
+    state)."""
     import copy
 
     return copy.deepcopy(tm)

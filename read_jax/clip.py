@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from read_jax.config import ClipVisionConfig
+from read_jax.layers import gelu_exact
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -31,8 +32,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 def _activation(name: str):
     if name == "quick_gelu":
         return quick_gelu
-    # HF "gelu" is the exact erf GELU (torch nn.GELU()), not the tanh approximation jax defaults to.
-    return lambda x: jax.nn.gelu(x, approximate=False)
+    return gelu_exact  # HF "gelu" is torch's nn.GELU(): the exact erf form
 
 
 def _layer_norm(cfg: ClipVisionConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -23,12 +23,20 @@ from typing import Any
 import jax.numpy as jnp
 
 # Token ids fixed by the released tokenizer (read_reference.md §2.3).
+SEG_TOKEN = "[SEG]"
 SEG_TOKEN_ID = 32000
 IM_START_TOKEN_ID = 32001
 IM_END_TOKEN_ID = 32002
 IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of unsupervised tokens (HF cross-entropy's ignore_index)
 VOCAB_SIZE = 32003
+# CLIP ViT-L/14-336 as LLaVA-1.5 uses it: crop side, patch side, and the patch grid (24 x 24 = 576 tokens).
+CLIP_SIZE = 336
+CLIP_PATCH_SIZE = 14
+CLIP_GRID = CLIP_SIZE // CLIP_PATCH_SIZE
+# "Ignore" pixels of ground-truth masks and semantic label maps (ReasonSeg's labelme "ignore" polygons,
+# unlabeled classes): neither intersection nor union. (IGNORE_INDEX is the text-label counterpart.)
+IGNORE_LABEL = 255
 
 
 class ConfigError(ValueError):
@@ -101,8 +109,8 @@ class ClipVisionConfig(_DtypeMixin):
     intermediate_size: int = 4096
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
+    image_size: int = CLIP_SIZE
+    patch_size: int = CLIP_PATCH_SIZE
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"

@@ -1,4 +1,4 @@
-"""Shared primitives: RMSNorm, a LoRA-capable Linear, rotate-half RoPE and the masked attention core.
+"""Shared primitives: exact GELU, RMSNorm, a LoRA-capable Linear, rotate-half RoPE, the masked attention core.
 
 PyTorch references: transformers 4.31 `models/llama/modeling_llama.py` (`LlamaRMSNorm`, `rotate_half`,
 `apply_rotary_pos_emb`, `LlamaRotaryEmbedding`) and peft 0.4 `tuners/lora.py` (`Linear` with
@@ -22,6 +22,14 @@ Array = jax.Array
 
 # HF `LlamaPreTrainedModel._init_weights`: normal(0, initializer_range=0.02) for Linear and Embedding.
 default_kernel_init = nnx.initializers.normal(0.02)
+
+
+def gelu_exact(x: Array) -> Array:
+    """torch `nn.GELU()` / HF "gelu": the exact erf form, not the tanh approximation jax.nn.gelu defaults to.
+
+    Used by LLaVA's projector, CLIP's "gelu" activation and SAM (encoder MLP, mask downscaling/upscaling).
+    """
+    return jax.nn.gelu(x, approximate=False)
 
 
 class RMSNorm(nnx.Module):

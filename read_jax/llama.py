@@ -41,7 +41,8 @@ Array = jax.Array
 
 
 def _init(cfg: LlamaConfig):
-    """HF `LlamaPreTrainedModel._init_weights`: normal(0, initializer_range) for every Linear and the embedding."""
+    """HF `LlamaPreTrainedModel._init_weights`: normal(0, initializer_range) for every Linear and the
+    embedding."""
     return nnx.initializers.normal(cfg.initializer_range)
 
 

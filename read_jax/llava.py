@@ -36,6 +36,7 @@ from flax import nnx
 
 from read_jax.clip import ClipVisionModel
 from read_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ReadConfig
+from read_jax.layers import gelu_exact
 from read_jax.llama import LlamaForCausalLM, LlamaOutput
 from read_jax.llama import generate as llama_generate
 
@@ -43,11 +44,6 @@ Array = jax.Array
 
 
 # ---- projector ---------------------------------------------------------------------------------------------
-def gelu_exact(x: Array) -> Array:
-    """torch `nn.GELU()` (erf form); jax.nn.gelu defaults to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
-
-
 class MmProjector(nnx.Module):
     """LLaVA's `mlp2x_gelu`: Linear(V -> C), exact GELU, Linear(C -> C).
 

@@ -17,7 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
+from read_jax.config import IGNORE_LABEL
 
 
 def intersection_union(pred, gt, valid=None):

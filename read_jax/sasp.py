@@ -2,7 +2,7 @@
 
 PyTorch reference: rui-qian/READ `model/READ.py` (commit 2549240): `compute_similarity_map` (:633-653),
 `similarity_map_to_points` with its inner `get_similarity_map` and `Discrete_to_Continuous` (:763-895);
-read_reference.md §3, §13 items 8/9/15, §14. Test transcription: `tests/reference/sasp_torch.py`.
+read_reference.md §3, §13 items 8/9/15, §14. Test transcription: `torchref/sasp.py`.
 
 Shape legend:
   N  similarity maps, one per [SEG] of a batch; each has its own original image size (H, W)
@@ -59,10 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from read_jax.config import SaspConfig
+from read_jax.config import CLIP_GRID, CLIP_SIZE, SaspConfig
 
-CLIP_GRID = 24  # ClipVisionConfig.grid_size: 336 / 14
-CLIP_SIZE = 336  # ClipVisionConfig.image_size
 # Largest short image side for which the double-rounding tables are built (64 KiB of int32 per grid side).
 MAX_SHORT_SIDE = 16384
 # Largest long side: keeps every int32 product in `_scaled_side` below 2**31 for grid sides up to 336.

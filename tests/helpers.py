@@ -1,4 +1,8 @@
-"""Shared test helpers: torch gating that fails (not skips) in CI, and numpy conversions."""
+"""Shared test helpers: gating of the torch references (skip locally, FAIL in CI) and numpy-weight models.
+
+The references themselves (torch transcriptions, Meta/HF builders, torch <-> numpy conversions) live in the
+`torchref` package; this module only decides what a missing reference package means for a test.
+"""
 
 import os
 
@@ -31,15 +35,22 @@ def require(module: str):
         pytest.skip(f"{module} not installed")
 
 
-def state_dict_numpy(module) -> dict:
-    """A torch module's state dict as float32 numpy arrays."""
-    return {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
+def require_meta_sam():
+    """Meta's (segment_anything.modeling, segment_anything.build_sam) through `torchref.sam.meta_sam` (no
+    torchvision needed), with the CI policy of `require` for torch and segment_anything.
 
+    Like `require("torch")`, it leaves torch's autograd mode and seed alone.
+    """
+    require("torch")
+    from torchref.sam import meta_sam
 
-def to_np(x):
-    if hasattr(x, "detach"):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x)
+    try:
+        return meta_sam()
+    except ModuleNotFoundError as e:
+        if e.name != "segment_anything":
+            raise
+        require("segment_anything")  # not installed: skips locally, fails in CI
+        raise
 
 
 def numpy_random_model(factory, seed: int = 0):
@@ -67,5 +78,26 @@ def numpy_random_model(factory, seed: int = 0):
             fan_in = int(np.prod(v.shape[:-1]))
             a = rng.standard_normal(v.shape) / np.sqrt(fan_in)
         leaves[path] = a.astype(v.dtype)
+    load_leaves(model, leaves)
+    return model
+
+
+def numpy_init_model(cfg, seed: int = 0):
+    """A `LlamaForCausalLM(cfg)` with O(1)-activation random weights drawn in numpy (eager JAX init compiles
+    one RNG kernel per parameter shape, which dominates a CPU test's runtime)."""
+    from flax import nnx
+
+    from read_jax.convert.common import abstract_leaves, load_leaves
+    from read_jax.llama import LlamaForCausalLM
+
+    rng = np.random.default_rng(seed)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    leaves = {}
+    for path, v in abstract_leaves(model).items():
+        if path.endswith("scale"):
+            leaves[path] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
+        else:  # kernels [I, O] and the [V, D] embedding
+            leaves[path] = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1 if "embedding" in path else 0])
+            leaves[path] = leaves[path].astype(v.dtype)
     load_leaves(model, leaves)
     return model

@@ -16,35 +16,14 @@ from read_jax.clip import ClipVisionModel
 from read_jax.config import ClipVisionConfig, ReadConfig
 from read_jax.convert.clip import CLIP_VISION_IGNORE, CLIP_VISION_RULES, clip_ignore, clip_rules
 from read_jax.convert.common import ConversionError, abstract_leaves, convert, export_leaves, load_leaves
-from tests.helpers import require_torch, state_dict_numpy
+from tests.helpers import require_torch
+from torchref.clip import hf_clip
+from torchref.common import state_dict_numpy
 
 
 def _tiny(**kw) -> ClipVisionConfig:
     # The tiny READ CLIP keeps the real 336/14 geometry (576 patches), so the LLaVA index maths is exercised.
     return dataclasses.replace(ReadConfig.tiny().clip, **kw)
-
-
-def _hf_clip(torch, cfg: ClipVisionConfig):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    hf_cfg = CLIPVisionConfig(
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        num_channels=cfg.num_channels,
-        layer_norm_eps=cfg.layer_norm_eps,
-        hidden_act=cfg.hidden_act,
-        attn_implementation="eager",
-    )
-    model = CLIPVisionModel(hf_cfg).eval()
-    # HF initialises LayerNorms to (1, 0) and biases to 0; perturb everything so a swapped scale/bias,
-    # a missing bias or a transposed kernel cannot hide.
-    for p in model.parameters():
-        p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def _checkpoint_keys(sd: dict) -> dict:
@@ -67,7 +46,7 @@ def _load(cfg: ClipVisionConfig, sd: dict) -> ClipVisionModel:
 def test_parity_with_hf_clip(act, select_layer):
     torch = require_torch()
     cfg = _tiny(hidden_act=act, select_layer=select_layer)
-    ref = _hf_clip(torch, cfg)
+    ref = hf_clip(cfg)
     pixels = torch.randn(2, cfg.num_channels, cfg.image_size, cfg.image_size)
     want = ref(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:].numpy()
 
@@ -79,9 +58,9 @@ def test_parity_with_hf_clip(act, select_layer):
 
 def test_layers_after_the_selected_one_are_not_run():
     """select_layer=-2 must skip the last layer: poisoning its weights with NaN changes nothing."""
-    torch = require_torch()
+    require_torch()
     cfg = _tiny()
-    model = _load(cfg, _checkpoint_keys(state_dict_numpy(_hf_clip(torch, cfg))))
+    model = _load(cfg, _checkpoint_keys(state_dict_numpy(hf_clip(cfg))))
     x = jax.random.normal(jax.random.key(1), (1, cfg.image_size, cfg.image_size, 3))
     run = nnx.jit(lambda m, x: m(x))  # parameters are jit inputs: editing them below does not recompile
     before = run(model, x)
@@ -98,9 +77,9 @@ def test_layers_after_the_selected_one_are_not_run():
 def test_table_covers_hf_keys_under_the_llava_prefix():
     """The READ/LLaVA layout (`model.vision_tower.vision_tower.`) converts through the prefixed table, the
     `position_ids` buffer is ignored by name, and an unknown key is an error, not a silent skip."""
-    torch = require_torch()
+    require_torch()
     cfg = _tiny()
-    sd = _checkpoint_keys(state_dict_numpy(_hf_clip(torch, cfg)))
+    sd = _checkpoint_keys(state_dict_numpy(hf_clip(cfg)))
     sd["vision_model.embeddings.position_ids"] = np.arange(cfg.num_patches + 1)[None]
     pre = "model.vision_tower.vision_tower."
     src = {pre + k: v for k, v in sd.items()}

@@ -2,7 +2,7 @@
 
 The torch references are tiny random-weight models (transformers `LlamaForCausalLM` with the real 32003
 vocabulary, `CLIPVisionModel`, Meta's `segment_anything` modules, torch `Sequential` projector and fcs; built
-by `tests/reference/read_torch.TorchRead`). They are saved here in the exact released layout (§10.2-10.3:
+by `torchref.read.TorchRead`). They are saved here in the exact released layout (§10.2-10.3:
 `model.embed_tokens.weight`, `model.layers.*`, `model.mm_projector.*`, `model.text_hidden_fcs.0.*`,
 `model.visual_model.*`, `lm_head.weight`; multi-shard `.bin` + `pytorch_model.bin.index.json`; bf16
 safetensors shards + index; an unmerged-PEFT single `.bin`; CLIP as its own HF directory), converted with the
@@ -27,13 +27,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from read_jax.cli import convert as convert_cli
 from read_jax import checkpoint as ck
 from read_jax.build import load_model
+from read_jax.cli import convert as convert_cli
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.convert.common import ConversionError
 from read_jax.convert.io import CheckpointFileError
-from tests.helpers import require_torch, to_np
+from tests.helpers import require_meta_sam, require_torch
+from torchref.common import to_np
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_ASSETS = ROOT / "tests" / "assets" / "tokenizer"
@@ -175,10 +176,8 @@ def no_output_left(out: Path) -> bool:
 @pytest.fixture(scope="module")
 def ref():
     require_torch()
-    from tests.test_sam_image_encoder import meta_sam
-
-    meta_sam()  # Meta's segment_anything.modeling, importable without torchvision
-    from tests.reference.read_torch import TorchRead
+    require_meta_sam()  # Meta's segment_anything.modeling, importable without torchvision
+    from torchref.read import TorchRead
 
     ref = TorchRead(CFG, seed=0).eval()
     # `randomize_` also overwrites float buffers, RoPE's `inv_freq` included, which no checkpoint carries and
@@ -328,7 +327,8 @@ def test_convert_loader_restores_sharded_and_records_the_run(dirs, model):
     manifest = ck.read_manifest(out)
     state = nnx.state(model, nnx.Not(nnx.RngState))
     paths = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
-    # The release's LoRA is merged into the stored weights; the loader attaches fresh factors (B = 0) where the
+    # The release's LoRA is merged into the stored weights; the loader attaches fresh factors (B = 0) where
+    # the
     # config has LoRA, so the model computes exactly the stored weights.
     lora = {p for p in paths if p.endswith(("/lora_a", "/lora_b"))}
     assert len(lora) == 4 * CFG.llama.num_hidden_layers  # q and v of every layer, A and B each

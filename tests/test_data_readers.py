@@ -232,7 +232,7 @@ def test_fp_refcoco_train_and_eval(tmp_path):
     assert len(rd) == 1 and rd.dropped == {"ref with unknown ann_id": 1}
     ex = rd[0]
     assert ex.image_path.endswith("images/mscoco/images/train2014/COCO_1.jpg")
-    by_sent = {s: c for s, c in zip(ex.meta["sentences"], ex.conversations)}
+    by_sent = dict(zip(ex.meta["sentences"], ex.conversations))
     assert by_sent["left dog"].has_seg and "[SEG]" in by_sent["left dog"].answer
     fp = by_sent["left cat"]
     assert not fp.has_seg and not fp.exists and "left dog" in fp.answer and "[SEG]" not in fp.answer
@@ -428,14 +428,15 @@ def test_make_shapes_is_readable_and_deterministic(tmp_path):
             mean = img[inner].mean(0)
             assert np.abs(colours - mean).sum(1).min() < 60
     # Same seed, same bytes; another seed, another set.
-    im, ann = make_shapes.make_example(5, "val", 1)
+    _, ann = make_shapes.make_example(5, "val", 1)
     with open(os.path.join(out, "val", "shapes_val_00001.json")) as f:
         assert json.load(f) == json.loads(json.dumps(ann))
     assert make_shapes.make_example(6, "val", 1)[1] != ann
 
 
 def test_reason_seg_false_premise_share_from_the_mixture(reason_root):
-    """`data.reason_seg_false_premise` reaches the ReasonSeg reader: 0 never asks a false premise, 1 always does."""
+    """`data.reason_seg_false_premise` reaches the ReasonSeg reader: 0 never asks a false premise, 1 always
+    does."""
     from read_jax.data import mixture as M
 
     def reader(share):

@@ -26,8 +26,6 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from read_jax.eval import analysis, protocols, stages
-from read_jax.eval import records as erec
 from read_jax import visualize as V
 from read_jax.config import SEG_TOKEN_ID, ReadConfig
 from read_jax.convert.common import path_str
@@ -35,6 +33,8 @@ from read_jax.data import make_shapes
 from read_jax.data import pipeline as P
 from read_jax.data import readers as R
 from read_jax.data.tokenizer import ReadTokenizer
+from read_jax.eval import analysis, protocols, stages
+from read_jax.eval import records as erec
 from read_jax.read_model import ReadModel
 from read_jax.sharding import make_mesh
 
@@ -134,7 +134,6 @@ class CapturingPictures(V.AnalysisPictures):
 @pytest.fixture(scope="module")
 def single(model, cfg, batches, reader, tokenizer, tmp_path_factory):
     """The single-device run with every option: (summary, records, jsonl path, pictures, compile deltas)."""
-    from read_jax.eval import run as evaluate
 
     out = tmp_path_factory.mktemp("single")
     pics = CapturingPictures(str(out / "pictures"), cfg.sam, V.reader_image_fn(reader))
@@ -154,7 +153,8 @@ def single(model, cfg, batches, reader, tokenizer, tmp_path_factory):
     return summary, records, jsonl, pics, {k: after[k] - before[k] for k in after}
 
 
-# ---- the ReasonSeg protocol ---------------------------------------------------------------------------------
+# ---- the ReasonSeg protocol
+# ---------------------------------------------------------------------------------
 
 
 def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(single, reader, batches):
@@ -286,19 +286,30 @@ def _assert_same_records(got: list, want: list) -> None:
     not bit for bit (seen on AMD EPYC hosts). What that bounds in the records:
       * point coordinates, rounded to 0.01 px in the records: within one rounding unit (204.0 vs 204.01);
       * point labels, [SEG] presence and every count of a mask whose prompt did not move: exact;
-      * pixel counts (I, U, areas) of a mask whose prompt moved by ~1e-6 px: only pixels whose logit lies within
+      * pixel counts (I, U, areas) of a mask whose prompt moved by ~1e-6 px: only pixels whose logit lies
+        within
         float error of 0 can flip; at most 0.1% of the union (and at least 2 pixels) per query.
     Everything else (ids, queries, presence, the chosen thresholds) is exact.
     """
     assert len(got) == len(want)
-    counts = ("intersection", "union", "pred_area", "pp_intersection", "pp_union", "ts_intersection", "ts_union")
+    counts = (
+        "intersection",
+        "union",
+        "pred_area",
+        "pp_intersection",
+        "pp_union",
+        "ts_intersection",
+        "ts_union",
+    )
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys()
         for key in g:
             if key in ("points", "pp_points"):
                 a, b = np.asarray(g[key], np.float64), np.asarray(w[key], np.float64)
                 assert a.shape == b.shape and (a[:, 2] == b[:, 2]).all(), (g["id"], key)
-                np.testing.assert_allclose(a[:, :2], b[:, :2], atol=0.0101, rtol=0, err_msg=f"{g['id']} {key}")
+                np.testing.assert_allclose(
+                    a[:, :2], b[:, :2], atol=0.0101, rtol=0, err_msg=f"{g['id']} {key}"
+                )
             elif key in counts:
                 bound = max(2, 1e-3 * max(g.get("union", 0), g.get("pp_union", 0), g.get("ts_union", 0)))
                 assert abs(g[key] - w[key]) <= bound, (g["id"], key, g[key], w[key])
@@ -339,7 +350,9 @@ def test_sweep_prints_table8_shape(model, shapes, single, capsys, tmp_path):
         tokenizer_dir=TOKENIZER,
         progress=False,
     )
-    assert set(results) == {(tp, tn, n) for tp, tn in analysis.TABLE8_THRESHOLDS for n in analysis.TABLE8_NUM_POINTS}
+    assert set(results) == {
+        (tp, tn, n) for tp, tn in analysis.TABLE8_THRESHOLDS for n in analysis.TABLE8_NUM_POINTS
+    }
     # The model's own setting (0.8/0.2, 30 points) through the traced-threshold path == the protocol.
     own = results[(0.8, 0.2, 30)]
     assert (own["gIoU"], own["cIoU"], own["num_queries"]) == (summary1["gIoU"], summary1["cIoU"], NUM_VAL)
@@ -372,7 +385,8 @@ def test_evaluate_help_names_the_modes():
         assert flag in out.stdout
 
 
-# ---- analysis pictures ---------------------------------------------------------------------------------------
+# ---- analysis pictures
+# ---------------------------------------------------------------------------------------
 
 
 def test_analysis_pngs_show_image_map_points_prediction_gt(single, reader):
@@ -431,7 +445,8 @@ def test_analysis_picture_on_hand_made_inputs():
         V.analysis_picture(image, sim, np.zeros((0, 2)), np.zeros((0,), int), pred[:5], gt)
 
 
-# ---- FP-RefCOCO ----------------------------------------------------------------------------------------------
+# ---- FP-RefCOCO
+# ----------------------------------------------------------------------------------------------
 
 # Two images, each with one ref that has a true-premise and a false-premise sentence (FP-RefCOCO's layout:
 # refs(berkeley_exclude_unified).p, instances.json, images under images/mscoco/images/train2014).
@@ -572,7 +587,8 @@ def test_fprefcoco_see_and_segment_hand_checked(model, cfg, tokenizer, fp_root):
 
 
 def test_fprefcoco_cli_greedy_generation_on_8_devices(model, fp_root, tmp_path):
-    """`evaluate.py --split fprefcoco_val`: sharded greedy generation (KV cache) -> full forward -> See/Segment,
+    """`evaluate.py --split fprefcoco_val`: sharded greedy generation (KV cache) -> full forward ->
+    See/Segment,
     the records consistent with the generated text."""
     from read_jax.eval import run as evaluate
 
@@ -601,7 +617,8 @@ def test_fprefcoco_cli_greedy_generation_on_8_devices(model, fp_root, tmp_path):
 
 
 def test_evaluate_cli_refcoco_teacher_forced(model, fp_root, tmp_path):
-    """`--split refcoco_val`: every sentence of every ref is a query (two per image here, each in its own batch
+    """`--split refcoco_val`: every sentence of every ref is a query (two per image here, each in its own
+    batch
     slot), teacher-forced, scored against the ref's mask."""
     from read_jax.eval import run as evaluate
 
@@ -710,7 +727,9 @@ def test_evaluation_stages_trace_at_read_7b_shapes():
         "mask_hw": sds((b, 2), jnp.int32),
     }
     enc = jax.eval_shape(
-        lambda s, x: stages.encode(nnx.merge(graphdef, s), x), state, {k: batch[k] for k in stages.ENCODE_KEYS}
+        lambda s, x: stages.encode(nnx.merge(graphdef, s), x),
+        state,
+        {k: batch[k] for k in stages.ENCODE_KEYS},
     )
     assert {k: getattr(enc, k).shape for k in ("seg_hidden", "seg_valid", "image_hidden", "image_emb")} == {
         "seg_hidden": (b, 4096),

@@ -35,8 +35,8 @@ def test_threshold_search_on_hand_made_maps():
     ga = np.zeros((4, 4))
     ga[0, 0] = ga[0, 1] = ga[1, 0] = 1
     ga[1, 1] = 255
-    # Map B: the one GT pixel (0.5) is outscored by two background pixels (0.9): the best a threshold can do is
-    # I = 1, U = 3 for any t in (0, 0.5]; ties go to the smallest, 0.01 (t = 0 would take all 16 pixels).
+    # Map B: the one GT pixel (0.5) is outscored by two background pixels (0.9): the best a threshold can do
+    # is I = 1, U = 3 for any t in (0, 0.5]; ties go to the smallest, 0.01 (t = 0 would take all 16 pixels).
     b = np.zeros((4, 4))
     b[0, 0] = b[3, 3] = 0.9
     b[2, 1] = 0.5
@@ -63,7 +63,7 @@ def test_threshold_search_equals_brute_force():
     gts = (rng.random((5, 9, 11)) > 0.6).astype(np.uint8)
     gts[1, :2] = 255
     thr, inter, union = _search(list(maps), list(gts))
-    for m, g, t, i, u in zip(maps, gts, thr, inter, union):
+    for m, g, t, i, u in zip(maps, gts, thr, inter, union, strict=False):
         keep = g != 255
         scores = []
         for tk in analysis.THRESHOLDS:
@@ -78,7 +78,7 @@ def test_threshold_search_equals_brute_force():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_threshold_similarity_map_matches_reference_origin_sm(dtype):
     torch = require_torch()
-    from tests.reference.sasp_torch import get_similarity_map
+    from torchref.sasp import get_similarity_map
 
     rng = np.random.default_rng(1)
     sizes = [(240, 320), (300, 117), (97, 97), (401, 150)]

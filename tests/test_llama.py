@@ -1,6 +1,7 @@
 """LLaMA decoder vs `transformers.LlamaForCausalLM` (tiny, random weights, fp32), KV cache, greedy decoding.
 
-Weights go torch -> JAX only through `read_jax.convert.llama.LLAMA_RULES` (the real converter's table).
+Weights go torch -> JAX only through `read_jax.convert.llama.LLAMA_RULES` (the real converter's table), in
+`torchref.llama.build_pair`.
 """
 
 import jax.numpy as jnp
@@ -8,103 +9,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from read_jax.config import LlamaConfig, ReadConfig
-from read_jax.convert.common import Converter, abstract_leaves, convert, linear, load_leaves
+from read_jax.config import ReadConfig
+from read_jax.convert.common import Converter, abstract_leaves, linear
 from read_jax.convert.llama import LLAMA_IGNORE, LLAMA_RULES
 from read_jax.llama import LlamaForCausalLM, _generate_jit, generate, generate_no_cache
 from read_jax.lora import count_params
-from tests.helpers import require_torch, state_dict_numpy
+from tests.helpers import numpy_init_model, require_torch
+from torchref.llama import build_pair, hf_config, tiny_config
 
 ATOL = 1e-5
 B, T, M = 3, 12, 8  # one batch shape for every decoding test: each (B, T, M) is one compile
-
-
-def tiny_config(kv_heads: int, **kw) -> LlamaConfig:
-    base = {
-        "vocab_size": 128,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": kv_heads,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 64,
-        "dtype": "float32",
-        "param_dtype": "float32",
-    }
-    return LlamaConfig(**{**base, **kw})
-
-
-def hf_config(cfg: LlamaConfig):
-    from transformers import LlamaConfig as HFLlamaConfig
-
-    return HFLlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-
-
-def build_pair(kv_heads: int, seed: int = 0):
-    """(torch reference, JAX model with the same weights, config)."""
-    torch = require_torch()
-    from transformers import LlamaForCausalLM as HFLlama
-
-    cfg = tiny_config(kv_heads)
-    torch.manual_seed(seed)
-    # Eager attention: its additive mask keeps fully padded query rows finite (no NaN leaking into pads).
-    ref = HFLlama(hf_config(cfg)).eval()
-    ref.config._attn_implementation = "eager"
-    # HF's init (std 0.02, norms = 1) makes logits ~1e-3, which would make 1e-5 a loose test: use O(1)
-    # activations and non-trivial norm weights instead.
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-    # Abstract init + fill from the converted state dict, as the real converter does (nothing random).
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    leaves = convert(state_dict_numpy(ref), LLAMA_RULES, abstract_leaves(model), ignore=LLAMA_IGNORE)
-    load_leaves(model, leaves)
-    return ref, model, cfg
-
-
-def numpy_init_model(cfg: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
-    """A model with O(1)-activation random weights drawn in numpy (eager JAX init compiles one RNG kernel
-    per parameter shape, which dominates a CPU test's runtime)."""
-    rng = np.random.default_rng(seed)
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    leaves = {}
-    for path, v in abstract_leaves(model).items():
-        if path.endswith("scale"):
-            leaves[path] = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
-        else:  # kernels [I, O] and the [V, D] embedding
-            leaves[path] = rng.standard_normal(v.shape) / np.sqrt(v.shape[-1 if "embedding" in path else 0])
-            leaves[path] = leaves[path].astype(v.dtype)
-    load_leaves(model, leaves)
-    return model
-
 
 _PAIRS: dict = {}
 
 
 def cached_pair(kv_heads: int):
     if kv_heads not in _PAIRS:
+        require_torch()
         _PAIRS[kv_heads] = build_pair(kv_heads)
     return _PAIRS[kv_heads]
 

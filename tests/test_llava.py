@@ -1,9 +1,10 @@
 """LLaVA-1.5 merge, projector and `LlavaModel` vs PyTorch (tiny, random weights, fp32).
 
-The torch side mirrors the reference `prepare_inputs_labels_for_multimodal` (read_reference.md §2.4) row by
-row with `torch.cat`: the -200 placeholder is replaced in place by the P image tokens, text after it shifts by
-P - 1, labels get P IGNORE entries and the attention mask gets P - 1 `True`s prepended. It then feeds
-`transformers.LlamaForCausalLM(inputs_embeds=...)`, exactly as `LlavaLlamaForCausalLM.forward` does.
+The torch side (`torchref.llava`) mirrors the reference `prepare_inputs_labels_for_multimodal`
+(read_reference.md §2.4) row by row with `torch.cat`: the -200 placeholder is replaced in place by the P
+image tokens, text after it shifts by P - 1, labels get P IGNORE entries and the attention mask gets P - 1
+`True`s prepended. It then feeds `transformers.LlamaForCausalLM(inputs_embeds=...)`, exactly as
+`LlavaLlamaForCausalLM.forward` does.
 Weights reach JAX only through the key tables (`read_jax.convert.clip`, `read_jax.convert.llama`) with the
 key layout of a READ checkpoint (`model.vision_tower.vision_tower.vision_model.*`, `model.mm_projector.*`).
 """
@@ -26,7 +27,9 @@ from read_jax.convert.clip import (
 from read_jax.convert.common import abstract_leaves, convert, load_leaves, prefixed
 from read_jax.convert.llama import LLAMA_IGNORE, LLAMA_RULES
 from read_jax.llava import LlavaModel, MmProjector, expanded_position, merge_multimodal
-from tests.helpers import require_torch, state_dict_numpy
+from tests.helpers import require_torch
+from torchref.common import state_dict_numpy
+from torchref.llava import image_tokens, prepare_inputs, reference_modules
 
 P = 576  # the tiny config keeps CLIP's 336/14 geometry
 L = 12
@@ -37,7 +40,7 @@ CFG = ReadConfig.tiny()
 def _row(rng, n_before: int, n_after: int) -> list[int]:
     """bos, text, <im_start> <image> <im_end>, text (ids avoid 0/1/2 and the special tokens)."""
     txt = lambda k: rng.integers(3, 32000, k).tolist()
-    return [1] + txt(n_before) + [IM_START_TOKEN_ID, IMAGE_TOKEN_INDEX, IM_END_TOKEN_ID] + txt(n_after)
+    return [1, *txt(n_before), IM_START_TOKEN_ID, IMAGE_TOKEN_INDEX, IM_END_TOKEN_ID, *txt(n_after)]
 
 
 def _batch(rng):
@@ -57,22 +60,6 @@ def _batch(rng):
     return ids, mask, labels
 
 
-def torch_prepare_inputs(torch, ids, embed, image_features, labels, mask):
-    """Reference merge (llava_arch.py `prepare_inputs_labels_for_multimodal`), one row at a time.
-
-    Returns (embeds [R, E, C], labels [R, E], mask_prepended [R, E] (the reference's rule),
-    mask_inserted [R, E] (the same bits, image inserted in place; differs only for left padding)).
-    """
-    out_e, out_l, out_m = [], [], []
-    for r in range(ids.shape[0]):
-        p = int((ids[r] == IMAGE_TOKEN_INDEX).nonzero()[0][0])
-        out_e.append(torch.cat([embed(ids[r, :p]), image_features[r], embed(ids[r, p + 1 :])]))
-        out_l.append(torch.cat([labels[r, :p], torch.full((P,), IGNORE_INDEX), labels[r, p + 1 :]]))
-        out_m.append(torch.cat([mask[r, :p], torch.ones(P, dtype=torch.bool), mask[r, p + 1 :]]))
-    prepended = torch.cat([torch.ones(ids.shape[0], P - 1, dtype=torch.bool), mask], dim=1)
-    return torch.stack(out_e), torch.stack(out_l), prepended, torch.stack(out_m)
-
-
 # ---- the pure merge ----------------------------------------------------------------------------------------
 def test_merge_matches_reference_with_padding():
     torch = require_torch()
@@ -82,8 +69,8 @@ def test_merge_matches_reference_with_padding():
     table = torch.nn.Embedding(32003, c)
     image_features = torch.randn(3, P, c)
     t_ids, t_mask, t_labels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
-    want_e, want_l, want_m_prepend, want_m_insert = torch_prepare_inputs(
-        torch, t_ids, table, image_features, t_labels, t_mask
+    want_e, want_l, want_m_prepend, want_m_insert = prepare_inputs(
+        t_ids, table, image_features, t_labels, t_mask
     )
 
     text = table(t_ids.clamp(min=0)).numpy()  # the placeholder's row is discarded by the merge
@@ -153,60 +140,6 @@ def test_projector_matches_torch_sequential():
 
 
 # ---- LlavaModel end to end ---------------------------------------------------------------------------------
-def _reference_modules(torch):
-    """HF CLIPVisionModel, the mlp2x_gelu Sequential and HF LlamaForCausalLM from CFG, random O(1) weights."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    from transformers import LlamaConfig as HFLlamaConfig
-    from transformers import LlamaForCausalLM as HFLlama
-
-    c, v = CFG.clip, CFG.llama
-    torch.manual_seed(0)
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            image_size=c.image_size,
-            patch_size=c.patch_size,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            attn_implementation="eager",
-        )
-    ).eval()
-    proj = torch.nn.Sequential(
-        torch.nn.Linear(c.hidden_size, v.hidden_size),
-        torch.nn.GELU(),
-        torch.nn.Linear(v.hidden_size, v.hidden_size),
-    )
-    llm = HFLlama(
-        HFLlamaConfig(
-            vocab_size=v.vocab_size,
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_hidden_layers,
-            num_attention_heads=v.num_attention_heads,
-            num_key_value_heads=v.num_key_value_heads,
-            rms_norm_eps=v.rms_norm_eps,
-            rope_theta=v.rope_theta,
-            max_position_embeddings=v.max_position_embeddings,
-            tie_word_embeddings=False,
-            attn_implementation="eager",
-        )
-    ).eval()
-    # O(1) activations (HF's std-0.02 init would make 1e-5 a loose bound) and non-trivial norm weights.
-    for p in clip.parameters():
-        p.add_(0.1 * torch.randn_like(p))
-    for name, p in list(proj.named_parameters()) + list(llm.named_parameters()):
-        if name.endswith("norm.weight"):
-            p.uniform_(0.5, 1.5)
-        elif p.ndim == 2:
-            p.normal_(0.0, p.shape[1] ** -0.5)
-        else:
-            p.normal_(0.0, 0.1)
-    return clip, proj, llm
-
-
 def _read_checkpoint(clip, proj, llm) -> dict:
     """The three modules' weights under a READ/LLaVA checkpoint's key layout (transformers 5 keeps the CLIP
     layers at the top level in memory; the on-disk layout has `vision_model.`)."""
@@ -227,7 +160,7 @@ def _llava_rules():
 @pytest.fixture(scope="module")
 def llava_pair():
     torch = require_torch()
-    clip, proj, llm = _reference_modules(torch)
+    clip, proj, llm = reference_modules(CFG)
     # Abstract build, then every leaf filled by the strict converter (house style §8; no eager random init).
     model = nnx.eval_shape(lambda: LlavaModel(CFG, rngs=nnx.Rngs(0)))
     leaves = convert(
@@ -240,12 +173,6 @@ def llava_pair():
     return torch, (clip, proj, llm), model
 
 
-def _torch_image_tokens(torch, clip, proj, pixels_nchw):
-    hidden = clip(pixel_values=pixels_nchw, output_hidden_states=True).hidden_states
-    feats = hidden[CFG.clip.select_layer][:, 1:]
-    return proj(feats)
-
-
 def test_llava_forward_matches_torch(llava_pair):
     """Logits and final-norm hidden states vs CLIP -> projector -> reference merge -> HF LLaMA; two images
     shared by three rows (row 2 is row 0 left-padded and must give row 0's outputs on its real tokens)."""
@@ -255,10 +182,9 @@ def test_llava_forward_matches_torch(llava_pair):
     row_image = np.array([0, 1, 0])
     pixels = torch.randn(2, 3, 336, 336)
 
-    img = _torch_image_tokens(torch, clip, proj, pixels)[torch.from_numpy(row_image)]  # [R, P, C]
+    img = image_tokens(clip, proj, pixels, CFG.clip.select_layer)[torch.from_numpy(row_image)]  # [R, P, C]
     t_ids = torch.from_numpy(ids[:2])
-    embeds, want_labels, mask_ref, _ = torch_prepare_inputs(
-        torch,
+    embeds, want_labels, mask_ref, _ = prepare_inputs(
         t_ids,
         llm.model.embed_tokens,
         img[:2],
@@ -304,11 +230,10 @@ def test_llava_generate_matches_torch_greedy(llava_pair):
         max_new_tokens=steps,
         eos_token_id=None,
     )
-    img = _torch_image_tokens(torch, clip, proj, pixels)
+    img = image_tokens(clip, proj, pixels, CFG.clip.select_layer)
     for r in range(2):
         row = torch.from_numpy(ids[r][mask[r]])[None]
-        embeds, *_ = torch_prepare_inputs(
-            torch,
+        embeds, *_ = prepare_inputs(
             row,
             llm.model.embed_tokens,
             img[r : r + 1],
@@ -354,14 +279,14 @@ def test_bad_input_is_rejected_before_compiling(tiny_model):
     # 1024 positions: 450 text tokens + 575 extra image tokens do not fit.
     long = np.zeros((1, 450), np.int64)
     long[0, :4] = [1, IM_START_TOKEN_ID, IMAGE_TOKEN_INDEX, IM_END_TOKEN_ID]
-    with pytest.raises(ValueError, match="expands to 1025 .* max_position_embeddings=1024"):
+    with pytest.raises(ValueError, match=r"expands to 1025 .* max_position_embeddings=1024"):
         tiny_model(jnp.asarray(long), px[:1])
     with pytest.raises(ValueError, match=r"\+ 500 new tokens.*position budget"):
         tiny_model.generate(jnp.asarray(ids), px, jnp.asarray(mask), max_new_tokens=500)
     # Under tracing (the train step's jit) the value checks cannot run, but the shape checks still fire at
     # trace time, before XLA compiles anything.
     trace = lambda *a: nnx.eval_shape(lambda m, *x: m(*x), tiny_model, *a)
-    with pytest.raises(ValueError, match="merged length 1025 .* max_position_embeddings=1024"):
+    with pytest.raises(ValueError, match=r"merged length 1025 .* max_position_embeddings=1024"):
         trace(jnp.asarray(long), px[:1])
     with pytest.raises(ValueError, match="3 rows but 2 images and no image_row_index"):
         trace(jnp.asarray(ids), px[:2], jnp.asarray(mask))
@@ -398,7 +323,7 @@ def test_vision_and_projector_param_counts_match_transformers():
         c = cfg.llama.hidden_size
         proj = abstract_leaves(
             nnx.eval_shape(
-                lambda: MmProjector(
+                lambda cfg=cfg, c=c: MmProjector(
                     cfg.mm_hidden_size,
                     c,
                     dtype=cfg.llama.compute_dtype,

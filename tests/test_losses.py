@@ -9,34 +9,7 @@ from read_jax.losses import LossWeights, ce_loss, cell_coverage, mask_losses, re
 from read_jax.read_model import MaskOutput, ReadOutput, SegStates
 from read_jax.sam.transforms import pixel_valid
 from tests.helpers import require_torch
-
-
-def _torch_reference(torch, logits, labels, preds, gts):
-    """Reference formulas: HF CE; per image sigmoid_ce/dice * n_i, / (N + 1e-8)."""
-    F = torch.nn.functional
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    ce = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-    def sigmoid_ce(p, t, n):
-        loss = F.binary_cross_entropy_with_logits(p, t, reduction="none")
-        return loss.flatten(1, 2).mean(1).sum() / (n + 1e-8)
-
-    def dice(p, t, n, scale=1000, eps=1e-6):
-        p = p.sigmoid().flatten(1, 2)
-        t = t.flatten(1, 2)
-        num = 2 * (p / scale * t).sum(-1)
-        den = (p / scale).sum(-1) + (t / scale).sum(-1)
-        return (1 - (num + eps) / (den + eps)).sum() / (n + 1e-8)
-
-    bce_sum = dice_sum = 0.0
-    n_tot = 0
-    for p, t in zip(preds, gts):
-        n = t.shape[0]
-        bce_sum = bce_sum + sigmoid_ce(p, t, n) * n
-        dice_sum = dice_sum + dice(p, t, n) * n
-        n_tot += n
-    return ce, bce_sum / (n_tot + 1e-8), dice_sum / (n_tot + 1e-8)
+from torchref.losses import read_losses
 
 
 def _canvas(arrs, H, W):
@@ -60,12 +33,11 @@ def test_losses_match_torch_reference_with_padding_and_mixed_sizes():
     sizes = [(7, 5), (7, 5), (4, 9)]
     preds = [rng.normal(size=s).astype(np.float32) * 4 for s in sizes]
     gts = [(rng.random(s) > 0.6).astype(np.float32) for s in sizes]
-    p_can, valid = _canvas(preds + [np.zeros((1, 1), np.float32)], 8, 10)
-    g_can, _ = _canvas(gts + [np.zeros((1, 1), np.float32)], 8, 10)
+    p_can, valid = _canvas([*preds, np.zeros((1, 1), np.float32)], 8, 10)
+    g_can, _ = _canvas([*gts, np.zeros((1, 1), np.float32)], 8, 10)
     mask_valid = np.array([True, True, True, False])
 
-    ce_t, bce_t, dice_t = _torch_reference(
-        torch,
+    ce_t, bce_t, dice_t = read_losses(
         torch.tensor(logits),
         torch.tensor(labels),
         [torch.tensor(np.stack(preds[:2])), torch.tensor(preds[2][None])],
@@ -93,7 +65,11 @@ def test_losses_match_torch_reference_with_padding_and_mixed_sizes():
             mask_logits=jnp.asarray(p_can)[:, None],
         ),
     )
-    batch = {"masks": jnp.asarray(g_can, jnp.uint8), "mask_valid": jnp.asarray(mask_valid), "mask_hw": extents}
+    batch = {
+        "masks": jnp.asarray(g_can, jnp.uint8),
+        "mask_valid": jnp.asarray(mask_valid),
+        "mask_hw": extents,
+    }
     np.testing.assert_array_equal(np.asarray(pixel_valid(jnp.asarray(extents), (8, 10))), valid)
     loss, aux = read_batch_loss(out, batch)
     np.testing.assert_allclose(aux["ce"], ce_t.item(), rtol=1e-5, atol=1e-6)
@@ -132,8 +108,9 @@ def test_dice_scale_makes_eps_matter_for_tiny_masks():
 
 
 def _coverage_loops(mask, extent_hw, orig_hw, grid, sub):
-    """Direct transcription of the rule, one sample at a time: the centred min(H, W) square of the original image
-    split into grid x grid cells, each sampled at sub x sub evenly spaced points, mapped into the mask extent."""
+    """Direct transcription of the rule, one sample at a time: the centred min(H, W) square of the original
+    image split into grid x grid cells, each sampled at sub x sub evenly spaced points, mapped into the mask
+    extent."""
     (eh, ew), (h, w) = extent_hw, orig_hw
     side = min(h, w)
     y0, x0 = (h - side) / 2, (w - side) / 2
@@ -153,8 +130,8 @@ def _coverage_loops(mask, extent_hw, orig_hw, grid, sub):
 
 
 def test_cell_coverage_of_aligned_rectangles_is_exact():
-    """A 300x200 (WxH) image: the CLIP view is x in [50, 250). Its top-left quarter is covered exactly by the GT,
-    whether the GT is stored at full size or downscaled to half (the pipeline's `mask_hw`)."""
+    """A 300x200 (WxH) image: the CLIP view is x in [50, 250). Its top-left quarter is covered exactly by the
+    GT, whether the GT is stored at full size or downscaled to half (the pipeline's `mask_hw`)."""
     full = np.zeros((1, 224, 320), np.uint8)
     full[0, :100, 50:150] = 1
     half = np.zeros((1, 224, 320), np.uint8)

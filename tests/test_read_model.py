@@ -1,5 +1,5 @@
 """READ end to end vs a torch READ assembled from transformers' LLaMA/CLIP, Meta's SAM and the SasP
-transcription (tests/reference/), with the same weights loaded through read_jax's converter tables."""
+transcription (`torchref.read`), with the same weights loaded through read_jax's converter tables."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from read_jax.lora import partition_trainable
 from read_jax.losses import read_batch_loss
 from read_jax.read_model import ReadModel, seg_slots
 from read_jax.sam.transforms import get_preprocess_shape
-from tests.helpers import require_torch
+from tests.helpers import require_meta_sam, require_torch
 
 CANVAS = (320, 320)
 ORIG = [(240, 320), (300, 117)]  # landscape and an odd-width portrait
@@ -31,9 +31,9 @@ def _batch(cfg, seed=0):
     seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
     head = [1, 319, s, -200, e, 13]
     rows = [
-        head + [500, 501, 502, 9, 10, 11, seg, 29889, 2],
-        head + [600, 601, 9, seg, 603, 604, seg, 2],
-        head + [700, 701, 702, 703, 2],
+        [*head, 500, 501, 502, 9, 10, 11, seg, 29889, 2],
+        [*head, 600, 601, 9, seg, 603, 604, seg, 2],
+        [*head, 700, 701, 702, 703, 2],
     ]
     L = max(map(len, rows)) + 2
     ids = np.zeros((3, L), np.int32)
@@ -69,7 +69,8 @@ def _batch(cfg, seed=0):
 def pair():
     """(cfg, torch READ, read_jax READ with the same weights)."""
     torch = require_torch()
-    from tests.reference.read_torch import TorchRead
+    require_meta_sam()
+    from torchref.read import TorchRead
 
     cfg = _cfg()
     tm = TorchRead(cfg, seed=0).float()
@@ -89,8 +90,8 @@ def pair():
 def _torch_forward(cfg, tm, batch):
     import torch
 
-    from tests.reference import sasp_torch as st
-    from tests.reference.read_torch import to_torch_batch
+    from torchref import sasp as st
+    from torchref.read import to_torch_batch
 
     sc = cfg.sasp
 
@@ -146,18 +147,16 @@ def jax_run(pair):
 
 
 def test_forward_matches_torch_reference(pair, jax_run):
-    cfg, tm, model = pair
+    cfg, tm, _ = pair
     batch, _, out, _ = jax_run
-    tb, tout = _torch_forward(cfg, tm, batch)
+    _, tout = _torch_forward(cfg, tm, batch)
 
-    np.testing.assert_allclose(
-        np.asarray(out.logits), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4
-    )
+    np.testing.assert_allclose(np.asarray(out.logits), tout["logits"].detach().numpy(), atol=1e-4, rtol=1e-4)
     valid = np.asarray(out.seg.valid)
     np.testing.assert_array_equal(valid, [[True, False], [True, True], [False, False]])
     slots = [(0, 0), (1, 0), (1, 1)]
     assert len(tout["segs"]) == len(slots)
-    for (r, k), ts in zip(slots, tout["segs"]):
+    for (r, k), ts in zip(slots, tout["segs"], strict=False):
         assert ts["row"] == r
         h, w = ORIG[batch["conv_image"][r]]
         np.testing.assert_allclose(
@@ -179,12 +178,12 @@ def test_losses_and_gradients_match_torch_reference(pair, jax_run):
     import torch
 
     from read_jax.convert.common import convert
-    from tests.reference.read_torch import torch_losses
+    from torchref.read import torch_losses
 
-    cfg, tm, model = pair
+    cfg, tm, _ = pair
     batch, terms, _, grads = jax_run
     tm.zero_grad()
-    tb, tout = _torch_forward(cfg, tm, batch)
+    _, tout = _torch_forward(cfg, tm, batch)
     gts = []
     for r, k in [(0, 0), (1, 0), (1, 1)]:
         h, w = ORIG[batch["conv_image"][r]]
@@ -200,9 +199,9 @@ def test_losses_and_gradients_match_torch_reference(pair, jax_run):
     tgrads = {}
     for k, p in named.items():
         g = np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.numpy()  # unused: IoU head
-        if k.startswith("llm.model.embed_tokens") or k.startswith("llm.lm_head"):
+        if k.startswith(("llm.model.embed_tokens", "llm.lm_head")):
             tgrads[k[len("llm.") :]] = g
-        elif k.startswith("text_hidden_fcs.") or k.startswith("visual_model.mask_decoder."):
+        elif k.startswith(("text_hidden_fcs.", "visual_model.mask_decoder.")):
             tgrads["model." + k] = g
     target = abstract_leaves(grads)
     expected = convert(tgrads, read_rules(), target)
@@ -238,8 +237,8 @@ def test_rows_without_seg_get_no_mask_and_jit_compiles_once(pair):
 
 
 def test_vision_towers_get_gradients_only_when_unfrozen(pair):
-    """READ runs CLIP and SAM's image encoder under no_grad; `freeze_vision_towers=False` (from-scratch configs)
-    lets the mask loss reach them. Marking frozen towers trainable is refused up front."""
+    """READ runs CLIP and SAM's image encoder under no_grad; `freeze_vision_towers=False` (from-scratch
+    configs) lets the mask loss reach them. Marking frozen towers trainable is refused up front."""
     import dataclasses
 
     from read_jax.config import ConfigError
@@ -267,7 +266,9 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
     for prefix in ("llava/vision_tower/", "visual_model/image_encoder/"):
         assert sum(v for p, v in norms["open"].items() if p.startswith(prefix)) > 0, prefix
     with pytest.raises(ConfigError, match="freeze_vision_towers"):
-        tstate.check_trainable_regexes(model, cfg.replace(trainable_regexes=cfg.trainable_regexes + towers[:1]))
+        tstate.check_trainable_regexes(
+            model, cfg.replace(trainable_regexes=cfg.trainable_regexes + towers[:1])
+        )
     assert tstate.check_trainable_regexes(model, open_cfg.replace(trainable_regexes=towers))[towers[0]] > 0
 
 

@@ -1,14 +1,11 @@
 """SAM image encoder: parity with Meta's `ImageEncoderViT` (tiny configs, random weights) and ViT-H shapes.
 
-Also home of the Meta-SAM reference builders the other SAM tests import (`meta_sam`, `build_pair`).
-Weights always go through `read_jax.convert.sam` (the table the real converter uses).
+The Meta-SAM reference builders are `torchref.sam`'s (`build_meta_sam`, `build_pair`). Weights always go
+through `read_jax.convert.sam` (the table the real converter uses).
 """
 
 import dataclasses
-import importlib
-import importlib.util
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -16,100 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from read_jax.config import ReadConfig, SamConfig
-from read_jax.convert.common import Converter, abstract_leaves, convert, export_leaves, load_leaves
+from read_jax.config import SamConfig
+from read_jax.convert.common import Converter, abstract_leaves, convert, export_leaves
 from read_jax.convert.sam import sam_rules
 from read_jax.sam import Sam
-from tests.helpers import require_torch, state_dict_numpy, to_np
-from tests.reference.meta_sam import meta_sam
-
-TINY = ReadConfig.tiny().sam  # 256 px, 16x16 tokens, window 7 (padded to 21), global block 1
-
-
-# ---- reference builders (shared with the other SAM test files) -------------------------------------------
-def build_meta_sam(cfg: SamConfig):
-    """Meta's `Sam` with the architecture of `cfg`, fp32, eval mode, every tensor randomised."""
-    torch = require_torch()
-    m, _ = meta_sam()
-    c, g, s = cfg.prompt_embed_dim, cfg.image_embedding_size, cfg.image_size
-    sam = m.Sam(
-        image_encoder=m.ImageEncoderViT(
-            img_size=s,
-            patch_size=cfg.patch_size,
-            embed_dim=cfg.encoder_embed_dim,
-            depth=cfg.encoder_depth,
-            num_heads=cfg.encoder_num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            out_chans=c,
-            qkv_bias=cfg.qkv_bias,
-            norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
-            use_rel_pos=cfg.use_rel_pos,
-            window_size=cfg.window_size,
-            global_attn_indexes=tuple(cfg.global_attn_indexes),
-        ),
-        prompt_encoder=m.PromptEncoder(
-            embed_dim=c, image_embedding_size=(g, g), input_image_size=(s, s), mask_in_chans=cfg.mask_in_chans
-        ),
-        mask_decoder=m.MaskDecoder(
-            num_multimask_outputs=cfg.num_multimask_outputs,
-            transformer=m.TwoWayTransformer(
-                depth=cfg.transformer_depth,
-                embedding_dim=c,
-                mlp_dim=cfg.transformer_mlp_dim,
-                num_heads=cfg.transformer_num_heads,
-                attention_downsample_rate=cfg.attention_downsample_rate,
-            ),
-            transformer_dim=c,
-            iou_head_depth=cfg.iou_head_depth,
-            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
-        ),
-        pixel_mean=list(cfg.pixel_mean),
-        pixel_std=list(cfg.pixel_std),
-    )
-    randomize_(sam)
-    return sam.eval()
-
-
-def randomize_(module, seed: int = 0):
-    """Fill every parameter and buffer with random values (torch zero-inits pos_embed, rel_pos, biases and
-    sets LayerNorms to 1/0, which would hide layout bugs). Scales keep activations O(1)."""
-    torch = require_torch()
-    meta_sam()
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(t):
-        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
-
-    norms = (torch.nn.LayerNorm, importlib.import_module("segment_anything.modeling.common").LayerNorm2d)
-    with torch.no_grad():
-        for mod in module.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                if isinstance(mod, norms):
-                    p.copy_((1.0 if name == "weight" else 0.0) + 0.2 * randn(p))
-                elif name == "weight" and isinstance(
-                    mod, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
-                ):
-                    fan_in = p[0].numel() if not isinstance(mod, torch.nn.ConvTranspose2d) else p.shape[0]
-                    p.copy_(randn(p) / math.sqrt(fan_in))
-                elif name == "bias":
-                    p.copy_(0.2 * randn(p))
-                else:  # pos_embed, rel_pos_h/w, nn.Embedding tokens and point embeddings
-                    p.copy_(0.5 * randn(p))
-            for name, b in mod.named_buffers(recurse=False):
-                if name == "positional_encoding_gaussian_matrix":
-                    b.copy_(randn(b))
-    return module
-
-
-def build_pair(cfg: SamConfig = TINY, seed: int = 0):
-    """(Meta Sam, read_jax Sam with the same weights copied through `sam_rules()`)."""
-    ref = build_meta_sam(cfg)
-    # Abstract init + load: eager random init would compile one kernel per parameter shape (~20 s on CPU).
-    ours = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed)))
-    leaves = convert(state_dict_numpy(ref), sam_rules(), abstract_leaves(ours))
-    load_leaves(ours, leaves)
-    return ref, ours
-
+from tests.helpers import require_meta_sam, require_torch
+from torchref.common import state_dict_numpy, to_np
+from torchref.sam import TINY, build_meta_sam, build_pair
 
 # ---- parity -------------------------------------------------------------------------------------------
 ENCODER_CASES = {
@@ -130,6 +40,7 @@ ENCODER_CASES = {
 @pytest.mark.parametrize("name", list(ENCODER_CASES))
 def test_image_encoder_matches_meta(name):
     torch = require_torch()
+    require_meta_sam()
     cfg = ENCODER_CASES[name]
     ref, ours = build_pair(cfg)
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1))
@@ -161,6 +72,8 @@ def test_image_encoder_rejects_wrong_layout():
 
 def test_key_table_round_trip_and_read_prefix():
     """Export inverts the table (JAX -> Meta keys), and the READ-checkpoint prefix reuses it unchanged."""
+    require_torch()
+    require_meta_sam()
     ref = build_meta_sam(TINY)
     sd = state_dict_numpy(ref)
     target = abstract_leaves(nnx.eval_shape(lambda: Sam(TINY, rngs=nnx.Rngs(0))))
@@ -188,7 +101,7 @@ def _permuted_shape(transform, shape):
 
 def test_vit_h_param_tree_matches_meta_build_sam_vit_h():
     torch = require_torch()
-    _, build_sam = meta_sam()
+    _, build_sam = require_meta_sam()
     with torch.device("meta"):  # shapes only: no 2.5 GB allocation
         ref = build_sam.build_sam_vit_h(checkpoint=None)
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -1,66 +1,26 @@
 """SAM pre/post-processing vs Meta's `ResizeLongestSide`, `Sam.preprocess` and `Sam.postprocess_masks`."""
 
-import importlib
-import sys
-import types
 from types import SimpleNamespace
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from read_jax.config import ReadConfig, SamConfig
 from read_jax.sam import transforms as T
-from tests.helpers import require_torch, to_np
-from tests.test_sam_image_encoder import meta_sam
+from tests.helpers import require_meta_sam, require_torch
+from torchref.common import to_np
+from torchref.sam import meta_postprocess, meta_transforms
 
 TINY = ReadConfig.tiny().sam
 ODD_SIZES = [(37, 53), (480, 640), (1000, 333), (7, 1500), (1, 1), (257, 256), (3, 2)]
 
 
-def _torchvision_pil_shim():
-    """torchvision.transforms.functional's PIL path, for machines without torchvision (not in the test extra).
-
-    torchvision 0.28: `to_pil_image(uint8[H, W, 3])` is `Image.fromarray(x, "RGB")` and `resize(pil, [h, w])`
-    returns the image itself when the size is unchanged, else `pil.resize((w, h), BILINEAR)`
-    (`_functional_pil.resize`). (ResizeLongestSide with the real torchvision 0.28 was checked equal to
-    `read_jax.sam.transforms.resize_longest_side` on these and more sizes.)
-    """
-    tf = types.ModuleType("torchvision.transforms.functional")
-    tf.to_pil_image = lambda pic: Image.fromarray(pic, mode="RGB")
-    tf.resize = lambda img, size: (
-        img if [img.height, img.width] == list(size) else img.resize((size[1], size[0]), Image.BILINEAR)
-    )
-    tv, tvt = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
-    tv.transforms, tvt.functional = tvt, tf
-    return {"torchvision": tv, "torchvision.transforms": tvt, "torchvision.transforms.functional": tf}
-
-
-def meta_transforms():
-    """Meta's `segment_anything.utils.transforms` (the torchvision shim only if torchvision is missing)."""
-    meta_sam()
-    try:
-        return importlib.import_module("segment_anything.utils.transforms")
-    except ModuleNotFoundError as e:
-        if e.name != "torchvision":
-            raise
-    with mock.patch.dict(sys.modules, _torchvision_pil_shim()):
-        sys.modules.pop("segment_anything.utils.transforms", None)
-        return importlib.import_module("segment_anything.utils.transforms")
-
-
-def meta_postprocess(torch, low, input_size, original_size, image_size):
-    m, _ = meta_sam()
-    fake = SimpleNamespace(image_encoder=SimpleNamespace(img_size=image_size))
-    return to_np(m.Sam.postprocess_masks(fake, torch.from_numpy(low), input_size, original_size))
-
-
 # ---- host preprocessing ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", [1024, 256])
 def test_resize_longest_side_is_bit_exact(target):
+    require_meta_sam()
     mt = meta_transforms()
     rng = np.random.default_rng(0)
     for h, w in ODD_SIZES:
@@ -72,6 +32,7 @@ def test_resize_longest_side_is_bit_exact(target):
 
 
 def test_preprocess_shapes_match_meta():
+    require_meta_sam()
     mt = meta_transforms()
     hs, ws = np.meshgrid(np.arange(1, 400, 7), np.arange(1, 2500, 13), indexing="ij")
     hw = np.stack([hs.ravel(), ws.ravel()], -1)
@@ -84,8 +45,8 @@ def test_preprocess_shapes_match_meta():
 
 def test_preprocess_matches_meta_normalise_and_pad():
     torch = require_torch()
+    m, _ = require_meta_sam()
     mt = meta_transforms()
-    m, _ = meta_sam()
     cfg = SamConfig(image_size=256, dtype="float32", param_dtype="float32")
     fake = SimpleNamespace(
         pixel_mean=torch.tensor(cfg.pixel_mean).view(-1, 1, 1),
@@ -116,6 +77,7 @@ def test_bad_images_raise(bad, match):
 
 def test_apply_coords_matches_meta():
     torch = require_torch()
+    require_meta_sam()
     mt = meta_transforms()
     rng = np.random.default_rng(2)
     sizes = [(480, 640), (1000, 333), (7, 1500)]
@@ -140,16 +102,18 @@ def test_apply_coords_matches_meta():
 ORIGINALS = [(300, 200), (120, 250), (20, 33), (256, 256), (701, 333), (299, 1)]
 
 
-def _low(n, m, l, seed=0):
-    return np.random.default_rng(seed).normal(0, 5, (n, m, l, l)).astype(np.float32)
+def _low(n, m, side, seed=0):
+    """float32[n, m, side, side] low-res mask logits."""
+    return np.random.default_rng(seed).normal(0, 5, (n, m, side, side)).astype(np.float32)
 
 
 @pytest.mark.parametrize("image_size, original", [(256, (300, 200)), (256, (20, 33)), (1024, (1500, 1100))])
 def test_postprocess_masks_matches_meta(image_size, original):
-    torch = require_torch()
+    require_torch()
+    require_meta_sam()
     low = _low(2, 1, image_size // 4)
     input_size = T.get_preprocess_shape(*original, image_size)
-    want = meta_postprocess(torch, low, input_size, original, image_size)
+    want = meta_postprocess(low, input_size, original, image_size)
     got = T.postprocess_masks(jnp.asarray(low), input_size, original, image_size)
     assert got.shape == want.shape == (2, 1, *original) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
@@ -157,18 +121,19 @@ def test_postprocess_masks_matches_meta(image_size, original):
 
 def test_postprocess_masks_padded_matches_torch_for_mixed_sizes():
     """One compiled function, traced sizes: each row's [:H, :W] equals Meta's result, zeros elsewhere."""
-    torch = require_torch()
-    s, l = TINY.image_size, TINY.low_res_mask_size
+    require_torch()
+    require_meta_sam()
+    s, low_side = TINY.image_size, TINY.low_res_mask_size
     canvas = (704, 336)
     n_compiled = T.postprocess_masks_padded._cache_size()
     fn = T.postprocess_masks_padded  # jitted, canvas and S static
     for batch in (ORIGINALS[:3], ORIGINALS[3:]):
-        low = _low(len(batch), 3, l, seed=len(batch[0]))
+        low = _low(len(batch), 3, low_side, seed=len(batch[0]))
         input_hw = [T.get_preprocess_shape(*o, s) for o in batch]
         got = np.asarray(fn(jnp.asarray(low), jnp.asarray(input_hw), jnp.asarray(batch), canvas, s))
         assert got.shape == (len(batch), 3, *canvas)
-        for i, (o, ih) in enumerate(zip(batch, input_hw)):
-            want = meta_postprocess(torch, low[i : i + 1], ih, o, s)[0]
+        for i, (o, ih) in enumerate(zip(batch, input_hw, strict=False)):
+            want = meta_postprocess(low[i : i + 1], ih, o, s)[0]
             np.testing.assert_allclose(got[i, :, : o[0], : o[1]], want, atol=1e-5, err_msg=str(o))
             assert not got[i, :, o[0] :, :].any() and not got[i, :, :, o[1] :].any()
     # The second batch of sizes reused the compiled function (sizes are traced, not static).

@@ -1,5 +1,5 @@
 """SasP + DtoC (`read_jax/sasp.py`) against a torch transcription of READ's functions
-(`tests/reference/sasp_torch.py`), plus hand-worked cases.
+(`torchref/sasp.py`), plus hand-worked cases.
 
 Tie policy: torch.argsort is not stable (its tie order is undefined; on CPU it visibly scrambles ties), while
 `select_points` breaks ties by raster index. float32 random maps have no exact ties (checked; a map with
@@ -25,9 +25,9 @@ from tests.helpers import require_torch
 def torch_ref():
     torch = require_torch()
     torch.set_num_threads(1)  # 2 threads is ~10x slower on the shared CPU
-    from tests.reference import sasp_torch
+    from torchref import sasp
 
-    return torch, sasp_torch
+    return torch, sasp
 
 
 # Image sizes (H, W): landscape, portrait, square, odd, smaller than the grid and than 336, 1:8 extremes,
@@ -36,15 +36,15 @@ def torch_ref():
 # (22, 55) and (15, 45) change a long-side pad).
 # fmt: off
 SIZES = [
-    (480, 640), (375, 500), (720, 1280), (640, 480), (500, 333), (1024, 683), (336, 336), (512, 512), (100, 100),
-    (333, 517), (481, 641), (227, 399), (999, 1001), (9, 13), (5, 40), (12, 12), (20, 7), (47, 500), (30, 31),
-    (100, 800), (800, 100), (64, 512), (250, 2000), (480, 680), (600, 850), (307, 400), (400, 307), (321, 500),
-    (330, 330), (22, 55), (15, 45), (3000, 2000), (1, 1), (2, 17),
+    (480, 640), (375, 500), (720, 1280), (640, 480), (500, 333), (1024, 683), (336, 336), (512, 512),
+    (100, 100), (333, 517), (481, 641), (227, 399), (999, 1001), (9, 13), (5, 40), (12, 12), (20, 7),
+    (47, 500), (30, 31), (100, 800), (800, 100), (64, 512), (250, 2000), (480, 680), (600, 850), (307, 400),
+    (400, 307), (321, 500), (330, 330), (22, 55), (15, 45), (3000, 2000), (1, 1), (2, 17),
 ]
 # A subset for the DtoC comparisons (the transcription walks all H*W pixels per point).
 DTOC_SIZES = [
-    (480, 640), (640, 333), (336, 336), (307, 400), (321, 500), (330, 330), (9, 13), (5, 40), (100, 800),
-    (800, 100), (47, 500), (1000, 667), (227, 399), (15, 45),
+    (480, 640), (640, 333), (336, 336), (307, 400), (321, 500), (330, 330), (9, 13), (5, 40),
+    (100, 800), (800, 100), (47, 500), (1000, 667), (227, 399), (15, 45),
 ]
 # fmt: on
 
@@ -56,7 +56,7 @@ def random_sizes(rng, n, small_fraction=0.85):
     short = np.where(small, rng.integers(1, 101, size=n), rng.integers(101, 1201, size=n))
     long_ = np.maximum(short, (short * rng.uniform(1, 8, size=n)).astype(int))
     flip = rng.random(n) < 0.5
-    return [(int(b), int(a)) if f else (int(a), int(b)) for a, b, f in zip(short, long_, flip)]
+    return [(int(b), int(a)) if f else (int(a), int(b)) for a, b, f in zip(short, long_, flip, strict=False)]
 
 
 def random_maps(rng, n, g=24):
@@ -137,13 +137,13 @@ def test_scaled_side_matches_cpython_double():
     """`_scaled_side` == CPython's int(L * (d / m)) on every (m, L<=8m) with m<=250 plus random big sizes."""
     rng = np.random.default_rng(0)
     ms = [m for m in range(1, 251) for _ in range(m, 8 * m + 1)]
-    ls = [l for m in range(1, 251) for l in range(m, 8 * m + 1)]
+    ls = [length for m in range(1, 251) for length in range(m, 8 * m + 1)]
     big_m = rng.integers(251, S.MAX_SHORT_SIDE + 1, size=20000)
     ms += big_m.tolist()
     ls += (big_m * rng.uniform(1, 8, size=big_m.size)).astype(int).tolist()
     m_j, l_j = jnp.asarray(ms, jnp.int32), jnp.asarray(ls, jnp.int32)
     for d in (12, 24, 336):
-        expected = np.array([int(l * (d / m)) for m, l in zip(ms, ls)])
+        expected = np.array([int(length * (d / m)) for m, length in zip(ms, ls, strict=False)])
         got = np.asarray(jax.jit(S._scaled_side, static_argnums=2)(l_j, m_j, d))
         assert (expected != np.array(ls) * d // np.array(ms)).sum() > 50  # the rounding does bite
         np.testing.assert_array_equal(got, expected, err_msg=f"d={d}")
@@ -541,7 +541,7 @@ def test_hand_threshold_boundaries_are_inclusive(torch_ref):
     cells = {(0, 0): 1.0, (0, 1): 0.0, (0, 2): 0.6, (0, 3): 0.2, (0, 4): after_02, (0, 5): before_06}
     sim = _map(cells, base=0.5)
     pts, labels, aux = select1(cfg, sim, (336, 336))
-    order = [0, 2, 1, 3] + list(range(4, 60))  # pos 1.0, 0.6; neg 0.0, 0.2; neutrals in raster order
+    order = [0, 2, 1, 3, *range(4, 60)]  # pos 1.0, 0.6; neg 0.0, 0.2; neutrals in raster order
     np.testing.assert_array_equal(np.asarray(aux["cells"][0]), order)
     np.testing.assert_array_equal(np.asarray(labels[0]), [1, 1, 0, 0] + [-1] * 56)
     np.testing.assert_array_equal(

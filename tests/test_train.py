@@ -53,7 +53,7 @@ READ_GROUPS = (
 
 
 def make_batch(cfg, num_images: int, seed: int = 0, rows_per_image: int = 1, length: int = 24) -> dict:
-    """A pipeline-layout host batch: every row has the same answer length (7 supervised tokens) and one mask."""
+    """A pipeline-layout host batch: every row has the same answer length (7 supervised tokens), one mask."""
     rng = np.random.default_rng(seed)
     seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
     r = num_images * rows_per_image
@@ -160,8 +160,10 @@ def flat_arrays(state) -> dict:
 def assert_adam_close(got: dict, want: dict, steps: int) -> None:
     """Parameters after `steps` AdamW steps from the same state, computed in two summation orders.
 
-    Adam divides by sqrt(v), so an entry whose true gradient is zero (e.g. the key biases of a softmax attention,
-    which cancel in the softmax) gets a +-lr step from rounding noise whose sign depends on the summation order.
+    Adam divides by sqrt(v), so an entry whose true gradient is zero (e.g. the key biases of a softmax
+    attention,
+    which cancel in the softmax) gets a +-lr step from rounding noise whose sign depends on the summation
+    order.
     So: every entry within `steps` lr steps, and all but 1% of all entries equal to 1e-6.
     """
     total = close = 0
@@ -199,7 +201,8 @@ def init8(runner8):
     return tstate.init_params(runner8.setup)
 
 
-# ---- sharded init and parameter shardings --------------------------------------------------------------------
+# ---- sharded init and parameter shardings
+# --------------------------------------------------------------------
 
 
 def test_sharded_init_follows_the_strategy(runner8, init8):
@@ -241,7 +244,8 @@ def test_strategy_rules_are_applied_by_regex():
         tstate.setup_model(CFG, mesh, strategy=((r"llava/.*", "fsdp"),))
 
 
-# ---- the step: 8 devices == 1 device, only trainables change ---------------------------------------------------
+# ---- the step: 8 devices == 1 device, only trainables change
+# ---------------------------------------------------
 
 
 def test_eight_device_step_equals_one_device_and_only_trainables_change(runner8, runner1, init8):
@@ -274,13 +278,15 @@ def test_eight_device_step_equals_one_device_and_only_trainables_change(runner8,
     assert all(np.abs(after1[k]).max() > 0 for k in after1 if k.endswith("/lora_b"))
 
 
-# ---- gradient accumulation ---------------------------------------------------------------------------------------
+# ---- gradient accumulation
+# ---------------------------------------------------------------------------------------
 
 
 def test_accumulation_over_k_micro_batches_equals_one_k_times_larger_batch(runner8, mesh8, init8):
     """k = 2 micro-batches of 8 images vs the same 16 images as one batch, one step from the same state.
 
-    READ's loss is a mean over the batch's supervised tokens (CE) and masks (BCE, Dice), and accumulation averages
+    READ's loss is a mean over the batch's supervised tokens (CE) and masks (BCE, Dice), and accumulation
+    averages
     the micro-batch gradients (as DeepSpeed does). The two agree exactly when every micro-batch has the same
     number of supervised tokens and masks: `make_batch` gives every row 7 supervised tokens and one mask.
     """
@@ -298,7 +304,8 @@ def test_accumulation_over_k_micro_batches_equals_one_k_times_larger_batch(runne
     assert_adam_close(flat(tr_k), flat(tr_1), steps=1)
 
 
-# ---- NaN guard ---------------------------------------------------------------------------------------------------
+# ---- NaN guard
+# ---------------------------------------------------------------------------------------------------
 
 
 def test_non_finite_step_is_not_applied(runner1, init8):
@@ -315,7 +322,8 @@ def test_non_finite_step_is_not_applied(runner1, init8):
         np.testing.assert_array_equal(np.asarray(x), y)
 
 
-# ---- pieces ------------------------------------------------------------------------------------------------------
+# ---- pieces
+# ------------------------------------------------------------------------------------------------------
 
 
 def test_schedule_and_optimizer_follow_the_recipe():
@@ -357,7 +365,8 @@ def test_sparse_ce_equals_the_full_ce(runner1, init8):
     @jax.jit
     def three(tr, fr, mb):  # one compile for the three variants
         return [
-            tstep.micro_loss(tr, fr, g, mb, key, dataclasses.replace(sc, ce_max_tokens=k)) for k in (0, 64, 50)
+            tstep.micro_loss(tr, fr, g, mb, key, dataclasses.replace(sc, ce_max_tokens=k))
+            for k in (0, 64, 50)
         ]
 
     (full, mf), (sparse, ms), (_, mt) = three(tr, fr, mb)
@@ -386,7 +395,8 @@ def test_config_errors_are_raised_before_compiling():
 
 
 def test_init_from_a_converted_checkpoint(tmp_path):
-    """`init.checkpoint`: every leaf of a converted checkpoint lands in its sharding, the trainables are fp32 master
+    """`init.checkpoint`: every leaf of a converted checkpoint lands in its sharding, the trainables are fp32
+    master
     copies of the stored values, LoRA factors (absent from the checkpoint) keep their init, B = 0."""
     from read_jax.checkpoint import PartWriter
 
@@ -416,7 +426,8 @@ def test_init_from_a_converted_checkpoint(tmp_path):
 
 def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
     """`data.make_shapes`: missing splits are written; a split with fewer images than `num_shapes` asks for is
-    topped up, and the images already there come out byte-identical (the generator is a function of the index)."""
+    topped up, and the images already there come out byte-identical (the generator is a function of the
+    index)."""
     import glob
 
     from ml_collections import ConfigDict

@@ -2,8 +2,10 @@
 abstract model (no allocation): trainable regexes match, LoRA is where the recipe says, parameters shard.
 
 Building the full 7B/13B abstract models costs ~20-40 s each on this CPU (flax's Variable.set_value probes
-`tracer.sharding`, whose error message jax builds by scanning the whole trace: quadratic in the model size), so
-the default suite builds them with 2 layers per stack (same widths, same paths and rules) and the full sizes run
+`tracer.sharding`, whose error message jax builds by scanning the whole trace: quadratic in the model size),
+so
+the default suite builds them with 2 layers per stack (same widths, same paths and rules) and the full sizes
+run
 under `-m slow` (`test_full_size_7b_train_step_lowers_on_8_devices` also reports the per-device bytes).
 """
 
@@ -139,7 +141,8 @@ def test_command_line_overrides_and_named_stages():
 
 
 def test_7b_step_lowers_on_8_devices_shallow():
-    """The 7B recipe's train step (bf16, remat, LoRA r=8, FSDP over 8 devices, 10-step accumulation) traces and
+    """The 7B recipe's train step (bf16, remat, LoRA r=8, FSDP over 8 devices, 10-step accumulation) traces
+    and
     lowers without executing anything; 2 layers per stack keep it fast (full size: the slow test below)."""
     c = load("read_7b_reasonseg")
     report = tstep.memory_report(
@@ -160,11 +163,14 @@ def test_7b_step_lowers_on_8_devices_shallow():
 @pytest.mark.slow  # full size, abstract only (~20 s each): runs in the default suite and CI
 def test_full_size_7b_train_step_lowers_on_8_devices():
     c = load("read_7b_reasonseg")
-    report = tstep.memory_report(run_config.read_config(c.model), c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True)
+    report = tstep.memory_report(
+        run_config.read_config(c.model), c, mesh=shd.make_mesh(data=1, fsdp=8), lower=True
+    )
     print(report)
     assert report["lowered"]
     gib = 1 << 30
-    # bf16 frozen base (~7.4B parameters) / 8 and fp32 trainables (~288M: embed_tokens + lm_head dominate) / 8.
+    # bf16 frozen base (~7.4B parameters) / 8 and fp32 trainables (~288M: embed_tokens + lm_head dominate) /
+    # 8.
     assert 1.5 * gib < report["frozen_bytes_per_device"] < 2.0 * gib
     assert 0.10 * gib < report["trainable_bytes_per_device"] < 0.2 * gib
 

@@ -1,7 +1,9 @@
-"""`train.py` end to end on the generated shapes set (smoke sizes, 8 fake devices): kill -9 and resume, the NaN
+"""`train.py` end to end on the generated shapes set (smoke sizes, 8 fake devices): kill -9 and resume, the
+NaN
 guard, what a checkpoint holds, best-by-cIoU, and reloading a run for evaluation.
 
-Every run is a `train.py` subprocess, as a user runs it. They share a persistent XLA compilation cache, so only
+Every run is a `train.py` subprocess, as a user runs it. They share a persistent XLA compilation cache, so
+only
 the first run of each distinct step compiles it.
 """
 
@@ -115,7 +117,8 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(env, uninterrupted):
     p = run(env, w)
     assert f"resumed {w} at step {resumed_from}" in p.stderr
     after = {s: r for s, r in train_rows(w).items() if s > resumed_from}
-    # Rows written after the restart: the steps after the checkpoint, the same losses as the uninterrupted run.
+    # Rows written after the restart: the steps after the checkpoint, the same losses as the uninterrupted
+    # run.
     assert sorted(after) == list(range(resumed_from + 1, STEPS + 1))
     for s, r in after.items():
         for k in ("loss", "ce", "bce", "dice", "l2_grads"):
@@ -209,7 +212,8 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
         a = _get(saved, path)
         b = _get(got, path)
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=path)
-    # which="init": the run's untrained starting point (same frozen base, trainables as initialised), a baseline.
+    # which="init": the run's untrained starting point (same frozen base, trainables as initialised), a
+    # baseline.
     init_model, init_meta = ckpts.load_trained(c, uninterrupted, which="init")
     setup = tstate.setup_model(run_config.read_config(c.model), shd.make_mesh(), seed=int(c.init.seed))
     tr0, _ = tstate.init_params(setup)

@@ -287,7 +287,8 @@ def _points(poly: np.ndarray) -> list[list[float]]:
     return [[round(float(x), 2), round(float(y), 2)] for x, y in poly]
 
 
-# The query kind of each phrasing the makers above write (full match, case-sensitive): lets an evaluation report
+# The query kind of each phrasing the makers above write (full match, case-sensitive): lets an evaluation
+# report
 # figures per kind from the query text alone (`query_kind`), for sets written before or after this table.
 _COLOR = "(?:" + "|".join(COLORS) + ")"
 _KIND = "(?:" + "|".join(SHAPES) + ")"
@@ -321,7 +322,7 @@ _KIND_RES = {k: [re.compile(p) for p in ps] for k, ps in QUERY_KIND_PATTERNS.ite
 
 
 def query_kind(text: str) -> str | None:
-    """The kind of query ("extreme", "most_corners", ... the `QUERIES` makers) that wrote `text`, else None."""
+    """The kind of query ("extreme", "most_corners", ... of `QUERIES`) that wrote `text`; else None."""
     for kind, pats in _KIND_RES.items():
         if any(p.fullmatch(text) for p in pats):
             return kind
@@ -354,7 +355,7 @@ def _make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict,
     kind = make.__name__.removeprefix("_q_")
     ghost = None
     if rng.random() < 0.2:  # a faint ghost shape in free space, labelled "ignore"
-        gw, gh, extra = _scene(rng)
+        _, _, extra = _scene(rng)
         for g in extra:
             if (
                 g["cx"] < w - g["r"]

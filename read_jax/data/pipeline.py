@@ -52,10 +52,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from read_jax.config import IGNORE_INDEX, SamConfig
+from read_jax.config import CLIP_SIZE, IGNORE_INDEX, SamConfig
 from read_jax.data import readers as R
 from read_jax.data.preprocess import (
-    CLIP_SIZE,
     DEFAULT_MAX_PIXELS,
     ImageError,
     clip_preprocess,

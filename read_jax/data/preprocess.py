@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from read_jax.config import CLIP_SIZE, IGNORE_LABEL
+
 log = logging.getLogger(__name__)
 
 # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (CLIP ViT-L/14-336 preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_SIZE = 336
-IGNORE_VALUE = 255
 
 # Refuse decoding anything larger (checked from the header, before decoding). ReasonSeg's largest images
 # are ~4k x 3k; a 10k x 10k image costs 300 MB per copy and is almost certainly a broken file.
@@ -360,7 +360,7 @@ def labelme_mask(shapes: Iterable[dict], h: int, w: int) -> tuple[np.ndarray, in
     order = np.argsort(areas)[::-1]
     mask = np.zeros((h, w), np.uint8)
     for i in order:
-        mask[polys[i]] = IGNORE_VALUE if "ignore" in good[i]["label"].lower() else 1
+        mask[polys[i]] = IGNORE_LABEL if "ignore" in good[i]["label"].lower() else 1
     return mask, bad
 
 

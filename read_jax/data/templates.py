@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SEG = "[SEG]"
+from read_jax.config import SEG_TOKEN
 
 SHORT_QUESTIONS = (
     "Is there {class_name} in this picture? If so, segment it; if not, tell me it is missing.",
@@ -139,15 +139,15 @@ CORRECT_ANSWERS = (
 def _check():
     """Import-time invariants: the roles above hold for every template."""
     for t in SHORT_QUESTIONS:
-        assert "{class_name}" in t and SEG not in t and "<image>" not in t, t
+        assert "{class_name}" in t and SEG_TOKEN not in t and "<image>" not in t, t
     for t in LONG_QUESTIONS:
-        assert t.startswith("{sent}") and SEG not in t and "<image>" not in t, t
+        assert t.startswith("{sent}") and SEG_TOKEN not in t and "<image>" not in t, t
     for t in SHORT_ANSWERS + LONG_ANSWERS:
-        assert t.count(SEG) == 1, t
+        assert t.count(SEG_TOKEN) == 1, t
     for t in NEG_ANSWERS:
-        assert "{class_name}" in t and SEG not in t, t
+        assert "{class_name}" in t and SEG_TOKEN not in t, t
     for t in CORRECT_ANSWERS:
-        assert "{gt_name}" in t and SEG not in t, t
+        assert "{gt_name}" in t and SEG_TOKEN not in t, t
 
 
 _check()

@@ -35,11 +35,10 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from read_jax.config import IM_END_TOKEN_ID, IM_START_TOKEN_ID, IMAGE_TOKEN_INDEX, SEG_TOKEN_ID
+from read_jax.config import IM_END_TOKEN_ID, IM_START_TOKEN_ID, IMAGE_TOKEN_INDEX, SEG_TOKEN, SEG_TOKEN_ID
 
 # LLaMA's SentencePiece vocabulary size; the added tokens take the ids right after it.
 BASE_VOCAB_SIZE = 32000
-SEG_TOKEN = "[SEG]"
 DEFAULT_IM_START_TOKEN = "<im_start>"
 DEFAULT_IM_END_TOKEN = "<im_end>"
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -103,9 +102,9 @@ class ReadTokenizer:
         self.all_special_tokens = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
         self.all_special_ids = frozenset({self.bos_token_id, self.eos_token_id, self.unk_token_id})
         # "No-split" strings that cut the text before SentencePiece sees it (4.31's `unique_no_split_tokens`
-        # after `sanitize_special_tokens` and the two `add_tokens` calls).  Each starts with '<' or '[' and has
-        # no '<' or '[' further in, so no two can overlap or nest, and a leftmost, longest-first regex splits
-        # the text exactly as 4.31's trie does.
+        # after `sanitize_special_tokens` and the two `add_tokens` calls).  Each starts with '<' or '[' and
+        # has no '<' or '[' further in, so no two can overlap or nest, and a leftmost, longest-first regex
+        # splits the text exactly as 4.31's trie does.
         no_split = sorted([*ADDED_TOKENS, *self.all_special_tokens], key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in no_split) + ")")
         self._no_split_ids = {**ADDED_TOKENS, BOS_TOKEN: 1, EOS_TOKEN: 2, UNK_TOKEN: 0}

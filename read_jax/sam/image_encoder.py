@@ -2,9 +2,9 @@
 
 PyTorch reference: segment-anything 1.0 (PyPI, 2023-04; github.com/facebookresearch/segment-anything),
 `segment_anything/modeling/image_encoder.py` (`ImageEncoderViT`, `Block`, `Attention`, `window_partition`,
-`window_unpartition`, `get_rel_pos`, `add_decomposed_rel_pos`, `PatchEmbed`) and `modeling/common.py`
-(`MLPBlock`, `LayerNorm2d`). Parameter names mirror Meta's state-dict keys (`blocks.3.attn.qkv.weight` ->
-`blocks/3/attn/qkv/kernel`); the key table is `read_jax.convert.sam`.
+`window_unpartition`, `get_rel_pos`, `add_decomposed_rel_pos`, `PatchEmbed`); `modeling/common.py`
+(`MLPBlock`, `LayerNorm2d`) is `read_jax.sam.common`. Parameter names mirror Meta's state-dict keys
+(`blocks.3.attn.qkv.weight` -> `blocks/3/attn/qkv/kernel`); the key table is `read_jax.convert.sam`.
 
 Layout: **NHWC** everywhere. Meta's encoder returns NCHW `[B, 256, 64, 64]`; ours returns `[B, 64, 64, 256]`
 (the transformer blocks are NHWC in Meta's code too; only the input image and the neck output differ).
@@ -24,62 +24,8 @@ import numpy as np
 from flax import nnx
 
 from read_jax.config import SamConfig
-
-# Meta's LayerNorm2d hard-codes eps=1e-6 (common.py); the encoder's own LayerNorms take it from the config.
-LAYER_NORM_2D_EPS = 1e-6
-
-
-# ---- shared pieces (also used by the prompt encoder and the mask decoder) -------------------------------
-def layer_norm(num_features: int, eps: float, cfg: SamConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """torch-equivalent LayerNorm over the last axis.
-
-    `use_fast_variance=False`: torch computes mean((x - mean)^2), flax's default E[x^2] - E[x]^2 loses ~1e-4
-    when |mean| >> std, which the parity tests would see.
-    """
-    return nnx.LayerNorm(
-        num_features,
-        epsilon=eps,
-        use_fast_variance=False,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype,
-        rngs=rngs,
-    )
-
-
-def linear(din: int, dout: int, cfg: SamConfig, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(
-        din, dout, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs
-    )
-
-
-def embedding(num: int, dim: int, cfg: SamConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
-    """torch nn.Embedding(num, dim), N(0, 1) init (the checkpoint overwrites it): `embedding` [num, dim]."""
-    return nnx.Embed(
-        num,
-        dim,
-        embedding_init=jax.nn.initializers.normal(1.0),
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype,
-        rngs=rngs,
-    )
-
-
-def gelu(x: jax.Array) -> jax.Array:
-    """torch.nn.GELU() default: the exact erf form, not the tanh approximation (jax's default)."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-class MLPBlock(nnx.Module):
-    """`common.MLPBlock`: lin1 -> act -> lin2 (GELU in the encoder, ReLU in the two-way transformer)."""
-
-    def __init__(self, dim: int, mlp_dim: int, act, cfg: SamConfig, *, rngs: nnx.Rngs):
-        self.lin1 = linear(dim, mlp_dim, cfg, rngs=rngs)
-        self.lin2 = linear(mlp_dim, dim, cfg, rngs=rngs)
-        self.act = act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: float[..., dim] -> float[..., dim]."""
-        return self.lin2(self.act(self.lin1(x)))
+from read_jax.layers import gelu_exact
+from read_jax.sam.common import LAYER_NORM_2D_EPS, MLPBlock, layer_norm, linear
 
 
 # ---- windows ------------------------------------------------------------------------------------------
@@ -189,7 +135,7 @@ class Block(nnx.Module):
         attn_size = (window_size, window_size) if window_size > 0 else (grid, grid)
         self.attn = Attention(cfg, attn_size, rngs=rngs)
         self.norm2 = layer_norm(dim, cfg.layer_norm_eps, cfg, rngs=rngs)
-        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio), gelu, cfg, rngs=rngs)
+        self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio), gelu_exact, cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[B, H, W, D] -> float[B, H, W, D]."""

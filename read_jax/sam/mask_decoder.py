@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from read_jax.config import SamConfig
-from read_jax.sam.image_encoder import LAYER_NORM_2D_EPS, embedding, gelu, layer_norm, linear
+from read_jax.layers import gelu_exact
+from read_jax.sam.common import LAYER_NORM_2D_EPS, embedding, layer_norm, linear
 from read_jax.sam.transformer import TwoWayTransformer
 
 
@@ -144,7 +145,7 @@ class MaskDecoder(nnx.Module):
 
         x = src.reshape(n, h, w, c)
         for layer in self.output_upscaling:
-            x = gelu(x) if layer is None else layer(x)  # -> [n, 4h, 4w, C/8]
+            x = gelu_exact(x) if layer is None else layer(x)  # -> [n, 4h, 4w, C/8]
         # One hypernetwork MLP per mask token: [n, M', C/8].
         hyper_in = jnp.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from read_jax.config import SamConfig
-from read_jax.sam.image_encoder import LAYER_NORM_2D_EPS, embedding, gelu, layer_norm
+from read_jax.layers import gelu_exact
+from read_jax.sam.common import LAYER_NORM_2D_EPS, embedding, layer_norm
 
 
 class Buffer(nnx.Variable):
@@ -157,7 +158,7 @@ class PromptEncoder(nnx.Module):
         """masks float[n, 4h, 4w] (low-res logits) -> float[n, h, w, C]."""
         x = masks[..., None].astype(self.cfg.compute_dtype)
         for layer in self.mask_downscaling:
-            x = gelu(x) if layer is None else layer(x)
+            x = gelu_exact(x) if layer is None else layer(x)
         return x
 
     # ---- forward --------------------------------------------------------------------------------------

@@ -23,10 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from read_jax.config import SamConfig
-from read_jax.sam.image_encoder import MLPBlock, layer_norm, linear
-
-# The decoder's nn.LayerNorm(embedding_dim) use torch's default eps (not in the config: Meta hard-codes it).
-TORCH_LAYER_NORM_EPS = 1e-5
+from read_jax.sam.common import TORCH_LAYER_NORM_EPS, MLPBlock, layer_norm, linear
 
 
 class Attention(nnx.Module):

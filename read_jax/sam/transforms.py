@@ -210,7 +210,7 @@ def _axis_weights(
 
 
 def pixel_valid(extent_hw: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
-    """bool[..., Hc, Wc]: the pixels of a static canvas inside each extent (H, W) of `extent_hw` int[..., 2]."""
+    """bool[..., Hc, Wc]: the canvas pixels inside each extent (H, W) of `extent_hw` int[..., 2]."""
     ys = jnp.arange(canvas_hw[0])
     xs = jnp.arange(canvas_hw[1])
     return (ys[:, None] < extent_hw[..., 0, None, None]) & (xs[None, :] < extent_hw[..., 1, None, None])

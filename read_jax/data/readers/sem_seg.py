@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from read_jax.config import IGNORE_LABEL
 from read_jax.data import templates as T
-from read_jax.data.preprocess import IGNORE_VALUE, coco_mask, read_json
+from read_jax.data.preprocess import coco_mask, read_json
 from read_jax.data.readers.base import (
     MAX_CONVS,
     SEM_SEG_MODE_WEIGHTS,
@@ -152,16 +153,16 @@ class LabelMapReader(Reader):
             raise SampleError(f"label {path} is not single-channel: {lab.shape}")
         if self.dataset == "ade20k":
             # 0 ("other") -> ignore, then ids shift down by one (sem_seg_dataset.py:232-235).
-            lab = np.where(lab == 0, IGNORE_VALUE + 1, lab) - 1
+            lab = np.where(lab == 0, IGNORE_LABEL + 1, lab) - 1
         elif self.dataset == "cocostuff" and self.ignore_ids:
-            lab = np.where(np.isin(lab, self.ignore_ids), IGNORE_VALUE, lab)
+            lab = np.where(np.isin(lab, self.ignore_ids), IGNORE_LABEL, lab)
         # Ids beyond the class list would index out of range in the reference: ignore them too.
-        return np.where((lab < 0) | (lab >= len(self.classes)), IGNORE_VALUE, lab)
+        return np.where((lab < 0) | (lab >= len(self.classes)), IGNORE_LABEL, lab)
 
     def example(self, idx: int, rng: np.random.Generator) -> Example:
         img, lab_path = self.pairs[idx]
         lab = self._label(lab_path)
-        present = [int(c) for c in np.unique(lab) if c != IGNORE_VALUE]
+        present = [int(c) for c in np.unique(lab) if c != IGNORE_LABEL]
         if not present:
             raise SampleError(f"{lab_path}: no labelled class")
         absent = sorted(set(range(len(self.classes))) - set(present))

@@ -1,7 +1,7 @@
 """A torch READ assembled from the reference building blocks, for end-to-end parity tests.
 
 Built from transformers' `LlamaForCausalLM` and `CLIPVisionModel`, Meta's `segment_anything` modules,
-torch `nn.Sequential` projector and fcs, and the SasP transcription in `tests/reference/sasp_torch.py`.
+torch `nn.Sequential` projector and fcs, and the SasP transcription in `torchref.sasp`.
 The forward transcribes READ's `model_forward` (READ.py:435-598) with the reference's own index tricks
 (the 575-zero [SEG] mask shift, `<im_start>`-relative image-token slicing, per-image SAM decoding) and with
 the §3.8 row/size pairing bug fixed (each [SEG] uses its own row's image, as read_jax does).
@@ -61,7 +61,7 @@ def _clip(cfg: ReadConfig):
 
 
 def _sam(cfg: ReadConfig):
-    from tests.reference.meta_sam import meta_sam
+    from torchref.sam import meta_sam
 
     modeling, _ = meta_sam()
     ImageEncoderViT, MaskDecoder = modeling.ImageEncoderViT, modeling.MaskDecoder
@@ -120,20 +120,16 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.2) -> None:
         for name, p in list(module.named_parameters()) + buffers:
             if not p.dtype.is_floating_point:
                 continue
-            if (
-                name.endswith(
-                    (
-                        "norm.weight",
-                        "layernorm.weight",
-                        "layer_norm1.weight",
-                        "layer_norm2.weight",
-                        "pre_layrnorm.weight",
-                        "post_layernorm.weight",
-                    )
+            if name.endswith(
+                (
+                    "norm.weight",
+                    "layernorm.weight",
+                    "layer_norm1.weight",
+                    "layer_norm2.weight",
+                    "pre_layrnorm.weight",
+                    "post_layernorm.weight",
                 )
-                or ".norm" in name
-                and name.endswith("weight")
-            ):
+            ) or (".norm" in name and name.endswith("weight")):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
@@ -172,7 +168,7 @@ class TorchRead(nn.Module):
             out["model.text_hidden_fcs." + k] = v
         for k, v in self.visual_model.state_dict().items():
             out["model.visual_model." + k] = v
-        clip = {k: v for k, v in self.clip.state_dict().items()}
+        clip = dict(self.clip.state_dict())
         to_np = lambda d: {k: v.detach().float().numpy().copy() for k, v in d.items()}
         return to_np(out), to_np(clip)
 
@@ -194,7 +190,7 @@ class TorchRead(nn.Module):
     def forward(self, batch: dict, sasp_fns, sasp_kw: dict):
         cfg = self.cfg
         ids = batch["input_ids"]
-        r_rows, length = ids.shape
+        r_rows, _ = ids.shape
         p = cfg.clip.num_patches
         pix = batch["images_clip"].permute(0, 3, 1, 2)
         feats = self.clip(pix, output_hidden_states=True).hidden_states[cfg.clip.select_layer][:, 1:]
@@ -218,7 +214,7 @@ class TorchRead(nn.Module):
         pe = self.visual_model["prompt_encoder"]
         dec = self.visual_model["mask_decoder"]
         results = []
-        for r, c in zip(rows.tolist(), cols.tolist()):
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=False):
             start = int(
                 (ids[r] == cfg.im_start_token_id).nonzero()[0, 0]
             )  # image tokens at start+1 .. start+P
@@ -264,7 +260,7 @@ def torch_losses(out: dict, gts: list, weights=(1.0, 2.0, 0.5)):
     )
     bce = dice = 0.0
     n = len(gts)
-    for s, g in zip(out["segs"], gts):
+    for s, g in zip(out["segs"], gts, strict=False):
         p = s["mask"]
         bce = bce + F.binary_cross_entropy_with_logits(p, g, reduction="none").mean()
         sig = p.sigmoid().flatten()

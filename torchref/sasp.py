@@ -68,7 +68,7 @@ def discrete_to_continuous(sm: torch.Tensor, selected_points: torch.Tensor) -> t
     selected_x = selected_points[:, 0]
     selected_y = selected_points[:, 1]
     continuous_coordinates = []
-    for x, y in zip(selected_x, selected_y):
+    for x, y in zip(selected_x, selected_y, strict=False):
         distances = (grid_x - x) ** 2 + (grid_y - y) ** 2
         weight = torch.exp(-distances)
         final_weights = weight * softmax_probs
