@@ -35,7 +35,7 @@ from flax import nnx, struct
 
 from read_jax import sasp as sasp_lib
 from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
-from read_jax.layers import Linear, kaiming_uniform_a_sqrt5
+from read_jax.layers import Linear, kaiming_uniform_a_sqrt5, set_attention_implementation
 from read_jax.llava import LlavaModel, expanded_position
 from read_jax.sam.sam import Sam
 from read_jax.sam.transforms import apply_coords, postprocess_masks_padded
@@ -174,7 +174,8 @@ class ReadModel(nnx.Module):
     Args:
       cfg: ReadConfig.
       rngs: initialisation streams.
-      attention_implementation: LLaMA attention backend (None = XLA; 'cudnn' on NVIDIA GPUs).
+      attention_implementation: the attention kernel of LLaMA, CLIP and SAM (default
+        `cfg.attention_implementation`; see `read_jax.layers.attention_backend`).
     """
 
     def __init__(self, cfg: ReadConfig, *, rngs: nnx.Rngs, attention_implementation: str | None = None):
@@ -188,6 +189,7 @@ class ReadModel(nnx.Module):
             rngs=rngs,
         )
         self.visual_model = Sam(cfg.sam, rngs=rngs)
+        set_attention_implementation(self, attention_implementation or cfg.attention_implementation)
 
     # ---- pieces ------------------------------------------------------------------------------------------
     def image_embeddings(self, images_sam: Array) -> Array:
