@@ -306,7 +306,9 @@ def dot_product_attention(
     if backend == "cudnn":
         if causal:  # cuDNN skips the masked-out causal blocks; key padding goes in as a mask (a bias)
             t, s = q.shape[1], k.shape[1]
-            mask = jnp.broadcast_to(mask.key_valid[:, None, None, :], (q.shape[0], 1, t, s))
+            # Every query also sees itself, so a left-padding query never has an empty row (its output is
+            # unused, but a NaN there would reach real tokens through 0 * NaN in the next layer's P.V).
+            mask = mask.key_valid[:, None, None, :] | jnp.eye(t, s, dtype=bool)[None, None]
         bias = None if bias is None else bias.astype(q.dtype)  # cuDNN takes the bias in the operand dtype
         return jax.nn.dot_product_attention(
             q, k, v, bias, mask, scale=scale, is_causal=causal, implementation="cudnn"
