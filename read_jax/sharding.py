@@ -41,10 +41,13 @@ _current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("rea
 
 
 def initialize_distributed() -> None:
-    """Multi-host runs: connect the processes (TPU pods and SLURM/GPU clusters auto-detect)."""
-    if jax.process_count() == 1:
-        with contextlib.suppress(Exception):
-            jax.distributed.initialize()
+    """Multi-host runs: connect the processes (TPU pods, SLURM and Open MPI clusters are auto-detected).
+
+    Must run before anything touches a JAX backend (`jax.process_count()` included: asking it first made
+    `initialize` fail, and the failure was swallowed, so every host trained alone). A failure is raised: the
+    run asked to be distributed.
+    """
+    jax.distributed.initialize()
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -150,11 +153,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+# Batch entries holding indices into another entry's batch axis (rows -> their image), with the entries they
+# index (the first present). Each process's values index its own share of the batch; `shard_batch` offsets
+# them by where that share lands in the global array.
+LOCAL_INDEX_KEYS = {"conv_image": ("images_clip", "images")}
+
+
+def _share_start(sh, local_shape: tuple, axis: int) -> int:
+    """Global index of this process's first row along `axis` when its local rows are assembled under `sh`."""
+    global_shape = list(local_shape)
+    global_shape[axis] *= jax.process_count()
+    idx = sh.addressable_devices_indices_map(tuple(global_shape)).values()
+    return min((i[axis].start or 0) for i in idx)
+
+
 def shard_batch(batch: dict, mesh: Mesh, batch_axis: int = 0) -> dict:
     """Place a host batch (numpy) on the mesh, axis `batch_axis` over the data axes.
 
     Multi-host: every process passes its local shard; `make_array_from_process_local_data` assembles
-    the global array. Raises ValueError (before any transfer) when a batch axis does not divide over the
+    the global array, and the row -> image indices (`LOCAL_INDEX_KEYS`) are offset to point at this process's
+    images in it. Raises ValueError (before any transfer) when a batch axis does not divide over the
     data-parallel devices.
     """
     n = int(np.prod([mesh.shape[a] for a in DATA_AXES]))
@@ -166,11 +184,20 @@ def shard_batch(batch: dict, mesh: Mesh, batch_axis: int = 0) -> dict:
                 f"not divisible over the {n} data-parallel devices"
             )
 
+    def sharding(x):
+        return batch_sharding(mesh, x.ndim, batch_axis) if x.ndim > batch_axis else replicated(mesh)
+
     def put(x):
         x = np.asarray(x)
-        sh = batch_sharding(mesh, x.ndim, batch_axis) if x.ndim > batch_axis else replicated(mesh)
         if jax.process_count() > 1:
-            return jax.make_array_from_process_local_data(sh, x)
-        return jax.device_put(x, sh)
+            return jax.make_array_from_process_local_data(sharding(x), x)
+        return jax.device_put(x, sharding(x))
 
+    if jax.process_count() > 1 and isinstance(batch, dict):
+        batch = dict(batch)
+        for key, targets in LOCAL_INDEX_KEYS.items():
+            target = next((t for t in targets if t in batch), None)
+            if key in batch and target is not None:
+                images = np.asarray(batch[target])
+                batch[key] = np.asarray(batch[key]) + _share_start(sharding(images), images.shape, batch_axis)
     return jax.tree_util.tree_map(put, batch)

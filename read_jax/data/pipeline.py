@@ -62,8 +62,8 @@ from read_jax.data.preprocess import (
     clip_pixels,
     load_image,
     resize_mask_nearest,
-    sam_pixels,
 )
+from read_jax.sam.transforms import resize_longest_side
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ class ExampleProcessor:
         hw = image.shape[:2]
         if ex.masks.shape[0] and tuple(ex.masks.shape[1:]) != tuple(hw):
             raise R.SampleError(f"{ex.sample_id}: GT size {ex.masks.shape[1:]} != image size {hw}")
-        sam_img, sam_hw = sam_pixels(image, self.sam_cfg)  # uint8: normalised on the device
+        sam_img = resize_longest_side(image, self.sam_cfg.image_size)  # uint8, padded and normalised later
+        sam_hw = sam_img.shape[:2]
         try:
             rows = [self.encode(c) for c in ex.conversations]
         except ValueError as e:  # text the prompt builder / tokenizer cannot handle: a data problem
@@ -253,12 +254,26 @@ class EvalExampleFn:
 
 
 class Collate:
-    """grain batch_fn: a list of <= B processed examples -> the static batch documented above."""
+    """grain batch_fn: a list of <= B processed examples -> the static batch documented above.
+
+    With grain worker processes (`num_workers > 0`) the image and mask arrays are allocated in shared memory
+    (`grain.multiprocessing.SharedMemoryArray`), which grain hands to the main process by name instead of
+    copying every batch into a new segment.
+    """
 
     pixel_dtype = np.uint8  # the images' dtype (normalised on the device)
+    shared_min_bytes = 1 << 20
 
     def __init__(self, cfg: DataConfig, sam_cfg: SamConfig):
         self.cfg, self.sam_cfg = cfg, sam_cfg
+        self.shared = cfg.num_workers > 0
+
+    def _zeros(self, shape: tuple, dtype) -> np.ndarray:
+        if self.shared and int(np.prod(shape)) * np.dtype(dtype).itemsize >= self.shared_min_bytes:
+            from grain.multiprocessing import SharedMemoryArray
+
+            return SharedMemoryArray(shape, dtype)  # a new segment: zero-filled by the OS
+        return np.zeros(shape, dtype)
 
     def __call__(self, items: Sequence[dict]) -> dict:
         cfg = self.cfg
@@ -269,8 +284,8 @@ class Collate:
         longest = max((len(ids) for it in items if not it.get("invalid") for ids, _ in it["rows"]), default=1)
         length = bucket_length(longest, cfg.length_buckets)
         out = {
-            "images_clip": np.zeros((b, cfg.clip_size, cfg.clip_size, 3), self.pixel_dtype),
-            "images_sam": np.zeros((b, s, s, 3), self.pixel_dtype),
+            "images_clip": self._zeros((b, cfg.clip_size, cfg.clip_size, 3), self.pixel_dtype),
+            "images_sam": self._zeros((b, s, s, 3), self.pixel_dtype),
             "sam_input_hw": np.zeros((b, 2), np.int32),
             "orig_hw": np.zeros((b, 2), np.int32),
             "image_valid": np.zeros((b,), bool),
@@ -285,7 +300,7 @@ class Collate:
             "conv_valid": np.zeros((r,), bool),
             "has_seg": np.zeros((r,), bool),
             "exists": np.zeros((r,), bool),
-            "masks": np.zeros((r, side, side), np.uint8),
+            "masks": self._zeros((r, side, side), np.uint8),
             "mask_valid": np.zeros((r,), bool),
             "mask_hw": np.zeros((r, 2), np.int32),
             "sample_id": np.full((b,), "", dtype=object),
@@ -299,8 +314,10 @@ class Collate:
             out["image_valid"][i] = True
             out["source"][i] = it.get("source", 0)
             out["is_sentence"][i] = it.get("is_sentence", False)
-            for k in ("images_clip", "images_sam", "sam_input_hw", "orig_hw"):
+            for k in ("images_clip", "sam_input_hw", "orig_hw"):
                 out[k][i] = it[k]
+            sam = it["images_sam"]  # the resized image, top-left in the zero-padded frame
+            out["images_sam"][i, : sam.shape[0], : sam.shape[1]] = sam
             for j, (ids, labels) in enumerate(it["rows"]):
                 row = i * c + j
                 n = min(len(ids), length)
