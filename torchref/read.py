@@ -303,9 +303,8 @@ def build_pair(cfg: ReadConfig, seed: int = 0):
     return tm, model
 
 
-def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
-    """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
-    SasP functions."""
+def sasp_functions(cfg: ReadConfig):
+    """READ's SasP steps as `TorchRead` takes them: (similarity, to_points, dtoc), from `torchref.sasp`."""
     from torchref import sasp as st
 
     sc = cfg.sasp
@@ -328,5 +327,11 @@ def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
         full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
         return st.discrete_to_continuous(full, pts.float())
 
+    return similarity, to_points, dtoc
+
+
+def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
+    """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
+    SasP functions."""
     tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
-    return tb, tm(tb, (similarity, to_points, dtoc), {})
+    return tb, tm(tb, sasp_functions(cfg), {})
