@@ -394,7 +394,8 @@ class LlavaModel(nnx.Module):
           over prompt + tokens to read [SEG] hidden states (read_reference.md §4).
         """
         self.validate(input_ids, images_clip, attention_mask, image_row_index, max_new_tokens=max_new_tokens)
-        merged = _merge_jit(self, input_ids, images_clip, attention_mask, image_row_index)
+        graphdef, state = nnx.split(self)
+        merged = _merge_jit(graphdef, state, input_ids, images_clip, attention_mask, image_row_index)
         tokens, lengths = llama_generate(
             self.language_model,
             inputs_embeds=merged.inputs_embeds,
@@ -406,6 +407,8 @@ class LlavaModel(nnx.Module):
         return tokens, lengths, merged
 
 
-@nnx.jit
-def _merge_jit(model: LlavaModel, input_ids, images_clip, attention_mask, image_row_index) -> MergedInputs:
-    return model.merge(input_ids, images_clip, attention_mask, image_row_index)
+# The model's state is an input and never an output: `nnx.jit` with the model as an argument would return the
+# whole state under flax's default graph updates (a second copy of the weights, 13 GiB at 7B).
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _merge_jit(graphdef, state, input_ids, images_clip, attention_mask, image_row_index) -> MergedInputs:
+    return nnx.merge(graphdef, state).merge(input_ids, images_clip, attention_mask, image_row_index)
