@@ -10,7 +10,9 @@ config (`torchref.lisa`: `mm_projector_type="linear"`, `sasp.enabled=False`) it 
 alone.
 
 `released_state_dict()` returns the weights under the key names of a released READ checkpoint (plus the
-HF CLIP keys separately), which tests feed through read_jax's converter tables.
+HF CLIP keys separately), which `build_pair` feeds through read_jax's converter tables. `build_pair` and
+`torch_forward` (the torch forward with the SasP transcription plugged in), on `torchref.read_batch`'s
+config and batch, are the end-to-end comparison the parity test and `benchmarks/parity.py` share.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from torch import nn
 
 from read_jax.config import IGNORE_INDEX, ReadConfig
+from read_jax.convert.common import Converter, abstract_leaves, load_leaves
+from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
+from read_jax.read_model import ReadModel
 
 
 def _llama(cfg: ReadConfig):
@@ -286,3 +292,51 @@ def torch_losses(out: dict, gts: list, weights=(1.0, 2.0, 0.5)):
 
 def to_torch_batch(batch: dict) -> dict:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+
+
+# ---- the end-to-end comparison -------------------------------------------------------------------------
+def build_pair(cfg: ReadConfig, seed: int = 0):
+    """(torch READ, read_jax `ReadModel` with the same weights), fp32.
+
+    The released-layout weights go through `read_rules` + `clip_dir_rules` (the real converter's tables);
+    the strict converter fills every leaf of the abstract model. Seeds torch's global generator.
+    """
+    tm = TorchRead(cfg, seed=seed).float()
+    sd, clip_sd = tm.released_state_dict()
+    model = nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
+    conv = Converter(
+        read_rules() + clip_dir_rules(),
+        abstract_leaves(model),
+        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
+    )
+    load_leaves(model, conv.add_all(sd).add_all(clip_sd).finish())
+    return tm, model
+
+
+def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
+    """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
+    SasP functions."""
+    from torchref import sasp as st
+
+    sc = cfg.sasp
+
+    def similarity(h_img, s):
+        return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
+
+    def to_points(sim, hw):
+        return st.similarity_map_to_points(
+            sim,
+            hw,
+            down_sample=cfg.clip.grid_size // sc.grid_size,
+            num_points=sc.num_points,
+            t_pos=sc.t_pos,
+            t_neg=sc.t_neg,
+            use_dtoc=False,
+        )
+
+    def dtoc(sim, pts, hw):
+        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
+        return st.discrete_to_continuous(full, pts.float())
+
+    tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
+    return tb, tm(tb, (similarity, to_points, dtoc), {})

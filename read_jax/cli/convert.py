@@ -109,6 +109,7 @@ def main(argv=None, *, model_fn=None) -> int:
             compress=not args.no_compress,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            strict=args.strict,
             model_fn=model_fn,
         )
         return 0
