@@ -26,14 +26,12 @@ from flax import nnx
 from read_jax.build import load_model
 from read_jax.config import ReadConfig
 from read_jax.losses import read_batch_loss
-from read_jax.sam.transforms import get_preprocess_shape
 from tests.helpers import require_meta_sam, require_torch
 from tests.test_convert import TOKENIZER_ASSETS, save_shards
+from torchref.read_batch import CANVAS, ORIG, tiny_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "tests" / "assets" / "hf_configs"
-CANVAS = (320, 320)
-ORIG = [(240, 320), (300, 117)]
 
 
 def _lisa_cfg() -> ReadConfig:
@@ -58,43 +56,6 @@ def _release_config(cfg: ReadConfig) -> dict:
         out_dim=cfg.out_dim,
     )
     return hf
-
-
-def _batch(cfg: ReadConfig, seed: int = 0) -> dict:
-    """3 rows: image 0 with one [SEG]; image 1 with two; image 1 with none."""
-    rng = np.random.default_rng(seed)
-    seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
-    head = [1, 319, s, -200, e, 13]
-    rows = [
-        [*head, 500, 501, 502, 9, 10, 11, seg, 29889, 2],
-        [*head, 600, 601, 9, seg, 603, 604, seg, 2],
-        [*head, 700, 701, 702, 703, 2],
-    ]
-    length = max(map(len, rows)) + 2
-    ids = np.zeros((3, length), np.int32)
-    mask = np.zeros((3, length), bool)
-    labels = np.full((3, length), -100, np.int32)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = row
-        mask[r, : len(row)] = True
-        labels[r, 9 : len(row)] = row[9:]
-    masks = np.zeros((3, 2, *CANVAS), np.uint8)
-    for r, img, k in [(0, 0, 0), (1, 1, 0), (1, 1, 1)]:
-        h, w = ORIG[img]
-        masks[r, k, :h, :w] = rng.random((h, w)) > 0.6
-    side = cfg.clip.image_size
-    return {
-        "images_clip": rng.normal(size=(2, side, side, 3)).astype(np.float32),
-        "images_sam": rng.normal(size=(2, cfg.sam.image_size, cfg.sam.image_size, 3)).astype(np.float32),
-        "sam_input_hw": np.array([get_preprocess_shape(h, w, cfg.sam.image_size) for h, w in ORIG], np.int32),
-        "orig_hw": np.array(ORIG, np.int32),
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "conv_image": np.array([0, 1, 1], np.int32),
-        "masks": masks,
-        "mask_valid": np.array([[True, False], [True, True], [False, False]]),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -134,26 +95,11 @@ def model(lisa):
 def _torch_forward(cfg: ReadConfig, tm, batch: dict) -> dict:
     import torch
 
-    from torchref import sasp as st
-    from torchref.read import to_torch_batch
+    from torchref.read import torch_forward
 
-    sc = cfg.sasp
-
-    def similarity(h_img, s):
-        return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
-
-    def to_points(sim, hw):
-        kw = {"num_points": sc.num_points, "t_pos": sc.t_pos, "t_neg": sc.t_neg, "use_dtoc": False}
-        return st.similarity_map_to_points(sim, hw, down_sample=cfg.clip.grid_size // sc.grid_size, **kw)
-
-    def dtoc(sim, pts, hw):
-        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32, cfg.clip.image_size)[0, :, :, 0]
-        return st.discrete_to_continuous(full, pts.float())
-
-    tm.cfg = cfg
-    tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
+    tm.cfg = cfg  # the SasP switch of this comparison
     with torch.no_grad():
-        return tm(tb, (similarity, to_points, dtoc), {})
+        return torch_forward(cfg, tm, batch)[1]
 
 
 @nnx.jit(static_argnames=("sasp",))
@@ -184,7 +130,7 @@ def test_lisa_forward_and_loss_match_torch(lisa, model, sasp_on):
 
     cfg, tm, _ = lisa
     cfg = cfg.replace(sasp=dataclasses.replace(cfg.sasp, enabled=sasp_on))
-    batch = _batch(cfg)
+    batch = tiny_batch(cfg)
     out, (_, terms) = _jax_forward(model, {k: jnp.asarray(v) for k, v in batch.items()}, cfg.sasp)
     tout = _torch_forward(cfg, tm, batch)
     np.testing.assert_allclose(np.asarray(out.logits), tout["logits"].numpy(), atol=1e-4, rtol=1e-4)
@@ -212,17 +158,6 @@ def test_lisa_forward_and_loss_match_torch(lisa, model, sasp_on):
     want = torch_losses(tout, gts)
     for name in ("ce", "bce", "dice", "loss"):
         np.testing.assert_allclose(float(terms[name]), want[name].item(), rtol=1e-5, atol=1e-6)
-
-
-def test_sasp_switch_changes_the_masks_of_the_same_weights(lisa, model):
-    """On and off are different prompts to SAM: the masks differ (the parity tests pin each one)."""
-    cfg, _, _ = lisa
-    b = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
-    off, _ = _jax_forward(model, b, dataclasses.replace(cfg.sasp, enabled=False))
-    on, _ = _jax_forward(model, b, dataclasses.replace(cfg.sasp, enabled=True))
-    assert not np.allclose(
-        np.asarray(off.masks.low_res_logits[0, 0]), np.asarray(on.masks.low_res_logits[0, 0])
-    )
 
 
 def test_sasp_switch_in_the_run_config():

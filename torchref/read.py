@@ -315,7 +315,7 @@ def build_pair(cfg: ReadConfig, seed: int = 0):
 
 def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
     """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
-    SasP functions."""
+    SasP functions (on `cfg`'s CLIP grid and crop: READ's 24 x 24 and 336, LISA's 16 x 16 and 224)."""
     from torchref import sasp as st
 
     sc = cfg.sasp
@@ -335,7 +335,7 @@ def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
         )
 
     def dtoc(sim, pts, hw):
-        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
+        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32, cfg.clip.image_size)[0, :, :, 0]
         return st.discrete_to_continuous(full, pts.float())
 
     tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
