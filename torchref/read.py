@@ -4,7 +4,10 @@ Built from transformers' `LlamaForCausalLM` and `CLIPVisionModel`, Meta's `segme
 torch `nn.Sequential` projector and fcs, and the SasP transcription in `torchref.sasp`.
 The forward transcribes READ's `model_forward` (READ.py:435-598) with the reference's own index tricks
 (the 575-zero [SEG] mask shift, `<im_start>`-relative image-token slicing, per-image SAM decoding) and with
-the §3.8 row/size pairing bug fixed (each [SEG] uses its own row's image, as read_jax does).
+the §3.8 row/size pairing bug fixed (each [SEG] uses its own row's image, as read_jax does). With a LISA
+config (`torchref.lisa`: `mm_projector_type="linear"`, `sasp.enabled=False`) it is LISA's `model_forward`
+(LISA/model/LISA.py): the P - 1 shift is LISA's hard-coded 255 at CLIP-224, and SAM gets the [SEG] token
+alone.
 
 `released_state_dict()` returns the weights under the key names of a released READ checkpoint (plus the
 HF CLIP keys separately), which `build_pair` feeds through read_jax's converter tables. `build_pair` and
@@ -151,7 +154,10 @@ class TorchRead(nn.Module):
         self.llm = _llama(cfg)
         self.clip = _clip(cfg)
         c = cfg.llama.hidden_size
-        self.mm_projector = nn.Sequential(nn.Linear(cfg.clip.hidden_size, c), nn.GELU(), nn.Linear(c, c))
+        if cfg.mm_projector_type == "linear":  # LLaVA-v1's, as LISA's llava_arch.py builds it
+            self.mm_projector = nn.Linear(cfg.clip.hidden_size, c)
+        else:
+            self.mm_projector = nn.Sequential(nn.Linear(cfg.clip.hidden_size, c), nn.GELU(), nn.Linear(c, c))
         self.text_hidden_fcs = nn.ModuleList(
             [
                 nn.Sequential(
@@ -226,12 +232,16 @@ class TorchRead(nn.Module):
             )  # image tokens at start+1 .. start+P
             img = batch["conv_image"][r]
             H, W = (int(v) for v in batch["orig_hw"][img])
-            sim = similarity(h[r, start + 1 : start + 1 + p], h[r, c])
-            pts, labs = to_points(sim, (H, W), **sasp_kw)
-            pts = dtoc(sim, pts, (H, W)) if cfg.sasp.use_dtoc else pts.float()
             nh, nw = (int(v) for v in batch["sam_input_hw"][img])
-            coords = pts * torch.tensor([nw / W, nh / H])
-            sparse, dense = pe(points=(coords[None], labs[None].int()), boxes=None, masks=None)
+            sim = similarity(h[r, start + 1 : start + 1 + p], h[r, c])
+            if cfg.sasp.enabled:
+                pts, labs = to_points(sim, (H, W), **sasp_kw)
+                pts = dtoc(sim, pts, (H, W)) if cfg.sasp.use_dtoc else pts.float()
+                coords = pts * torch.tensor([nw / W, nh / H])
+                sparse, dense = pe(points=(coords[None], labs[None].int()), boxes=None, masks=None)
+            else:  # LISA (LISA.py model_forward): prompt_encoder(points=None, boxes=None, masks=None, text)
+                pts = labs = None
+                sparse, dense = pe(points=None, boxes=None, masks=None)
             sparse = torch.cat([sparse, pred_all[r, c][None, None]], 1)
             low, _ = dec(
                 image_embeddings=emb[img : img + 1],
@@ -304,7 +314,8 @@ def build_pair(cfg: ReadConfig, seed: int = 0):
 
 
 def sasp_functions(cfg: ReadConfig):
-    """READ's SasP steps as `TorchRead` takes them: (similarity, to_points, dtoc), from `torchref.sasp`."""
+    """READ's SasP steps as `TorchRead` takes them: (similarity, to_points, dtoc), from `torchref.sasp`, on
+    `cfg`'s CLIP grid and crop (READ's 24 x 24 and 336, LISA's 16 x 16 and 224)."""
     from torchref import sasp as st
 
     sc = cfg.sasp
@@ -324,7 +335,7 @@ def sasp_functions(cfg: ReadConfig):
         )
 
     def dtoc(sim, pts, hw):
-        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
+        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32, cfg.clip.image_size)[0, :, :, 0]
         return st.discrete_to_continuous(full, pts.float())
 
     return similarity, to_points, dtoc

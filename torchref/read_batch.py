@@ -51,7 +51,7 @@ def tiny_batch(cfg: ReadConfig, seed: int = 0) -> dict:
         m[: h // 3, : w // 2] = 1
         masks[r, k, :h, :w] = m
     return {
-        "images_clip": rng.normal(size=(2, 336, 336, 3)).astype(np.float32),
+        "images_clip": rng.normal(size=(2, cfg.clip.image_size, cfg.clip.image_size, 3)).astype(np.float32),
         "images_sam": rng.normal(size=(2, cfg.sam.image_size, cfg.sam.image_size, 3)).astype(np.float32),
         "sam_input_hw": sam_hw,
         "orig_hw": np.array(ORIG, np.int32),

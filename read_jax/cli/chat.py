@@ -4,10 +4,13 @@
     cold?"
 
 `--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
-`read_jax.inference.save_for_inference` (same layout). READ's demo uses the vicuna_v1 system prompt
-(read_reference.md §2.3); `--template llava_v1` uses the training one. Saying "segment" explicitly helps the
-model
-emit a [SEG].
+`read_jax.inference.save_for_inference` (same layout). The prompt template is the one the checkpoint's own
+chat used (conversion.json's `chat_template`): READ's demo uses the vicuna_v1 system prompt (read_reference.md
+§2.3), LISA's chat.py llava_v1; `--template` overrides it. Saying "segment" explicitly helps the model emit a
+[SEG].
+
+`--sasp on|off` switches Similarity-as-Points for this run (default: the checkpoint's config; a converted LISA
+has it off, as LISA was trained): off, SAM is prompted with the [SEG] token alone and no points are drawn.
 """
 
 from __future__ import annotations
@@ -26,7 +29,18 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="converted READ checkpoint directory")
     p.add_argument("--image", required=True, help="image file (jpg/png/...)")
     p.add_argument("--out", default="chat_out", help="directory for the overlay PNGs and answers.json")
-    p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "llava_v1"))
+    p.add_argument(
+        "--template",
+        default=None,
+        choices=("vicuna_v1", "llava_v1"),
+        help="conversation template (default: the checkpoint's chat_template, else vicuna_v1)",
+    )
+    p.add_argument(
+        "--sasp",
+        default=None,
+        choices=("on", "off"),
+        help="SasP points on or off (default: the checkpoint's)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument(
         "--dtype",
@@ -35,6 +49,14 @@ def parse_args(argv=None):
         help="override the checkpoint's compute/param dtype",
     )
     return p.parse_args(argv)
+
+
+def checkpoint_template(checkpoint: str) -> str:
+    """The conversation template the checkpoint's own chat used (conversion.json), else vicuna_v1."""
+    info = Path(checkpoint) / "conversion.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("chat_template") or "vicuna_v1"
+    return "vicuna_v1"
 
 
 def main(argv=None) -> int:
@@ -52,11 +74,15 @@ def main(argv=None) -> int:
             raise ValueError(f"cannot read image {args.image!r}: {e}") from e
         questions = batch_questions(args.question)
         model, tok = load_for_inference(os.path.abspath(args.checkpoint), dtype=args.dtype)
+        template = args.template or checkpoint_template(args.checkpoint)
+        sasp = None if args.sasp is None else args.sasp == "on"
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         records = []
         for i, q in enumerate(questions):
-            pred = predict(model, tok, image, q, max_new_tokens=args.max_new_tokens, template=args.template)
+            pred = predict(
+                model, tok, image, q, max_new_tokens=args.max_new_tokens, template=template, sasp=sasp
+            )
             png = out / f"answer_{i:02d}.png"
             overlay(image, pred.masks, pred.points, pred.point_labels).save(png)
             print(
@@ -67,6 +93,9 @@ def main(argv=None) -> int:
                 {
                     "question": q,
                     "answer": pred.text,
+                    "template": template,
+                    "sasp": model.config.sasp.enabled if sasp is None else sasp,
+                    "points": int((pred.point_labels >= 0).sum()),
                     "object_present": pred.object_present,
                     "num_masks": len(pred.masks),
                     "overlay": str(png),

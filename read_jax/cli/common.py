@@ -121,7 +121,14 @@ USER_ERRORS = (
 
 
 def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
-    """Run a command's body; an input error becomes `prog: error: ...` on stderr and exit status 2."""
+    """Run a command's body; an input error becomes `prog: error: ...` on stderr and exit status 2.
+
+    First, on the CPU, the XLA options that keep a 7B model's memory plan near one copy of the weights
+    (`read_jax.xla_flags`; they must be set before JAX initialises a backend).
+    """
+    from read_jax import xla_flags
+
+    xla_flags.apply_cpu_memory_flags()
     try:
         return body()
     except USER_ERRORS as e:
