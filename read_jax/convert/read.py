@@ -61,7 +61,7 @@ import numpy as np
 
 from read_jax import config as rc
 from read_jax.checkpoint import owned_copy
-from read_jax.convert import io
+from read_jax.convert import checks, io
 from read_jax.convert.clip import (
     CLIP_VISION_IGNORE,
     LLAVA_VISION_TOWER_PREFIX,
@@ -323,9 +323,7 @@ def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], d
     sp_path = tok_dir / "tokenizer.model"
     if not sp_path.is_file():
         raise rc.ConfigError(f"{tok_dir}: no tokenizer.model (the LLaMA SentencePiece model is required)")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    sp = checks.load_sentencepiece(sp_path)
     base = sp.get_piece_size()
     found: dict[str, tuple[int, str]] = {}  # token -> (id, the file it came from)
 
@@ -355,6 +353,7 @@ def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], d
     if (tok_dir / "tokenizer.json").is_file():
         for d in _read_json(tok_dir / "tokenizer.json").get("added_tokens") or []:
             note(d["content"], int(d["id"]), "tokenizer.json")
+    checks.refuse_extra_added_tokens(found, SEG_TOKENS, base, tok_dir)
 
     if "[SEG]" not in found:
         taken = {t: i for t, (i, _) in found.items() if i >= base}
@@ -493,6 +492,8 @@ class Source:
 def hf_source(name: str, directory: Path) -> Source:
     """The weight files of an HF directory; raises CheckpointFileError naming missing shards."""
     found = io.find_checkpoint_files(directory)
+    for f in found.files:
+        io.check_weights_file(f)  # text, LFS pointers, empty files: refused before anything is written
     expected: dict[Path, set[str]] = {}
     for f in found.files:
         keys = found.keys_of(f)
@@ -506,8 +507,7 @@ def hf_source(name: str, directory: Path) -> Source:
 
 
 def file_source(name: str, path: Path) -> Source:
-    if not path.is_file():
-        raise io.CheckpointFileError(f"{path}: not found")
+    io.check_weights_file(path)
     keys = io.tensor_keys(path)
     return Source(name, (path,), None if keys is None else {path: set(keys)})
 
@@ -655,6 +655,7 @@ def convert_read_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     strict: bool = False,
+    allow_nonfinite: bool = False,
     model_fn: Callable[[rc.ReadConfig], Callable[[], Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> ConversionReport:
@@ -675,6 +676,7 @@ def convert_read_checkpoint(
       compress: zstd in the orbax parts (~20% smaller for bf16 weights, a little more memory per part).
       strict: refuse config.json (and --clip vision-config) attributes read_jax does not use, instead of
         recording them in conversion.json and logging them on one warning line.
+      allow_nonfinite: convert leaves holding NaN/Inf (listed in conversion.json) instead of refusing them.
       model_fn: cfg -> zero-arg builder of the target model (default `ReadModel`).
       log: where the one-line summaries go.
     Returns:
@@ -692,8 +694,8 @@ def convert_read_checkpoint(
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
     if dtype not in ("bfloat16", "float32"):
         raise rc.ConfigError(f"dtype {dtype!r}: use bfloat16 (bf16) or float32 (fp32)")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")
+    inputs = (hf_dir, clip_dir, sam_path)
+    ck.check_output(out_dir, overwrite=overwrite, inputs=inputs)  # before any input is read
 
     # ---- inputs: config, tokenizer, files ----
     cfg_path = hf_dir / "config.json"
@@ -701,6 +703,7 @@ def convert_read_checkpoint(
         raise rc.ConfigError(f"{cfg_path}: not found ({hf_dir} is not an HF checkpoint directory)")
     hf = _read_json(cfg_path)
     family = family_of(hf)
+    checks.require_sizes(hf, cfg_path)
     vt = hf.get("mm_vision_tower") or hf.get("vision_tower")
     if vt and clip_dir is not None:
         log(
@@ -773,7 +776,7 @@ def convert_read_checkpoint(
         shared_out.clear()
 
     # ---- stream: shard by shard, tensor by tensor, into orbax parts in a temporary directory ----
-    with ck.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with ck.atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ck.PartWriter(tmp / ck.PARAMS_DIR, part_bytes or ck.DEFAULT_PART_BYTES, compress=compress)
         rng = np.random.default_rng(seed)
         merger = LoraMerger(float(lora_alpha), lora_modules) if merge else None
@@ -785,6 +788,7 @@ def convert_read_checkpoint(
             disable=not progress,
         )
         read_bytes = 0
+        nonfinite = checks.NonFinite()
 
         def add(conv: Converter, key: str, arr: np.ndarray, where: Path):
             n_out, n_err = len(conv.out), len(conv.errors)
@@ -798,6 +802,7 @@ def convert_read_checkpoint(
                 conv.errors[-1] += f" (in {where.name})"
             if len(conv.out) > n_out:
                 path = next(reversed(conv.out))
+                nonfinite.check(key, path, conv.out[path], where)
                 writer.add(path, conv.out[path])
                 conv.out[path] = _Written(conv.out[path])
 
@@ -833,6 +838,8 @@ def convert_read_checkpoint(
                 conv.finish()
             except ConversionError as e:
                 problems.append(str(e))
+        if nonfinite.found and not allow_nonfinite:
+            problems.append(str(nonfinite.error()))
         if problems:
             msg = "\n".join(_dedupe(problems))
             raise ConversionError(f"{hf_dir}: {msg}{_hint(clip_dir, vt, msg)}")
@@ -860,6 +867,7 @@ def convert_read_checkpoint(
                     "config_unused_attributes": list(audit.unused),
                     "clip_config_unused_attributes": clip_unused,
                     "config_notes": list(audit.notes),
+                    "nonfinite_leaves": nonfinite.found,
                 },
                 indent=1,
             )
@@ -869,6 +877,8 @@ def convert_read_checkpoint(
             shutil.copyfile(f, tmp / ck.TOKENIZER_DIR / f.name)
         if added_tokens is not None:
             (tmp / ck.TOKENIZER_DIR / "added_tokens.json").write_text(json.dumps(added_tokens))
+    if nonfinite.found:
+        log(nonfinite.warning())
     report = ConversionReport(
         out_dir,
         len(shared_out),
