@@ -51,6 +51,17 @@ ADDED_TOKENS = {
 BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<s>", "</s>", "<unk>"
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore the checkpoint's own file") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
+
+
 def _as_id_list(ids) -> list[int]:
     """A 1-D sequence of ids (list, tuple, numpy or jax array) as Python ints."""
     arr = np.asarray(ids)
@@ -85,7 +96,14 @@ class ReadTokenizer:
             directory, model_file = None, path
         if not os.path.isfile(model_file):
             raise ValueError(f"no SentencePiece model at {model_file!r}")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:  # sentencepiece: "INTERNAL: could not parse ModelProto ..."
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"{model_file}: not a readable SentencePiece model ({first}); copy the checkpoint's "
+                "tokenizer.model again"
+            ) from e
         self._check_base_vocab(model_file)
         if directory is not None:
             self._check_directory(directory)
@@ -134,15 +152,13 @@ class ReadTokenizer:
     def _check_directory(directory: str):
         added_file = os.path.join(directory, "added_tokens.json")
         if os.path.isfile(added_file):
-            with open(added_file, encoding="utf-8") as f:
-                added = json.load(f)
+            added = _read_json(added_file)
             wrong = {t: i for t, i in added.items() if ADDED_TOKENS.get(t) != i}
             if wrong:
                 raise ValueError(f"{added_file} disagrees with READ's added tokens {ADDED_TOKENS}: {wrong}")
         config_file = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _read_json(config_file)
             # READ relies on LLaMA's defaults: BOS prepended, no EOS appended by encode().
             bos, eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
             if bos is not True or eos not in (None, False):
