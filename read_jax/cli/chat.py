@@ -66,18 +66,29 @@ def main(argv=None) -> int:
         from read_jax.data.preprocess import ImageError, load_image
         from read_jax.inference import batch_questions, load_for_inference, overlay, predict
 
-        if not os.path.isdir(args.checkpoint):
-            raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+        if not any(q.strip() for q in args.question):
+            raise ValueError(
+                'the question is empty: pass the question as the last argument, e.g. "What keeps food cold? '
+                'Please segment it."'
+            )
+        checkpoint = common.absolute(args.checkpoint)
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
         try:
-            image = load_image(args.image)
+            image = load_image(common.absolute(args.image))
         except (ImageError, OSError) as e:
-            raise ValueError(f"cannot read image {args.image!r}: {e}") from e
+            raise ValueError(f"--image {args.image}: cannot read it ({e})") from e
         questions = batch_questions(args.question)
-        model, tok = load_for_inference(os.path.abspath(args.checkpoint), dtype=args.dtype)
-        template = args.template or checkpoint_template(args.checkpoint)
+        out = Path(common.absolute(args.out))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(
+                f"--out {out}: cannot create it ({e.strerror}); choose a writable directory"
+            ) from e
+        model, tok = load_for_inference(checkpoint, dtype=args.dtype)
+        template = args.template or checkpoint_template(checkpoint)
         sasp = None if args.sasp is None else args.sasp == "on"
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         records = []
         for i, q in enumerate(questions):
             pred = predict(

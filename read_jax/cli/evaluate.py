@@ -31,14 +31,19 @@ Outputs: OUT/summary.json and OUT/samples.jsonl (one record per query: id, query
 
 from __future__ import annotations
 
-import os
 import sys
 
 from read_jax.cli import common
+from read_jax.config import ConfigError
 
 
 def main(argv=None) -> int:
-    rest, overrides = common.split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest, overrides = common.split_overrides(argv)
+    except ConfigError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     p = common.parser("evaluate.py", __doc__, config=True)
     p.add_argument("--checkpoint", required=True, help="train.py workdir or converted checkpoint directory")
     p.add_argument(
@@ -82,11 +87,11 @@ def main(argv=None) -> int:
         config = common.load_run_config(args.config, overrides)
         run(
             config,
-            os.path.abspath(args.checkpoint),
+            common.absolute(args.checkpoint),
             args.split,
-            out=args.out and os.path.abspath(args.out),
+            out=common.absolute(args.out),
             threshold_search=args.threshold_search,
-            analysis_dir=args.analysis,
+            analysis_dir=common.absolute(args.analysis),
             sweep=args.sweep,
             which=args.which,
             max_new_tokens=args.max_new_tokens,

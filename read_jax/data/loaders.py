@@ -14,7 +14,6 @@ The `data` section of a run config (`read_jax.train.config.default_config`): eve
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -96,26 +95,46 @@ def reason_seg_dir(data_cfg) -> str:
 
 
 def ensure_shapes_data(data_cfg) -> None:
-    """`data.make_shapes`: make `data.root` hold the generated shapes set with `data.num_shapes` images per
-    split.
+    """`data.make_shapes`: the generated shapes set in `data.root`, written only into a directory the
+    generator owns (it holds `make_shapes.MARKER`), and only the files that are absent.
 
-    A split with fewer images than asked for is (re)written with `make_shapes.write_split`, a pure function of
-    (seed, split, index): images already there are rewritten identically, so a set made by
-    `python -m read_jax.data.make_shapes --out DIR` is topped up, not replaced. Only process 0 writes (a
-    shared filesystem is assumed on multi-host runs).
+    An absent or empty `data.root` is created and marked; in a marked one every example of `data.num_shapes`
+    that is missing is written (`make_shapes.write_split(missing_only=True)`: a pure function of (seed, split,
+    index), so a set made by `python -m read_jax.data.make_shapes --out DIR` is topped up, and files already
+    there, hand edits included, are never rewritten). Any other `data.root` is refused: generated scenes are
+    never merged into a user's data. Only process 0 writes (multi-host runs assume a shared filesystem).
     """
     if not data_cfg.get("make_shapes") or jax.process_index() != 0:
         return
     from read_jax.data import make_shapes
 
-    root = data_cfg.root
+    root = str(data_cfg.root)
+    marker = make_shapes.read_marker(root)
+    if marker is None:
+        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+            raise ConfigError(
+                f"data.root={root} holds data the shapes generator did not write (no {make_shapes.MARKER}): "
+                "data.make_shapes=True writes only into a directory of its own; point data.root to a new "
+                "directory, or pass --config.data.make_shapes=false to read this one as it is"
+            )
+        try:
+            os.makedirs(root, exist_ok=True)
+            make_shapes.write_marker(root, 0)
+        except OSError as e:
+            raise PermissionError(f"data.root={root}: cannot create it ({e.strerror})") from e
+        marker = {"seed": 0}
+    seed = int(marker.get("seed", 0))
     counts = dict(zip(make_shapes.SPLITS, plain(data_cfg.num_shapes)))
     for split in make_shapes.SPLITS:
         want = int(counts.get(split) or 0)
-        have = len(glob.glob(os.path.join(root, split, "*.jpg")))
-        if have < want:
-            log.info("writing the generated shapes set: %s/%s (%d images, %d there)", root, split, want, have)
-            make_shapes.write_split(root, split, want, 0)
+        missing = sum(
+            not all(os.path.exists(f) for f in make_shapes.example_paths(root, split, i)) for i in range(want)
+        )
+        if missing:
+            log.info(
+                "writing the generated shapes set: %s/%s (%d of %d examples)", root, split, missing, want
+            )
+            make_shapes.write_split(root, split, want, seed, missing_only=True)
 
 
 def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iterator[dict], Pl.DataConfig]:

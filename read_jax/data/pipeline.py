@@ -32,10 +32,14 @@ Hm = Wm = `max_mask_side`):
   mask_valid      bool[R]              the row has a GT mask (training: == has_seg; eval: every query)
   mask_hw         i32[R, 2]            extent of the GT inside the canvas (= orig_hw unless downscaled)
   sample_id       str[B]               host-only (numpy unicode): drop it before `jax.device_put`
-                                       (`device_batch` does)
+                                       (`device_batch` does); an eval slot whose item was skipped holds
+                                       "<reason>: <message>" (`skip_reason`)
 
 Text longer than the largest bucket is truncated to it (the reference truncates at
-`model_max_length - 255` = 1793, the default largest bucket). Rows of one image are contiguous, so the
+`model_max_length - 255` = 1793, the default largest bucket), but never before the answer's last [SEG]
+(nor, without [SEG], before the first answer token; a prompt-only row is never cut): a row that does not
+fit that way is an unusable example (`QueryTooLongError`), redrawn and counted in training, reported as
+skipped in evaluation. Rows of one image are contiguous, so the
 model repeats image b's CLIP features for rows [b*C, (b+1)*C) (the reference's `offset` list).
 
 Training draws example `i` of the global index stream from `np.random.default_rng([seed, i, attempt])`
@@ -52,7 +56,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from read_jax.config import CLIP_SIZE, IGNORE_INDEX, SamConfig
+from read_jax.config import CLIP_SIZE, IGNORE_INDEX, SEG_TOKEN_ID, SamConfig
 from read_jax.data import readers as R
 from read_jax.data.preprocess import (
     DEFAULT_MAX_PIXELS,
@@ -135,6 +139,20 @@ def device_batch(batch: dict) -> dict:
 # ---- one example -> variable-size arrays ----------------------------------------------------------------
 
 
+class QueryTooLongError(R.SampleError):
+    """A conversation row that the largest length bucket cannot hold without losing its [SEG] (or its
+    question)."""
+
+
+def skip_reason(e: Exception) -> str:
+    """The category an unusable example is counted under."""
+    if isinstance(e, QueryTooLongError):
+        return "query too long"
+    if isinstance(e, ImageError):
+        return "unreadable image"
+    return "unusable annotation"
+
+
 class ExampleProcessor:
     """`Example` -> preprocessed pixels + token rows + GT masks (variable sizes; `collate` pads them).
 
@@ -167,6 +185,24 @@ class ExampleProcessor:
             return ids, [IGNORE_INDEX] * len(ids)
         return encode_conversation(prompt, self.tokenizer, template=self.cfg.template)
 
+    def fit(self, ids: list[int], labels: list[int], where: str) -> tuple[list[int], list[int]]:
+        """A row cut to the largest length bucket, keeping every supervised [SEG] (without one: the question
+        and the first answer token; a prompt-only row whole). Raises QueryTooLongError when that is
+        impossible."""
+        limit = self.cfg.length_buckets[-1]
+        if len(ids) <= limit:
+            return ids, labels
+        sup = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+        seg = [i for i in sup if ids[i] == SEG_TOKEN_ID]
+        need = seg[-1] + 1 if seg else sup[0] + 1 if sup else len(ids)
+        if need > limit:
+            what = "the text up to its [SEG]" if seg else "the question" if sup else "the prompt"
+            raise QueryTooLongError(
+                f"{where}: {what} takes {need} tokens, the largest length bucket holds {limit} "
+                f"(data.length_buckets)"
+            )
+        return ids[:limit], labels[:limit]
+
     def __call__(self, ex: R.Example) -> dict:
         """Raises ImageError / SampleError for an unusable example."""
         from read_jax.sam.transforms import preprocess as sam_preprocess
@@ -181,7 +217,9 @@ class ExampleProcessor:
             raise R.SampleError(f"{ex.sample_id}: GT size {ex.masks.shape[1:]} != image size {hw}")
         sam_img, sam_hw = sam_preprocess(image, self.sam_cfg)
         try:
-            rows = [self.encode(c) for c in ex.conversations]
+            rows = [
+                self.fit(*self.encode(c), f"{ex.sample_id} query {j}") for j, c in enumerate(ex.conversations)
+            ]
         except ValueError as e:  # text the prompt builder / tokenizer cannot handle: a data problem
             raise R.SampleError(f"{ex.sample_id}: {e}") from e
         side = self.cfg.max_mask_side
@@ -262,7 +300,7 @@ class EvalExampleFn:
             out = self.processor(ex)
         except (R.SampleError, ImageError) as e:
             log.warning("eval item %d is unusable and is skipped: %s", idx, e)
-            return _invalid(idx, 1, str(idx))
+            return _invalid(idx, 1, f"{skip_reason(e)}: {e}")
         out.update(example_index=idx, num_skipped=0, source=0, meta=ex.meta)
         return out
 

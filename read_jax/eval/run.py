@@ -21,6 +21,7 @@ from read_jax import build
 from read_jax import sharding as shd
 from read_jax import visualize as V
 from read_jax.data import loaders
+from read_jax.data import pipeline as Pl
 from read_jax.data.tokenizer import ReadTokenizer
 from read_jax.eval import analysis, protocols, records
 
@@ -64,6 +65,34 @@ def _summary_lines(split: str, summary: dict) -> str:
             f"\n  {k} ({m['num_queries']} queries): gIoU {100 * m['gIoU']:.2f}  cIoU {100 * m['cIoU']:.2f}"
         )
     return line
+
+
+def _writable(path: str, flag: str) -> None:
+    """Create an output directory now, not after the evaluation: a read-only location fails in seconds."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(
+            f"{flag} {path}: cannot create it ({e.strerror}); choose a writable directory"
+        ) from e
+
+
+def _dropped(split: str, reader, skipped: records.SkippedItems, kind: str) -> dict:
+    """The summary's account of what was not scored (and one warning line when anything was not)."""
+    d = records.dropped_summary(
+        dict(getattr(reader, "dropped", {})),
+        records.gather_records(skipped.items),
+        one_query_per_item=kind == "reasonseg",
+    )
+    if d["num_dropped_items"]:
+        reasons = ", ".join(f"{r} {v['items']}" for r, v in d["dropped_by_reason"].items())
+        q = d["num_dropped_queries"]
+        print(
+            f"{split}: warning: {d['num_dropped_items']} items"
+            + ("" if q is None else f" ({q} queries)")
+            + f" were not scored ({reasons}); see dropped_by_reason in summary.json"
+        )
+    return d
 
 
 def _write_sweep(out: str, meta: dict, results: dict) -> str:
@@ -119,7 +148,14 @@ def run(
     batches, total = loaders.eval_iterator(reader, dc, cfg, tokenizer_dir)
     if max_batches:
         batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
+    skipped = records.SkippedItems(
+        Pl.eval_chunks(reader, dc.max_convs), reader.num_conversations, dc.max_convs
+    )
+    batches = skipped.watch(batches)
     out = out or os.path.join(checkpoint, "eval", split)
+    _writable(out, "--out")
+    if analysis_dir:
+        _writable(analysis_dir, "--analysis")
     ev = protocols.Evaluator(model, mesh)
     meta = {
         "split": split,
@@ -131,6 +167,7 @@ def run(
 
     if sweep:
         results = protocols.sweep_sasp(model, batches, evaluator=ev, total=total, progress=progress)
+        meta.update(_dropped(split, reader, skipped, kind))
         print(_write_sweep(out, meta, results))
         return results
     if kind == "fp":
@@ -171,7 +208,7 @@ def run(
         line = _summary_lines(split, summary)
         if pictures is not None:
             meta["pictures"] = {"dir": os.path.abspath(analysis_dir), "count": len(pictures.paths)}
-    summary = {**meta, **summary}
+    summary = {**meta, **summary, **_dropped(split, reader, skipped, kind)}
     s_path, r_path = records.write_results(out, summary, recs)
     print(line)
     print(f"wrote {s_path} and {r_path}")
