@@ -121,7 +121,8 @@ def ensure_shapes_data(data_cfg) -> None:
 def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iterator[dict], Pl.DataConfig]:
     """The training grain iterator of `config.data` (this host's share) and its DataConfig.
 
-    `train.mask_side` > 0 sets a coarser GT canvas for training only (validation keeps `data.max_mask_side`).
+    `train.mask_side` > 0 sets a coarser GT canvas for training than `data.max_mask_side` (validation scores
+    at native resolution, `eval.max_mask_side`).
     """
     d = config.data
     ensure_shapes_data(d)
@@ -161,8 +162,15 @@ def eval_reader(data_cfg, dataset: str, split: str, *, answers: bool = True) -> 
 
 def eval_data_config(config, cfg: ReadConfig, *, generation: bool = False) -> Pl.DataConfig:
     """The DataConfig of an evaluation: `eval.batch_size`; one query per row (the teacher-forced protocol), or
-    the vicuna_v1 template of `test_read.py` for the generation protocols (read_reference.md §13.7)."""
-    over = {"batch_size": int(config.eval.get("batch_size", 1))}
+    the vicuna_v1 template of `test_read.py` for the generation protocols (read_reference.md §13.7).
+
+    Every image is scored at its original size (the reference weighs cIoU by native pixel counts), unless
+    `eval.max_mask_side` > 0 caps the GT canvas (an explicit option; the summary records it).
+    """
+    over = {
+        "batch_size": int(config.eval.get("batch_size", 1)),
+        "max_mask_side": int(config.eval.get("max_mask_side", 0) or 0),
+    }
     if generation:
         over["template"] = "vicuna_v1"
     else:

@@ -127,6 +127,8 @@ def run(
         "num_items": len(reader),
         "sasp": dataclasses.asdict(cfg.sasp),
         "devices": int(mesh.size),
+        # The protocol scores every image at its original size; a cap is an explicit, recorded departure.
+        "resolution": "native" if not dc.max_mask_side else f"capped at {dc.max_mask_side} px",
     }
 
     if sweep:
