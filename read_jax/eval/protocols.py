@@ -42,6 +42,7 @@ import numpy as np
 
 from read_jax import sharding as shd
 from read_jax.config import SaspConfig
+from read_jax.eval import dumps
 from read_jax.eval.analysis import TABLE8_NUM_POINTS, TABLE8_THRESHOLDS, best_thresholds
 from read_jax.eval.records import (
     batch_records,
@@ -75,12 +76,20 @@ def _summarise(records: list[dict], summary_fn: Callable, t0: float) -> tuple[di
     return summary, records
 
 
-def _resolution(batch: Mapping[str, Any], recs: list[dict], rows: np.ndarray) -> None:
-    """`scored_hw` (the GT extent the row was scored at) and `native_hw` (its image's size) of each record."""
+def _resolution(
+    batch: Mapping[str, Any], res: dict, recs: list[dict], rows: np.ndarray, dump_dir: str | None
+) -> None:
+    """`scored_hw` (the GT extent the row was scored at) and `native_hw` (its image's size) of each record;
+    with `dump_dir`, the row's predicted and GT masks at that extent (`dumps.write_masks`)."""
     conv_image = np.asarray(batch["conv_image"])
     for rec, r in zip(recs, rows):
-        rec["scored_hw"] = [int(v) for v in np.asarray(batch["mask_hw"])[r]]
+        h, w = (int(v) for v in np.asarray(batch["mask_hw"])[r])
+        rec["scored_hw"] = [h, w]
         rec["native_hw"] = [int(v) for v in np.asarray(batch["orig_hw"])[conv_image[r]]]
+        if dump_dir is not None:
+            dumps.write_masks(
+                dump_dir, rec, res["pred_mask"][r, :h, :w], np.asarray(batch["masks"])[r, :h, :w]
+            )
 
 
 def evaluate_reasonseg(
@@ -100,6 +109,7 @@ def evaluate_reasonseg(
     progress: bool = True,
     total: int | None = None,
     desc: str = "eval",
+    dump_dir: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """The teacher-forced protocol (ReasonSeg val/test, RefCOCO/+/g): gIoU and cIoU.
 
@@ -119,6 +129,7 @@ def evaluate_reasonseg(
         `is_sentence`, which enables the short/long figures).
       on_maps: callback(batch, results, valid_rows) with the maps (turns on `return_maps`): pictures.
       evaluator: reuse an `Evaluator` (its model and mesh win over `model`/`mesh`).
+      dump_dir: write every query's predicted and GT masks under it (`dumps`; re-scored by `dumps.rescore`).
     Returns:
       (summary {"gIoU", "cIoU", "num_queries", ["short", "long", "threshold_search", "points_as_prompt"],
       "samples_per_s"}, per-query records).
@@ -135,12 +146,13 @@ def evaluate_reasonseg(
             threshold_search=threshold_search,
             points_prompt=points_prompt,
             return_maps=on_maps is not None,
+            return_pred=dump_dir is not None,
         )
         res = ev.run(batch, opts)
         valid = row_valid(batch)
         recs = batch_records(batch, res, valid, tokenizer, meta_fn, seen)
         rows = np.flatnonzero(valid)
-        _resolution(batch, recs, rows)
+        _resolution(batch, res, recs, rows, dump_dir)
         for rec, r in zip(recs, rows):
             rec.update(fg_intersection=int(res["fg_inter"][r]), fg_union=int(res["fg_union"][r]))
         if threshold_search:
@@ -303,6 +315,9 @@ def evaluate_fprefcoco(
     evaluator: Evaluator | None = None,
     progress: bool = True,
     total: int | None = None,
+    sasp_cfg: SaspConfig | None = None,
+    dump_dir: str | None = None,
+    desc: str = "fp-refcoco",
 ) -> tuple[dict, list[dict]]:
     """FP-RefCOCO(+/g) "See" and "Segment" through free greedy generation (read_reference.md §8.4).
 
@@ -317,6 +332,8 @@ def evaluate_fprefcoco(
       max_new_tokens: generation budget (the reference: 512), capped by the model's position table.
       total_len: static length of the full forward (default: prompt length + max_new_tokens).
       generate_fn: batch -> (tokens int[R, M], lengths int[R]); default greedy `generate_answers`.
+      sasp_cfg: SasP override (e.g. the 13B evaluation preset); default the model's.
+      dump_dir: write every query's predicted and GT masks under it (`dumps`).
     Returns:
       (summary {"See", "Segment", "gIoU", "num_queries", ...}, records with `answer`, `presence`,
       `gt_presence`, IoU fields).
@@ -346,17 +363,17 @@ def evaluate_fprefcoco(
     records: list[dict] = []
     seen: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
-    for batch in _iterate(batches_or_loader, total, "fp-refcoco", progress):
+    for batch in _iterate(batches_or_loader, total, desc, progress):
         if "exists" not in batch:
             raise ValueError("FP-RefCOCO batches need `exists` (the premise of each query)")
         tokens, lengths = gen(batch)
         full_len = total_len or (np.shape(batch["input_ids"])[1] + tokens.shape[1])
         full = with_answers(batch, tokens, lengths, full_len)
         canvas = check_batch(full, None, ev.mesh)
-        res = ev.run(full, DecodeOptions(canvas_hw=canvas))
+        res = ev.run(full, DecodeOptions(canvas_hw=canvas, sasp=sasp_cfg, return_pred=dump_dir is not None))
         valid = row_valid(full)
         recs = batch_records(full, res, valid, None, None, seen)
-        _resolution(full, recs, np.flatnonzero(valid))
+        _resolution(full, res, recs, np.flatnonzero(valid), dump_dir)
         for rec, r in zip(recs, np.flatnonzero(valid)):
             rec["query"] = query_text(tokenizer, batch["input_ids"][r]) if tokenizer is not None else None
             rec["answer"] = (

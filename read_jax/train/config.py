@@ -78,6 +78,9 @@ def default_config() -> ConfigDict:
             "num_shapes": (200, 40, 40),
             # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
             "reason_seg_false_premise": -1.0,
+            # The reference's template lists (path to READ's `dataloaders/qa_template.py`, read as data) for
+            # training, RefCOCO and FP-RefCOCO; "": our own wording (released checkpoints never saw it).
+            "templates": "",
         }
     )
     c.train = ConfigDict(
@@ -122,6 +125,9 @@ def default_config() -> ConfigDict:
             # 0: every image scored at its original size (the protocol); > 0: cap the GT canvas side (the
             # summary records it; the figures are then not the protocol's).
             "max_mask_side": 0,
+            # The SasP setting evaluate.py scores with: "" the model's, or a preset ("read_13b_eval":
+            # READ-13B's 60 points / 0.6 on the 24x24 grid, which it is evaluated with, not trained with).
+            "sasp": "",
         }
     )
     c.progress = True
