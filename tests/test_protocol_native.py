@@ -17,7 +17,8 @@ from flax import nnx
 
 from read_jax.data import pipeline as P
 from read_jax.data import readers as R
-from read_jax.eval import protocols, stages
+from read_jax.eval import dumps, protocols, stages
+from read_jax.eval.records import summary_from_records
 from tests.helpers import require_meta_sam
 from tests.protocol_fixtures import TOKENIZER, tiny_model, write_reason_seg
 
@@ -43,10 +44,11 @@ def _batches(reader, model, side):
 
 
 @pytest.fixture(scope="module")
-def native(split, model):
+def native(split, model, tmp_path_factory):
     batches = _batches(split, model, 0)
-    summary, recs = protocols.evaluate_reasonseg(model, batches, progress=False)
-    return batches, summary, recs
+    out = str(tmp_path_factory.mktemp("native_dump"))
+    summary, recs = protocols.evaluate_reasonseg(model, batches, progress=False, dump_dir=out)
+    return batches, summary, recs, out
 
 
 def _low_res(model, batch):
@@ -60,7 +62,7 @@ def _low_res(model, batch):
 
 
 def test_native_canvas_holds_original_gt(split, native):
-    batches, _, _ = native
+    batches, _, _, _ = native
     assert [b["masks"].shape[1:] for b in batches] == [(1536, 1536), (768, 768)]  # the CANVAS_SIDES ladder
     for b in batches:
         for r in np.flatnonzero(b["mask_valid"]):
@@ -76,7 +78,7 @@ def test_native_ciou_equals_independent_numpy(split, model, native):
     require_meta_sam()
     from torchref.sam import meta_postprocess
 
-    batches, summary, recs = native
+    batches, summary, recs, _ = native
     s = model.config.sam.image_size
     inter, union = {}, {}
     for b in batches:
@@ -97,7 +99,7 @@ def test_native_ciou_equals_independent_numpy(split, model, native):
 
 
 def test_native_differs_from_capped(split, model, native):
-    _, summary, recs = native
+    _, summary, recs, _ = native
     capped, crecs = protocols.evaluate_reasonseg(model, _batches(split, model, 1024), progress=False)
     assert capped["downscaled_queries"] == 2
     assert [r["scored_hw"] for r in crecs][:2] == [[1024, 866], [614, 1024]]
@@ -126,3 +128,18 @@ def test_native_band_scoring_memory_is_bounded():
     full_logits = r * 4096 * 4096 * 4  # one float32 map of the large canvas
     assert large < full_logits / 5, (large, full_logits)  # measured: ~21 MB against 134 MB
     assert large < 4.5 * small, (small, large)  # 4x the side, 16x the pixels: linear in the side
+
+
+def test_native_dump_rescores_to_the_direct_figures(split, native):
+    """Teacher-forced dumps hold each query's masks at the original size; re-scoring them from the files
+    alone gives the direct summary."""
+    _, summary, recs, out = native
+    for i, rec in enumerate(recs):
+        pred, gt = dumps.read_masks(out, rec)
+        assert pred.shape == gt.shape == SIZES[i] and pred.dtype == bool
+        np.testing.assert_array_equal(gt, split[i].masks[0])
+    rescored = dumps.rescore_records(out, [dict(r) for r in recs])
+    assert [(r["intersection"], r["union"]) for r in rescored] == [
+        (r["intersection"], r["union"]) for r in recs
+    ]
+    assert dumps.differences(summary, summary_from_records(rescored)) == []
