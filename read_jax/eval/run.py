@@ -122,6 +122,26 @@ def _write_sweep(out: str, meta: dict, results: dict) -> str:
     return table
 
 
+def _meta(config, split, checkpoint, kind, reader, dc, sasp_cfg, generation: bool, devices: int) -> dict:
+    """What a summary records besides the figures; prints the template note when one applies."""
+    meta = {
+        "split": split,
+        "checkpoint": os.path.abspath(checkpoint),
+        "num_items": len(reader),
+        "protocol": "generation" if generation else "teacher-forced",
+        "sasp": dataclasses.asdict(sasp_cfg),
+        "templates": reader.templates.source if kind != "reasonseg" else "LISA's fixed ReasonSeg templates",
+        "devices": devices,
+        # The protocol scores every image at its original size; a cap is an explicit, recorded departure.
+        "resolution": "native" if not dc.max_mask_side else f"capped at {dc.max_mask_side} px",
+    }
+    note = template_note(kind, split, checkpoint, config)
+    if note:
+        print(note)
+        meta["comparable_with_paper"] = False
+    return meta
+
+
 def run(
     config,
     checkpoint: str,
@@ -171,23 +191,9 @@ def run(
         batches, total = itertools.islice(batches, max_batches), min(total, max_batches)
     out = out or os.path.join(checkpoint, "eval", split)
     ev = protocols.Evaluator(model, mesh)
-    meta = {
-        "split": split,
-        "checkpoint": os.path.abspath(checkpoint),
-        "num_items": len(reader),
-        "protocol": "generation" if generation else "teacher-forced",
-        "sasp": dataclasses.asdict(sasp_cfg),
-        "templates": reader.templates.source if kind != "reasonseg" else "LISA's fixed ReasonSeg templates",
-        "devices": int(mesh.size),
-        # The protocol scores every image at its original size; a cap is an explicit, recorded departure.
-        "resolution": "native" if not dc.max_mask_side else f"capped at {dc.max_mask_side} px",
-    }
-
-    note = template_note(kind, split, checkpoint, config)
-    if note:
-        print(note)
-        meta["comparable_with_paper"] = False
+    meta = _meta(config, split, checkpoint, kind, reader, dc, sasp_cfg, generation, int(mesh.size))
     dump_dir = out if dump_masks else None
+    common = dict(evaluator=ev, total=total, progress=progress, sasp_cfg=sasp_cfg, dump_dir=dump_dir)
     if sweep:
         base = sasp_cfg if sasp_cfg != cfg.sasp else None
         results = protocols.sweep_sasp(
@@ -201,13 +207,9 @@ def run(
             batches,
             tokenizer,
             max_new_tokens=max_new_tokens,
-            evaluator=ev,
-            total=total,
-            progress=progress,
-            sasp_cfg=sasp_cfg,
-            dump_dir=dump_dir,
             generate_fn=generate_fn,
             desc=split,
+            **common,
         )
         line = (
             f"{split}: See {100 * summary['See']:.2f}  Segment (cIoU) {100 * summary['Segment']:.2f}  "
@@ -229,12 +231,8 @@ def run(
             tokenizer=tokenizer,
             meta_fn=records.reason_seg_meta(reader) if kind == "reasonseg" else None,
             on_maps=pictures,
-            evaluator=ev,
-            total=total,
-            progress=progress,
             desc=split,
-            sasp_cfg=sasp_cfg,
-            dump_dir=dump_dir,
+            **common,
         )
         line = _summary_lines(split, summary)
         if pictures is not None:

@@ -3,9 +3,11 @@
 `encode` (SasP-independent): the model's teacher-forced forward without SAM (`logits="none"`,
   `compute_masks=False`), the first [SEG] slot's hidden state of every row (`ReadModel.seg_states`), its row's
   image-token states, and the SAM image embeddings.
-`decode`: SasP points + SAM mask decoding through the model's one mask path (`ReadModel.masks_from_states`),
-  each mask decoded straight to its row's GT extent, per-row integer intersection/union, and the optional
-  analyses (threshold histograms, points-only SAM prompting, maps for pictures).
+`decode`: SasP points + SAM mask decoding through the model's one mask path (`ReadModel.masks_from_states`,
+  low-res logits), then `score_bands`: each mask upsampled to its row's GT extent (the original image size
+  unless capped) and scored `BAND` canvas rows at a time, so device memory stays bounded on large images;
+  per-row integer intersection/union and the optional analyses (threshold histograms, points-only SAM
+  prompting, maps for pictures, predicted masks for dumps) come out of the same band loop.
 Only the first [SEG] slot is decoded (R prompts, not R * max_segs). The Table 8 sweep runs `encode` once per
 batch and `decode` once per SasP setting, with traced thresholds (one compile per |P|).
 
