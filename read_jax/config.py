@@ -169,8 +169,16 @@ class SamConfig(_DtypeMixin):
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
+    # dtype of the random-Fourier positional encoding of points and of the image grid. "" = the compute
+    # dtype, as the release computes it (READ's `_pe_encoding` casts the coordinates to the Gaussian matrix's
+    # dtype: bf16 in the released models); "float32" = exact fp32 whatever the compute dtype.
+    pe_dtype: str = ""
 
     def __post_init__(self):
+        if self.pe_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"SamConfig.pe_dtype must be '', float32, bfloat16 or float16, got {self.pe_dtype!r}"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError("SAM image_size must be a multiple of patch_size")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]

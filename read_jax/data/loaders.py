@@ -37,6 +37,7 @@ SOURCE_KEYS = (
     "reason_seg_false_premise",
     "make_shapes",
     "num_shapes",
+    "templates",
 )
 # DataConfig fields derived from the model, never configured.
 DERIVED_KEYS = ("clip_size",)
@@ -140,7 +141,8 @@ def ensure_shapes_data(data_cfg) -> None:
 def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iterator[dict], Pl.DataConfig]:
     """The training grain iterator of `config.data` (this host's share) and its DataConfig.
 
-    `train.mask_side` > 0 sets a coarser GT canvas for training only (validation keeps `data.max_mask_side`).
+    `train.mask_side` > 0 sets a coarser GT canvas for training than `data.max_mask_side` (validation scores
+    at native resolution, `eval.max_mask_side`).
     """
     d = config.data
     ensure_shapes_data(d)
@@ -157,6 +159,10 @@ def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iter
         reason_seg_dir=reason_seg_dir(d),
         reason_seg_false_premise=None if fp < 0 else fp,
     )
+    tpl = load_templates(d.get("templates"))
+    for src in sources.values():
+        if hasattr(src, "use_templates"):
+            src.use_templates(tpl)
     ds = Pl.train_dataset(
         M.Mixture(sources, rates, seed=dc.seed), dc, cfg.sam, d.tokenizer, shard_options=shard_options
     )
@@ -170,18 +176,38 @@ def eval_reader(data_cfg, dataset: str, split: str, *, answers: bool = True) -> 
     `answers=False` gives prompt-only rows (the generation protocols).
     """
     seed = int(data_cfg.get("seed", 0))
-    if dataset == "reasonseg":
-        return R.ReasonSegReader(reason_seg_dir(data_cfg), split, mode="eval", seed=seed)
+    if dataset == "reasonseg":  # LISA's fixed templates (the protocol's), whatever `data.templates` says
+        return R.ReasonSegReader(reason_seg_dir(data_cfg), split, mode="eval", seed=seed, eval_answer=answers)
     root = data_cfg.root
     if os.path.isdir(os.path.join(root, "refer_seg")):
         root = os.path.join(root, "refer_seg")
-    return R.ReferReader(root, dataset, split, mode="eval", seed=seed, eval_answer=answers)
+    reader = R.ReferReader(root, dataset, split, mode="eval", seed=seed, eval_answer=answers)
+    return reader.use_templates(load_templates(data_cfg.get("templates")))
+
+
+def load_templates(path: str | None):
+    """`data.templates`: the reference's template lists from the user's checkout (e.g. READ's
+    `dataloaders/qa_template.py`, parsed as data), or our own wording when empty (`templates.load_templates`).
+    A file that cannot be read as the reference's lists is a ConfigError naming the list."""
+    from read_jax.data import templates as T
+
+    try:
+        return T.load_templates(path or None)
+    except T.TemplateError as e:
+        raise ConfigError(f"config.data.templates: {e}") from e
 
 
 def eval_data_config(config, cfg: ReadConfig, *, generation: bool = False) -> Pl.DataConfig:
     """The DataConfig of an evaluation: `eval.batch_size`; one query per row (the teacher-forced protocol), or
-    the vicuna_v1 template of `test_read.py` for the generation protocols (read_reference.md §13.7)."""
-    over = {"batch_size": int(config.eval.get("batch_size", 1))}
+    the vicuna_v1 template of `test_read.py` for the generation protocols (read_reference.md §13.7).
+
+    Every image is scored at its original size (the reference weighs cIoU by native pixel counts), unless
+    `eval.max_mask_side` > 0 caps the GT canvas (an explicit option; the summary records it).
+    """
+    over = {
+        "batch_size": int(config.eval.get("batch_size", 1)),
+        "max_mask_side": int(config.eval.get("max_mask_side", 0) or 0),
+    }
     if generation:
         over["template"] = "vicuna_v1"
     else:

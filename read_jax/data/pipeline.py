@@ -8,7 +8,8 @@ sizes and adds validity flags instead.
 
 Batch (one host's share; B = `DataConfig.batch_size` images, C = `max_convs`, R = B * C conversation rows,
 L = the smallest `length_buckets` entry that holds the batch's longest row, S = `SamConfig.image_size`,
-Hm = Wm = `max_mask_side`):
+Hm = Wm = the GT canvas side: `max_mask_side`, or with `max_mask_side=0` (evaluation at native resolution,
+the protocol's default) the batch's largest image side rounded up the `CANVAS_SIDES` ladder):
 
   images_clip     f32[B, 336, 336, 3]  CLIP pixels (short side 336 bicubic, centre crop, CLIP mean/std)
   images_sam      f32[B, S, S, 3]      SAM pixels (longest side S, SAM mean/std, zero pad bottom/right)
@@ -27,10 +28,11 @@ Hm = Wm = `max_mask_side`):
   has_seg         bool[R]              the row's answer is meant to produce a mask ([SEG] in training)
   exists          bool[R]              the queried object is present (False: false premise, VQA)
   masks           u8[R, Hm, Wm]        the row's GT at original resolution, top-left in the canvas; 0/1
-                                       (eval ReasonSeg keeps 255 = ignore). Images with a side > Hm are
-                                       downscaled (nearest) to fit, see `mask_hw`.
+                                       (eval ReasonSeg keeps 255 = ignore, eval RefCOCO 2 where polygon
+                                       parts overlap). With a cap (`max_mask_side` > 0) images with a side
+                                       > Hm are downscaled (nearest) to fit, see `mask_hw`.
   mask_valid      bool[R]              the row has a GT mask (training: == has_seg; eval: every query)
-  mask_hw         i32[R, 2]            extent of the GT inside the canvas (= orig_hw unless downscaled)
+  mask_hw         i32[R, 2]            extent of the GT inside the canvas (= orig_hw unless capped)
   sample_id       str[B]               host-only (numpy unicode): drop it before `jax.device_put`
                                        (`device_batch` does); an eval slot whose item was skipped holds
                                        "<reason>: <message>" (`skip_reason`)
@@ -81,7 +83,9 @@ class DataConfig:
     max_convs: int = 3  # conversation rows per image (C)
     length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
     clip_size: int = CLIP_SIZE
-    max_mask_side: int = 1024  # GT canvas side (Hm = Wm)
+    # GT canvas side (Hm = Wm): training's static canvas (larger images' GTs are downscaled for the loss);
+    # for evaluation a cap that the summary records. 0 = native resolution (evaluation only).
+    max_mask_side: int = 1024
     template: str = "llava_v1"
     seed: int = 0
     max_retries: int = 20  # redraws for one example before giving up with an error
@@ -96,12 +100,25 @@ class DataConfig:
             raise ValueError("batch_size and max_convs must be >= 1")
         if not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets)):
             raise ValueError(f"length_buckets must be strictly increasing, got {self.length_buckets}")
-        if self.max_mask_side < 1:
-            raise ValueError("max_mask_side must be >= 1")
+        if self.max_mask_side < 0:
+            raise ValueError("max_mask_side must be >= 0 (0: native resolution, evaluation only)")
 
     @property
     def rows(self) -> int:
         return self.batch_size * self.max_convs
+
+
+# Native-resolution eval canvases: the batch's largest image side rounded up this ladder (one decode compile
+# per rung used; every rung a multiple of the evaluation's scoring band, `eval.stages.BAND`).
+CANVAS_SIDES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+def canvas_side(n: int) -> int:
+    """The GT canvas side of a native-resolution eval batch whose largest image side is n."""
+    for s in CANVAS_SIDES:
+        if n <= s:
+            return s
+    return -(-n // CANVAS_SIDES[-1]) * CANVAS_SIDES[-1]
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -223,7 +240,7 @@ class ExampleProcessor:
         except ValueError as e:  # text the prompt builder / tokenizer cannot handle: a data problem
             raise R.SampleError(f"{ex.sample_id}: {e}") from e
         side = self.cfg.max_mask_side
-        if max(hw) > side:  # downscale the GT (nearest, labels kept) so it fits the static canvas
+        if side and max(hw) > side:  # a cap: downscale the GT (nearest, labels kept) to fit the canvas
             s = side / max(hw)
             mhw = (max(1, int(hw[0] * s + 0.5)), max(1, int(hw[1] * s + 0.5)))
         else:
@@ -316,10 +333,13 @@ class Collate:
 
     def __call__(self, items: Sequence[dict]) -> dict:
         cfg = self.cfg
-        b, c, s, side = cfg.batch_size, cfg.max_convs, self.sam_cfg.image_size, cfg.max_mask_side
+        b, c, s = cfg.batch_size, cfg.max_convs, self.sam_cfg.image_size
         r = b * c
         if len(items) > b:
             raise ValueError(f"collate got {len(items)} examples for a batch of {b}")
+        side = cfg.max_mask_side or canvas_side(
+            max((int(max(it["mask_hw"])) for it in items if not it.get("invalid")), default=1)
+        )
         longest = max((len(ids) for it in items if not it.get("invalid") for ids, _ in it["rows"]), default=1)
         length = bucket_length(longest, cfg.length_buckets)
         out = {
@@ -429,6 +449,8 @@ def train_dataset(
 
     if mixture.seed != cfg.seed:
         raise ValueError(f"mixture seed {mixture.seed} != DataConfig.seed {cfg.seed}")
+    if cfg.max_mask_side < 1:
+        raise ValueError("training needs a static GT canvas: max_mask_side >= 1 (0 is for evaluation)")
     index, count = _shard(shard_options)
     ds = grain.MapDataset.range(num_examples if num_examples is not None else 2**40)[index::count]
     ds = ds.map(TrainExampleFn(mixture, ExampleProcessor(cfg, sam_cfg, tokenizer_path)))
