@@ -316,8 +316,13 @@ class ReadConfig:
     freeze_vision_towers: bool = True
     # LLaVA's vision projector: "mlp2x_gelu" (LLaVA-1.5: Linear, GELU, Linear) or "linear" (LLaVA-v1, LISA).
     mm_projector_type: str = "mlp2x_gelu"
+    # The attention kernel of LLaMA, CLIP and SAM: "auto" (the platform's fused kernel where it applies, see
+    # `read_jax.layers.attention_backend`), "xla", "cudnn" or "pallas". Not part of the weights.
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
+        if self.attention_implementation not in ("auto", "xla", "cudnn", "pallas"):
+            raise ConfigError(f"unknown attention_implementation {self.attention_implementation!r}")
         if self.out_dim != self.sam.prompt_embed_dim:
             raise ConfigError(f"out_dim {self.out_dim} != SAM prompt_embed_dim {self.sam.prompt_embed_dim}")
         if self.sasp.grid_size > self.clip.grid_size:

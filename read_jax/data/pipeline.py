@@ -11,8 +11,10 @@ L = the smallest `length_buckets` entry that holds the batch's longest row, S = 
 Hm = Wm = the GT canvas side: `max_mask_side`, or with `max_mask_side=0` (evaluation at native resolution,
 the protocol's default) the batch's largest image side rounded up the `CANVAS_SIDES` ladder):
 
-  images_clip     f32[B, 336, 336, 3]  CLIP pixels (short side 336 bicubic, centre crop, CLIP mean/std)
-  images_sam      f32[B, S, S, 3]      SAM pixels (longest side S, SAM mean/std, zero pad bottom/right)
+  images_clip     u8[B, 336, 336, 3]   CLIP pixels (short side 336 bicubic, centre crop); the model normalises
+                                       them on the device (CLIP mean/std, `preprocess.clip_normalize`)
+  images_sam      u8[B, S, S, 3]       SAM pixels (longest side S, zero pad bottom/right); normalised on the
+                                       device inside `sam_input_hw` (`preprocess.sam_normalize`)
   sam_input_hw    i32[B, 2]            (h, w): resized extent inside the S x S SAM frame
   orig_hw         i32[B, 2]            (H, W): original image size
   image_valid     bool[B]              False for padding images (end of an eval split, failed eval image)
@@ -63,9 +65,10 @@ from read_jax.data import readers as R
 from read_jax.data.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageError,
-    clip_preprocess,
+    clip_pixels,
     load_image,
     resize_mask_nearest,
+    sam_pixels,
 )
 
 log = logging.getLogger(__name__)
@@ -222,8 +225,6 @@ class ExampleProcessor:
 
     def __call__(self, ex: R.Example) -> dict:
         """Raises ImageError / SampleError for an unusable example."""
-        from read_jax.sam.transforms import preprocess as sam_preprocess
-
         if len(ex.conversations) > self.cfg.max_convs:
             raise ValueError(
                 f"{ex.sample_id}: {len(ex.conversations)} conversations > max_convs {self.cfg.max_convs}"
@@ -232,7 +233,7 @@ class ExampleProcessor:
         hw = image.shape[:2]
         if ex.masks.shape[0] and tuple(ex.masks.shape[1:]) != tuple(hw):
             raise R.SampleError(f"{ex.sample_id}: GT size {ex.masks.shape[1:]} != image size {hw}")
-        sam_img, sam_hw = sam_preprocess(image, self.sam_cfg)
+        sam_img, sam_hw = sam_pixels(image, self.sam_cfg)  # uint8: normalised on the device
         try:
             rows = [
                 self.fit(*self.encode(c), f"{ex.sample_id} query {j}") for j, c in enumerate(ex.conversations)
@@ -250,7 +251,7 @@ class ExampleProcessor:
             for c in ex.conversations
         ]
         return {
-            "images_clip": clip_preprocess(image, self.cfg.clip_size),
+            "images_clip": clip_pixels(image, self.cfg.clip_size),
             "images_sam": sam_img,
             "sam_input_hw": np.asarray(sam_hw, np.int32),
             "orig_hw": np.asarray(hw, np.int32),
@@ -328,6 +329,8 @@ class EvalExampleFn:
 class Collate:
     """grain batch_fn: a list of <= B processed examples -> the static batch documented above."""
 
+    pixel_dtype = np.uint8  # the images' dtype (normalised on the device)
+
     def __init__(self, cfg: DataConfig, sam_cfg: SamConfig):
         self.cfg, self.sam_cfg = cfg, sam_cfg
 
@@ -343,8 +346,8 @@ class Collate:
         longest = max((len(ids) for it in items if not it.get("invalid") for ids, _ in it["rows"]), default=1)
         length = bucket_length(longest, cfg.length_buckets)
         out = {
-            "images_clip": np.zeros((b, cfg.clip_size, cfg.clip_size, 3), np.float32),
-            "images_sam": np.zeros((b, s, s, 3), np.float32),
+            "images_clip": np.zeros((b, cfg.clip_size, cfg.clip_size, 3), self.pixel_dtype),
+            "images_sam": np.zeros((b, s, s, 3), self.pixel_dtype),
             "sam_input_hw": np.zeros((b, 2), np.int32),
             "orig_hw": np.zeros((b, 2), np.int32),
             "image_valid": np.zeros((b,), bool),

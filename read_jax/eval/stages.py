@@ -41,7 +41,15 @@ from read_jax.sam.transforms import postprocess_weights
 Array = jax.Array
 
 # Batch entries each stage reads (everything else stays on the host).
-ENCODE_KEYS = ("images_clip", "images_sam", "input_ids", "attention_mask", "conv_image", "conv_valid")
+ENCODE_KEYS = (
+    "images_clip",
+    "images_sam",
+    "sam_input_hw",
+    "input_ids",
+    "attention_mask",
+    "conv_image",
+    "conv_valid",
+)
 DECODE_KEYS = ("orig_hw", "sam_input_hw", "conv_image", "masks", "mask_valid", "mask_hw")
 REQUIRED_KEYS = tuple(sorted(set(ENCODE_KEYS + DECODE_KEYS + ("image_valid",))))
 # Canvas rows scored at a time: device memory for the masks is R x BAND x Wc, whatever the image size.
@@ -88,7 +96,7 @@ def encode(model, batch: Mapping[str, Array]) -> Encoded:
         seg_hidden=seg.hidden[:, 0],
         seg_valid=seg.valid[:, 0] & batch["conv_valid"],
         image_hidden=seg.image_hidden,
-        image_emb=model.image_embeddings(batch["images_sam"]),
+        image_emb=model.image_embeddings(batch["images_sam"], batch["sam_input_hw"]),
     )
 
 
