@@ -207,7 +207,6 @@ def check_tokenizer(
     want, who = SEG_TOKENS, "READ"
     if cfg is not None and family == "lisa":
         want, who = LISA_TOKEN_LAYOUTS[cfg.llama.vocab_size], f"this LISA (vocab_size {cfg.llama.vocab_size})"
-    checks.refuse_extra_added_tokens(found, want, base, tok_dir)
     if "[SEG]" not in found:
         taken = {t: i for t, (i, _) in found.items() if i >= base}
         if resize_vocab and base == rc.SEG_TOKEN_ID and not taken and not any(t in found for t in SEG_TOKENS):
@@ -232,6 +231,8 @@ def check_tokenizer(
                 f"{tok_dir / where}: {tok} has id {idx}, {who} needs {idx_want} "
                 f"(read_reference.md §2.3: the ids are baked into the model and the data)"
             )
+    # READ's ids are right; anything else added is refused (read_jax's tokenizer would refuse it at load).
+    checks.refuse_extra_added_tokens(found, want, base, tok_dir)
     return files, None
 
 
