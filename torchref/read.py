@@ -147,7 +147,9 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.2) -> None:
 class TorchRead(nn.Module):
     """The torch READ reference: fp32 as built, or the released bf16 numerics after `released_dtype()`."""
 
-    def __init__(self, cfg: ReadConfig, seed: int = 0):
+    def __init__(self, cfg: ReadConfig, seed: int = 0, randomize: bool = True):
+        """randomize=False keeps the modules' own inits (a 7B benchmark on a GPU: `randomize_` draws every
+        weight on the CPU)."""
         super().__init__()
         self.cfg = cfg
         torch.manual_seed(seed)
@@ -166,7 +168,8 @@ class TorchRead(nn.Module):
             ]
         )
         self.visual_model = _sam(cfg)
-        randomize_(self, seed)
+        if randomize:
+            randomize_(self, seed)
 
     @property
     def dtype(self) -> torch.dtype:
