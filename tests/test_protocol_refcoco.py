@@ -114,11 +114,11 @@ def _stand_in(tokenizer):
     return gen
 
 
-def _run(root, model, split, out, **kw):
+def _run(root, model, split, out, config=None, **kw):
     tok = ReadTokenizer(TOKENIZER)
     mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
     return erun.run(
-        _config(root),
+        config or _config(root),
         os.path.join(root, "not_a_checkpoint"),
         split,
         out=str(out),
@@ -265,3 +265,33 @@ def test_13b_workdir_evaluates_with_the_13b_eval_preset():
     config.eval.sasp = "nope"
     with pytest.raises(ConfigError, match=r"eval\.sasp"):
         erun.eval_sasp(config, trained)
+
+
+def test_generation_protocol_on_the_generated_shapes_set(model, tmp_path):
+    """`evaluate.py --split reasonseg_val --generate` on the generated shapes set (test_read.py's generation
+    path with LISA's questions and no forced answer): See / Segment from the generated answers, each query's
+    figures equal to the reference's metric on its dumped masks, and the dumps re-score to the summary."""
+    from read_jax.data import make_shapes
+
+    root = str(tmp_path / "shapes")
+    make_shapes.write_split(root, "val", 3, seed=2)
+    config = _config(root)
+    config.data.reason_seg_dir = "{root}"
+    summary = _run(root, model, "reasonseg_val", tmp_path / "out", config=config, generate=True)
+    with open(tmp_path / "out" / "samples.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    reader = R.ReasonSegReader(root, "val", mode="eval")
+    assert summary["protocol"] == "generation" and summary["num_queries"] == len(recs) == 3
+    inter = union = correct = 0
+    for r in recs:
+        pred, gt = dumps.read_masks(str(tmp_path / "out"), r)
+        np.testing.assert_array_equal(gt, reader[r["example_index"]].masks[0])  # native GT, 255 kept
+        i, u = _reference_iou(pred, gt)
+        assert (i, u) == (r["intersection"], r["union"])
+        inter, union = inter + i, union + u
+        emitted = "[SEG]" in r["answer"]
+        assert r["gt_presence"] and r["seg_emitted"] == emitted
+        correct += bool(emitted and pred.any())
+    assert summary["Segment"] == pytest.approx(inter / (union + 1e-10), abs=1e-12)
+    assert summary["See"] == pytest.approx(correct / 3, abs=1e-12)
+    assert dumps.differences(summary, dumps.rescore(str(tmp_path / "out"))[0]) == []
