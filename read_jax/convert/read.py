@@ -361,7 +361,8 @@ def convert_read_checkpoint(
         raise rc.ConfigError(f"{cfg_path}: not found ({hf_dir} is not an HF checkpoint directory)")
     hf = inputs.read_json(cfg_path)
     family = family_of(hf)
-    checks.require_sizes(hf, cfg_path)
+    if "text_config" not in hf:  # llava-hf nests its LLaMA config (and relies on transformers' defaults)
+        checks.require_sizes(hf, cfg_path)
     vt = hf.get("mm_vision_tower") or hf.get("vision_tower")
     if vt and clip_dir is not None:
         log(
