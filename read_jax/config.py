@@ -4,11 +4,12 @@ One code path, N data records (house style §3): `ReadConfig.read_7b()`, `ReadCo
 `ReadConfig.tiny()` build the whole model; the component configs (`LlamaConfig`, `ClipVisionConfig`,
 `SamConfig`, `LoraConfig`, `SaspConfig`) are usable on their own.
 
-`from_hf_config()` turns a HF `config.json` dict (LLaVA/READ/SESAME/LISA, or plain LLaMA) into a
+`from_hf_config()` turns a HF `config.json` dict (LLaVA/READ/SESAME/LISA, llava-hf, or plain LLaMA) into a
 `LlamaConfig`. It maps or checks every attribute that changes the computation and **raises** on a value it
 cannot honour (a silently ignored `rope_scaling` or `tie_word_embeddings` is the classic conversion bug);
 attributes that do not change the computation (bookkeeping, training flags, what newer transformers or LLaVA
-releases add) are recorded as unused (`audit_hf_config`), or refused with `strict=True`.
+releases add) are recorded as unused (`audit_hf_config`), or refused with `strict=True`. That bridge lives in
+`read_jax.hf_config`; its names are importable from here too.
 
 Reference: ../shared/docs/read_reference.md §1, §2.1-2.7, §3.6, §6.1, §10.3.
 """
@@ -16,8 +17,7 @@ Reference: ../shared/docs/read_reference.md §1, §2.1-2.7, §3.6, §6.1, §10.3
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -169,8 +169,16 @@ class SamConfig(_DtypeMixin):
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
+    # dtype of the random-Fourier positional encoding of points and of the image grid. "" = the compute
+    # dtype, as the release computes it (READ's `_pe_encoding` casts the coordinates to the Gaussian matrix's
+    # dtype: bf16 in the released models); "float32" = exact fp32 whatever the compute dtype.
+    pe_dtype: str = ""
 
     def __post_init__(self):
+        if self.pe_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"SamConfig.pe_dtype must be '', float32, bfloat16 or float16, got {self.pe_dtype!r}"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError("SAM image_size must be a multiple of patch_size")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]
@@ -221,6 +229,8 @@ class SaspConfig:
 
     grid_size: int = 12
     num_points: int = 30
+    # False: no points, SAM is prompted with the [SEG] embedding alone (LISA's and SESAME's prompt, §12).
+    enabled: bool = True
     t_pos: float = 0.8
     t_neg: float = 0.2
     use_dtoc: bool = True
@@ -246,6 +256,19 @@ class SaspConfig:
         if self.mode == "topk" and self.num_points % 2:
             raise ConfigError("topk mode needs an even num_points (half positive, half negative)")
 
+    def on_clip_grid(self, clip_grid: int, reference_grid: int = CLIP_GRID) -> SaspConfig:
+        """This setting on another CLIP grid: the same downsampling of the similarity map, so the SasP grid
+        follows the tower (READ-7B's 24 -> 12 becomes 16 -> 8 on LISA's CLIP-224), and at most as many points
+        as the grid has cells."""
+        if clip_grid == reference_grid:
+            return self
+        down = max(1, reference_grid // self.grid_size)
+        grid = max(1, clip_grid // down)
+        points = min(self.num_points, grid * grid)
+        if self.mode == "topk":
+            points -= points % 2
+        return dataclasses.replace(self, grid_size=grid, num_points=points)
+
     @classmethod
     def read_7b(cls, **kw) -> SaspConfig:
         """Released READ-7B setting: 12x12 grid, 30 points, 0.8/0.2."""
@@ -265,6 +288,9 @@ READ_TRAINABLE_REGEXES = (
     r"(.*/)?visual_model/mask_decoder/.*",
     r"(.*/)?text_hidden_fcs/.*",
 )
+
+
+MM_PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +314,8 @@ class ReadConfig:
     # READ runs CLIP and SAM's image encoder under no_grad. False lets gradients into them, for models trained
     # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still pick what updates.
     freeze_vision_towers: bool = True
+    # LLaVA's vision projector: "mlp2x_gelu" (LLaVA-1.5: Linear, GELU, Linear) or "linear" (LLaVA-v1, LISA).
+    mm_projector_type: str = "mlp2x_gelu"
     # The attention kernel of LLaMA, CLIP and SAM: "auto" (the platform's fused kernel where it applies, see
     # `read_jax.layers.attention_backend`), "xla", "cudnn" or "pallas". Not part of the weights.
     attention_implementation: str = "auto"
@@ -301,6 +329,10 @@ class ReadConfig:
             raise ConfigError("SasP grid cannot be finer than the CLIP patch grid")
         if self.llama.vocab_size <= max(self.seg_token_id, self.im_start_token_id, self.im_end_token_id):
             raise ConfigError("vocab_size must cover [SEG], <im_start>, <im_end>")
+        if self.mm_projector_type not in MM_PROJECTOR_TYPES:
+            raise ConfigError(
+                f"mm_projector_type {self.mm_projector_type!r}: read_jax implements {MM_PROJECTOR_TYPES}"
+            )
 
     @property
     def mm_hidden_size(self) -> int:
@@ -437,193 +469,6 @@ SMALL_PRESETS = {
 # fmt: on
 
 
-# ---- HF config bridge ---------------------------------------------------------------------------------
-#
-# Policy: every attribute of a config.json that changes what the model computes is either mapped onto the
-# LlamaConfig or checked against the values read_jax implements (a value it cannot honour raises, naming
-# attribute and value). Everything else (bookkeeping, generation and training flags, attributes a newer
-# transformers or LLaVA release writes) is *recorded* as unused: the converter writes the list into
-# conversion.json and logs it on one line. `strict=True` refuses any unused attribute instead.
-
-# transformers 4.31 `LlamaConfig` defaults: an attribute absent from config.json means this value, not
-# read_jax's own default (`rms_norm_eps` 1e-6 and `max_position_embeddings` 2048 differ from LLaMA-2's).
-HF_LLAMA_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 2048,
-    "initializer_range": 0.02,
-}
-_HF_MAPPED = (*HF_LLAMA_DEFAULTS, "num_key_value_heads")
-
-
-def _same(v, w) -> bool:
-    """JSON equality that tells bools from numbers (`1` is not `True`) and None from everything else."""
-    if isinstance(v, bool) or isinstance(w, bool) or v is None or w is None:
-        return type(v) is type(w) and v == w
-    return v == w
-
-
-def _is(*values):
-    """Accept exactly these values."""
-    return lambda v: any(_same(v, w) for w in values)
-
-
-def _neg_int(v) -> bool:
-    return type(v) is int and v < 0
-
-
-# Attributes that change the computation: attribute -> (accepted?, what read_jax implements).
-_HF_CHECKED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "hidden_act": (_is("silu"), "LLaMA's SiLU-gated MLP only"),
-    "tie_word_embeddings": (_is(False), "an untied lm_head only"),
-    "rope_scaling": (_is(None), "plain, unscaled RoPE only"),
-    "pretraining_tp": (_is(1), "pretraining_tp 1 only"),
-    "attention_bias": (_is(False), "bias-free q/k/v/o projections only"),
-    "mlp_bias": (_is(False), "a bias-free MLP only"),
-    "attention_dropout": (_is(0.0, None), "no attention dropout"),
-    "model_type": (_is("llava", "llava_llama", "llama"), "LLaVA/LLaMA configs only"),
-    "mm_projector_type": (_is("mlp2x_gelu"), "LLaVA-1.5's mlp2x_gelu projector only"),
-    "mm_vision_select_layer": (
-        _neg_int,
-        "negative CLIP hidden-state indices only, counted from the last layer",
-    ),
-    "mm_vision_select_feature": (_is("patch"), "'patch' features only, CLS dropped"),
-    "mm_use_im_start_end": (_is(True, False), "a boolean; READ sets it True in memory"),
-    "mm_use_im_patch_token": (_is(False), "no <im_patch> tokens"),
-    "image_aspect_ratio": (_is("square", "pad"), "square images; READ forces 'square' in memory"),
-    "mm_patch_merge_type": (_is("flat"), "LLaVA-1.5's 'flat' image features only"),
-    "mm_resampler_type": (_is(None), "no vision resampler"),
-}
-# Used: `head_dim` is checked by `audit_hf_config`, the others by `read_jax.convert.read` against what only
-# it knows (the family, the CLIP and SAM configs, whether --clip replaces the checkpoint's tower).
-_HF_USED_BY_CONVERTER = (
-    "architectures",
-    "head_dim",
-    "mm_hidden_size",
-    "out_dim",
-    "mm_vision_tower",
-    "vision_tower",
-    "unfreeze_mm_vision_tower",
-)
-HF_USED = frozenset((*_HF_MAPPED, *_HF_CHECKED, *_HF_USED_BY_CONVERTER))
-
-# `architectures[0]` -> None (read_jax reads this layout) or why it is refused.
-HF_ARCHITECTURES: dict[str, str | None] = {
-    "READForCausalLM": None,
-    "SESAMEForCausalLM": None,
-    "LISAForCausalLM": None,
-    "LlavaLlamaForCausalLM": None,
-    "LlamaForCausalLM": None,
-    "LlavaForConditionalGeneration": "the transformers-native llava-hf layout (text_config/vision_config, "
-    "language_model.* keys) is not supported yet; convert the original LLaVA checkpoint "
-    "(liuhaotian/llava-v1.5-7b or -13b) instead",
-    "LlavaForCausalLM": "the early llava-hf layout (text_config/vision_config) is not supported yet; convert "
-    "the original LLaVA checkpoint (liuhaotian/llava-v1.5-7b or -13b) instead",
-}
-
-
-def hf_architecture(hf: Mapping[str, Any]) -> str:
-    """`architectures[0]` of a config.json (LlamaForCausalLM if absent); one-line ConfigError if refused."""
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise ConfigError(f"config.json: architectures={archs!r} is not a list of class names")
-    arch = archs[0]
-    if arch not in HF_ARCHITECTURES:
-        known = sorted(a for a, why in HF_ARCHITECTURES.items() if why is None)
-        raise ConfigError(f"config.json: architecture {arch!r} is not supported (read_jax reads {known})")
-    if HF_ARCHITECTURES[arch] is not None:
-        raise ConfigError(f"config.json: architecture {arch!r}: {HF_ARCHITECTURES[arch]}")
-    return arch
-
-
-@dataclasses.dataclass(frozen=True)
-class HfConfigAudit:
-    """What read_jax made of a config.json: the attributes it did not use, and the values it translated."""
-
-    unused: tuple[str, ...]
-    notes: tuple[str, ...]
-
-
-def audit_hf_config(hf: Mapping[str, Any]) -> HfConfigAudit:
-    """Check every computation-changing attribute of a config.json; list the ones read_jax does not use.
-
-    Raises:
-      ConfigError naming each attribute whose value read_jax cannot honour, with that value.
-    """
-    hf_architecture(hf)
-    bad = [
-        f"{k}={hf[k]!r} (read_jax implements {why})"
-        for k, (ok, why) in _HF_CHECKED.items()
-        if k in hf and not ok(hf[k])
-    ]
-    multimodal = any(k.startswith("mm_") for k in hf) or hf.get("model_type") in ("llava", "llava_llama")
-    if multimodal and "mm_projector_type" not in hf:
-        bad.append(
-            "mm_projector_type absent (LLaVA's default is a single Linear, the LLaVA-v1 projector; read_jax "
-            "implements LLaVA-1.5's mlp2x_gelu only)"
-        )
-    heads = hf.get("num_attention_heads", HF_LLAMA_DEFAULTS["num_attention_heads"])
-    kv = hf.get("num_key_value_heads")
-    if kv is not None and (type(kv) is not int or kv < 1 or type(heads) is not int or heads % kv):
-        bad.append(
-            f"num_key_value_heads={kv!r} (read_jax implements MHA or GQA: kv heads dividing "
-            f"num_attention_heads={heads!r})"
-        )
-    hidden = hf.get("hidden_size", HF_LLAMA_DEFAULTS["hidden_size"])
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and (
-        type(head_dim) is not int or type(heads) is not int or head_dim * heads != hidden
-    ):
-        bad.append(
-            f"head_dim={head_dim!r} (read_jax implements head_dim = hidden_size / num_attention_heads = "
-            f"{hidden}/{heads})"
-        )
-    if bad:
-        raise ConfigError("config.json has unsupported values: " + "; ".join(bad))
-    notes = []
-    if hf.get("mm_use_im_start_end") is False:
-        notes.append(
-            "mm_use_im_start_end=False: READ sets it True in memory when it builds the model; read_jax "
-            "always wraps the image in <im_start>/<im_end>"
-        )
-    if hf.get("image_aspect_ratio") == "pad":
-        notes.append("image_aspect_ratio='pad': READ forces 'square' in memory; read_jax preprocesses square")
-    return HfConfigAudit(unused=tuple(sorted(set(hf) - HF_USED)), notes=tuple(notes))
-
-
-def from_hf_config(
-    hf: Mapping[str, Any] | str,
-    *,
-    dtype: str = "bfloat16",
-    param_dtype: str | None = None,
-    strict: bool = False,
-) -> LlamaConfig:
-    """LlamaConfig from a HF config dict or config.json path (transformers 4.31 defaults for absent keys).
-
-    Attributes that change the computation are mapped or checked (`audit_hf_config`); the others are unused
-    and tolerated (`audit_hf_config(hf).unused` lists them) unless `strict`, which refuses them by name.
-    """
-    if isinstance(hf, str):
-        with open(hf) as f:
-            hf = json.load(f)
-    audit = audit_hf_config(hf)
-    if strict and audit.unused:
-        raise ConfigError(
-            f"config.json has attributes read_jax does not use (strict mode): {list(audit.unused)}"
-        )
-    kw = {k: hf.get(k, d) for k, d in HF_LLAMA_DEFAULTS.items()}
-    kw["num_key_value_heads"] = hf.get("num_key_value_heads") or kw["num_attention_heads"]
-    bad = {k: v for k, v in kw.items() if isinstance(v, bool) or not isinstance(v, int | float)}
-    if bad:
-        raise ConfigError(f"config.json has non-numeric sizes: {bad}")
-    return LlamaConfig(**kw, dtype=dtype, param_dtype=param_dtype or dtype)
-
-
 def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -643,3 +488,24 @@ def read_config_from_dict(d: Mapping[str, Any]) -> ReadConfig:
         sasp=SaspConfig(**d["sasp"]),
         **{k: tup(v) for k, v in d.items() if k not in ("llama", "clip", "sam", "lora", "sasp")},
     )
+
+
+# The HF config.json bridge, importable from here (`from read_jax.config import from_hf_config`) without an
+# import cycle: `read_jax.hf_config` builds on this module.
+_HF_CONFIG_NAMES = (
+    "HF_ARCHITECTURES",
+    "HF_LLAMA_DEFAULTS",
+    "HF_USED",
+    "HfConfigAudit",
+    "audit_hf_config",
+    "from_hf_config",
+    "hf_architecture",
+)
+
+
+def __getattr__(name: str):
+    if name in _HF_CONFIG_NAMES:
+        from read_jax import hf_config
+
+        return getattr(hf_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from read_jax.config import ReadConfig
+from read_jax.config import ReadConfig, SaspConfig
 from read_jax.data.conversation import build_prompt
 from read_jax.data.preprocess import clip_pixels, sam_pixels
 from read_jax.data.tokenizer import ReadTokenizer, tokenizer_image_token
@@ -62,10 +62,12 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "canvas_hw"))
-def _forward(graphdef, state, batch: dict, canvas_hw: tuple[int, int]) -> tuple[Array, MaskOutput]:
+@functools.partial(jax.jit, static_argnames=("graphdef", "canvas_hw", "sasp"))
+def _forward(
+    graphdef, state, batch: dict, canvas_hw: tuple[int, int], sasp: SaspConfig | None = None
+) -> tuple[Array, MaskOutput]:
     """The full forward's [SEG] validity and masks (the model's state is an input, never an output)."""
-    out = nnx.merge(graphdef, state)(batch, canvas_hw=canvas_hw, logits="none")
+    out = nnx.merge(graphdef, state)(batch, canvas_hw=canvas_hw, logits="none", sasp_cfg=sasp)
     return out.seg.valid, out.masks
 
 
@@ -94,6 +96,7 @@ def predict(
     max_new_tokens: int = 128,
     template: str = "llava_v1",
     force_answer: str | None = None,
+    sasp: bool | SaspConfig | None = None,
 ) -> Prediction:
     """Answer `question` about `image` and segment whatever the answer's [SEG]s refer to.
 
@@ -104,10 +107,20 @@ def predict(
       max_new_tokens: generation budget.
       template: "llava_v1" (training) or "vicuna_v1" (READ's demo and FP-RefCOCO eval; §2.3).
       force_answer: skip generation and use this answer (teacher forcing, e.g. "Sure, it is [SEG].").
+      sasp: SasP on (True) or off (False: SAM gets the [SEG] token alone, as LISA), or a whole SaspConfig;
+        None: the model's `cfg.sasp`.
     Returns:
-      Prediction.
+      Prediction (with SasP off, `points` are zeros and every `point_labels` entry is -1: no point).
     """
     cfg = model.config
+    ids = (tokenizer.seg_token_id, tokenizer.im_start_token_id, tokenizer.im_end_token_id)
+    if ids != (cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id):
+        raise ValueError(
+            f"the tokenizer's [SEG]/<im_start>/<im_end> ids {ids} are not the model's "
+            f"{(cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id)}"
+        )
+    if isinstance(sasp, bool):
+        sasp = dataclasses.replace(cfg.sasp, enabled=sasp)
     img = prepare_image(image, cfg)
     prompt = build_prompt(question, None, template=template)
     prompt_ids = tokenizer_image_token(prompt, tokenizer)
@@ -151,7 +164,8 @@ def predict(
     batch = {**img, "input_ids": input_ids, "attention_mask": mask, "conv_image": np.zeros(1, np.int32)}
     canvas = (_round_up(H, CANVAS_BUCKET), _round_up(W, CANVAS_BUCKET))
     graphdef, state = nnx.split(model)
-    valid, out = _forward(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, canvas)
+    sasp = None if sasp == cfg.sasp else sasp  # one compile for the model's own setting
+    valid, out = _forward(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, canvas, sasp)
     k = int(np.asarray(valid[0]).sum())
     logits = np.asarray(out.mask_logits[0, :k, :H, :W])
     masks = logits > 0

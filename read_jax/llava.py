@@ -46,15 +46,24 @@ Array = jax.Array
 
 # ---- projector ---------------------------------------------------------------------------------------------
 class MmProjector(nnx.Module):
-    """LLaVA's `mlp2x_gelu`: Linear(V -> C), exact GELU, Linear(C -> C).
+    """LLaVA's `mlp2x_gelu`: Linear(V -> C), exact GELU, Linear(C -> C); or LLaVA-v1's single Linear(V -> C)
+    (`kind="linear"`, the projector of LISA's own code).
 
     `layers` keeps the torch `nn.Sequential` indices (0 and 2; index 1 is the parameter-free GELU), so the
-    checkpoint keys `model.mm_projector.{0,2}.{weight,bias}` map to `mm_projector/layers/{0,2}/{kernel,bias}`.
+    checkpoint keys `model.mm_projector.{0,2}.{weight,bias}` map to `mm_projector/layers/{0,2}/{kernel,bias}`;
+    the linear one's `model.mm_projector.{weight,bias}` map to `mm_projector/layers/0/{kernel,bias}`.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs, kind="mlp2x_gelu"
+    ):
         lin = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([lin(in_features, out_features), gelu_exact, lin(out_features, out_features)])
+        if kind == "linear":
+            self.layers = nnx.List([lin(in_features, out_features)])
+        else:
+            self.layers = nnx.List(
+                [lin(in_features, out_features), gelu_exact, lin(out_features, out_features)]
+            )
 
     def __call__(self, x: Array) -> Array:
         """float[..., V] -> float[..., C]."""
@@ -254,6 +263,7 @@ class LlavaModel(nnx.Module):
             dtype=cfg.llama.compute_dtype,
             param_dtype=cfg.llama.weight_dtype,
             rngs=rngs,
+            kind=cfg.mm_projector_type,
         )
         self.language_model = LlamaForCausalLM(
             cfg.llama, rngs=rngs, attention_implementation=attention_implementation
@@ -398,7 +408,8 @@ class LlavaModel(nnx.Module):
           over prompt + tokens to read [SEG] hidden states (read_reference.md §4).
         """
         self.validate(input_ids, images_clip, attention_mask, image_row_index, max_new_tokens=max_new_tokens)
-        merged = _merge_jit(self, input_ids, images_clip, attention_mask, image_row_index)
+        graphdef, state = nnx.split(self)
+        merged = _merge_jit(graphdef, state, input_ids, images_clip, attention_mask, image_row_index)
         tokens, lengths = llama_generate(
             self.language_model,
             inputs_embeds=merged.inputs_embeds,
@@ -410,6 +421,8 @@ class LlavaModel(nnx.Module):
         return tokens, lengths, merged
 
 
-@nnx.jit
-def _merge_jit(model: LlavaModel, input_ids, images_clip, attention_mask, image_row_index) -> MergedInputs:
-    return model.merge(input_ids, images_clip, attention_mask, image_row_index)
+# The model's state is an input and never an output: `nnx.jit` with the model as an argument would return the
+# whole state under flax's default graph updates (a second copy of the weights, 13 GiB at 7B).
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _merge_jit(graphdef, state, input_ids, images_clip, attention_mask, image_row_index) -> MergedInputs:
+    return nnx.merge(graphdef, state).merge(input_ids, images_clip, attention_mask, image_row_index)

@@ -273,7 +273,8 @@ class ReadModel(nnx.Module):
           canvas_hw: static (Hc, Wc) of the output masks; None: only the low-res logits.
           out_hw: int32[N, 2] size each mask is resampled to inside the canvas (default: its original size;
             the data pipeline downscales the GT of images larger than its canvas, and predictions follow it).
-          sasp_cfg: override of `cfg.sasp` (evaluation sweeps, the points-only analysis).
+          sasp_cfg: override of `cfg.sasp` (evaluation sweeps, the points-only analysis). With
+            `enabled=False` SAM gets the [SEG] token alone; points are then all zeros with label -1 (none).
           text_prompt: False prompts SAM with the points only (Appendix B "points as prompt").
           sam: another SAM for the prompt encoder + mask decoder (default: the model's own).
         """
@@ -282,18 +283,29 @@ class ReadModel(nnx.Module):
         sam = self.visual_model if sam is None else sam
         hw = orig_hw[seg_image]  # [N, 2]
         pred_emb = self.text_hidden_fcs(seg_hidden)  # [N, D]
-        points, labels, sasp_aux = sasp_lib.sasp(
-            image_hidden,
-            seg_hidden,
-            hw,
-            sasp_cfg,
-            clip_grid=cfg.clip.grid_size,
-            clip_size=cfg.clip.image_size,
-        )
-        # To the SAM input frame (ResizeLongestSide.apply_coords); keeps DtoC's gradient.
-        coords = apply_coords(points.astype(jnp.float32), hw, cfg.sam.image_size)
         pe = sam.prompt_encoder
-        sparse, dense = pe(coords, labels, text_embeds=pred_emb[:, None, :] if text_prompt else None)
+        text = pred_emb[:, None, :] if text_prompt else None
+        if sasp_cfg.enabled:
+            points, labels, sasp_aux = sasp_lib.sasp(
+                image_hidden,
+                seg_hidden,
+                hw,
+                sasp_cfg,
+                clip_grid=cfg.clip.grid_size,
+                clip_size=cfg.clip.image_size,
+            )
+            sim = sasp_aux["sim"]
+            # To the SAM input frame (ResizeLongestSide.apply_coords); keeps DtoC's gradient.
+            coords = apply_coords(points.astype(jnp.float32), hw, cfg.sam.image_size)
+            sparse, dense = pe(coords, labels, text_embeds=text)
+        else:
+            # SasP off: the [SEG] embedding is SAM's only prompt (LISA/SESAME); no point carries a position.
+            if not text_prompt:
+                raise ValueError("points-only prompting (text_prompt=False) needs SasP enabled")
+            sim = sasp_lib.similarity(image_hidden, seg_hidden, dtype=sasp_cfg.similarity_dtype)
+            n, q = seg_hidden.shape[0], sasp_cfg.num_points
+            points, labels = jnp.zeros((n, q, 2), jnp.float32), jnp.full((n, q), -1, jnp.int32)
+            sparse, dense = pe(None, None, text_embeds=text)
         low, _ = sam.mask_decoder(
             image_emb[seg_image], pe.get_dense_pe(), sparse, dense, multimask_output=False
         )  # [N, 1, l, l]
@@ -307,7 +319,7 @@ class ReadModel(nnx.Module):
             pred_embeddings=pred_emb,
             points=points,
             point_labels=labels,
-            similarity=sasp_aux["sim"],
+            similarity=sim,
             low_res_logits=low[:, 0],
             mask_logits=masks,
         )

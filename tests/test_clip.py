@@ -14,10 +14,10 @@ from flax import nnx
 
 from read_jax.clip import ClipVisionModel
 from read_jax.config import ClipVisionConfig, ReadConfig
-from read_jax.convert.clip import CLIP_VISION_IGNORE, CLIP_VISION_RULES, clip_ignore, clip_rules
-from read_jax.convert.common import ConversionError, abstract_leaves, convert, export_leaves, load_leaves
+from read_jax.convert.clip import clip_ignore, clip_rules
+from read_jax.convert.common import ConversionError, abstract_leaves, convert, export_leaves
 from tests.helpers import require_torch
-from torchref.clip import hf_clip
+from torchref.clip import build_pair, checkpoint_keys, hf_clip
 from torchref.common import state_dict_numpy
 
 
@@ -26,31 +26,14 @@ def _tiny(**kw) -> ClipVisionConfig:
     return dataclasses.replace(ReadConfig.tiny().clip, **kw)
 
 
-def _checkpoint_keys(sd: dict) -> dict:
-    """transformers 5 keeps CLIPVisionModel's layers at the top level in memory (its loader strips the on-disk
-    `vision_model.` prefix); the openai checkpoint and READ's transformers-4.31 layout carry the prefix, and
-    that is what the table maps."""
-    return {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in sd.items()}
-
-
-def _load(cfg: ClipVisionConfig, sd: dict) -> ClipVisionModel:
-    # Built abstractly and filled from the table (house style §8): the strict converter guarantees every leaf
-    # is loaded, and it skips the eager random init (seconds of per-op dispatch on a shared CPU).
-    model = nnx.eval_shape(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)))
-    leaves = convert(sd, CLIP_VISION_RULES, abstract_leaves(model), ignore=CLIP_VISION_IGNORE)
-    load_leaves(model, leaves)
-    return model
-
-
 @pytest.mark.parametrize("act,select_layer", [("quick_gelu", -2), ("gelu", -1)])
 def test_parity_with_hf_clip(act, select_layer):
     torch = require_torch()
     cfg = _tiny(hidden_act=act, select_layer=select_layer)
-    ref = hf_clip(cfg)
+    ref, model = build_pair(cfg)
     pixels = torch.randn(2, cfg.num_channels, cfg.image_size, cfg.image_size)
     want = ref(pixel_values=pixels, output_hidden_states=True).hidden_states[select_layer][:, 1:].numpy()
 
-    model = _load(cfg, _checkpoint_keys(state_dict_numpy(ref)))
     got = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(pixels.numpy().transpose(0, 2, 3, 1)))  # NCHW->NHWC
     assert got.shape == (2, cfg.num_patches, cfg.hidden_size) == want.shape
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
@@ -60,7 +43,7 @@ def test_layers_after_the_selected_one_are_not_run():
     """select_layer=-2 must skip the last layer: poisoning its weights with NaN changes nothing."""
     require_torch()
     cfg = _tiny()
-    model = _load(cfg, _checkpoint_keys(state_dict_numpy(hf_clip(cfg))))
+    _, model = build_pair(cfg)
     x = jax.random.normal(jax.random.key(1), (1, cfg.image_size, cfg.image_size, 3))
     run = nnx.jit(lambda m, x: m(x))  # parameters are jit inputs: editing them below does not recompile
     before = run(model, x)
@@ -79,7 +62,7 @@ def test_table_covers_hf_keys_under_the_llava_prefix():
     `position_ids` buffer is ignored by name, and an unknown key is an error, not a silent skip."""
     require_torch()
     cfg = _tiny()
-    sd = _checkpoint_keys(state_dict_numpy(hf_clip(cfg)))
+    sd = checkpoint_keys(state_dict_numpy(hf_clip(cfg)))
     sd["vision_model.embeddings.position_ids"] = np.arange(cfg.num_patches + 1)[None]
     pre = "model.vision_tower.vision_tower."
     src = {pre + k: v for k, v in sd.items()}

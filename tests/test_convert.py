@@ -661,12 +661,15 @@ def test_convert_rejects_seg_token_not_32000(bad, dirs):
     )
 
 
-def test_convert_refuses_lisa_v1_layout(bad, dirs):
-    """LISA-v1 (LLaVA-v1: single-Linear projector, no mm_projector_type) is refused before reading tensors."""
-    hf = read_hf_config(CFG, architectures=["LISAForCausalLM"])
+def test_convert_refuses_llava_v1_projectors_outside_lisa(bad, dirs):
+    """A LLaVA-v1 base (single-Linear projector, no mm_projector_type) is refused before reading tensors; a
+    LISA config that says so (LISA's own code) must come with the Linear's keys, not mlp2x_gelu's."""
+    hf = read_hf_config(CFG, architectures=["LlavaLlamaForCausalLM"])
     hf.pop("mm_projector_type")
     (bad / "config.json").write_text(json.dumps(hf))
     _convert_fails(bad, dirs["clip"], ConfigError, r"LLaVA-v1 style checkpoint .*mlp2x_gelu")
+    (bad / "config.json").write_text(json.dumps({**hf, "architectures": ["LISAForCausalLM"]}))
+    _convert_fails(bad, dirs["clip"], ConversionError, r"model\.mm_projector\.0\.weight")
 
 
 def test_convert_strict_refuses_unused_config_attributes(bad, dirs):

@@ -180,21 +180,27 @@ def test_lisa_release_build_config_checks_its_224_pixel_tower(tmp_path):
     )
     assert (cfg.llama.hidden_size, cfg.llama.num_hidden_layers, cfg.llama.vocab_size) == (4096, 32, 32003)
     assert (cfg.clip.image_size, cfg.clip.num_patches, cfg.out_dim) == (224, 256, 256)
+    # Its projector and ids as the file says; SAM prompted as LISA was trained (SasP off), the SasP grid
+    # READ-7B's 24 -> 12 downsampling on the 16 x 16 tower.
+    assert (cfg.mm_projector_type, cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id) == (
+        "mlp2x_gelu",
+        32000,
+        32001,
+        32002,
+    )
+    assert (cfg.sasp.enabled, cfg.sasp.grid_size, cfg.sasp.num_points) == (False, 8, 30)
 
 
-def test_lisa_13b_release_sizes_and_its_tower_too_coarse_for_read_13b_sasp(tmp_path):
+def test_lisa_13b_release_sizes_and_the_sasp_grid_on_its_tower(tmp_path):
     hf = load(LISA_13B)
     c = from_hf_config(hf)
     assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size) == (5120, 40, 13824, 32003)
-    # READ-13B's 24x24 SasP grid needs the 336-pixel tower (24x24 patches); LISA-13B's is 16x16.
-    with pytest.raises(ConfigError, match="SasP grid cannot be finer than the CLIP patch grid"):
-        build_config(
-            hf,
-            clip_dir=clip_dir(tmp_path, CLIP_224_VISION),
-            base="auto",
-            dtype="bfloat16",
-            resize_vocab=False,
-        )
+    # READ-13B's SasP uses the full 24 x 24 CLIP grid; on LISA-13B's 16 x 16 tower that is 16 x 16.
+    cfg = build_config(
+        hf, clip_dir=clip_dir(tmp_path, CLIP_224_VISION), base="auto", dtype="bfloat16", resize_vocab=False
+    )
+    assert (cfg.clip.grid_size, cfg.sasp.grid_size, cfg.sasp.num_points, cfg.sasp.t_pos) == (16, 16, 60, 0.6)
+    assert cfg.lora.r == 64  # read_13b chosen by hidden size
 
 
 def test_build_config_strict_refuses_unused_attributes(tmp_path):
@@ -210,38 +216,135 @@ def test_build_config_strict_refuses_unused_attributes(tmp_path):
         )
 
 
-# ---- the layouts read_jax does not read: one clear line naming the architecture ----------------------------
-@pytest.mark.parametrize(
-    "rel, arch, why",
-    [
-        (LLAVA_HF_7B, "LlavaForConditionalGeneration", "llava-hf layout"),
-        (LLAVA_HF_13B, "LlavaForCausalLM", "llava-hf layout"),
-        (LISA_V1, "LISAForCausalLM", "without mm_projector_type is a LLaVA-v1 style checkpoint"),
-    ],
-)
-def test_unsupported_layouts_are_refused_on_one_line(rel, arch, why, tmp_path):
-    hf = load(rel)
-    with pytest.raises(ConfigError) as e:
-        family_of(hf)
-    msg = str(e.value)
-    assert msg.startswith(f"config.json: architecture {arch!r}") and why in msg and "\n" not in msg
-    with pytest.raises(ConfigError) as e:
-        build_config(hf, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=True)
-    assert "\n" not in str(e.value)
-
-
-def test_lisa_v1_config_refused_by_from_hf_config_naming_the_projector():
-    with pytest.raises(ConfigError, match=r"mm_projector_type absent \(LLaVA's default is a single Linear"):
-        from_hf_config(load(LISA_V1))
-
-
-def test_llava_hf_refused_by_from_hf_config_naming_the_architecture():
-    with pytest.raises(
-        ConfigError, match="architecture 'LlavaForConditionalGeneration': the transformers-native"
+# ---- LLaVA-v1 style projectors: LISA's own, refused elsewhere on one line ----------------------------------
+def test_llava_v1_projector_refused_outside_lisa_on_one_line():
+    """LISA-7B-v1's config with another architecture: a LLaVA-v1 base, whose projector READ does not have."""
+    hf = {**load(LISA_V1), "architectures": ["LlavaLlamaForCausalLM"]}
+    for call in (
+        lambda: family_of(hf),
+        lambda: build_config(hf, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=True),
     ):
-        from_hf_config(load(LLAVA_HF_7B))
+        with pytest.raises(ConfigError) as e:
+            call()
+        msg = str(e.value)
+        assert "mm_projector_type" in msg and "LlavaLlamaForCausalLM" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"mm_projector_type absent \(LLaVA's default is a single Linear"):
+        from_hf_config(hf)
     with pytest.raises(ConfigError, match="architecture 'MistralForCausalLM' is not supported"):
         hf_architecture({"architectures": ["MistralForCausalLM"]})
+
+
+def test_lisa_v1_config_is_read_with_its_linear_projector_and_vocabulary(tmp_path):
+    """LISA-7B-v1's layout (a fine-tune's config.json): LLaMA-1 sizes, no mm_projector_type (LLaVA-v1's
+    Linear), 32004 rows with [SEG]=32003, CLIP at 224 px."""
+    hf = load(LISA_V1)
+    assert "mm_projector_type" not in hf
+    c = from_hf_config(hf)
+    assert (c.vocab_size, c.rms_norm_eps, c.max_position_embeddings) == (32004, 1e-6, 2048)
+    assert audit_hf_config(hf).unused == (
+        "_name_or_path",
+        "bos_token_id",
+        "eos_token_id",
+        "freeze_mm_mlp_adapter",
+        "image_grid_pinpoints",
+        "max_sequence_length",
+        "pad_token_id",
+        "pretrain_mm_mlp_adapter",
+        "torch_dtype",
+        "train_mask_decoder",
+        "transformers_version",
+        "tune_mm_mlp_adapter",
+        "use_cache",
+        "use_mm_proj",
+    )
+    cfg = build_config(
+        hf, clip_dir=clip_dir(tmp_path, CLIP_224_VISION), base="auto", dtype="bfloat16", resize_vocab=False
+    )
+    assert (cfg.mm_projector_type, cfg.llama.vocab_size, cfg.clip.num_patches) == ("linear", 32004, 256)
+    assert (cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id) == (32003, 32001, 32002)
+    assert not cfg.sasp.enabled
+    with pytest.raises(ConfigError, match=r"vocab_size 32005: LISA releases have 32003 .* or 32004"):
+        build_config(
+            {**hf, "vocab_size": 32005}, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=False
+        )
+    with pytest.raises(ConfigError, match="mm_projector_type='mlp3x_gelu'"):
+        from_hf_config({**hf, "mm_projector_type": "mlp3x_gelu"})
+
+
+# ---- llava-hf ----------------------------------------------------------------------------------------------
+LLAVA_HF_UNUSED = [
+    "ignore_index",
+    "pad_token_id",
+    "text_config._name_or_path",
+    "text_config.torch_dtype",
+    "torch_dtype",
+    "transformers_version",
+    "vision_config.projection_dim",
+    "vision_config.vocab_size",
+]
+
+
+@pytest.mark.parametrize(
+    "rel, sizes",
+    [(LLAVA_HF_7B, (4096, 11008, 32, 32, 32064)), (LLAVA_HF_13B, (5120, 13824, 40, 40, 32064))],
+)
+def test_llava_hf_configs_are_read_from_text_and_vision_config(rel, sizes, tmp_path):
+    hf = load(rel)
+    c = from_hf_config(hf)
+    assert (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.vocab_size,
+    ) == sizes
+    assert (c.rms_norm_eps, c.max_position_embeddings, c.num_key_value_heads) == (1e-5, 4096, sizes[3])
+    assert list(audit_hf_config(hf).unused) == LLAVA_HF_UNUSED
+    assert family_of(hf) == "llava_hf"
+    with pytest.raises(ConfigError, match=r"llava-hf vocabulary of 32064 rows .*--resize-vocab"):
+        build_config(hf, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=False)
+    cfg = build_config(hf, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=True)
+    clip = cfg.clip  # from its own vision_config: the checkpoint carries the tower
+    assert (clip.hidden_size, clip.num_hidden_layers, clip.image_size, clip.patch_size) == (1024, 24, 336, 14)
+    assert (clip.select_layer, cfg.llama.vocab_size, cfg.seg_token_id, cfg.mm_projector_type) == (
+        -2,
+        32003,
+        32000,
+        "mlp2x_gelu",
+    )
+    assert cfg.sasp.enabled and cfg.sasp.grid_size == (12 if sizes[0] == 4096 else 24)
+
+
+@pytest.mark.parametrize(
+    "where, attr, value",
+    [
+        ("", "projector_hidden_act", "gelu_new"),
+        ("", "vision_feature_select_strategy", "full"),
+        ("", "vision_feature_layer", [-2, -5]),
+        ("", "multimodal_projector_bias", False),
+        ("", "image_token_index", 2),
+        ("text_config", "rope_scaling", {"type": "linear", "factor": 2.0}),
+        ("text_config", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+        ("vision_config", "hidden_act", "gelu_new"),
+    ],
+)
+def test_llava_hf_unsupported_values_are_named(where, attr, value):
+    hf = load(LLAVA_HF_7B)
+    if where:
+        hf = {**hf, where: {**hf[where], attr: value}}
+    else:
+        hf = {**hf, attr: value}
+    with pytest.raises(ConfigError) as e:
+        from_hf_config(hf)
+    assert f"{where + '.' if where else ''}{attr}={value!r}" in str(e.value)
+
+
+def test_transformers_5_rope_parameters_are_mapped():
+    hf = load(LLAVA_HF_7B)
+    text = {**hf["text_config"], "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
+    assert from_hf_config({**hf, "text_config": text}).rope_theta == 500000.0
+    with pytest.raises(ConfigError, match=r"disagrees with rope_theta=10000\.0"):
+        from_hf_config({**load(LLAVA_7B), "rope_parameters": {"rope_theta": 5e5}, "rope_theta": 10000.0})
 
 
 # ---- values read_jax cannot honour, on a real config: named with their value -------------------------------
@@ -413,9 +516,8 @@ def test_clip_config_unsupported_values(attr, value, tmp_path):
 # ---- tokenizer files as released ---------------------------------------------------------------------------
 def tokenizer_dir(tmp_path: Path, **files: str) -> Path:
     """tests' LLaMA tokenizer.model plus real files: name=fixture path (e.g. added_tokens=...)."""
-    if not SP_MODEL.is_file():
-        pytest.skip("tests/assets/tokenizer/tokenizer.model not there")
-    pytest.importorskip("sentencepiece")
+    # The asset is in the repository and sentencepiece is a runtime dependency: neither may be missing.
+    assert SP_MODEL.is_file(), "tests/assets/tokenizer/tokenizer.model is missing"
     d = tmp_path / "tok"
     d.mkdir()
     shutil.copyfile(SP_MODEL, d / "tokenizer.model")
@@ -463,11 +565,27 @@ def test_llava_base_tokenizer_gets_the_read_tokens_on_resize(tmp_path):
 
 
 def test_llava_hf_tokenizer_ids_collide_with_resize(tmp_path):
+    """<image>/<pad> at 32000/32001: refused on a LLaVA base, dropped with their rows as llava-hf."""
     d = tokenizer_dir(tmp_path, added_tokens="llava_hf/llava-1.5-7b-hf.added_tokens.json")
     with pytest.raises(
         ConfigError, match=r"added tokens \{'<image>': 32000, '<pad>': 32001\} already hold the ids"
     ):
         check_tokenizer(d, resize_vocab=True)
+    files, to_write = check_tokenizer(d, resize_vocab=True, family="llava_hf")
+    assert [p.name for p in files] == ["tokenizer.model"]
+    assert to_write == {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002}
+
+
+def test_lisa_7b_v1_tokenizer_is_read_for_a_32004_vocabulary(tmp_path):
+    from torchref.lisa import lisa_config
+
+    d = tokenizer_dir(tmp_path, added_tokens="lisa_v1/LISA-7B-v1.added_tokens.json")
+    files, to_write = check_tokenizer(d, resize_vocab=False, family="lisa", cfg=lisa_config("v1"))
+    assert to_write is None and sorted(p.name for p in files) == ["added_tokens.json", "tokenizer.model"]
+    with pytest.raises(
+        ConfigError, match=r"\[SEG\] has id 32003, this LISA \(vocab_size 32003\) needs 32000"
+    ):
+        check_tokenizer(d, resize_vocab=False, family="lisa", cfg=lisa_config("llava1.5"))
 
 
 def test_tokenizer_config_that_changes_bos_eos_is_refused(tmp_path):

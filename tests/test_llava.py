@@ -17,19 +17,12 @@ from flax import nnx
 
 from read_jax.clip import ClipVisionModel
 from read_jax.config import IGNORE_INDEX, IM_END_TOKEN_ID, IM_START_TOKEN_ID, IMAGE_TOKEN_INDEX, ReadConfig
-from read_jax.convert.clip import (
-    LLAVA_VISION_TOWER_PREFIX,
-    MM_PROJECTOR_RULES,
-    clip_ignore,
-    clip_rules,
-    mm_projector_rules,
-)
-from read_jax.convert.common import abstract_leaves, convert, load_leaves, prefixed
-from read_jax.convert.llama import LLAMA_IGNORE, LLAMA_RULES
+from read_jax.convert.clip import MM_PROJECTOR_RULES
+from read_jax.convert.common import abstract_leaves, convert, load_leaves
 from read_jax.llava import LlavaModel, MmProjector, expanded_position, merge_multimodal
 from tests.helpers import require_torch
 from torchref.common import state_dict_numpy
-from torchref.llava import image_tokens, prepare_inputs, reference_modules
+from torchref.llava import build_pair, image_tokens, prepare_inputs
 
 P = 576  # the tiny config keeps CLIP's 336/14 geometry
 L = 12
@@ -140,37 +133,11 @@ def test_projector_matches_torch_sequential():
 
 
 # ---- LlavaModel end to end ---------------------------------------------------------------------------------
-def _read_checkpoint(clip, proj, llm) -> dict:
-    """The three modules' weights under a READ/LLaVA checkpoint's key layout (transformers 5 keeps the CLIP
-    layers at the top level in memory; the on-disk layout has `vision_model.`)."""
-    sd = {LLAVA_VISION_TOWER_PREFIX + "vision_model." + k: v for k, v in state_dict_numpy(clip).items()}
-    sd.update({"model.mm_projector." + k: v for k, v in state_dict_numpy(proj).items()})
-    sd.update(state_dict_numpy(llm))
-    return sd
-
-
-def _llava_rules():
-    return (
-        clip_rules(LLAVA_VISION_TOWER_PREFIX, "vision_tower/")
-        + mm_projector_rules()
-        + prefixed(LLAMA_RULES, "", "language_model/")
-    )
-
-
 @pytest.fixture(scope="module")
 def llava_pair():
     torch = require_torch()
-    clip, proj, llm = reference_modules(CFG)
-    # Abstract build, then every leaf filled by the strict converter (house style §8; no eager random init).
-    model = nnx.eval_shape(lambda: LlavaModel(CFG, rngs=nnx.Rngs(0)))
-    leaves = convert(
-        _read_checkpoint(clip, proj, llm),
-        _llava_rules(),
-        abstract_leaves(model),
-        ignore=clip_ignore(LLAVA_VISION_TOWER_PREFIX) + LLAMA_IGNORE,
-    )
-    load_leaves(model, leaves)
-    return torch, (clip, proj, llm), model
+    modules, model = build_pair(CFG)
+    return torch, modules, model
 
 
 def test_llava_forward_matches_torch(llava_pair):

@@ -7,62 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from read_jax.config import ReadConfig, SaspConfig
-from read_jax.convert.common import Converter, abstract_leaves, load_leaves
-from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
+from read_jax.convert.common import abstract_leaves
+from read_jax.convert.read import read_rules
 from read_jax.lora import partition_trainable
 from read_jax.losses import read_batch_loss
 from read_jax.read_model import ReadModel, seg_slots
-from read_jax.sam.transforms import get_preprocess_shape
 from tests.helpers import require_meta_sam, require_torch
-
-CANVAS = (320, 320)
-ORIG = [(240, 320), (300, 117)]  # landscape and an odd-width portrait
-
-
-def _cfg(**sasp_kw):
-    sasp = SaspConfig.read_7b(similarity_dtype="float32", **sasp_kw)
-    return ReadConfig.tiny(lora=None, sasp=sasp, max_segs=2)
-
-
-def _batch(cfg, seed=0):
-    """3 rows: image 0 with one [SEG]; image 1 with two [SEG]s; image 1 with none (a VQA-like row)."""
-    rng = np.random.default_rng(seed)
-    seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
-    head = [1, 319, s, -200, e, 13]
-    rows = [
-        [*head, 500, 501, 502, 9, 10, 11, seg, 29889, 2],
-        [*head, 600, 601, 9, seg, 603, 604, seg, 2],
-        [*head, 700, 701, 702, 703, 2],
-    ]
-    L = max(map(len, rows)) + 2
-    ids = np.zeros((3, L), np.int32)
-    mask = np.zeros((3, L), bool)
-    labels = np.full((3, L), -100, np.int32)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = row
-        mask[r, : len(row)] = True
-        labels[r, 9 : len(row)] = row[9:]
-    sam_hw = np.array([get_preprocess_shape(h, w, cfg.sam.image_size) for h, w in ORIG], np.int32)
-    masks = np.zeros((3, 2, *CANVAS), np.uint8)
-    mvalid = np.array([[True, False], [True, True], [False, False]])
-    for r, img, k in [(0, 0, 0), (1, 1, 0), (1, 1, 1)]:
-        h, w = ORIG[img]
-        m = (rng.random((h, w)) > 0.7).astype(np.uint8)
-        m[: h // 3, : w // 2] = 1
-        masks[r, k, :h, :w] = m
-    return {
-        "images_clip": rng.normal(size=(2, 336, 336, 3)).astype(np.float32),
-        "images_sam": rng.normal(size=(2, cfg.sam.image_size, cfg.sam.image_size, 3)).astype(np.float32),
-        "sam_input_hw": sam_hw,
-        "orig_hw": np.array(ORIG, np.int32),
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "conv_image": np.array([0, 1, 1], np.int32),
-        "masks": masks,
-        "mask_valid": mvalid,
-    }
+from torchref.read_batch import CANVAS, ORIG, tiny_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -70,51 +21,18 @@ def pair():
     """(cfg, torch READ, read_jax READ with the same weights)."""
     torch = require_torch()
     require_meta_sam()
-    from torchref.read import TorchRead
+    from torchref.read import build_pair
 
-    cfg = _cfg()
-    tm = TorchRead(cfg, seed=0).float()
-    sd, clip_sd = tm.released_state_dict()
-    model = nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
-    conv = Converter(
-        read_rules() + clip_dir_rules(),
-        abstract_leaves(model),
-        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
-    )
-    leaves = conv.add_all(sd).add_all(clip_sd).finish()
-    load_leaves(model, leaves)  # every leaf filled: the abstract model becomes concrete
+    cfg = tiny_config()
+    tm, model = build_pair(cfg, seed=0)
     torch.set_grad_enabled(True)
     return cfg, tm, model
 
 
 def _torch_forward(cfg, tm, batch):
-    import torch
+    from torchref.read import torch_forward
 
-    from torchref import sasp as st
-    from torchref.read import to_torch_batch
-
-    sc = cfg.sasp
-
-    def similarity(h_img, s):
-        return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
-
-    def to_points(sim, hw):
-        return st.similarity_map_to_points(
-            sim,
-            hw,
-            down_sample=cfg.clip.grid_size // sc.grid_size,
-            num_points=sc.num_points,
-            t_pos=sc.t_pos,
-            t_neg=sc.t_neg,
-            use_dtoc=False,
-        )
-
-    def dtoc(sim, pts, hw):
-        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
-        return st.discrete_to_continuous(full, pts.float())
-
-    tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
-    return tb, tm(tb, (similarity, to_points, dtoc), {})
+    return torch_forward(cfg, tm, batch)
 
 
 def test_seg_slots_first_token_never_counts_and_overflow_is_dropped():
@@ -128,7 +46,7 @@ def test_seg_slots_first_token_never_counts_and_overflow_is_dropped():
 def jax_run(pair):
     """Forward outputs, loss terms and gradients of the trainables from ONE jitted function (one compile)."""
     cfg, _, model = pair
-    batch = _batch(cfg)
+    batch = tiny_batch(cfg)
     graphdef, trainable, frozen = partition_trainable(model, cfg.trainable_regexes)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -221,7 +139,7 @@ def test_losses_and_gradients_match_torch_reference(pair, jax_run):
 
 def test_rows_without_seg_get_no_mask_and_jit_compiles_once(pair):
     cfg, _, model = pair
-    batch = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
+    batch = {k: jnp.asarray(v) for k, v in tiny_batch(cfg).items()}
     traces = []
 
     @nnx.jit(static_argnames=("canvas_hw",))
@@ -246,7 +164,7 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
 
     cfg, _, model = pair
     towers = (r"llava/vision_tower/.*", r"visual_model/image_encoder/.*")
-    b = {k: jnp.asarray(v) for k, v in _batch(cfg).items()}
+    b = {k: jnp.asarray(v) for k, v in tiny_batch(cfg).items()}
     open_cfg = dataclasses.replace(cfg, freeze_vision_towers=False)
     open_gd, _ = nnx.split(nnx.eval_shape(lambda: ReadModel(open_cfg, rngs=nnx.Rngs(0))))
     norms = {}

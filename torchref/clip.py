@@ -1,11 +1,18 @@
 """transformers' `CLIPVisionModel` as the reference for `read_jax.clip`: a tiny model with perturbed weights.
 
-torch and transformers are imported when `hf_clip` is called.
+Weights go torch -> JAX only through `read_jax.convert.clip.CLIP_VISION_RULES` (the real converter's table).
+torch and transformers are imported when `hf_clip` / `build_pair` are called.
 """
 
 from __future__ import annotations
 
+from flax import nnx
+
+from read_jax.clip import ClipVisionModel
 from read_jax.config import ClipVisionConfig
+from read_jax.convert.clip import CLIP_VISION_IGNORE, CLIP_VISION_RULES
+from read_jax.convert.common import abstract_leaves, convert, load_leaves
+from torchref.common import state_dict_numpy
 
 
 def hf_clip(cfg: ClipVisionConfig):
@@ -35,3 +42,32 @@ def hf_clip(cfg: ClipVisionConfig):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def checkpoint_keys(sd: dict) -> dict:
+    """A `CLIPVisionModel` state dict under its checkpoint keys.
+
+    transformers 5 keeps the layers at the top level in memory (its loader strips the on-disk
+    `vision_model.` prefix); the openai checkpoint and READ's transformers-4.31 layout carry the prefix,
+    and that is what the table maps.
+    """
+    return {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in sd.items()}
+
+
+def load_clip(cfg: ClipVisionConfig, sd: dict) -> ClipVisionModel:
+    """A read_jax `ClipVisionModel` filled from checkpoint keys `sd` through `CLIP_VISION_RULES`.
+
+    Built abstractly and filled by the strict converter (every leaf loaded; no eager random init).
+    """
+    model = nnx.eval_shape(lambda: ClipVisionModel(cfg, rngs=nnx.Rngs(0)))
+    load_leaves(model, convert(sd, CLIP_VISION_RULES, abstract_leaves(model), ignore=CLIP_VISION_IGNORE))
+    return model
+
+
+def build_pair(cfg: ClipVisionConfig):
+    """(HF `CLIPVisionModel` from `hf_clip`, read_jax `ClipVisionModel` with the same weights).
+
+    Draws from torch's global generator (seed it first).
+    """
+    ref = hf_clip(cfg)
+    return ref, load_clip(cfg, checkpoint_keys(state_dict_numpy(ref)))

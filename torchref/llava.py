@@ -5,13 +5,22 @@ row by row with `torch.cat`: the -200 placeholder is replaced in place by the P 
 shifts by P - 1, labels get P IGNORE entries and the attention mask gets P - 1 `True`s prepended.
 `reference_modules` builds HF CLIP, the `mlp2x_gelu` projector and HF LLaMA from a `ReadConfig` with O(1)
 random weights; `image_tokens` is `encode_images` (selected CLIP layer, CLS dropped, projected).
+`build_pair` adds a read_jax `LlavaModel` with the same weights, copied through the real converter's tables
+(`llava_rules`) from the three modules' weights under a READ/LLaVA checkpoint's keys (`checkpoint`).
 
 torch and transformers are imported when a function is called.
 """
 
 from __future__ import annotations
 
+from flax import nnx
+
 from read_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ReadConfig
+from read_jax.convert.clip import LLAVA_VISION_TOWER_PREFIX, clip_ignore, clip_rules, mm_projector_rules
+from read_jax.convert.common import abstract_leaves, convert, load_leaves, prefixed
+from read_jax.convert.llama import LLAMA_IGNORE, LLAMA_RULES
+from read_jax.llava import LlavaModel
+from torchref.common import state_dict_numpy
 
 
 def prepare_inputs(ids, embed, image_features, labels, mask):
@@ -99,3 +108,41 @@ def image_tokens(clip, proj, pixels_nchw, select_layer: int):
     hidden = clip(pixel_values=pixels_nchw, output_hidden_states=True).hidden_states
     feats = hidden[select_layer][:, 1:]
     return proj(feats)
+
+
+def checkpoint(clip, proj, llm) -> dict:
+    """The three modules' weights (numpy) under a READ/LLaVA checkpoint's key layout.
+
+    transformers 5 keeps the CLIP layers at the top level in memory; the on-disk layout has `vision_model.`.
+    """
+    sd = {LLAVA_VISION_TOWER_PREFIX + "vision_model." + k: v for k, v in state_dict_numpy(clip).items()}
+    sd.update({"model.mm_projector." + k: v for k, v in state_dict_numpy(proj).items()})
+    sd.update(state_dict_numpy(llm))
+    return sd
+
+
+def llava_rules():
+    """The converter's tables for a `LlavaModel`: CLIP under the LLaVA prefix, the projector, LLaMA."""
+    return (
+        clip_rules(LLAVA_VISION_TOWER_PREFIX, "vision_tower/")
+        + mm_projector_rules()
+        + prefixed(LLAMA_RULES, "", "language_model/")
+    )
+
+
+def build_pair(cfg: ReadConfig):
+    """((clip, proj, llm) from `reference_modules`, read_jax `LlavaModel` with the same weights).
+
+    Seeds torch's global generator with 0 (through `reference_modules`). The model is built abstractly and
+    every leaf filled by the strict converter (no eager random init).
+    """
+    clip, proj, llm = reference_modules(cfg)
+    model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    leaves = convert(
+        checkpoint(clip, proj, llm),
+        llava_rules(),
+        abstract_leaves(model),
+        ignore=clip_ignore(LLAVA_VISION_TOWER_PREFIX) + LLAMA_IGNORE,
+    )
+    load_leaves(model, leaves)
+    return (clip, proj, llm), model

@@ -4,10 +4,15 @@ Built from transformers' `LlamaForCausalLM` and `CLIPVisionModel`, Meta's `segme
 torch `nn.Sequential` projector and fcs, and the SasP transcription in `torchref.sasp`.
 The forward transcribes READ's `model_forward` (READ.py:435-598) with the reference's own index tricks
 (the 575-zero [SEG] mask shift, `<im_start>`-relative image-token slicing, per-image SAM decoding) and with
-the §3.8 row/size pairing bug fixed (each [SEG] uses its own row's image, as read_jax does).
+the §3.8 row/size pairing bug fixed (each [SEG] uses its own row's image, as read_jax does). With a LISA
+config (`torchref.lisa`: `mm_projector_type="linear"`, `sasp.enabled=False`) it is LISA's `model_forward`
+(LISA/model/LISA.py): the P - 1 shift is LISA's hard-coded 255 at CLIP-224, and SAM gets the [SEG] token
+alone.
 
 `released_state_dict()` returns the weights under the key names of a released READ checkpoint (plus the
-HF CLIP keys separately), which tests feed through read_jax's converter tables.
+HF CLIP keys separately), which `build_pair` feeds through read_jax's converter tables. `build_pair` and
+`torch_forward` (the torch forward with the SasP transcription plugged in), on `torchref.read_batch`'s
+config and batch, are the end-to-end comparison the parity test and `benchmarks/parity.py` share.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import nnx
 from torch import nn
 
 from read_jax.config import IGNORE_INDEX, ReadConfig
+from read_jax.convert.common import Converter, abstract_leaves, load_leaves
+from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
+from read_jax.read_model import ReadModel
 
 
 def _llama(cfg: ReadConfig):
@@ -147,7 +156,10 @@ class TorchRead(nn.Module):
         self.llm = _llama(cfg)
         self.clip = _clip(cfg)
         c = cfg.llama.hidden_size
-        self.mm_projector = nn.Sequential(nn.Linear(cfg.clip.hidden_size, c), nn.GELU(), nn.Linear(c, c))
+        if cfg.mm_projector_type == "linear":  # LLaVA-v1's, as LISA's llava_arch.py builds it
+            self.mm_projector = nn.Linear(cfg.clip.hidden_size, c)
+        else:
+            self.mm_projector = nn.Sequential(nn.Linear(cfg.clip.hidden_size, c), nn.GELU(), nn.Linear(c, c))
         self.text_hidden_fcs = nn.ModuleList(
             [
                 nn.Sequential(
@@ -244,12 +256,16 @@ class TorchRead(nn.Module):
             )  # image tokens at start+1 .. start+P
             img = batch["conv_image"][r]
             H, W = (int(v) for v in batch["orig_hw"][img])
-            sim = similarity(h[r, start + 1 : start + 1 + p], h[r, c])
-            pts, labs = to_points(sim, (H, W), **sasp_kw)
-            pts = dtoc(sim, pts, (H, W)) if cfg.sasp.use_dtoc else pts.float()
             nh, nw = (int(v) for v in batch["sam_input_hw"][img])
-            coords = pts * torch.tensor([nw / W, nh / H])
-            sparse, dense = pe(points=(coords[None], labs[None].int()), boxes=None, masks=None)
+            sim = similarity(h[r, start + 1 : start + 1 + p], h[r, c])
+            if cfg.sasp.enabled:
+                pts, labs = to_points(sim, (H, W), **sasp_kw)
+                pts = dtoc(sim, pts, (H, W)) if cfg.sasp.use_dtoc else pts.float()
+                coords = pts * torch.tensor([nw / W, nh / H])
+                sparse, dense = pe(points=(coords[None], labs[None].int()), boxes=None, masks=None)
+            else:  # LISA (LISA.py model_forward): prompt_encoder(points=None, boxes=None, masks=None, text)
+                pts = labs = None
+                sparse, dense = pe(points=None, boxes=None, masks=None)
             sparse = torch.cat([sparse, pred_all[r, c][None, None]], 1).to(dt)
             low, _ = dec(
                 image_embeddings=emb[img : img + 1],
@@ -300,3 +316,57 @@ def torch_losses(out: dict, gts: list, weights=(1.0, 2.0, 0.5)):
 
 def to_torch_batch(batch: dict) -> dict:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+
+
+# ---- the end-to-end comparison -------------------------------------------------------------------------
+def build_pair(cfg: ReadConfig, seed: int = 0):
+    """(torch READ, read_jax `ReadModel` with the same weights), fp32.
+
+    The released-layout weights go through `read_rules` + `clip_dir_rules` (the real converter's tables);
+    the strict converter fills every leaf of the abstract model. Seeds torch's global generator.
+    """
+    tm = TorchRead(cfg, seed=seed).float()
+    sd, clip_sd = tm.released_state_dict()
+    model = nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
+    conv = Converter(
+        read_rules() + clip_dir_rules(),
+        abstract_leaves(model),
+        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
+    )
+    load_leaves(model, conv.add_all(sd).add_all(clip_sd).finish())
+    return tm, model
+
+
+def sasp_functions(cfg: ReadConfig):
+    """READ's SasP steps as `TorchRead` takes them: (similarity, to_points, dtoc), from `torchref.sasp`, on
+    `cfg`'s CLIP grid and crop (READ's 24 x 24 and 336, LISA's 16 x 16 and 224)."""
+    from torchref import sasp as st
+
+    sc = cfg.sasp
+
+    def similarity(h_img, s):
+        return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
+
+    def to_points(sim, hw):
+        return st.similarity_map_to_points(
+            sim,
+            hw,
+            down_sample=cfg.clip.grid_size // sc.grid_size,
+            num_points=sc.num_points,
+            t_pos=sc.t_pos,
+            t_neg=sc.t_neg,
+            use_dtoc=False,
+        )
+
+    def dtoc(sim, pts, hw):
+        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32, cfg.clip.image_size)[0, :, :, 0]
+        return st.discrete_to_continuous(full, pts.float())
+
+    return similarity, to_points, dtoc
+
+
+def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
+    """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
+    SasP functions."""
+    tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
+    return tb, tm(tb, sasp_functions(cfg), {})

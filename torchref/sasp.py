@@ -38,14 +38,16 @@ def compute_similarity_map(image_features: torch.Tensor, text_features: torch.Te
     return feats.sum(-1)
 
 
-def get_similarity_map(sm: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
-    """`origin_sm`: [1, P, 1] map -> [1, H, W, 1] full-resolution map (min-max in sm's own dtype)."""
+def get_similarity_map(sm: torch.Tensor, shape, dtype=torch.float32, target_size: int = 336) -> torch.Tensor:
+    """`origin_sm`: [1, P, 1] map -> [1, H, W, 1] full-resolution map (min-max in sm's own dtype).
+
+    `target_size` is READ's hard-coded 336, its CLIP crop; SasP on another tower (LISA's CLIP-224) uses that
+    tower's crop, as `read_jax.sasp` does with `clip_size`."""
     sm = (sm - sm.min(1, keepdim=True)[0]) / (sm.max(1, keepdim=True)[0] - sm.min(1, keepdim=True)[0])
     side = int(sm.shape[1] ** 0.5)
     sm = sm.reshape(sm.shape[0], side, side, -1).permute(0, 3, 1, 2)
     sm = sm.to(dtype)
 
-    target_size = 336
     h, w = shape
     scale = target_size / min(h, w)
     new_h, new_w = int(h * scale), int(w * scale)

@@ -72,6 +72,12 @@ MM_PROJECTOR_RULES = [
     Rule(r"([02])\.bias", r"layers/\1/bias"),
 ]
 
+# LLaVA-v1's single `nn.Linear` projector (LISA's own code): `model.mm_projector.{weight,bias}`.
+LINEAR_PROJECTOR_RULES = [
+    Rule(r"weight", "layers/0/kernel", linear),
+    Rule(r"bias", "layers/0/bias"),
+]
+
 # transformers' `LlavaForConditionalGeneration` names the same projector `multi_modal_projector.linear_{1,2}`.
 HF_LLAVA_PROJECTOR_RULES = [
     Rule(r"linear_1\.weight", "layers/0/kernel", linear),
@@ -96,7 +102,9 @@ def clip_ignore(src_prefix: str = "") -> list[str]:
 
 
 def mm_projector_rules(
-    src_prefix: str = LLAVA_MM_PROJECTOR_PREFIX, dst_prefix: str = "mm_projector/"
+    src_prefix: str = LLAVA_MM_PROJECTOR_PREFIX, dst_prefix: str = "mm_projector/", kind: str = "mlp2x_gelu"
 ) -> list[Rule]:
-    """The projector table; defaults map a LLaVA/READ checkpoint onto `LlavaModel.mm_projector`."""
-    return prefixed(MM_PROJECTOR_RULES, src_prefix, dst_prefix)
+    """The projector table (`kind`: "mlp2x_gelu" or "linear"); defaults map a LLaVA/READ checkpoint onto
+    `LlavaModel.mm_projector`."""
+    table = LINEAR_PROJECTOR_RULES if kind == "linear" else MM_PROJECTOR_RULES
+    return prefixed(table, src_prefix, dst_prefix)

@@ -26,6 +26,12 @@ from read_jax.tree_util import abstract_leaves, load_leaves, path_str  # noqa: F
 Array = np.ndarray
 Transform = Callable[[Array], Array]
 
+# Where each part of a READ checkpoint lives in `read_jax.read_model.ReadModel` ('/'-joined NNX paths).
+LANGUAGE_MODEL = "llava/language_model/"
+VISION_TOWER = "llava/vision_tower/"
+MM_PROJECTOR = "llava/mm_projector/"
+VISUAL_MODEL = "visual_model/"
+
 
 # ---- transforms (PyTorch layout -> Flax layout) -----------------------------------------------------
 def identity(x: Array) -> Array:

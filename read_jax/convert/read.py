@@ -1,4 +1,4 @@
-"""READ / SESAME / LISA checkpoints -> read_jax: the full key table, the input checks, the streaming driver.
+"""READ / SESAME / LISA / LLaVA-1.5 checkpoints -> read_jax: the key tables and the streaming driver.
 
 PyTorch reference: the released checkpoints (read_reference.md §10: `save_pretrained` of `READForCausalLM`
 after `merge_and_unload`, §10.1-10.3), `READ.py:149-216` (`text_hidden_fcs`, the vision tower quirk),
@@ -22,17 +22,18 @@ releases have none, §10.1), `model.visual_model.*` when `--sam` supplies SAM, a
 HF `CLIPModel` directory (`text_model.*`, projections, `logit_scale`). SAM's `mask_downscaling` is
 implemented by `read_jax.sam` and therefore converted, not dropped.
 
-READ vs SESAME vs LISA (§12): READ is trained from SESAME and shares its layout and config. LISA-v1
-checkpoints were built on LLaVA-v1 (a single-Linear `mm_projector`, CLIP ViT-L/14-224, no
-`mm_projector_type` in config.json), which `read_jax.llava` does not implement: they are refused up front
-with that explanation. LLaVA-1.5 bases (`LlavaLlamaForCausalLM`, vocab 32000) are accepted for from-scratch
-inits with `--resize-vocab` (3 new rows ~ N(0, 0.02), as HF 4.31 `resize_token_embeddings`) and `--sam`;
-`text_hidden_fcs` then keeps its init, and the checkpoint records that. LISA releases on LLaVA-1.5 share
-READ's layout and are read; llava-hf's `LlavaForConditionalGeneration` layout is refused (not yet read).
+READ vs SESAME vs LISA (§12): READ is trained from SESAME and shares its layout and config. LISA releases
+share it too, with their own CLIP (224 px), projector (LISA's code: LLaVA-v1's single Linear,
+`model.mm_projector.{weight,bias}`) and vocabulary (`read_jax.convert.inputs.LISA_TOKEN_LAYOUTS`).
+LLaVA-1.5 bases (`LlavaLlamaForCausalLM`, vocab 32000) are accepted for from-scratch inits with
+`--resize-vocab` (3 new rows ~ N(0, 0.02), as HF 4.31 `resize_token_embeddings`) and `--sam`;
+`text_hidden_fcs` then keeps its init, and the checkpoint records that. The same base in transformers'
+llava-hf layout has its own table and vocabulary rule (`read_jax.convert.llava_hf`). The input checks (family,
+ReadConfig, tokenizer) are `read_jax.convert.inputs`.
 
-config.json policy (`read_jax.config.audit_hf_config`, `build_config`): every attribute that changes the
-computation is mapped or checked, and a value read_jax cannot honour is refused naming attribute and value;
-the others (bookkeeping, training flags, what newer releases add) are listed in conversion.json
+config.json policy (`read_jax.hf_config.audit_hf_config`, `inputs.build_config`): every attribute that
+changes the computation is mapped or checked, and a value read_jax cannot honour is refused naming attribute
+and value; the others (bookkeeping, training flags, what newer releases add) are listed in conversion.json
 (`config_unused_attributes`, and `clip_config_unused_attributes` for --clip) and logged on one warning line,
 or refused with `strict=True` (`convert_weights.py --strict`).
 
@@ -52,7 +53,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,45 +61,52 @@ import ml_dtypes
 import numpy as np
 
 from read_jax import config as rc
-from read_jax.checkpoint import owned_copy
-from read_jax.convert import io
+from read_jax.convert import checks, inputs, io, llava_hf
 from read_jax.convert.clip import (
     CLIP_VISION_IGNORE,
     LLAVA_VISION_TOWER_PREFIX,
     clip_rules,
     mm_projector_rules,
 )
-from read_jax.convert.common import ConversionError, Converter, Rule, linear, prefixed
+from read_jax.convert.common import (
+    LANGUAGE_MODEL,
+    MM_PROJECTOR,
+    VISION_TOWER,
+    VISUAL_MODEL,
+    ConversionError,
+    Converter,
+    Rule,
+    linear,
+    prefixed,
+)
+from read_jax.convert.inputs import (  # noqa: F401 - the converter's public names, re-exported
+    ARCHITECTURES,
+    HF_CLIP_336,
+    SEG_TOKENS,
+    TOKENIZER_FILES,
+    build_config,
+    check_tokenizer,
+    clip_config_from_hf,
+    clip_config_unused,
+    family_of,
+)
 from read_jax.convert.llama import LLAMA_IGNORE, LLAMA_RULES, PEFT_BASE_RULES, PEFT_LORA_RULES
 from read_jax.convert.sam import SAM_IGNORE, sam_rules
-
-PEFT_PREFIX = "base_model.model."
-SAM_PREFIX = "model.visual_model."
-SEG_TOKENS = {"[SEG]": rc.SEG_TOKEN_ID, "<im_start>": rc.IM_START_TOKEN_ID, "<im_end>": rc.IM_END_TOKEN_ID}
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.json",
-    "generation_config.json",
+from read_jax.convert.stream import (  # noqa: F401 - resize_rows, RESIZE_INIT_STD: re-exported
+    LORA_KEY,
+    PEFT_PREFIX,
+    RESIZE_INIT_STD,
+    LoraMerger,
+    Source,
+    file_source,
+    hf_source,
+    resize_rows,
+    resize_vocab_rows,
 )
-HF_CLIP_336 = "openai/clip-vit-large-patch14-336"
-# HF 4.31 `resize_token_embeddings` initialises new rows with `_init_weights`: normal(0, initializer_range).
-RESIZE_INIT_STD = 0.02
-ARCHITECTURES = {
-    "READForCausalLM": "read",
-    "SESAMEForCausalLM": "sesame",
-    "LISAForCausalLM": "lisa",
-    "LlavaLlamaForCausalLM": "llava",
-    "LlamaForCausalLM": "llama",
-}
+
+SAM_PREFIX = "model.visual_model."
 
 # ---- key tables --------------------------------------------------------------------------------------------
-LANGUAGE_MODEL = "llava/language_model/"
-VISION_TOWER = "llava/vision_tower/"
-MM_PROJECTOR = "llava/mm_projector/"
-VISUAL_MODEL = "visual_model/"
 
 # `ModuleList([Sequential(Linear(C, C), ReLU, Linear(C, 256), Dropout(0))])` (READ.py:149-161, §2.6): torch
 # Sequential indices 0 and 2 of module 0 become the two entries of `ReadModel.text_hidden_fcs.layers`.
@@ -121,24 +129,46 @@ _VM = r"vision_model\."
 _PEFT = r"(?:base_model\.model\.)?"
 
 
-def read_rules() -> list[Rule]:
-    """The READ/SESAME checkpoint table in the released (merged) layout; invertible for export."""
+def read_rules(projector: str = "mlp2x_gelu") -> list[Rule]:
+    """The READ/SESAME/LISA checkpoint table in the released (merged) layout; invertible for export.
+
+    `projector`: "mlp2x_gelu" (`model.mm_projector.{0,2}.*`) or "linear" (LISA's `model.mm_projector.*`)."""
     return (
         prefixed(LLAMA_RULES, "", LANGUAGE_MODEL)
-        + mm_projector_rules(dst_prefix=MM_PROJECTOR)
+        + mm_projector_rules(dst_prefix=MM_PROJECTOR, kind=projector)
         + TEXT_HIDDEN_FCS_RULES
         + sam_rules(SAM_PREFIX, VISUAL_MODEL)
     )
 
 
-def peft_read_rules() -> list[Rule]:
+def peft_read_rules(projector: str = "mlp2x_gelu") -> list[Rule]:
     """The same checkpoint wrapped by PEFT (`base_model.model.` prefix; `base_layer` in newer peft)."""
     return (
         prefixed(PEFT_BASE_RULES, "", LANGUAGE_MODEL)
-        + prefixed(mm_projector_rules(dst_prefix=MM_PROJECTOR), PEFT_PREFIX)
+        + prefixed(mm_projector_rules(dst_prefix=MM_PROJECTOR, kind=projector), PEFT_PREFIX)
         + prefixed(TEXT_HIDDEN_FCS_RULES, PEFT_PREFIX)
         + sam_rules(PEFT_PREFIX + SAM_PREFIX, VISUAL_MODEL)
     )
+
+
+def checkpoint_rules(family: str, cfg: rc.ReadConfig, *, clip_given: bool, merge: bool) -> list[Rule]:
+    """The table of the checkpoint directory's own keys, for its family (`read_jax.convert.inputs`)."""
+    if family == "llava_hf":
+        return llava_hf.rules()
+    proj = cfg.mm_projector_type
+    return (
+        read_rules(proj)
+        + peft_read_rules(proj)
+        + ([] if merge else lora_rules())
+        + ([] if clip_given else vision_tower_rules())
+    )
+
+
+def checkpoint_ignore(family: str, *, clip_given: bool, sam_given: bool) -> list[str]:
+    """Source-key regexes of the checkpoint directory dropped on purpose (see the module docstring)."""
+    if family == "llava_hf":
+        return llava_hf.ignore() + ([r"(?:model\.)?vision_tower\..*"] if clip_given else [])
+    return read_ignore(clip_given=clip_given, sam_given=sam_given)
 
 
 def lora_rules() -> list[Rule]:
@@ -212,379 +242,7 @@ def default_model_fn(cfg: rc.ReadConfig) -> Callable[[], Any]:
     return model_fn(cfg.replace(lora=None))
 
 
-# ---- input checks (all before any tensor is read) ---------------------------------------------------------
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise rc.ConfigError(f"{path}: invalid json ({e})") from e
-
-
-def family_of(hf: Mapping[str, Any]) -> str:
-    """'read' | 'sesame' | 'lisa' | 'llava' | 'llama' from `architectures`.
-
-    Refuses, with a one-line ConfigError naming the architecture, the layouts read_jax does not read yet:
-    llava-hf's `LlavaForConditionalGeneration` and LLaVA-v1 style checkpoints (LISA-v1).
-    """
-    arch = rc.hf_architecture(hf)
-    family = ARCHITECTURES[arch]
-    proj = hf.get("mm_projector_type")
-    if family != "llama" and proj != "mlp2x_gelu":
-        which = "without mm_projector_type" if proj is None else f"with mm_projector_type={proj!r}"
-        raise rc.ConfigError(
-            f"config.json: architecture {arch!r} {which} is a LLaVA-v1 style checkpoint (a single-Linear "
-            "mm_projector, as in LISA-v1), but read_jax implements LLaVA-1.5's mlp2x_gelu projector only "
-            "(READ, SESAME, LISA on LLaVA-1.5)"
-        )
-    return family
-
-
-# transformers 4.x wrote only the values that differ from its defaults (`to_diff_dict`), so an absent key
-# means HF's CLIPVisionConfig default (ViT-B/32), not read_jax's ViT-L/14-336 one.
-_HF_CLIP_VISION_DEFAULTS = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "image_size": 224,
-    "patch_size": 32,
-    "num_channels": 3,
-    "layer_norm_eps": 1e-5,
-    "hidden_act": "quick_gelu",
-}
-# Vision-config attributes that change the computation besides the mapped ones: read_jax has no dropout.
-_HF_CLIP_VISION_ZERO = ("dropout", "attention_dropout")
-_HF_CLIP_VISION_USED = frozenset((*_HF_CLIP_VISION_DEFAULTS, *_HF_CLIP_VISION_ZERO, "model_type"))
-
-
-def _clip_vision_config(clip_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """(config.json path, the vision config dict) of an HF `CLIPVisionModel` or `CLIPModel` directory.
-
-    For a `CLIPModel` only `vision_config` is read: its text tower and projections are dropped on purpose
-    (`CLIP_MODEL_EXTRA_IGNORE`), like LLaVA's `CLIPVisionModel.from_pretrained` does.
-    """
-    path = clip_dir / "config.json"
-    if not path.is_file():
-        raise rc.ConfigError(f"{path}: not found (--clip must be an HF CLIP directory)")
-    hf = _read_json(path)
-    if hf.get("model_type") == "clip":
-        return path, {"model_type": "clip_vision_model", **(hf.get("vision_config") or {})}
-    if hf.get("model_type") != "clip_vision_model":
-        raise rc.ConfigError(f"{path}: model_type {hf.get('model_type')!r} is not a CLIP vision model")
-    return path, hf
-
-
-def clip_config_unused(clip_dir: Path) -> list[str]:
-    """The attributes of --clip's vision config that read_jax does not use (recorded in conversion.json)."""
-    return sorted(set(_clip_vision_config(clip_dir)[1]) - _HF_CLIP_VISION_USED)
-
-
-def clip_config_from_hf(
-    clip_dir: Path, *, select_layer: int, dtype: str, strict: bool = False
-) -> rc.ClipVisionConfig:
-    """ClipVisionConfig from an HF `CLIPVisionModel` or `CLIPModel` directory's config.json.
-
-    Raises ConfigError naming the attribute and value read_jax cannot honour (a hidden_act other than
-    quick_gelu/gelu, dropout), and with `strict` any vision-config attribute it does not use.
-    """
-    path, hf = _clip_vision_config(clip_dir)
-    kw = {k: hf.get(k, d) for k, d in _HF_CLIP_VISION_DEFAULTS.items()}
-    bad = [f"{k}={hf[k]!r}" for k in _HF_CLIP_VISION_ZERO if hf.get(k) not in (None, 0, 0.0)]
-    if kw["hidden_act"] not in ("quick_gelu", "gelu"):
-        bad.append(f"hidden_act={kw['hidden_act']!r}")
-    if bad:
-        raise rc.ConfigError(
-            f"{path}: unsupported values: {'; '.join(bad)} (read_jax's CLIP tower has quick_gelu or gelu "
-            "MLPs and no dropout)"
-        )
-    unused = clip_config_unused(clip_dir)
-    if strict and unused:
-        raise rc.ConfigError(
-            f"{path}: vision-config attributes read_jax does not use (strict mode): {unused}"
-        )
-    try:
-        return rc.ClipVisionConfig(**kw, select_layer=select_layer, dtype=dtype, param_dtype=dtype)
-    except rc.ConfigError as e:
-        raise rc.ConfigError(f"{path}: {e}") from None
-
-
-def check_tokenizer(tok_dir: Path, *, resize_vocab: bool) -> tuple[list[Path], dict[str, int] | None]:
-    """Find the tokenizer files and check [SEG]/<im_start>/<im_end> = 32000/32001/32002 (§2.3).
-
-    Also refuses a tokenizer_config.json whose add_bos_token/add_eos_token would change the token ids
-    READ's prompts get (it prepends BOS and appends no EOS), and, with `resize_vocab`, a tokenizer whose
-    own added tokens already hold the ids the three READ tokens would get (llava-hf's <image>/<pad>).
-
-    Returns:
-      (files to copy, the added tokens to write when `resize_vocab` adds them, else None). Raises ConfigError
-      naming the file that gives [SEG] another id (cf. LISA issue #55 for such tokenizer mix-ups).
-    """
-    files = [tok_dir / n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]
-    sp_path = tok_dir / "tokenizer.model"
-    if not sp_path.is_file():
-        raise rc.ConfigError(f"{tok_dir}: no tokenizer.model (the LLaMA SentencePiece model is required)")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
-    base = sp.get_piece_size()
-    found: dict[str, tuple[int, str]] = {}  # token -> (id, the file it came from)
-
-    def note(tok: str, idx: int, where: str):
-        if tok in found and found[tok][0] != idx:
-            raise rc.ConfigError(
-                f"{tok_dir}: {tok} has id {found[tok][0]} in {found[tok][1]} but {idx} in {where}"
-            )
-        found.setdefault(tok, (int(idx), where))
-
-    for tok in SEG_TOKENS:
-        if sp.piece_to_id(tok) != sp.unk_id():  # a piece of the SentencePiece model itself
-            note(tok, sp.piece_to_id(tok), "tokenizer.model")
-    if (tok_dir / "added_tokens.json").is_file():
-        for tok, idx in _read_json(tok_dir / "added_tokens.json").items():
-            note(tok, idx, "added_tokens.json")
-    if (tok_dir / "tokenizer_config.json").is_file():
-        tok_cfg = _read_json(tok_dir / "tokenizer_config.json")
-        bos, eos = tok_cfg.get("add_bos_token", True), tok_cfg.get("add_eos_token", False)
-        if bos is not True or eos not in (None, False):
-            raise rc.ConfigError(
-                f"{tok_dir / 'tokenizer_config.json'}: add_bos_token={bos!r}, add_eos_token={eos!r}; READ's "
-                "prompts need LLaMA's BOS prepended and no EOS appended (true / false)"
-            )
-        for idx, d in (tok_cfg.get("added_tokens_decoder") or {}).items():
-            note(d["content"], int(idx), "tokenizer_config.json")
-    if (tok_dir / "tokenizer.json").is_file():
-        for d in _read_json(tok_dir / "tokenizer.json").get("added_tokens") or []:
-            note(d["content"], int(d["id"]), "tokenizer.json")
-
-    if "[SEG]" not in found:
-        taken = {t: i for t, (i, _) in found.items() if i >= base}
-        if resize_vocab and base == rc.SEG_TOKEN_ID and not taken and not any(t in found for t in SEG_TOKENS):
-            return files, dict(SEG_TOKENS)
-        if resize_vocab and taken:
-            raise rc.ConfigError(
-                f"{tok_dir}: the tokenizer's added tokens {taken} already hold the ids --resize-vocab would "
-                "give [SEG]=32000, <im_start>=32001, <im_end>=32002"
-            )
-        raise rc.ConfigError(
-            f"{tok_dir}: the tokenizer has no [SEG] token (tokenizer.model has {base} pieces); READ needs "
-            f"[SEG]=32000, <im_start>=32001, <im_end>=32002 (--resize-vocab adds them to a LLaVA base)"
-        )
-    for tok, want in SEG_TOKENS.items():
-        if tok not in found:
-            raise rc.ConfigError(f"{tok_dir}: the tokenizer has [SEG] but no {tok} (READ needs {tok}={want})")
-        idx, where = found[tok]
-        if idx != want:
-            raise rc.ConfigError(
-                f"{tok_dir / where}: {tok} has id {idx}, READ needs {want} "
-                f"(read_reference.md §2.3: the ids are baked into the model and the data)"
-            )
-    return files, None
-
-
-# An openai CLIP directory name: clip-vit-large-patch14 (224 pixels) or clip-vit-large-patch14-336.
-_OPENAI_CLIP_NAME = re.compile(r"clip-vit-(?:base|large)-patch(\d+)(?:-(\d+))?")
-
-
-def _named_clip_geometry(name: str) -> tuple[int, int] | None:
-    """(patch size, image size) that a vision-tower path names, when it names an openai CLIP directory."""
-    m = _OPENAI_CLIP_NAME.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])
-    return None if m is None else (int(m.group(1)), int(m.group(2) or 224))
-
-
-def build_config(
-    hf: Mapping[str, Any],
-    *,
-    clip_dir: Path | None,
-    base: str,
-    dtype: str,
-    resize_vocab: bool,
-    strict: bool = False,
-) -> rc.ReadConfig:
-    """ReadConfig of a checkpoint: LLaMA from config.json, CLIP from --clip, SAM/SasP/LoRA from `base`.
-
-    `rc.from_hf_config` checks the computation-changing attributes (and with `strict` refuses unused ones);
-    the ones only the converter can check are checked here: `mm_hidden_size` and `out_dim` against the CLIP
-    and SAM configs (so that tiny test checkpoints can carry them too), `mm_vision_select_layer` against the
-    CLIP depth, the vision tower the config names against the CLIP that is used (§10.3: the name is a path
-    on the training machine, CLIP comes from --clip; an openai directory name still tells patch and image
-    size), and `unfreeze_mm_vision_tower` against --clip replacing a fine-tuned tower.
-    """
-    llama = rc.from_hf_config(hf, dtype=dtype, strict=strict)
-    vocab = hf.get("vocab_size", rc.HF_LLAMA_DEFAULTS["vocab_size"])
-    if vocab == rc.SEG_TOKEN_ID and resize_vocab:
-        llama = dataclasses.replace(llama, vocab_size=rc.VOCAB_SIZE)
-    elif vocab == rc.SEG_TOKEN_ID:
-        raise rc.ConfigError(
-            "config.json: vocab_size 32000 (a plain LLaVA/LLaMA vocabulary); READ checkpoints have 32003 "
-            "([SEG], <im_start>, <im_end>). Pass --resize-vocab to append the 3 rows (N(0, 0.02) init, as HF "
-            "resize_token_embeddings does) for a from-scratch init"
-        )
-    elif vocab != rc.VOCAB_SIZE:
-        raise rc.ConfigError(f"config.json: vocab_size {vocab}, READ needs {rc.VOCAB_SIZE}")
-    factories = {
-        "read_7b": rc.ReadConfig.read_7b,
-        "read_13b": rc.ReadConfig.read_13b,
-        "tiny": lambda: rc.ReadConfig.tiny(dtype),
-    }
-    if base == "auto":
-        base = {4096: "read_7b", 5120: "read_13b"}.get(llama.hidden_size)
-        if base is None:
-            raise rc.ConfigError(f"hidden_size {llama.hidden_size}: pass --base (read_7b, read_13b or tiny)")
-    if base not in factories:
-        raise rc.ConfigError(f"unknown --base {base!r}; choose from {sorted(factories)}")
-    cfg = factories[base]().with_dtype(dtype)
-    tower_src = "--clip DIR" if clip_dir else f"--base {base}"
-    clip = cfg.clip
-    if clip_dir is not None:
-        clip = clip_config_from_hf(clip_dir, select_layer=clip.select_layer, dtype=dtype, strict=strict)
-    select = hf.get("mm_vision_select_layer", clip.select_layer)
-    try:
-        clip = dataclasses.replace(clip, select_layer=select)
-    except rc.ConfigError:
-        raise rc.ConfigError(
-            f"config.json: mm_vision_select_layer={select!r} is outside the {clip.num_hidden_layers}-layer "
-            f"CLIP tower of {tower_src}"
-        ) from None
-    cfg = cfg.replace(llama=llama, clip=clip)
-    problems = []
-    mm_hidden, out_dim = hf.get("mm_hidden_size"), hf.get("out_dim")
-    if mm_hidden is not None and mm_hidden != clip.hidden_size:
-        problems.append(f"mm_hidden_size={mm_hidden!r} != {clip.hidden_size}, the hidden_size of {tower_src}")
-    if out_dim is not None and out_dim != cfg.out_dim:
-        problems.append(f"out_dim={out_dim!r} != the SAM prompt_embed_dim {cfg.out_dim} of --base {base}")
-    for k in ("mm_vision_tower", "vision_tower"):
-        named = _named_clip_geometry(hf[k]) if isinstance(hf.get(k), str) else None
-        if named is not None and named != (clip.patch_size, clip.image_size):
-            problems.append(
-                f"{k}={hf[k]!r} names a CLIP with {named[0]}-pixel patches at {named[1]} px, but the tower "
-                f"of {tower_src} has {clip.patch_size}-pixel patches at {clip.image_size} px"
-            )
-    unfreeze = hf.get("unfreeze_mm_vision_tower", False)
-    if not isinstance(unfreeze, bool):
-        problems.append(f"unfreeze_mm_vision_tower={unfreeze!r} is not a boolean")
-    elif unfreeze and clip_dir is not None:
-        problems.append(
-            "unfreeze_mm_vision_tower=True: the checkpoint's CLIP was fine-tuned; --clip would replace it "
-            "with other weights (convert without --clip to use the checkpoint's own vision tower)"
-        )
-    if problems:
-        raise rc.ConfigError("config.json: " + "; ".join(problems))
-    return cfg
-
-
-# ---- sources -----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Source:
-    """One stream of tensors: its files, and each file's keys when known without reading tensors."""
-
-    name: str  # "checkpoint" | "clip" | "sam"
-    files: tuple[Path, ...]
-    expected_keys: dict[Path, set[str]] | None  # from an index json or safetensors headers; None: unknown
-
-    @property
-    def keys(self) -> set[str] | None:
-        return None if self.expected_keys is None else set().union(*self.expected_keys.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
-
-def hf_source(name: str, directory: Path) -> Source:
-    """The weight files of an HF directory; raises CheckpointFileError naming missing shards."""
-    found = io.find_checkpoint_files(directory)
-    expected: dict[Path, set[str]] = {}
-    for f in found.files:
-        keys = found.keys_of(f)
-        if keys is None:
-            listed = io.tensor_keys(f)
-            if listed is None:
-                return Source(name, found.files, None)
-            keys = set(listed)
-        expected[f] = keys
-    return Source(name, found.files, expected)
-
-
-def file_source(name: str, path: Path) -> Source:
-    if not path.is_file():
-        raise io.CheckpointFileError(f"{path}: not found")
-    keys = io.tensor_keys(path)
-    return Source(name, (path,), None if keys is None else {path: set(keys)})
-
-
-# ---- stream stages -----------------------------------------------------------------------------------------
-_LORA_KEY = re.compile(_PEFT + r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight")
-_BASE_KEY = re.compile(_PEFT + r"(.+?)(?:\.base_layer)?\.weight")
-_EMBED_KEYS = re.compile(_PEFT + r"(?:model\.embed_tokens\.weight|lm_head\.weight)")
 _FLOATS = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
-
-
-class LoraMerger:
-    """Fold unmerged PEFT LoRA into base weights while streaming: W [O, I] += (alpha / r) B [O, R] @ A [R, I].
-
-    A base weight of a module that (may) have LoRA is held until both factors arrive (PEFT state dicts store
-    them next to each other, so at most a few tensors wait). `lora_modules` (known from an index) says which
-    modules have factors; without it, every attention projection of a PEFT dump is held until its factors or
-    the end of the stream.
-    """
-
-    def __init__(self, alpha: float, lora_modules: set[str] | None):
-        self.alpha = alpha
-        self.lora_modules = lora_modules
-        self.pending: dict[str, dict[str, Any]] = {}
-        self.merged: list[str] = []
-
-    def _maybe_lora(self, key: str, module: str) -> bool:
-        if self.lora_modules is not None:
-            return module in self.lora_modules
-        return key.startswith(PEFT_PREFIX) and re.fullmatch(r".*\.self_attn\.[qkvo]_proj", module) is not None
-
-    def feed(self, key: str, arr: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-        """(key, array) pairs ready for the converter: nothing while a triplet is incomplete."""
-        m = _LORA_KEY.fullmatch(key)
-        if m:
-            self.pending.setdefault(m.group(1), {})[m.group(2)] = owned_copy(arr)
-            yield from self._try(m.group(1))
-            return
-        m = _BASE_KEY.fullmatch(key)
-        if m and self._maybe_lora(key, m.group(1)):
-            self.pending.setdefault(m.group(1), {})["base"] = (key, owned_copy(arr))
-            yield from self._try(m.group(1))
-            return
-        yield key, arr
-
-    def _try(self, module: str) -> Iterator[tuple[str, np.ndarray]]:
-        p = self.pending[module]
-        if not {"base", "lora_A", "lora_B"} <= set(p):
-            return
-        (key, w), a, b = p["base"], p["lora_A"], p["lora_B"]
-        del self.pending[module]
-        r = a.shape[0]
-        if b.shape != (w.shape[0], r) or a.shape != (r, w.shape[1]):
-            raise ConversionError(f"{module}: LoRA shapes A {a.shape}, B {b.shape} do not fit W {w.shape}")
-        # fp32 product, one rounding to W's dtype (peft merges in the model dtype; this is at least as exact).
-        delta = (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(self.alpha / r)
-        self.merged.append(module)
-        yield key, (w.astype(np.float32) + delta).astype(w.dtype)
-
-    def finish(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Release base weights that turned out to have no LoRA; factors without a base are an error."""
-        orphans = []
-        for module, p in list(self.pending.items()):
-            if "base" in p and not {"lora_A", "lora_B"} & set(p):
-                yield p["base"]
-            else:
-                have = sorted(k for k in p if k != "base") or "no LoRA factors"
-                orphans.append(f"{module}: has {have}{' and' if 'base' in p else ' but no'} base weight")
-        self.pending.clear()
-        if orphans:
-            raise ConversionError("incomplete LoRA (base weight, lora_A, lora_B):\n  " + "\n  ".join(orphans))
-
-
-def resize_rows(arr: np.ndarray, vocab: int, rng: np.random.Generator) -> np.ndarray:
-    """Append `vocab - V` rows ~ N(0, 0.02) to an embedding / lm_head matrix [V, C] (HF 4.31 resize)."""
-    new = rng.normal(0.0, RESIZE_INIT_STD, size=(vocab - arr.shape[0], arr.shape[1])).astype(arr.dtype)
-    return np.concatenate([np.asarray(arr), new], axis=0)
 
 
 class _Written:
@@ -655,6 +313,7 @@ def convert_read_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     strict: bool = False,
+    allow_nonfinite: bool = False,
     model_fn: Callable[[rc.ReadConfig], Callable[[], Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> ConversionReport:
@@ -675,6 +334,7 @@ def convert_read_checkpoint(
       compress: zstd in the orbax parts (~20% smaller for bf16 weights, a little more memory per part).
       strict: refuse config.json (and --clip vision-config) attributes read_jax does not use, instead of
         recording them in conversion.json and logging them on one warning line.
+      allow_nonfinite: convert leaves holding NaN/Inf (listed in conversion.json) instead of refusing them.
       model_fn: cfg -> zero-arg builder of the target model (default `ReadModel`).
       log: where the one-line summaries go.
     Returns:
@@ -692,15 +352,17 @@ def convert_read_checkpoint(
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
     if dtype not in ("bfloat16", "float32"):
         raise rc.ConfigError(f"dtype {dtype!r}: use bfloat16 (bf16) or float32 (fp32)")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")
+    input_paths = (hf_dir, clip_dir, sam_path)
+    ck.check_output(out_dir, overwrite=overwrite, inputs=input_paths)  # before any input is read
 
     # ---- inputs: config, tokenizer, files ----
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise rc.ConfigError(f"{cfg_path}: not found ({hf_dir} is not an HF checkpoint directory)")
-    hf = _read_json(cfg_path)
+    hf = inputs.read_json(cfg_path)
     family = family_of(hf)
+    if "text_config" not in hf:  # llava-hf nests its LLaMA config (and relies on transformers' defaults)
+        checks.require_sizes(hf, cfg_path)
     vt = hf.get("mm_vision_tower") or hf.get("vision_tower")
     if vt and clip_dir is not None:
         log(
@@ -719,7 +381,8 @@ def convert_read_checkpoint(
             + (f", CLIP config.json {clip_unused}" if clip_unused else "")
             + "".join(f"; {n.split(':')[0]} accepted" for n in audit.notes)
         )
-    tok_files, added_tokens = check_tokenizer(hf_dir, resize_vocab=resize_vocab)
+    source_vocab = inputs.source_vocab_size(hf)
+    tok_files, added_tokens = check_tokenizer(hf_dir, resize_vocab=resize_vocab, family=family, cfg=cfg)
     sources = [hf_source("checkpoint", hf_dir)]
     if clip_dir is not None:
         sources.append(hf_source("clip", clip_dir))
@@ -727,7 +390,7 @@ def convert_read_checkpoint(
         sources.append(file_source("sam", sam_path))
     if lora_alpha is None:
         adapter = hf_dir / "adapter_config.json"
-        lora_alpha = (_read_json(adapter).get("lora_alpha") if adapter.is_file() else None) or (
+        lora_alpha = (inputs.read_json(adapter).get("lora_alpha") if adapter.is_file() else None) or (
             cfg.lora.alpha if cfg.lora is not None else 16.0
         )
 
@@ -735,20 +398,19 @@ def convert_read_checkpoint(
     target = target_leaves((model_fn or default_model_fn)(cfg))
     merge = not any(p.endswith(("/lora_a", "/lora_b")) for p in target)
     rules = {
-        "checkpoint": read_rules()
-        + peft_read_rules()
-        + ([] if merge else lora_rules())
-        + ([] if clip_dir is not None else vision_tower_rules()),
+        "checkpoint": checkpoint_rules(family, cfg, clip_given=clip_dir is not None, merge=merge),
         "clip": clip_dir_rules(),
         "sam": sam_pth_rules(),
     }
     ignore = {
-        "checkpoint": read_ignore(clip_given=clip_dir is not None, sam_given=sam_path is not None),
+        "checkpoint": checkpoint_ignore(
+            family, clip_given=clip_dir is not None, sam_given=sam_path is not None
+        ),
         "clip": clip_dir_ignore(),
         "sam": list(SAM_IGNORE),
     }
     allow_unfilled = list(ck.DEFAULT_ALLOW_MISSING)
-    if family == "llava":  # a LLaVA-1.5 base: text_hidden_fcs is new in READ (torch default init, §2.6)
+    if family in ("llava", "llava_hf"):  # LLaVA-1.5 bases: text_hidden_fcs is new in READ (torch init, §2.6)
         allow_unfilled.append(r"text_hidden_fcs/.*")
     shared_out: dict[str, Any] = {}
     convs = {}
@@ -758,8 +420,8 @@ def convert_read_checkpoint(
 
     # ---- key-level precheck: fail fast on unknown keys, and on unfilled leaves when every key is known ----
     ck_keys = sources[0].keys
-    lora_modules = None if ck_keys is None else {m.group(1) for k in ck_keys if (m := _LORA_KEY.fullmatch(k))}
-    consumed = (lambda k: _LORA_KEY.fullmatch(k) is not None) if merge else (lambda k: False)
+    lora_modules = None if ck_keys is None else {m.group(1) for k in ck_keys if (m := LORA_KEY.fullmatch(k))}
+    consumed = (lambda k: LORA_KEY.fullmatch(k) is not None) if merge else (lambda k: False)
     known = [s for s in sources if s.keys is not None]
     try:
         for i, s in enumerate(known):
@@ -773,9 +435,8 @@ def convert_read_checkpoint(
         shared_out.clear()
 
     # ---- stream: shard by shard, tensor by tensor, into orbax parts in a temporary directory ----
-    with ck.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with ck.atomic_directory(out_dir, overwrite=overwrite, inputs=input_paths) as tmp:
         writer = ck.PartWriter(tmp / ck.PARAMS_DIR, part_bytes or ck.DEFAULT_PART_BYTES, compress=compress)
-        rng = np.random.default_rng(seed)
         merger = LoraMerger(float(lora_alpha), lora_modules) if merge else None
         bar = tqdm(
             total=sum(s.nbytes for s in sources),
@@ -785,19 +446,21 @@ def convert_read_checkpoint(
             disable=not progress,
         )
         read_bytes = 0
+        nonfinite = checks.NonFinite()
 
         def add(conv: Converter, key: str, arr: np.ndarray, where: Path):
             n_out, n_err = len(conv.out), len(conv.errors)
             if np.dtype(arr.dtype) not in _FLOATS and not any(p.fullmatch(key) for p in conv.ignore):
                 conv.errors.append(f"{key}: dtype {arr.dtype} is not a floating-point type")
             else:
-                if resize_vocab and _EMBED_KEYS.fullmatch(key) and arr.shape[0] == rc.SEG_TOKEN_ID:
-                    arr = resize_rows(arr, cfg.llama.vocab_size, rng)
+                if resize_vocab:
+                    arr = resize_vocab_rows(key, arr, source_vocab, cfg.llama.vocab_size, seed)
                 conv.add(key, arr)
             if len(conv.errors) > n_err:
                 conv.errors[-1] += f" (in {where.name})"
             if len(conv.out) > n_out:
                 path = next(reversed(conv.out))
+                nonfinite.check(key, path, conv.out[path], where)
                 writer.add(path, conv.out[path])
                 conv.out[path] = _Written(conv.out[path])
 
@@ -833,6 +496,8 @@ def convert_read_checkpoint(
                 conv.finish()
             except ConversionError as e:
                 problems.append(str(e))
+        if nonfinite.found and not allow_nonfinite:
+            problems.append(str(nonfinite.error()))
         if problems:
             msg = "\n".join(_dedupe(problems))
             raise ConversionError(f"{hf_dir}: {msg}{_hint(clip_dir, vt, msg)}")
@@ -849,6 +514,7 @@ def convert_read_checkpoint(
                 {
                     "source": str(hf_dir),
                     "family": family,
+                    "chat_template": inputs.chat_template(family),
                     "clip": None if clip_dir is None else str(clip_dir),
                     "sam": None if sam_path is None else str(sam_path),
                     "dtype": dtype,
@@ -860,6 +526,7 @@ def convert_read_checkpoint(
                     "config_unused_attributes": list(audit.unused),
                     "clip_config_unused_attributes": clip_unused,
                     "config_notes": list(audit.notes),
+                    "nonfinite_leaves": nonfinite.found,
                 },
                 indent=1,
             )
@@ -869,6 +536,8 @@ def convert_read_checkpoint(
             shutil.copyfile(f, tmp / ck.TOKENIZER_DIR / f.name)
         if added_tokens is not None:
             (tmp / ck.TOKENIZER_DIR / "added_tokens.json").write_text(json.dumps(added_tokens))
+    if nonfinite.found:
+        log(nonfinite.warning())
     report = ConversionReport(
         out_dir,
         len(shared_out),

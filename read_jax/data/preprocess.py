@@ -450,13 +450,16 @@ def labelme_mask(shapes: Iterable[dict], h: int, w: int) -> tuple[np.ndarray, in
 # ---- COCO polygons / RLE (RefCOCO*, PACO-LVIS, PASCAL-Part) ---------------------------------------------
 
 
-def coco_mask(segmentation: Any, h: int, w: int) -> np.ndarray:
-    """uint8 [H, W] {0, 1} from a COCO `segmentation` (polygon list, RLE dict, or list of RLE dicts).
+def coco_mask(segmentation: Any, h: int, w: int, overlaps: str = "union") -> np.ndarray:
+    """uint8 [H, W] from a COCO `segmentation` (polygon list, RLE dict, or list of RLE dicts).
 
-    The reference sums the decoded parts and casts to uint8 (`decode_segmentation`), which yields 2
-    where two parts overlap; we take the union instead, so every GT is binary. Degenerate polygon parts
-    (< 3 vertices) are dropped; an empty segmentation gives an all-zero mask.
+    overlaps: "union" gives a binary mask (training targets); "sum" is the reference's
+    `decode_segmentation` (the decoded parts summed and cast to uint8: 2 where two parts overlap), which
+    its evaluation scores as is (a value-2 pixel is in no GT class but counts in the prediction's union).
+    Degenerate polygon parts (< 3 vertices) are dropped; an empty segmentation gives an all-zero mask.
     """
+    if overlaps not in ("union", "sum"):
+        raise ValueError(f"overlaps must be 'union' or 'sum', got {overlaps!r}")
     from pycocotools import mask as mask_utils
 
     if segmentation is None or (isinstance(segmentation, (list, tuple)) and len(segmentation) == 0):
@@ -487,7 +490,7 @@ def coco_mask(segmentation: Any, h: int, w: int) -> np.ndarray:
                 )
     m = mask_utils.decode(rles)
     if m.ndim == 3:
-        m = m.max(axis=2)
+        m = m.sum(axis=2).astype(np.uint8) if overlaps == "sum" else m.max(axis=2)
     if m.shape != (h, w):
         raise ValueError(f"segmentation decodes to {m.shape}, image is {(h, w)}")
     return m.astype(np.uint8)

@@ -48,7 +48,30 @@ ADDED_TOKENS = {
     DEFAULT_IM_START_TOKEN: IM_START_TOKEN_ID,
     DEFAULT_IM_END_TOKEN: IM_END_TOKEN_ID,
 }
+# LISA-7B-v1 adds <im_patch> first and [SEG] last (xinlai/LISA-7B-v1 added_tokens.json): the other layout an
+# `added_tokens.json` may give, with the same three tokens (<im_patch> itself is never used, §12).
+DEFAULT_IM_PATCH_TOKEN = "<im_patch>"
+ADDED_TOKEN_LAYOUTS = (
+    ADDED_TOKENS,
+    {
+        DEFAULT_IM_PATCH_TOKEN: 32000,
+        DEFAULT_IM_START_TOKEN: 32001,
+        DEFAULT_IM_END_TOKEN: 32002,
+        SEG_TOKEN: 32003,
+    },
+)
 BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<s>", "</s>", "<unk>"
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore the checkpoint's own file") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
 
 
 def _as_id_list(ids) -> list[int]:
@@ -85,19 +108,25 @@ class ReadTokenizer:
             directory, model_file = None, path
         if not os.path.isfile(model_file):
             raise ValueError(f"no SentencePiece model at {model_file!r}")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:  # sentencepiece: "INTERNAL: could not parse ModelProto ..."
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"{model_file}: not a readable SentencePiece model ({first}); copy the checkpoint's "
+                "tokenizer.model again"
+            ) from e
         self._check_base_vocab(model_file)
-        if directory is not None:
-            self._check_directory(directory)
+        added = ADDED_TOKENS if directory is None else self._check_directory(directory)
 
         self.bos_token_id, self.eos_token_id, self.unk_token_id = 1, 2, 0
         # READ sets `tokenizer.pad_token = tokenizer.unk_token`: padding uses id 0.
         self.pad_token_id = self.unk_token_id
-        self.seg_token_id = SEG_TOKEN_ID
-        self.im_start_token_id = IM_START_TOKEN_ID
-        self.im_end_token_id = IM_END_TOKEN_ID
-        self.added_tokens_encoder = dict(ADDED_TOKENS)
-        self.added_tokens_decoder = {i: t for t, i in ADDED_TOKENS.items()}
+        self.seg_token_id = added[SEG_TOKEN]
+        self.im_start_token_id = added[DEFAULT_IM_START_TOKEN]
+        self.im_end_token_id = added[DEFAULT_IM_END_TOKEN]
+        self.added_tokens_encoder = dict(added)
+        self.added_tokens_decoder = {i: t for t, i in added.items()}
         # The special tokens of the 4.31 tokenizer; pad is unk, so its id set is {0, 1, 2}.
         self.all_special_tokens = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
         self.all_special_ids = frozenset({self.bos_token_id, self.eos_token_id, self.unk_token_id})
@@ -105,9 +134,9 @@ class ReadTokenizer:
         # after `sanitize_special_tokens` and the two `add_tokens` calls).  Each starts with '<' or '[' and
         # has no '<' or '[' further in, so no two can overlap or nest, and a leftmost, longest-first regex
         # splits the text exactly as 4.31's trie does.
-        no_split = sorted([*ADDED_TOKENS, *self.all_special_tokens], key=len, reverse=True)
+        no_split = sorted([*added, *self.all_special_tokens], key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in no_split) + ")")
-        self._no_split_ids = {**ADDED_TOKENS, BOS_TOKEN: 1, EOS_TOKEN: 2, UNK_TOKEN: 0}
+        self._no_split_ids = {**added, BOS_TOKEN: 1, EOS_TOKEN: 2, UNK_TOKEN: 0}
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -123,7 +152,7 @@ class ReadTokenizer:
             raise ValueError(
                 f"{model_file}: pieces 0-2 are {head}, expected ['<unk>', '<s>', '</s>'] as in LLaMA"
             )
-        for token in ADDED_TOKENS:
+        for token in (*ADDED_TOKENS, DEFAULT_IM_PATCH_TOKEN):
             # 4.31's add_tokens skips strings that already are in the vocabulary, which would shift the ids.
             if self.sp.piece_to_id(token) != self.sp.unk_id():
                 raise ValueError(
@@ -131,24 +160,30 @@ class ReadTokenizer:
                 )
 
     @staticmethod
-    def _check_directory(directory: str):
+    def _check_directory(directory: str) -> dict[str, int]:
+        """The added tokens of a tokenizer directory (READ's when it has no added_tokens.json)."""
         added_file = os.path.join(directory, "added_tokens.json")
+        added = ADDED_TOKENS
         if os.path.isfile(added_file):
-            with open(added_file, encoding="utf-8") as f:
-                added = json.load(f)
-            wrong = {t: i for t, i in added.items() if ADDED_TOKENS.get(t) != i}
+            added = _read_json(added_file)
+            layout = ADDED_TOKEN_LAYOUTS[1] if added.get(SEG_TOKEN) == 32003 else ADDED_TOKENS
+            wrong = {t: i for t, i in added.items() if layout.get(t) != i}
             if wrong:
-                raise ValueError(f"{added_file} disagrees with READ's added tokens {ADDED_TOKENS}: {wrong}")
+                raise ValueError(
+                    f"{added_file} disagrees with READ's added tokens {ADDED_TOKENS} (and LISA-7B-v1's "
+                    f"{ADDED_TOKEN_LAYOUTS[1]}): {wrong}"
+                )
+            added = layout
         config_file = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _read_json(config_file)
             # READ relies on LLaMA's defaults: BOS prepended, no EOS appended by encode().
             bos, eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
             if bos is not True or eos not in (None, False):
                 raise ValueError(
                     f"{config_file}: add_bos_token must be true and add_eos_token false, as in LLaMA"
                 )
+        return added
 
     # ------------------------------------------------------------------------------------------- encoding
 
@@ -158,15 +193,15 @@ class ReadTokenizer:
         return BASE_VOCAB_SIZE
 
     def __len__(self) -> int:
-        """Full vocabulary with the added tokens (32003): the embedding rows of the model."""
-        return BASE_VOCAB_SIZE + len(ADDED_TOKENS)
+        """Full vocabulary with the added tokens (32003; LISA-7B-v1: 32004): the model's embedding rows."""
+        return BASE_VOCAB_SIZE + len(self.added_tokens_encoder)
 
     def _split(self, text: str) -> list[tuple[str, bool]]:
         """Text → [(chunk, is_no_split_token)], with 4.31's whitespace stripping around added tokens."""
         parts = self._split_re.split(text)
         # re.split with one group alternates text, token, text, ...: odd indices are no-split tokens.
         for i in range(1, len(parts), 2):
-            if parts[i] in ADDED_TOKENS:
+            if parts[i] in self.added_tokens_encoder:
                 # Non-special added tokens strip both neighbours (4.31 `tokenize`, the `else` branch); the
                 # in-place update matters when two tokens share a neighbour.  <s>, </s>, <unk> are AddedTokens
                 # with lstrip=rstrip=False and strip nothing.
