@@ -40,14 +40,16 @@ DEFAULT_STRATEGY = ((r".*", "fsdp"),)
 _current_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("read_jax_mesh", default=None)
 
 
-def initialize_distributed() -> None:
-    """Multi-host runs: connect the processes (TPU pods, SLURM and Open MPI clusters are auto-detected).
+def initialize_distributed(**kwargs) -> None:
+    """Multi-host runs: connect the processes (TPU pods, SLURM and Open MPI clusters are auto-detected;
+    elsewhere pass `jax.distributed.initialize`'s arguments: coordinator_address, num_processes, process_id,
+    heartbeat_timeout_seconds, ...).
 
     Must run before anything touches a JAX backend (`jax.process_count()` included: asking it first made
     `initialize` fail, and the failure was swallowed, so every host trained alone). A failure is raised: the
     run asked to be distributed.
     """
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -153,10 +155,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-# Batch entries holding indices into another entry's batch axis (rows -> their image), with the entries they
-# index (the first present). Each process's values index its own share of the batch; `shard_batch` offsets
-# them by where that share lands in the global array.
-LOCAL_INDEX_KEYS = {"conv_image": ("images_clip", "images")}
+# Batch entries holding indices into the image axis (rows -> their image), with the image-axis entries whose
+# layout locates this process's images (the first present: the evaluation's decode stage gets no pixels).
+# Each process's values index its own share of the batch; `shard_batch` offsets them by where that share
+# lands in the global array.
+LOCAL_INDEX_KEYS = {"conv_image": ("images_clip", "images", "orig_hw", "sam_input_hw", "image_valid")}
 
 
 def _share_start(sh, local_shape: tuple, axis: int) -> int:
