@@ -35,7 +35,7 @@ from flax import nnx, struct
 
 from read_jax import sasp as sasp_lib
 from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
-from read_jax.data.preprocess import sam_normalize
+from read_jax.data.preprocess import apply_resize_tables, sam_normalize
 from read_jax.layers import Linear, kaiming_uniform_a_sqrt5, set_attention_implementation
 from read_jax.llava import LlavaModel, expanded_position
 from read_jax.sam.sam import Sam
@@ -193,12 +193,16 @@ class ReadModel(nnx.Module):
         set_attention_implementation(self, attention_implementation or cfg.attention_implementation)
 
     # ---- pieces ------------------------------------------------------------------------------------------
-    def image_embeddings(self, images_sam: Array, sam_input_hw: Array | None = None) -> Array:
+    def image_embeddings(
+        self, images_sam: Array, sam_input_hw: Array | None = None, sam_resize: Array | None = None
+    ) -> Array:
         """SAM's encoder, frozen as in READ (no_grad) unless `freeze_vision_towers=False`.
 
         Args:
           images_sam: [B, S, S, 3]: uint8 (`preprocess.sam_pixels`, normalised here on the device, which
             needs `sam_input_hw` int[B, 2], the resized extents) or floats already normalised and padded.
+          sam_resize: int32[B, 2, S, 4] (uint8 images only): PIL's resize tables of the data pipeline (an
+            image that fits in the frame ships at its own size and is resized here, `apply_resize_tables`).
         Returns:
           float[B, h, w, D].
         """
@@ -207,6 +211,8 @@ class ReadModel(nnx.Module):
                 raise ValueError(
                     "uint8 images_sam need sam_input_hw (the padding is zeroed after normalising)"
                 )
+            if sam_resize is not None:
+                images_sam = apply_resize_tables(images_sam, sam_resize)
             s = self.config.sam
             images_sam = sam_normalize(images_sam, sam_input_hw, s.pixel_mean, s.pixel_std)
         emb = self.visual_model.image_encoder(images_sam)
@@ -343,7 +349,8 @@ class ReadModel(nnx.Module):
           batch: dict with
             images_clip uint8[B, Sc, Sc, 3] and images_sam uint8[B, S, S, 3] (zero-padded), normalised on
             the device (floats are taken as already normalised),
-            sam_input_hw int32[B, 2] (resized extent), orig_hw int32[B, 2] (original H, W),
+            sam_input_hw int32[B, 2] (resized extent), optional sam_resize int32[B, 2, S, 4] (the pipeline's
+            device resize of images_sam, `image_embeddings`), orig_hw int32[B, 2] (original H, W),
             input_ids int32[R, L] (right padded), attention_mask bool[R, L], conv_image int32[R],
             optional labels int32[R, L], optional conv_valid bool[R], optional mask_hw int32[R, 2] (the GT
             extent inside the canvas when the pipeline had to downscale a large image; default orig size).
@@ -394,7 +401,7 @@ class ReadModel(nnx.Module):
             jnp.repeat(conv_image, s),
             batch["orig_hw"],
             batch["sam_input_hw"],
-            self.image_embeddings(batch["images_sam"], batch["sam_input_hw"]),  # once per image
+            self.image_embeddings(batch["images_sam"], batch["sam_input_hw"], batch.get("sam_resize")),
             canvas_hw=canvas_hw,
             out_hw=None if out_hw is None else jnp.repeat(out_hw, s, axis=0),
             sasp_cfg=sasp_cfg,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from read_jax.data.preprocess import apply_resize_tables
 from read_jax.metrics import query_iou
 
 HEADER = 18
@@ -141,13 +142,18 @@ def image_from_sam_input(
     out_hw: Sequence[int],
     pixel_mean: Sequence[float],
     pixel_std: Sequence[float],
+    sam_resize: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A uint8[H, W, 3] picture from a SAM input (crop, denormalise a float input, bilinear to (H, W)).
+    """A uint8[H, W, 3] picture from a SAM input (crop, denormalise a float input, bilinear to (H, W));
+    `sam_resize`: the batch's resize tables of this image (the pipeline's frame before the device resize).
 
     A fallback for pictures when the original file is not at hand (lossy when SAM's frame is smaller).
     """
     h, w = (int(v) for v in sam_input_hw)
-    x = np.asarray(images_sam)[:h, :w]
+    x = np.asarray(images_sam)
+    if sam_resize is not None and x.dtype == np.uint8:
+        x = apply_resize_tables(x, np.asarray(sam_resize), np)
+    x = x[:h, :w]
     if x.dtype != np.uint8:  # a normalised float input: undo the normalisation
         x = x.astype(np.float32) * np.asarray(pixel_std, np.float32) + np.asarray(pixel_mean, np.float32)
         x = np.clip(x + 0.5, 0, 255).astype(np.uint8)
@@ -226,6 +232,7 @@ class AnalysisPictures:
                     (h, w),
                     self.sam_cfg.pixel_mean,
                     self.sam_cfg.pixel_std,
+                    np.asarray(batch["sam_resize"])[b] if "sam_resize" in batch else None,
                 )
             scale = np.array([w / ow, h / oh], np.float32)  # points live in original pixels
             pp = {}

@@ -68,6 +68,12 @@ def data_config(data_cfg, cfg: ReadConfig, **overrides) -> Pl.DataConfig:
             f"config.data has unknown keys {unknown}{hint}; known: {sorted(fields | set(SOURCE_KEYS))}"
         )
     kw = {k: v for k, v in d.items() if k in fields}
+    resize = kw.pop("sam_device_resize", "auto")
+    resize = {"auto": "auto", "true": True, "false": False}.get(str(resize).lower(), resize)  # CLI: strings
+    if resize not in ("auto", True, False):
+        raise ConfigError(f"config.data.sam_device_resize={resize!r}: use 'auto', True or False")
+    # "auto": SAM's resize on the device on accelerators; on a CPU backend PIL on the host is faster.
+    kw["sam_device_resize"] = jax.default_backend() != "cpu" if resize == "auto" else bool(resize)
     try:
         return Pl.DataConfig(**{**kw, "clip_size": cfg.clip.image_size, **overrides})
     except ValueError as e:

@@ -13,8 +13,13 @@ the protocol's default) the batch's largest image side rounded up the `CANVAS_SI
 
   images_clip     u8[B, 336, 336, 3]   CLIP pixels (short side 336 bicubic, centre crop); the model normalises
                                        them on the device (CLIP mean/std, `preprocess.clip_normalize`)
-  images_sam      u8[B, S, S, 3]       SAM pixels (longest side S, zero pad bottom/right); normalised on the
-                                       device inside `sam_input_hw` (`preprocess.sam_normalize`)
+  images_sam      u8[B, S, S, 3]       SAM's pixels, top-left in a zero frame: an image that fits in S x S as
+                                       it is (resized on the device: `sam_resize`), a larger one resized on
+                                       the host (longest side S). Resized and normalised inside
+                                       `sam_input_hw` on the device (`preprocess.sam_normalize`)
+  sam_resize      i32[B, 2, S, 4]      PIL's bilinear tables that resize images_sam to `sam_input_hw` on the
+                                       device, bit for bit (`preprocess.sam_resize_tables`; identity for a
+                                       host-resized image and for padding images)
   sam_input_hw    i32[B, 2]            (h, w): resized extent inside the S x S SAM frame
   orig_hw         i32[B, 2]            (H, W): original image size
   image_valid     bool[B]              False for padding images (end of an eval split, failed eval image)
@@ -68,8 +73,9 @@ from read_jax.data.preprocess import (
     clip_pixels,
     load_image,
     resize_mask_nearest,
+    sam_resize_tables,
 )
-from read_jax.sam.transforms import resize_longest_side
+from read_jax.sam.transforms import get_preprocess_shape, resize_longest_side
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,10 @@ class DataConfig:
     worker_buffer_size: int = 2  # batches prefetched per worker
     read_threads: int = 1  # grain's in-process read threads
     prefetch: int = 2  # grain's in-process prefetch buffer (elements)
+    # SAM's resize of an image that fits in its frame runs on the device (`sam_resize`); False: on the host
+    # (`sam.transforms.resize_longest_side`), as it did before. Both give the same pixels; XLA:CPU's gathers
+    # are slower than PIL, so a run config's "auto" (`loaders.data_config`) keeps it on the host on a CPU.
+    sam_device_resize: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1 or self.max_convs < 1:
@@ -233,8 +243,13 @@ class ExampleProcessor:
         hw = image.shape[:2]
         if ex.masks.shape[0] and tuple(ex.masks.shape[1:]) != tuple(hw):
             raise R.SampleError(f"{ex.sample_id}: GT size {ex.masks.shape[1:]} != image size {hw}")
-        sam_img = resize_longest_side(image, self.sam_cfg.image_size)  # uint8, padded and normalised later
-        sam_hw = sam_img.shape[:2]
+        s = self.sam_cfg.image_size
+        sam_hw = get_preprocess_shape(hw[0], hw[1], s)
+        if self.cfg.sam_device_resize and max(hw) <= s:
+            sam_img = image  # resized on the device, with PIL's arithmetic (`preprocess.apply_resize_tables`)
+        else:
+            sam_img = resize_longest_side(image, s)  # uint8; padded by the collate, normalised on the device
+        resize = sam_resize_tables(sam_img.shape[:2], sam_hw, s)
         try:
             rows = [
                 self.fit(*self.encode(c), f"{ex.sample_id} query {j}") for j, c in enumerate(ex.conversations)
@@ -254,6 +269,7 @@ class ExampleProcessor:
         return {
             "images_clip": clip_pixels(image, self.cfg.clip_size),
             "images_sam": sam_img,
+            "sam_resize": resize,
             "sam_input_hw": np.asarray(sam_hw, np.int32),
             "orig_hw": np.asarray(hw, np.int32),
             "rows": rows,
@@ -363,6 +379,7 @@ class Collate:
         out = {
             "images_clip": self._zeros((b, cfg.clip_size, cfg.clip_size, 3), self.pixel_dtype),
             "images_sam": self._zeros((b, s, s, 3), self.pixel_dtype),
+            "sam_resize": np.repeat(sam_resize_tables((s, s), (s, s), s)[None], b, axis=0),  # identity
             "sam_input_hw": np.zeros((b, 2), np.int32),
             "orig_hw": np.zeros((b, 2), np.int32),
             "image_valid": np.zeros((b,), bool),
@@ -391,7 +408,7 @@ class Collate:
             out["image_valid"][i] = True
             out["source"][i] = it.get("source", 0)
             out["is_sentence"][i] = it.get("is_sentence", False)
-            for k in ("images_clip", "sam_input_hw", "orig_hw"):
+            for k in ("images_clip", "sam_resize", "sam_input_hw", "orig_hw"):
                 out[k][i] = it[k]
             sam = it["images_sam"]  # the resized image, top-left in the zero-padded frame
             out["images_sam"][i, : sam.shape[0], : sam.shape[1]] = sam

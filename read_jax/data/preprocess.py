@@ -31,6 +31,7 @@ Conventions that matter for parity:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -234,6 +235,84 @@ def sam_normalize(pixels, input_hw, pixel_mean, pixel_std):
         jnp.arange(pixels.shape[2])[None, None, :] < input_hw[:, 1, None, None]
     )
     return jnp.where(inside[..., None], x, jnp.float32(0.0))
+
+
+# ---- SAM's resize on the device -------------------------------------------------------------------------
+# SAM's longest-side resize (PIL bilinear, `read_jax.sam.transforms.resize_longest_side`) was half of the
+# pipeline's host work per example for COCO-sized images (an upscale to 1024: benchmarks/data.py). An image
+# that fits in SAM's S x S frame now ships as it is, and the model resizes it on the device with PIL's own
+# fixed-point arithmetic: the coefficient tables are PIL's (`precompute_coeffs` + `normalize_coeffs_8bpc` of
+# libImaging/Resample.c, computed here in float64 as PIL does), the two passes (horizontal, then vertical,
+# each rounded to uint8) are integer sums, so the frame equals PIL's resize bit for bit on every backend.
+# Larger images are resized on the host as before and get identity tables.
+
+_PRECISION_BITS = 22  # PIL: 32 - 8 - 2
+RESIZE_TAPS = 3  # PIL's bilinear kernel size when upscaling or keeping the size: ceil(1) * 2 + 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _bilinear_axis(in_size: int, out_size: int, frame: int) -> np.ndarray:
+    """int32[frame, 1 + RESIZE_TAPS]: (first source index, fixed-point weights) of each output index of
+    PIL's bilinear resize from `in_size` to `out_size` (<= frame, upscale or equal); rows >= out_size are 0.
+    """
+    if not 0 < in_size <= out_size <= frame:
+        raise ValueError(
+            f"device resize: an upscale or equal size only, 0 < in {in_size} <= out {out_size} <= "
+            f"frame {frame}"
+        )
+    scale = float(in_size) / out_size  # PIL: (double)(in1 - in0) / outSize, filterscale = max(scale, 1) = 1
+    center = (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - 1.0 + 0.5), 0).astype(np.int64)  # C's (int) truncates
+    xmax = np.minimum(np.trunc(center + 1.0 + 0.5).astype(np.int64), in_size) - xmin
+    w = np.zeros((out_size, RESIZE_TAPS))
+    ww = np.zeros(out_size)
+    for x in range(RESIZE_TAPS):  # PIL's accumulation order
+        t = np.abs((x + xmin - center + 0.5) * 1.0)
+        wx = np.where((x < xmax) & (t < 1.0), 1.0 - t, 0.0)
+        w[:, x] = wx
+        ww = ww + wx
+    w = np.where(ww[:, None] != 0.0, w / np.where(ww == 0.0, 1.0, ww)[:, None], w)
+    k = np.trunc(np.where(w < 0, -0.5, 0.5) + w * (1 << _PRECISION_BITS)).astype(np.int32)
+    out = np.zeros((frame, 1 + RESIZE_TAPS), np.int32)
+    out[:out_size, 0], out[:out_size, 1:] = xmin, k
+    out.flags.writeable = False
+    return out
+
+
+def sam_resize_tables(src_hw: Sequence[int], out_hw: Sequence[int], frame: int) -> np.ndarray:
+    """int32[2, frame, 1 + RESIZE_TAPS]: the (rows, columns) tables that resize an image of `src_hw` at the
+    top-left of a frame to `out_hw` as `PIL.Image.resize(..., BILINEAR)` does (identity when equal)."""
+    return np.stack([_bilinear_axis(int(a), int(b), frame) for a, b in zip(src_hw, out_hw, strict=True)])
+
+
+def apply_resize_tables(pixels, tables, xp=None):
+    """Resize uint8 frames [..., S, S, 3] with `sam_resize_tables` tables [..., 2, S, 1 + RESIZE_TAPS]:
+    PIL's horizontal pass, then its vertical pass, each `clip8((2^21 + sum(pixel * weight)) >> 22)`.
+
+    `xp` is `jax.numpy` (default: on the device, inside the model) or `numpy` (host: pictures, references).
+    Output rows/columns past the table's extent are 0 (the frame's zero padding).
+    """
+    if xp is None:
+        import jax.numpy as xp
+    s = pixels.shape[-2]
+    half = 1 << (_PRECISION_BITS - 1)
+
+    def one_pass(x, table, axis: int):  # x int32[..., S, S, 3]; resample along axis -3 (rows) or -2
+        lead = x.shape[:-3]
+        idx = xp.clip(table[..., :1] + xp.arange(RESIZE_TAPS), 0, s - 1).reshape(*lead, s * RESIZE_TAPS)
+        if axis == -2:  # out[.., y, X, c] = sum_j x[.., y, idx[X, j], c] * k[X, j]
+            g = xp.take_along_axis(x, idx[..., None, :, None], axis=-2).reshape(*lead, s, s, RESIZE_TAPS, 3)
+            acc = (g * table[..., None, :, 1:, None]).sum(-2)
+        else:  # out[.., Y, x, c] = sum_j x[.., idx[Y, j], x, c] * k[Y, j]
+            g = xp.take_along_axis(x, idx[..., :, None, None], axis=-3).reshape(*lead, s, RESIZE_TAPS, s, 3)
+            acc = (g * table[..., :, 1:, None, None]).sum(-3)
+        return xp.clip((acc + half) >> _PRECISION_BITS, 0, 255)
+
+    x = pixels.astype(xp.int32)
+    tables = tables.astype(xp.int32)
+    x = one_pass(x, tables[..., 1, :, :], -2)  # horizontal first, as PIL
+    x = one_pass(x, tables[..., 0, :, :], -3)
+    return x.astype(xp.uint8)
 
 
 # ---- polygon rasterisation (OpenCV-compatible) ----------------------------------------------------------

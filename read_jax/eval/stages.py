@@ -50,6 +50,7 @@ ENCODE_KEYS = (
     "conv_image",
     "conv_valid",
 )
+OPTIONAL_ENCODE_KEYS = ("sam_resize",)  # the pipeline's (hand-made batches may hold resized pixels)
 DECODE_KEYS = ("orig_hw", "sam_input_hw", "conv_image", "masks", "mask_valid", "mask_hw")
 REQUIRED_KEYS = tuple(sorted(set(ENCODE_KEYS + DECODE_KEYS + ("image_valid",))))
 # Canvas rows scored at a time: device memory for the masks is R x BAND x Wc, whatever the image size.
@@ -96,7 +97,7 @@ def encode(model, batch: Mapping[str, Array]) -> Encoded:
         seg_hidden=seg.hidden[:, 0],
         seg_valid=seg.valid[:, 0] & batch["conv_valid"],
         image_hidden=seg.image_hidden,
-        image_emb=model.image_embeddings(batch["images_sam"], batch["sam_input_hw"]),
+        image_emb=model.image_embeddings(batch["images_sam"], batch["sam_input_hw"], batch.get("sam_resize")),
     )
 
 
@@ -396,7 +397,8 @@ class Evaluator:
 
     def encode(self, batch: Mapping[str, Any]) -> Encoded:
         with self._ctx():
-            return _encode_jit(self.graphdef, self.state, self._device(batch, ENCODE_KEYS))
+            keys = ENCODE_KEYS + tuple(k for k in OPTIONAL_ENCODE_KEYS if k in batch)
+            return _encode_jit(self.graphdef, self.state, self._device(batch, keys))
 
     def decode(self, enc: Encoded, batch: Mapping[str, Any], opts: DecodeOptions) -> dict:
         if opts.sasp is not None and opts.sasp == self.config.sasp:

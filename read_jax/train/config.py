@@ -71,6 +71,8 @@ def default_config() -> ConfigDict:
             "max_mask_side": 1024,
             "seed": 0,
             "num_workers": 0,
+            # SAM's resize of images that fit its frame on the device ("auto": accelerators, not a CPU).
+            "sam_device_resize": "auto",
             "template": "llava_v1",
             # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train,
             # val, test).
