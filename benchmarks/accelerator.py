@@ -174,6 +174,7 @@ def synthetic_batch(cfg, dc, length: int, seed: int = 0) -> dict:
     """One micro-batch in the pipeline's layout: uint8 pixels, rows `<s> .. <image> .. [SEG] . </s>`."""
     from read_jax.config import IGNORE_INDEX
     from read_jax.data import loaders
+    from read_jax.data import preprocess as pp
     from read_jax.sam.transforms import get_preprocess_shape
 
     rng = np.random.default_rng(seed)
@@ -186,6 +187,8 @@ def synthetic_batch(cfg, dc, length: int, seed: int = 0) -> dict:
     hw = np.array([[side * 3 // 4, side], [side, side * 2 // 3]] * n_img, np.int32)[:n_img]
     b["orig_hw"][:] = hw
     b["sam_input_hw"][:] = [get_preprocess_shape(int(h), int(w), cfg.sam.image_size) for h, w in hw]
+    s = cfg.sam.image_size
+    b["sam_resize"][:] = pp.sam_resize_tables((s, s), (s, s), s)  # the pixels are SAM's frame already
     b["image_valid"][:] = True
     for i in range(r):
         q = rng.integers(100, 30000, size=length - 16).tolist()
@@ -212,12 +215,16 @@ def torch_batch(cfg, batch: dict, device, dtype):
 
     s = cfg.sam
     out = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items() if k not in ("sample_id", "meta")}
+    out.pop("sam_resize", None)
     out["images_clip"] = torch.from_numpy(pp.clip_normalize_host(batch["images_clip"]))
+    frames = np.asarray(batch["images_sam"])
+    if "sam_resize" in batch:  # the pipeline's frames before the device resize: PIL's resize, on the host
+        frames = pp.apply_resize_tables(frames, np.asarray(batch["sam_resize"]), np)
     out["images_sam"] = torch.from_numpy(
         np.stack(
             [
                 pp.sam_normalize_host(f, hw, s.pixel_mean, s.pixel_std)
-                for f, hw in zip(batch["images_sam"], batch["sam_input_hw"], strict=True)
+                for f, hw in zip(frames, batch["sam_input_hw"], strict=True)
             ]
         )
     )
@@ -346,6 +353,8 @@ def jax_train(p: dict, args):
         "peak_flops": peak,
         "mfu": (flops / t / peak) if flops and peak else None,
         "temp_bytes": stats.get("temp_size_in_bytes"),
+        "memory": {k: v for k, v in stats.items() if k.endswith("_in_bytes")},  # compiled, per device
+        "device_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
         "trainable_params": setup.num_trainable,
     }
     return out, cfg, batch
