@@ -19,7 +19,8 @@ the protocol's default) the batch's largest image side rounded up the `CANVAS_SI
                                        `sam_input_hw` on the device (`preprocess.sam_normalize`)
   sam_resize      i32[B, 2, S, 4]      PIL's bilinear tables that resize images_sam to `sam_input_hw` on the
                                        device, bit for bit (`preprocess.sam_resize_tables`; identity for a
-                                       host-resized image and for padding images)
+                                       host-resized image and for padding images). Only with
+                                       `DataConfig.sam_device_resize` (else every image is host-resized)
   sam_input_hw    i32[B, 2]            (h, w): resized extent inside the S x S SAM frame
   orig_hw         i32[B, 2]            (H, W): original image size
   image_valid     bool[B]              False for padding images (end of an eval split, failed eval image)
@@ -249,7 +250,7 @@ class ExampleProcessor:
             sam_img = image  # resized on the device, with PIL's arithmetic (`preprocess.apply_resize_tables`)
         else:
             sam_img = resize_longest_side(image, s)  # uint8; padded by the collate, normalised on the device
-        resize = sam_resize_tables(sam_img.shape[:2], sam_hw, s)
+        resize = sam_resize_tables(sam_img.shape[:2], sam_hw, s) if self.cfg.sam_device_resize else None
         try:
             rows = [
                 self.fit(*self.encode(c), f"{ex.sample_id} query {j}") for j, c in enumerate(ex.conversations)
@@ -379,7 +380,6 @@ class Collate:
         out = {
             "images_clip": self._zeros((b, cfg.clip_size, cfg.clip_size, 3), self.pixel_dtype),
             "images_sam": self._zeros((b, s, s, 3), self.pixel_dtype),
-            "sam_resize": np.repeat(sam_resize_tables((s, s), (s, s), s)[None], b, axis=0),  # identity
             "sam_input_hw": np.zeros((b, 2), np.int32),
             "orig_hw": np.zeros((b, 2), np.int32),
             "image_valid": np.zeros((b,), bool),
@@ -399,6 +399,8 @@ class Collate:
             "mask_hw": np.zeros((r, 2), np.int32),
             "sample_id": np.full((b,), "", dtype=object),
         }
+        if cfg.sam_device_resize:  # identity tables for the padding images
+            out["sam_resize"] = np.repeat(sam_resize_tables((s, s), (s, s), s)[None], b, axis=0)
         for i, it in enumerate(items):
             out["num_skipped"][i] = it.get("num_skipped", 0)
             out["example_index"][i] = it.get("example_index", -1)
@@ -408,9 +410,10 @@ class Collate:
             out["image_valid"][i] = True
             out["source"][i] = it.get("source", 0)
             out["is_sentence"][i] = it.get("is_sentence", False)
-            for k in ("images_clip", "sam_resize", "sam_input_hw", "orig_hw"):
-                out[k][i] = it[k]
-            sam = it["images_sam"]  # the resized image, top-left in the zero-padded frame
+            for k in ("images_clip", "sam_input_hw", "orig_hw", "sam_resize"):
+                if k in out:
+                    out[k][i] = it[k]
+            sam = it["images_sam"]  # top-left in the zero-padded frame
             out["images_sam"][i, : sam.shape[0], : sam.shape[1]] = sam
             for j, (ids, labels) in enumerate(it["rows"]):
                 row = i * c + j
