@@ -188,7 +188,8 @@ def synthetic_batch(cfg, dc, length: int, seed: int = 0) -> dict:
     b["orig_hw"][:] = hw
     b["sam_input_hw"][:] = [get_preprocess_shape(int(h), int(w), cfg.sam.image_size) for h, w in hw]
     s = cfg.sam.image_size
-    b["sam_resize"][:] = pp.sam_resize_tables((s, s), (s, s), s)  # the pixels are SAM's frame already
+    if "sam_resize" in b:  # the pixels are SAM's frame already
+        b["sam_resize"][:] = pp.sam_resize_tables((s, s), (s, s), s)
     b["image_valid"][:] = True
     for i in range(r):
         q = rng.integers(100, 30000, size=length - 16).tolist()

@@ -205,7 +205,8 @@ def activation_fit(c, cfg, length: int) -> np.ndarray:
             tx, setup.trainable_abstract, setup.trainable_shardings, mesh
         )
         for images in (1, 2):
-            dc = loaders.data_config(c.data, small, batch_size=images * 8)
+            # The accelerator's pipeline: SAM's resize on the device ("auto" would pick the host on this CPU).
+            dc = loaders.data_config(c.data, small, batch_size=images * 8, sam_device_resize=True)
             spec = loaders.batch_spec(dc, small.sam, length, 1)
             bsh = tstep.micro_batch_shardings(spec, mesh)
             sc = tstep.step_config(c, (dc.max_mask_side,) * 2)
@@ -261,8 +262,8 @@ def plan_table(models: list[str], length: int, static_only: bool) -> dict:
         c = load(*MODELS[name], length)
         cfg = rc.read_config(c.model)
         print(
-            f"READ-{name} ({MODELS[name][0]}): {cfg.llama.param_dtype} base, fp32 trainables + AdamW, remat, FSDP over "
-            f"every device, 3 conversations x {length} text + 575 image tokens per image"
+            f"READ-{name} ({MODELS[name][0]}): {cfg.llama.param_dtype} base, fp32 trainables + AdamW, remat, "
+            f"FSDP over every device, 3 conversations x {length} text + 575 image tokens per image"
         )
         coef = None if static_only else activation_fit(c, cfg, length)
         cols = ("params", "optim", "act/img", "1 img")

@@ -2,7 +2,7 @@
 
 The runs, the tolerance model (`torchref.bf16.tolerance`: 3 sqrt(2 D) u for two bf16 evaluations of depth D)
 and the error figures live in `torchref.bf16`, shared with `benchmarks/bf16.py`, which prints the error table
-(README "bf16 error table"). `pytest -s -k bf16` prints the same lines as the tests run.
+(README, "bf16 numerics"). `pytest -s -k bf16` prints the same lines as the tests run.
 """
 
 from __future__ import annotations
