@@ -239,7 +239,9 @@ def batch_spec(dc: Pl.DataConfig, sam_cfg, length: int, accum: int = 1, num_host
     before any data is read, e.g. for the 7B memory report.
     """
     out = {}
-    for n, x in Pl.Collate(dc, sam_cfg)([]).items():
+    # In-process numpy arrays: with grain workers the collate allocates shared memory that only grain's
+    # hand-over to the main process frees, so a collate called here would leak its segments.
+    for n, x in Pl.Collate(dataclasses.replace(dc, num_workers=0), sam_cfg)([]).items():
         if n in Pl.HOST_KEYS:
             continue
         shape = list(x.shape)
