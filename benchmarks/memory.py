@@ -16,12 +16,15 @@ plan (`--part plan`): nothing is allocated or run.
       SAM's encoder at 2 layers: frozen, their activations are transient), fitted as
       a + b*images + c*layers + d*layers*images and extrapolated to the real depth; the text length is the
       recipe's largest bucket (`--length`, 1793 + 575 image tokens, 3 conversations per image).
-  CPU buffer assignment is not the GPU's or the TPU's (fusion and layouts differ): the activation figures
-  are an order of magnitude; "fits" keeps 10% of the device memory free for the runtime.
+  compiled with `read_jax.xla_flags`' CPU options (XLA:CPU's default scheduler defeats remat); the fit and
+  what remat keeps per layer are printed on stderr. CPU buffer assignment is not the GPU's or the TPU's
+  (fusion and layouts differ): the activation figures are an order of magnitude; "fits" keeps 10% of the
+  device memory free for the runtime. `--markdown` prints the tables as the README has them.
 
     python benchmarks/memory.py                        # both parts (the plan compiles 8 shallow steps)
     python benchmarks/memory.py --part measured
     python benchmarks/memory.py --part plan --static-only   # parameters + optimizer only (a minute)
+    python benchmarks/memory.py --part measured --markdown  # the README's tables (also --part plan)
 
 Last line (with the plan's activations): `train step, READ-7B: <n> images/device fit on 1x H100 80GB, <m> on
 8x A100 40GB`.
@@ -38,14 +41,23 @@ import subprocess
 import sys
 import time
 
+ENV0 = dict(os.environ)  # a measured workload's process: the real device, not the plan's fake CPU mesh
 if "--measure" not in sys.argv:  # the plan's fake mesh (a measured workload runs on the real device)
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # XLA:CPU's concurrency-optimised scheduler runs the recomputed layers early and keeps their activations
+    # (and converted weights) live together, so remat saves nothing in the CPU's buffer assignment (a probe,
+    # a 1024-wide LLaMA at 1024 tokens, FSDP over 8: ~155 MiB per layer with or without remat, 47 MiB with
+    # these flags). GPU/TPU XLA schedule for memory; the commands set these flags on a CPU for the same
+    # reason (`read_jax.xla_flags`).
+    from read_jax import xla_flags
 
-import jax
-import numpy as np
+    xla_flags.apply_cpu_memory_flags()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -145,9 +157,16 @@ def measure(workload: str) -> dict:
     }
 
 
-def measured_table() -> list[dict]:
+LABELS = {
+    "train": "train step (2 images x 3 conversations, 64 tokens)",
+    "eval": "ReasonSeg protocol (8 queries)",
+    "generate": "`inference.predict` (32 new tokens + masks)",
+}
+
+
+def measured_table(markdown: bool = False) -> list[dict]:
     rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env = {**ENV0, "PYTHONPATH": os.pathsep.join([ROOT, ENV0.get("PYTHONPATH", "")])}
     for w in WORKLOADS:
         r = subprocess.run(
             [sys.executable, __file__, "--measure", w], env=env, capture_output=True, text=True, timeout=1800
@@ -155,9 +174,21 @@ def measured_table() -> list[dict]:
         if r.returncode != 0:
             raise RuntimeError(f"the {w} workload failed:\n{r.stderr[-3000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    fmt = lambda v: "n/a" if v is None else f"{v:.0f}"
+    if markdown:  # the README's table; the device peak only where the backend has one
+        device = any(r["device_peak_mib"] is not None for r in rows)
+        head = ["workload", "peak RSS", "growth over the imports"] + ["device peak"] * device
+        head.append("compiled train step (args + outputs + temporaries)")
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            cells = [LABELS[r["workload"]], fmt(r["rss_peak_mib"]), fmt(r["rss_growth_mib"])]
+            cells += [fmt(r["device_peak_mib"])] * device
+            cells.append("" if r["xla_mib"] is None else fmt(r["xla_mib"]))
+            print("| " + " | ".join(cells) + " |")
+        return rows
     print(f"measured here ({rows[0]['backend']}, tiny size): MiB")
     print(f"  {'workload':10s} {'peak RSS':>9s} {'growth':>7s} {'device peak':>12s} {'XLA step':>9s}")
-    fmt = lambda v: "n/a" if v is None else f"{v:.0f}"
     for r in rows:
         print(
             f"  {r['workload']:10s} {r['rss_peak_mib']:9.0f} {r['rss_growth_mib']:7.0f} "
@@ -218,11 +249,22 @@ def activation_fit(c, cfg, length: int) -> np.ndarray:
             print(
                 f"  compiled {layers} layer(s) x {images} image(s)/device in {stats['compile_s']:.0f} s: "
                 f"temporaries {temp / GIB:.2f} GiB/device",
+                file=sys.stderr,  # progress; stdout keeps the tables
                 flush=True,
             )
             rows.append([1, images, layers, layers * images])
             points.append(temp)
-    return np.linalg.solve(np.asarray(rows, float), np.asarray(points, float))
+    coef = np.linalg.solve(np.asarray(rows, float), np.asarray(points, float))
+    # What remat keeps per layer and image: the layer's input, 3 conversations x (text + image tokens) x D.
+    tokens = length + cfg.clip.num_patches - 1  # the <image> token becomes the patches
+    kept = 3 * tokens * cfg.llama.hidden_size * np.dtype(cfg.llama.compute_dtype).itemsize
+    print(
+        f"  fit (GiB/device): {coef[0] / GIB:.2f} + {coef[1] / GIB:.2f}/image + {coef[2] / GIB:.2f}/layer + "
+        f"{coef[3] / GIB:.2f}/(layer x image); remat's saved layer input: {kept / GIB:.3f}/(layer x image)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return coef
 
 
 def activations(coef, layers: int, images: int) -> float:
@@ -253,27 +295,33 @@ def static_bytes(c, cfg) -> dict[str, tuple[float, float]]:
     return out
 
 
-def plan_table(models: list[str], length: int, static_only: bool) -> dict:
-    """Print one table per model; returns {model: {target: largest images per device}}."""
+def plan_table(models: list[str], length: int, static_only: bool, markdown: bool = False) -> dict:
+    """Print one table per model (one table for all with `markdown`, after every compile); returns
+    {model: {target: largest images per device}}."""
     from read_jax.train import config as rc
 
-    fits_all = {}
+    fits_all, md = {}, []
     for name in models:
         c = load(*MODELS[name], length)
         cfg = rc.read_config(c.model)
         print(
             f"READ-{name} ({MODELS[name][0]}): {cfg.llama.param_dtype} base, fp32 trainables + AdamW, remat, "
-            f"FSDP over every device, 3 conversations x {length} text + 575 image tokens per image"
+            f"FSDP over every device, 3 conversations x {length} text + 575 image tokens per image",
+            file=sys.stderr if markdown else sys.stdout,
+            flush=True,
         )
         coef = None if static_only else activation_fit(c, cfg, length)
         cols = ("params", "optim", "act/img", "1 img")
         head = " ".join(f"{x:>8s}" for x in cols)
-        print(f"  {'target':22s} {head} {'max img/dev':>11s}  (GiB/device)")
+        if not markdown:
+            print(f"  {'target':22s} {head} {'max img/dev':>11s}  (GiB/device)")
         fits_all[name] = {}
         layers = cfg.llama.num_hidden_layers
         for (target, _, hbm), (params, optim) in zip(TARGETS, static_bytes(c, cfg).values(), strict=True):
             if coef is None:
-                print(f"  {target:22s} {params:8.2f} {optim:8.2f}")
+                md.append([f"READ-{name}", target, f"{params:.2f}", f"{optim:.2f}"])
+                if not markdown:
+                    print(f"  {target:22s} {params:8.2f} {optim:8.2f}")
                 continue
             one = activations(coef, layers, 1) / GIB
             per = one - activations(coef, layers, 0) / GIB
@@ -283,7 +331,17 @@ def plan_table(models: list[str], length: int, static_only: bool) -> dict:
                 fits += 1
             fits_all[name][target] = fits
             total = params + optim + one
-            print(f"  {target:22s} {params:8.2f} {optim:8.2f} {per:8.2f} {total:8.2f} {fits:11d}")
+            md.append([f"READ-{name}", target, *(f"{v:.2f}" for v in (params, optim, per, total)), str(fits)])
+            if not markdown:
+                print(f"  {target:22s} {params:8.2f} {optim:8.2f} {per:8.2f} {total:8.2f} {fits:11d}")
+    if markdown:
+        head = ["model", "target", "parameters", "optimizer state"]
+        if not static_only:
+            head += ["activations per image", "total at 1 image/device", "max images/device"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for row in md:
+            print("| " + " | ".join(row) + " |")
     return fits_all
 
 
@@ -293,16 +351,17 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="7B,13B")
     ap.add_argument("--length", type=int, default=1793, help="text bucket (the recipe's largest)")
     ap.add_argument("--static-only", action="store_true", help="plan: parameters + optimizer state only")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as markdown (README)")
     ap.add_argument("--measure", choices=WORKLOADS, help=argparse.SUPPRESS)  # one workload (a subprocess)
     args = ap.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return 0
     if args.part in ("all", "measured"):
-        measured_table()
+        measured_table(args.markdown)
     if args.part in ("all", "plan"):
         models = [m for m in args.models.split(",") if m]
-        fits = plan_table(models, args.length, args.static_only)
+        fits = plan_table(models, args.length, args.static_only, args.markdown)
         if fits.get("7B"):
             f = fits["7B"]
             print(
