@@ -36,6 +36,11 @@ class LossWeights:
     # Not in READ (0 there): `similarity_loss`, for models trained from scratch (configs/tiny_shapes.py).
     sim: float = 0.0
 
+    @property
+    def masks(self) -> bool:
+        """Whether any term needs the masks (False: a text-only forward, SAM skipped)."""
+        return bool(self.bce or self.dice or self.sim)
+
 
 def ce_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """HF causal-LM cross-entropy: position t predicts label t+1, mean over supervised tokens.
@@ -184,6 +189,19 @@ def read_batch_loss(
     Returns:
       (loss, metrics): loss/ce/bce/dice (+ sim), num_tokens, num_masks, ce_dropped_tokens.
     """
+    if not weights.masks:  # a text-only stage (the tiny LLaVA pretraining): no SAM in the forward
+        ce, n_tok, dropped = text_ce(out)
+        loss = weights.ce * ce
+        zero = jnp.zeros((), jnp.float32)
+        return loss, {
+            "loss": loss,
+            "ce": ce,
+            "bce": zero,
+            "dice": zero,
+            "num_tokens": n_tok,
+            "num_masks": zero.astype(jnp.int32),
+            "ce_dropped_tokens": dropped,
+        }
     if out.masks is None or out.masks.mask_logits is None:
         raise ValueError("the READ loss needs the forward's masks (compute_masks=True with a canvas)")
     gt, mvalid = batch["masks"], batch["mask_valid"]

@@ -210,3 +210,29 @@ def test_similarity_term_is_added_only_when_weighted(pair, jax_run):
     np.testing.assert_allclose(float(t2["sim"]), float(want), rtol=1e-6)
     np.testing.assert_allclose(float(loss), float(terms["loss"]) + 0.7 * float(want), rtol=1e-6)
     assert float(want) > 0
+
+
+def test_text_only_loss_skips_sam_and_equals_the_full_forwards_ce(pair, jax_run):
+    """A text-only stage (mask weights 0) runs no SAM: its loss is the full forward's CE, nothing but the
+    LLM side gets a gradient, and the mask decoder's gradient is exactly zero."""
+    from read_jax.losses import LossWeights
+
+    cfg, _, model = pair
+    _, terms, _, _ = jax_run
+    graphdef, trainable, frozen = partition_trainable(model, cfg.trainable_regexes)
+    jb = {k: jnp.asarray(v) for k, v in tiny_batch(cfg).items()}
+    weights = LossWeights(ce=1.0, bce=0.0, dice=0.0)
+    assert not weights.masks and LossWeights().masks
+
+    def loss_fn(t):
+        out = nnx.merge(graphdef, t, frozen)(jb, canvas_hw=CANVAS, compute_masks=False)
+        assert out.masks is None
+        return read_batch_loss(out, jb, weights)
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable)
+    np.testing.assert_allclose(float(loss), float(terms["ce"]), rtol=1e-6)
+    assert float(metrics["bce"]) == 0.0 and int(metrics["num_masks"]) == 0
+    leaves = abstract_leaves(grads)
+    decoder = [p for p in leaves if "mask_decoder" in p]
+    assert decoder and all(not np.any(np.asarray(leaves[p])) for p in decoder)
+    assert any(np.any(np.asarray(leaves[p])) for p in leaves if "embed_tokens" in p)
