@@ -233,3 +233,33 @@ def _get(tree, path):
     for k in path.split("/"):
         tree = tree[int(k)] if isinstance(tree, (list, tuple)) else tree[k if k in tree else int(k)]
     return tree
+
+
+def test_export_of_a_workdir_converts_back_to_the_trained_model(uninterrupted, tmp_path):
+    """`convert_weights.py --export WORKDIR` (the run's best-else-latest checkpoint, on the config it saved)
+    writes the HF READ layout with a release's tokenizer files, and converting that back gives the trained
+    model leaf for leaf."""
+    from read_jax.build import load_model
+    from read_jax.cli import convert as convert_cli
+    from read_jax.tree_util import abstract_leaves
+
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    assert convert_cli.main(["--export", str(uninterrupted), "--out", str(hf), "--dtype", "fp32"]) == 0
+    # The tokenizer files are those a SESAME release publishes (real files, tests/assets/hf_configs/sesame).
+    real = ROOT / "tests" / "assets" / "hf_configs" / "sesame"
+    for mine, theirs in (
+        ("added_tokens.json", "SESAME.added_tokens.json"),
+        ("special_tokens_map.json", "SESAME.special_tokens_map.json"),
+        ("tokenizer_config.json", "SESAME_minus.tokenizer_config.json"),
+    ):
+        assert json.loads((hf / mine).read_text()) == json.loads((real / theirs).read_text()), mine
+    assert not (hf / "goldens.json").exists()  # only tokenizer files travel with the weights
+    args = ["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--base", "smoke", "--dtype", "fp32"]
+    assert convert_cli.main([*args, "--out", str(back), "--no-progress"]) == 0
+    conversion = json.loads((back / "conversion.json").read_text())
+    assert conversion["ignored_keys"] == [] and conversion["uninitialized"] == []
+    trained = abstract_leaves(load_model(uninterrupted))  # the config the run saved
+    converted = abstract_leaves(load_model(back))
+    assert set(trained) <= set(converted)
+    for path, v in trained.items():
+        np.testing.assert_array_equal(np.asarray(converted[path]), np.asarray(v), err_msg=path)

@@ -271,11 +271,13 @@ def _base_config(base: str, hidden: int, dtype: str) -> tuple[str, rc.ReadConfig
         "read_7b": rc.ReadConfig.read_7b,
         "read_13b": rc.ReadConfig.read_13b,
         "tiny": lambda: rc.ReadConfig.tiny(dtype),
+        "shapes": lambda: rc.ReadConfig.shapes(dtype),  # the tiny SESAME release (configs/tiny.py)
+        "smoke": lambda: rc.ReadConfig.smoke(dtype),
     }
     if base == "auto":
         base = {4096: "read_7b", 5120: "read_13b"}.get(hidden)
         if base is None:
-            raise rc.ConfigError(f"hidden_size {hidden}: pass --base (read_7b, read_13b or tiny)")
+            raise rc.ConfigError(f"hidden_size {hidden}: pass --base ({', '.join(sorted(factories))})")
     if base not in factories:
         raise rc.ConfigError(f"unknown --base {base!r}; choose from {sorted(factories)}")
     return base, factories[base]().with_dtype(dtype)
@@ -323,7 +325,8 @@ def build_config(
             f"config.json: {key}={select!r} is outside the {clip.num_hidden_layers}-layer CLIP tower of "
             f"{tower_src}"
         ) from None
-    sasp = cfg.sasp.on_clip_grid(clip.grid_size)
+    # The base's SasP setting is on the base's own CLIP grid (READ-7B's 12 of 24; the small presets' own).
+    sasp = cfg.sasp.on_clip_grid(clip.grid_size, reference_grid=cfg.clip.grid_size)
     if family == "lisa":
         sasp = dataclasses.replace(sasp, enabled=False)
     cfg = cfg.replace(

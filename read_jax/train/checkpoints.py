@@ -19,6 +19,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from ml_collections import ConfigDict
 
 from read_jax import checkpoint as ck
 from read_jax import sharding as shd
@@ -220,6 +221,24 @@ def load_into(state_abstract, pure: dict, shardings):
     st = jax.tree.map(lambda x: x, state_abstract)
     nnx.replace_by_pure_dict(st, pure)
     return jax.tree.map(jax.device_put, st, shardings)
+
+
+def saved_run_config(workdir: str | os.PathLike) -> ConfigDict:
+    """The run config a `train.py --workdir` was trained with, as its latest (else best) checkpoint saved it.
+
+    Raises FileNotFoundError when `workdir` holds no checkpoint.
+    """
+    ckpts = RunCheckpoints(workdir, async_save=False)
+    try:
+        for manager in ("latest", "best"):
+            step = (ckpts.latest if manager == "latest" else ckpts.best).latest_step()
+            if step is not None:
+                saved = ckpts.read_meta(step, manager).get("config")
+                if saved:
+                    return ConfigDict(saved)
+    finally:
+        ckpts.close()
+    raise FileNotFoundError(f"{workdir}: no train.py checkpoint (nothing under checkpoints/ or best/)")
 
 
 def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mesh=None):
