@@ -20,7 +20,15 @@ from read_jax.data.shapes.reason import (
 )
 from read_jax.data.shapes.scene import COLORS, SHAPES, SPLITS, random_scene
 from read_jax.data.shapes.vqa import VQA_KINDS, vqa_key, vqa_kind
-from read_jax.data.shapes.write import SOURCES, STREAMS, SUB_DATASETS, default_reason_seg_dir, write_mix
+from read_jax.data.shapes.write import (
+    SOURCES,
+    STREAMS,
+    SUB_DATASETS,
+    default_reason_seg_dir,
+    scene_of,
+    vqa_paths,
+    write_mix,
+)
 
 __all__ = [
     "COLORS",
@@ -39,8 +47,10 @@ __all__ = [
     "query_kind",
     "random_scene",
     "read_marker",
+    "scene_of",
     "vqa_key",
     "vqa_kind",
+    "vqa_paths",
     "write_example",
     "write_marker",
     "write_mix",

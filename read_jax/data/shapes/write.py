@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -70,6 +71,16 @@ IMAGE_ID_BASE = {"train": 1, "val": 100_000_001, "test": 200_000_001}  # COCO id
 VQA_HELD_OUT_JSON = "llava_dataset/shapes_vqa_{split}.json"  # LLaVA's layout, images coco/val2017/
 
 
+def vqa_paths(root: str, split: str = "train") -> tuple[str, str]:
+    """(LLaVA-layout json, image root) of the VQA conversations of `split`, for `VqaReader(*vqa_paths(...))`.
+    The held-out splits (val, test) are not a LLaVA file: they are ours, in its layout."""
+    if split == "train":
+        return os.path.join(root, "llava_dataset", "llava_instruct_150k.json"), os.path.join(
+            root, "coco", "train2017"
+        )
+    return os.path.join(root, VQA_HELD_OUT_JSON.format(split=split)), os.path.join(root, "coco", "val2017")
+
+
 def default_reason_seg_dir(root: str) -> str:
     return os.path.join(root, "reason_seg", "ReasonSeg")
 
@@ -93,6 +104,18 @@ def label_path(root: str, index: int) -> str:
     )
 
 
+def _scene_rngs(seed: int, pool: str, split: str, index: int):
+    scene_seq, ann_seq = np.random.SeedSequence([seed, STREAMS[(pool, split)], index]).spawn(2)
+    scene_rng, ann_rng = np.random.default_rng(scene_seq), np.random.default_rng(ann_seq)
+    return layout(scene_rng), scene_rng, ann_rng
+
+
+def scene_of(seed: int, pool: str, split: str, index: int) -> tuple[int, int, list[dict]]:
+    """The geometry (width, height, instances) of scene `index` of (pool, split), as written (not ReasonSeg,
+    whose scenes come from `reason.make_example`)."""
+    return _scene_rngs(seed, pool, split, index)[0]
+
+
 def scene_job(job: tuple) -> object:
     """Write one scene's own files (those absent when `missing_only`) and return what the index files need
     from it. job = (pool, split, index, seed, root, reason_seg_dir, missing_only, refer_sets)."""
@@ -100,9 +123,7 @@ def scene_job(job: tuple) -> object:
     if pool == "reason_seg":
         reason.write_example(reason_dir, split, index, seed, missing_only=missing_only)
         return None
-    scene_seq, ann_seq = np.random.SeedSequence([seed, STREAMS[(pool, split)], index]).spawn(2)
-    scene_rng, ann_rng = np.random.default_rng(scene_seq), np.random.default_rng(ann_seq)
-    w, h, shapes = layout(scene_rng)
+    (w, h, shapes), scene_rng, ann_rng = _scene_rngs(seed, pool, split, index)
     jpg = image_path(root, pool, split, index)
     todo = [p for p in (jpg,) if not (missing_only and os.path.exists(p))]
     record: object = None
@@ -153,6 +174,19 @@ def pool_counts(sources: Iterable[str], counts: Mapping[str, int]) -> dict[tuple
     return out
 
 
+def _start_method() -> str:
+    """ "fork" (workers start at once) unless JAX has started its backend threads in this process, which a
+    fork would copy mid-flight: then "spawn" (each worker imports read_jax, a few seconds)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    xb = sys.modules.get("jax._src.xla_bridge")
+    try:
+        started = xb is not None and xb.backends_are_initialized()
+    except AttributeError:  # another JAX: assume the worst
+        started = True
+    return "spawn" if started else "fork"
+
+
 def _run(jobs: list[tuple], workers: int, progress: bool) -> list:
     from tqdm import tqdm
 
@@ -162,8 +196,8 @@ def _run(jobs: list[tuple], workers: int, progress: bool) -> list:
         for j in jobs:
             results.append(scene_job(j))
             bar.update(1)
-    else:  # spawned workers: the caller may hold JAX's threads, which a fork would copy mid-flight
-        ctx = multiprocessing.get_context("spawn")
+    else:
+        ctx = multiprocessing.get_context(_start_method())
         with cf.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
             for r in ex.map(scene_job, jobs, chunksize=32):
                 results.append(r)
@@ -189,7 +223,9 @@ def _refer_index(records: list, sets: Sequence[str]) -> dict[str, bytes]:
 
         refs = [ref for r in records for ref in r[2].get(d, [])]
         out[f"refer_seg/{d}/instances.json"] = inst
-        out[f"refer_seg/{d}/refs({split_by(d)}).p"] = pickle.dumps(refs, protocol=2)
+        # Through json first: the pickle's memo then depends on the data alone, not on which objects the
+        # scene records share (they differ between in-process and worker results).
+        out[f"refer_seg/{d}/refs({split_by(d)}).p"] = pickle.dumps(json.loads(json.dumps(refs)), protocol=2)
     return out
 
 
