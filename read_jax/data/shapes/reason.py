@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from read_jax.data.shapes.files import atomic_bytes, atomic_image
-from read_jax.data.shapes.scene import COLORS, SHAPES, SPLITS, _scene, article, points, render
+from read_jax.data.shapes.scene import COLORS, SHAPES, SPLITS, _scene, article, points, render_reasonseg
 
 
 def _name(s: dict) -> str:
@@ -289,7 +289,7 @@ def _make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict,
             ):
                 ghost = g
                 break
-    im = render(rng, w, h, shapes, ghost)
+    im = render_reasonseg(rng, w, h, shapes, ghost)
     ann_shapes = [
         {
             "label": "target",

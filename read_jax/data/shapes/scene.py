@@ -128,7 +128,21 @@ def render(rng: np.random.Generator, w: int, h: int, shapes: list[dict], ghost: 
     col = np.rint((np.arange(h)[:, None] / h - 0.5) * gy).astype(np.int16)  # [H, 1]
     noise = _noise()[oy : oy + h, 3 * ox : 3 * (ox + w)]
     img = np.minimum(row[None] + col + noise, 255).astype(np.uint8).reshape(h, w, 3)
-    im = Image.fromarray(img)
+    return _draw(Image.fromarray(img), base, shapes, ghost)
+
+
+def render_reasonseg(rng: np.random.Generator, w: int, h: int, shapes: list[dict], ghost: dict | None = None):
+    """`render` as the ReasonSeg set has always been drawn (a colour gradient in both directions and fresh
+    Gaussian pixel noise): its pictures, and so every figure measured on them, stay what they were. About
+    twice the cost of `render`, which the other sources use."""
+    base = np.asarray(rng.uniform(200, 245, 3))
+    gx = (np.arange(w) / w - 0.5)[None, :, None] * rng.uniform(-25, 25, 3)  # [1, W, 3]
+    gy = (np.arange(h) / h - 0.5)[:, None, None] * rng.uniform(-25, 25, 3)  # [H, 1, 3]
+    img = np.clip(base + (gx + gy) + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+    return _draw(Image.fromarray(img), base, shapes, ghost)
+
+
+def _draw(im: Image.Image, base, shapes: list[dict], ghost: dict | None) -> Image.Image:
     draw = ImageDraw.Draw(im)
     if ghost is not None:
         col = tuple(int(0.75 * b + 0.25 * c) for b, c in zip(base, COLORS[ghost["color"]]))

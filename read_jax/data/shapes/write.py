@@ -125,7 +125,7 @@ def scene_job(job: tuple) -> object:
         return None
     (w, h, shapes), scene_rng, ann_rng = _scene_rngs(seed, pool, split, index)
     jpg = image_path(root, pool, split, index)
-    todo = [p for p in (jpg,) if not (missing_only and os.path.exists(p))]
+    need_image = not (missing_only and os.path.exists(jpg))
     record: object = None
     if pool == "mapillary":
         lab = label_path(root, index)
@@ -154,7 +154,7 @@ def scene_job(job: tuple) -> object:
             entry["file_name"],
         )
         record = (entry, anns, refs)
-    if todo:
+    if need_image:
         files.atomic_image(jpg, render(scene_rng, w, h, shapes), "JPEG")
     return record
 
