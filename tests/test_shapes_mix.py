@@ -141,7 +141,9 @@ def test_every_source_is_read_by_its_real_reader(root):
         got = sum(len(loaders.eval_reader(cfg, ds, s)) for s in splits)
         assert got == COUNTS["val"] + COUNTS["test"], ds
     for split in HELD_OUT:
-        assert len(R.VqaReader(*make_shapes.vqa_paths(root, split))) == COUNTS[split]
+        rd = R.VqaReader(*make_shapes.vqa_paths(root, split))
+        assert len({rd[i].image_path for i in range(len(rd))}) == COUNTS[split]
+        assert all(not rd[i].conversations[0].more_rounds for i in range(len(rd)))  # one question per row
 
 
 # ---- 2. sem_seg: the mask of a class is all its instances ----------------------------------------------
@@ -365,7 +367,8 @@ def test_vqa_answers_agree_with_the_scene(root):
     for split in ("train", *HELD_OUT):
         path, images = make_shapes.vqa_paths(root, split)
         items = load_json(path)
-        assert len(items) == COUNTS[split]
+        assert len({it["image"] for it in items}) == COUNTS[split]
+        probed = {}  # held out: the question kinds asked of each scene
         for it in items:
             index = int(re.search(r"_(\d+)\.jpg$", it["image"]).group(1))
             w, h, shapes = make_shapes.scene_of(SEED, "vqa", split, index)
@@ -376,12 +379,17 @@ def test_vqa_answers_agree_with_the_scene(root):
                 objs.append({"kind": s["kind"], "color": colour_of(img, s["poly"]), "cx": c[0], "cy": c[1],
                              "area": shoelace(s["poly"]), "poly": s["poly"]})  # fmt: skip
             turns = it["conversations"]
-            assert turns[0]["value"].startswith("<image>\n") and len(turns) % 2 == 0 and len(turns) >= 8
+            assert turns[0]["value"].startswith("<image>\n") and len(turns) % 2 == 0
+            assert len(turns) >= 8 if split == "train" else len(turns) == 2
             for q, a in zip(turns[0::2], turns[1::2]):
                 assert (q["from"], a["from"]) == ("human", "gpt")
                 kind = check_answer(q["value"].replace("<image>\n", ""), a["value"], objs, w, h)
                 assert make_shapes.vqa_kind(q["value"]) == kind
                 kinds.add(kind)
+                probed.setdefault(it["image"], []).append(kind)
+        if split != "train":  # every scene is asked each kind at most once, and the kinds every scene has
+            assert all(len(k) == len(set(k)) for k in probed.values())
+            assert all({"caption", "count", "existence"} <= set(k) for k in probed.values())
     assert kinds == set(make_shapes.VQA_KINDS)
 
 

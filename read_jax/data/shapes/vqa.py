@@ -10,7 +10,9 @@ Every answer is computed from the scene and a question is asked only when its an
 (named shapes are unique in the scene, sizes differ by `SIZE_RATIO`, positions by `MARGIN` px, grid regions
 are away from the grid lines). `vqa_kind(question)` names the kind of a question and `vqa_key(question,
 answer)` the part of an answer that scoring compares (a number, a colour, yes/no, ...), so the LLaVA stage
-can report accuracy per question kind.
+can report accuracy per question kind. Training conversations are multi-round (`conversation`); the held-out
+splits hold one single-round item per (scene, question kind) (`probe_items`), so a reader that scores the
+first round of each item scores every kind of every held-out scene.
 """
 
 from __future__ import annotations
@@ -157,6 +159,25 @@ def conversation(rng, w: int, h: int, shapes: list[dict]) -> list[dict]:
         turns.append({"from": "human", "value": ("<image>\n" + q) if i == 0 else q})
         turns.append({"from": "gpt", "value": a})
     return turns
+
+
+def probe_items(rng, w: int, h: int, shapes: list[dict], stem: str, image: str) -> list[dict]:
+    """Held-out items for scoring per question kind: one single-round LLaVA item per kind the scene
+    supports (a random question of that kind), id "{stem}_{kind}"; a reader then yields one row per
+    question, and every kind is asked of every scene that supports it."""
+    by_kind: dict[str, list[tuple[str, str]]] = {
+        "caption": [(q, _caption(w, h, shapes)) for q in _CAPTION_QS]
+    }
+    for q, a in questions(w, h, shapes):
+        by_kind.setdefault(vqa_kind(q), []).append((q, a))
+    out = []
+    for kind in VQA_KINDS:
+        pool = by_kind.get(kind)
+        if pool:
+            q, a = pool[int(rng.integers(len(pool)))]
+            turns = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
+            out.append({"id": f"{stem}_{kind}", "image": image, "conversations": turns})
+    return out
 
 
 _C = "(?:" + "|".join(COLORS) + ")"

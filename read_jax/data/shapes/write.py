@@ -135,13 +135,11 @@ def scene_job(job: tuple) -> object:
         image_id = index + 1
         entry = {"id": image_id, "file_name": f"train2017/{os.path.basename(jpg)}", "height": h, "width": w}
         record = (entry, semseg.paco_annotations(shapes, image_id))
-    elif pool == "vqa":
-        stem = os.path.basename(jpg)[:-4]
-        record = {
-            "id": stem,
-            "image": os.path.basename(jpg),
-            "conversations": vqa.conversation(ann_rng, w, h, shapes),
-        }
+    elif pool == "vqa" and split == "train":
+        stem, image = os.path.basename(jpg)[:-4], os.path.basename(jpg)
+        record = [{"id": stem, "image": image, "conversations": vqa.conversation(ann_rng, w, h, shapes)}]
+    elif pool == "vqa":  # held out: one single-round item per question kind
+        record = vqa.probe_items(ann_rng, w, h, shapes, os.path.basename(jpg)[:-4], os.path.basename(jpg))
     else:  # refer, refclef
         image_id = IMAGE_ID_BASE[split] + index
         entry, anns = refer.instances(w, h, shapes, image_id, os.path.basename(jpg))
@@ -243,10 +241,12 @@ def index_files(results: Mapping[tuple[str, str], list], sources: Sequence[str])
             }
         )
     if "vqa" in sources:
-        out["llava_dataset/llava_instruct_150k.json"] = _dump_json(results.get(("vqa", "train"), []))
+        items = [it for r in results.get(("vqa", "train"), []) for it in r]
+        out["llava_dataset/llava_instruct_150k.json"] = _dump_json(items)
         for split in ("val", "test"):
             if ("vqa", split) in results:
-                out[VQA_HELD_OUT_JSON.format(split=split)] = _dump_json(results[("vqa", split)])
+                items = [it for r in results[("vqa", split)] for it in r]
+                out[VQA_HELD_OUT_JSON.format(split=split)] = _dump_json(items)
     sets = [d for src in sources for d in _REFER_SETS.get(src, ())]
     refer_records = [r for split in SPLITS for r in results.get(("refer", split), [])]
     out.update(_refer_index(refer_records, sets))
