@@ -501,6 +501,10 @@ def test_an_interrupted_write_resumes_to_the_same_set(root, tmp_path, monkeypatc
         W.write_mix(part, COUNTS, SEED, workers=0, progress=False)
     monkeypatch.setattr(W, "scene_job", job)
     assert 0 < len(_files(part)) < len(_files(root)) and "complete" not in make_shapes.read_marker(part)
+    stale = os.path.join(part, "coco", "train2017", "shapes_vqa_train_00009.jpg.tmp12345")  # killed mid-write
+    os.makedirs(os.path.dirname(stale), exist_ok=True)
+    with open(stale, "wb") as f:
+        f.write(b"half a jpeg")
     W.write_mix(part, COUNTS, SEED, workers=0, progress=False)
     assert _files(part) == _files(root)
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,21 @@ def atomic_image(path: str, im, fmt: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     im.save(tmp, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
     os.replace(tmp, path)
+
+
+_TMP = re.compile(r".+\.tmp\d+$")
+
+
+def remove_stale_tmp(out: str) -> int:
+    """Delete the temporary files an interrupted write left in `out` (the generator's directory; only names
+    `atomic_bytes` / `atomic_image` make); returns how many."""
+    n = 0
+    for dirpath, _, names in os.walk(out):
+        for name in names:
+            if _TMP.fullmatch(name):
+                os.remove(os.path.join(dirpath, name))
+                n += 1
+    return n
 
 
 def read_marker(out: str) -> dict | None:

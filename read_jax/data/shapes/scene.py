@@ -138,8 +138,10 @@ def render_reasonseg(rng: np.random.Generator, w: int, h: int, shapes: list[dict
     base = np.asarray(rng.uniform(200, 245, 3))
     gx = (np.arange(w) / w - 0.5)[None, :, None] * rng.uniform(-25, 25, 3)  # [1, W, 3]
     gy = (np.arange(h) / h - 0.5)[:, None, None] * rng.uniform(-25, 25, 3)  # [H, 1, 3]
-    img = np.clip(base + (gx + gy) + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
-    return _draw(Image.fromarray(img), base, shapes, ghost)
+    img = gx + gy  # [H, W, 3]; in place below, in the original's order: (base + grad) + noise
+    img += base
+    img += rng.normal(0, 3, (h, w, 3))
+    return _draw(Image.fromarray(np.clip(img, 0, 255, out=img).astype(np.uint8)), base, shapes, ghost)
 
 
 def _draw(im: Image.Image, base, shapes: list[dict], ghost: dict | None) -> Image.Image:

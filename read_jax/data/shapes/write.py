@@ -185,6 +185,17 @@ def _start_method() -> str:
     return "spawn" if started else "fork"
 
 
+def _die_with_parent() -> None:
+    """A worker ends when the writer does (Linux): a killed run leaves no orphans writing behind it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run(jobs: list[tuple], workers: int, progress: bool) -> list:
     from tqdm import tqdm
 
@@ -196,7 +207,7 @@ def _run(jobs: list[tuple], workers: int, progress: bool) -> list:
             bar.update(1)
     else:
         ctx = multiprocessing.get_context(_start_method())
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as ex:
             for r in ex.map(scene_job, jobs, chunksize=32):
                 results.append(r)
                 bar.update(1)
@@ -313,6 +324,7 @@ def write_mix(
     key = {"sources": sources, "counts": {s: int(counts.get(s, 0)) for s in SPLITS}, "reason_seg_dir": rel}
     if _complete(root, reason_dir, plan, key):
         return plan
+    files.remove_stale_tmp(root)  # what an interrupted run left half-written
     coco_sets = tuple(d for src in sources for d in _REFER_SETS.get(src, ()))
     jobs = [
         (pool, split, i, int(seed), root, reason_dir, True, ("refclef",) if pool == "refclef" else coco_sets)
