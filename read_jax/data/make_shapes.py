@@ -13,7 +13,8 @@ format (read_reference.md §9), so the real readers read them:
   refer_seg/R-refcoco{,+,g}/               neg_refer_seg: R-RefCOCO, with expressions of absent objects
   refer_seg/fprefcoco{,+,g}/               correct_refer_seg: FP-RefCOCO, false premises + gt_sent
   llava_dataset/llava_instruct_150k.json + coco/train2017/   vqa: LLaVA-Instruct conversations
-  llava_dataset/shapes_vqa_{val,test}.json + coco/val2017/   held-out VQA (same layout)
+  llava_dataset/shapes_vqa_{val,test}.json + coco/val2017/   held-out VQA (same layout; one single-round
+                                           item per scene and question kind, for scoring per kind)
 
 Train counts are per source; the held-out val/test counts apply to ReasonSeg, RefCOCO's val/test splits
 (FP-RefCOCO's and R-RefCOCO's val) and VQA, whose held-out scenes share no scene with any training source.
