@@ -435,7 +435,15 @@ def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
     def files(split):
         return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(tmp_path / split / "*"))}
 
-    d = ConfigDict({"make_shapes": True, "root": str(tmp_path), "num_shapes": (3, 1, 0)})
+    d = ConfigDict(
+        {
+            "make_shapes": True,
+            "root": str(tmp_path),
+            "reason_seg_dir": "{root}",
+            "rates": "reason_seg:1",
+            "num_shapes": (3, 1, 0),
+        }
+    )
     loaders.ensure_shapes_data(d)
     first = files("train")
     assert len(first) == 6 and len(files("val")) == 2 and not (tmp_path / "test").exists()

@@ -72,10 +72,16 @@ def default_config() -> ConfigDict:
             "seed": 0,
             "num_workers": 0,
             "template": "llava_v1",
-            # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train,
-            # val, test).
+            # The sub-datasets of each source, as the reference's flags ("a||b", train_read.py:55-74); the
+            # generated shapes mix writes sem_seg as "mapillary||paco_lvis".
+            "sem_seg_data": "ade20k||cocostuff||pascal_part||paco_lvis||mapillary",
+            "refer_seg_data": "refclef||refcoco||refcoco+||refcocog",
+            "neg_refer_seg_data": "R-refcoco||R-refcoco+||R-refcocog",
+            "correct_refer_seg_data": "fprefcoco||fprefcoco+||fprefcocog",
+            # The generated shapes mix (`read_jax.data.make_shapes`) of the sources in `rates`: written to
+            # `root` if absent, (train scenes per source, val, test).
             "make_shapes": False,
-            "num_shapes": (200, 40, 40),
+            "num_shapes": (2000, 200, 200),
             # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
             "reason_seg_false_premise": -1.0,
             # The reference's template lists (path to READ's `dataloaders/qa_template.py`, read as data) for
