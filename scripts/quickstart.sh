@@ -11,7 +11,8 @@ if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 "$VENV/bin/pip" install -q -e .
 PY="$VENV/bin/python"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-"$PY" -m read_jax.data.make_shapes --out "$OUT/data"
+"$PY" -m read_jax.data.make_shapes --out "$OUT/data" --sources reason_seg --reason-seg-dir "$OUT/data" \
+  --num-train 2000 --num-val 40 --num-test 40
 "$PY" train.py --config configs/tiny_shapes.py --workdir "$OUT/train" --config.data.root="$OUT/data"
 "$PY" evaluate.py --config configs/tiny_shapes.py --checkpoint "$OUT/train" --split reasonseg_test \
   --config.data.root="$OUT/data" --out "$OUT/eval" --analysis "$OUT/eval/pictures"
