@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/pretrain_sam.py: unknown argument {arg!r} (use nothing or 'smoke')")
     c = default_config()
     c.model.preset = "shapes"
-    c.train.total_steps = 3000
+    c.train.total_steps = 2000
     c.checkpoint.every_steps = 500
     if arg == "smoke":
         c.model.preset = "smoke"

@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     p = common.parser("pretrain_sam", __doc__, config=True)
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, sam/, eval.json")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.add_argument(
+        "--stop-at", type=int, default=None, metavar="STEP", help="stop after this step (rerun to continue)"
+    )
     args = p.parse_args(rest)
 
     def body() -> int:
@@ -39,10 +42,17 @@ def main(argv=None) -> int:
         config = common.apply_overrides(load_config_file(args.config), overrides)
         sam_config.validate(config)
         try:
-            out = sam_train.run(config, common.absolute(args.workdir), evaluate=not args.no_eval)
+            out = sam_train.run(
+                config, common.absolute(args.workdir), evaluate=not args.no_eval, stop_at=args.stop_at
+            )
         except NonFiniteLossError as e:
             print(f"pretrain_sam: {e}", file=sys.stderr)
             return 3
+        if out["final_step"] < out["total_steps"]:
+            print(
+                f"sam stage: stopped at step {out['final_step']} of {out['total_steps']}; rerun to continue"
+            )
+            return 0
         ev = out.get("eval") or {}
         figures = ", ".join(
             f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("mIoU_") and isinstance(v, float)

@@ -39,7 +39,7 @@ def default_config() -> ConfigDict:
         {
             "lr": 1e-3,
             "warmup_steps": 100,
-            "total_steps": 3000,
+            "total_steps": 2000,
             "clip_norm": 1.0,
             # SAM: AdamW, beta (0.9, 0.999), weight decay 0.1.
             "b1": 0.9,
@@ -60,7 +60,7 @@ def default_config() -> ConfigDict:
     c.checkpoint = ConfigDict({"every_steps": 500, "keep": 2, "async_save": True})
     # Held-out scenes (stream `sam_data.EVAL_STREAM`); canvas: the static side masks are scored on (the
     # original resolution of every scene must fit); sasp_pos / sasp_neg: the SasP-like prompt's points.
-    c.eval = ConfigDict({"num_scenes": 200, "batch_size": 8, "canvas": 512, "sasp_pos": 3, "sasp_neg": 6})
+    c.eval = ConfigDict({"num_scenes": 200, "batch_size": 8, "canvas": 448, "sasp_pos": 3, "sasp_neg": 6})
     c.progress = True
     return c
 

@@ -26,7 +26,7 @@ import numpy as np
 from read_jax.config import ConfigError
 from read_jax.data.preprocess import polygon_mask
 from read_jax.pretrain import sam_data
-from read_jax.pretrain.sam_step import decode, embed_images
+from read_jax.pretrain.sam_step import decode, embed_images, encode_prompts
 from read_jax.sam.transforms import postprocess_masks_padded
 
 KINDS = ("point", "centroid", "box", "sasp")
@@ -79,20 +79,20 @@ def _scores(graphdef, params, rest, batch: dict) -> dict:
     emb = embed_images(sam, batch["images"], batch["input_hw"])
     b, m = batch["valid"].shape
     canvas = batch["gt"].shape[-2:]
-    out = {}
-    for kind in KINDS:
-        if kind == "box":
-            low, _ = decode(sam, emb, boxes=batch["boxes"])
-        else:
-            low, _ = decode(sam, emb, batch[kind + "_points"], batch[kind + "_labels"])
-        low = low.reshape(b * m, 1, *low.shape[-2:])
-        rows = lambda x: jnp.repeat(x, m, axis=0)
-        up = postprocess_masks_padded(
-            low, rows(batch["input_hw"]), rows(batch["orig_hw"]), canvas, sam.cfg.image_size
-        )
-        pred = up[:, 0].reshape(b, m, *canvas) > 0.0
-        gt = batch["gt"] > 0
-        out[kind] = ((pred & gt).sum((-2, -1)), (pred | gt).sum((-2, -1)))
+    points = jnp.concatenate([batch[k + "_points"] for k in KINDS if k != "box"], axis=1)
+    labels = jnp.concatenate([batch[k + "_labels"] for k in KINDS if k != "box"], axis=1)
+    low, _ = decode(sam, emb, encode_prompts(sam, points, labels, batch["boxes"]))  # [B, 4 I, l, l]
+    low = low.reshape(b * len(KINDS) * m, 1, *low.shape[-2:])
+    rows = lambda x: jnp.repeat(x, len(KINDS) * m, axis=0)
+    up = postprocess_masks_padded(
+        low, rows(batch["input_hw"]), rows(batch["orig_hw"]), canvas, sam.cfg.image_size
+    )
+    pred = up[:, 0].reshape(b, len(KINDS), m, *canvas) > 0.0
+    gt = (batch["gt"] > 0)[:, None]
+    inter, union = (pred & gt).sum((-2, -1)), (pred | gt).sum((-2, -1))
+    # the point kinds come first (in KINDS order without "box"), then the boxes
+    order = [k for k in KINDS if k != "box"] + ["box"]
+    out = {k: (inter[:, i], union[:, i]) for i, k in enumerate(order)}
     return out
 
 

@@ -40,28 +40,50 @@ class LossConfig:
 
 
 # ---- forward ----------------------------------------------------------------------------------------------
-def decode(sam: Sam, emb: Array, points=None, labels=None, boxes=None) -> tuple[Array, Array]:
-    """Mask logits and predicted IoU of K prompts per image, all of one kind.
+def encode_prompts(sam: Sam, points: Array, labels: Array, boxes: Array) -> Array:
+    """Sparse prompt tokens of Kp point prompts and Kb box prompts per image, all Np + 1 tokens long.
+
+    A point prompt is encoded as READ encodes SasP's points (Np slots, labels 1 / 0 / -1, plus SAM's padding
+    point); a box prompt is its two corner tokens after Np - 1 "not a point" tokens (the token READ's unused
+    SasP slots carry), so that one decoder call serves both kinds.
 
     Args:
-      emb: float[B, h, w, C] image embeddings.
-      points / labels: float[B, K, Np, 2] / int[B, K, Np] point prompts in the S frame (labels 1, 0, -1),
-        encoded as READ encodes SasP's points (with SAM's padding point); or
-      boxes: float[B, K, 4] (x0, y0, x1, y1) in the S frame.
+      points / labels: float[B, Kp, Np, 2] / int[B, Kp, Np] in the S frame; boxes: float[B, Kb, 4]
+        (x0, y0, x1, y1) in the S frame.
+    Returns:
+      float[B, Kp + Kb, Np + 1, C]: the point prompts' tokens, then the boxes'.
+    """
+    pe = sam.prompt_encoder
+    b, kp, n_pts = points.shape[:3]
+    kb = boxes.shape[1]
+    parts = []
+    if kp:
+        sparse, _ = pe(points.reshape(b * kp, n_pts, 2), labels.reshape(b * kp, n_pts))
+        parts.append(sparse.reshape(b, kp, *sparse.shape[1:]))
+    if kb:
+        none = jnp.zeros((b * kb, n_pts - 1, 2), points.dtype)
+        sparse, _ = pe(none, jnp.full(none.shape[:2], -1, jnp.int32), boxes=boxes.reshape(b * kb, 1, 4))
+        parts.append(sparse.reshape(b, kb, *sparse.shape[1:]))
+    return jnp.concatenate(parts, axis=1)
+
+
+def decode(sam: Sam, emb: Array, sparse: Array) -> tuple[Array, Array]:
+    """Mask logits and predicted IoU of K prompts per image (no mask prompt, as in READ).
+
+    Args:
+      emb: float[B, h, w, C] image embeddings; sparse: float[B, K, T, C] prompt tokens (`encode_prompts`).
     Returns:
       (float[B, K, l, l] low-res logits of mask token 0, float[B, K] its predicted IoU).
     """
-    b = emb.shape[0]
-    if boxes is not None:
-        k = boxes.shape[1]
-        sparse, dense = sam.prompt_encoder(boxes=boxes.reshape(b * k, 1, 4))
-    else:
-        k = points.shape[1]
-        sparse, dense = sam.prompt_encoder(
-            points.reshape(b * k, *points.shape[2:]), labels.reshape(b * k, -1)
-        )
+    b, k = sparse.shape[:2]
+    pe = sam.prompt_encoder
+    _, dense = pe(None, None)  # the no-mask embedding, [1, h, w, C]
     low, iou = sam.mask_decoder(
-        jnp.repeat(emb, k, axis=0), sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False
+        jnp.repeat(emb, k, axis=0),
+        pe.get_dense_pe(),
+        sparse.reshape(b * k, *sparse.shape[2:]),
+        dense,
+        multimask_output=False,
     )
     return low[:, 0].reshape(b, k, *low.shape[-2:]), iou[:, 0].reshape(b, k)
 
@@ -76,12 +98,7 @@ def embed_images(sam: Sam, images: Array, input_hw: Array) -> Array:
 def forward(sam: Sam, batch: dict) -> tuple[Array, Array]:
     """A training batch (`sam_data.train_example` stacked) -> (float[B, K, l, l] logits, float[B, K] IoU)."""
     emb = embed_images(sam, batch["images"], batch["input_hw"])
-    outs = []
-    if batch["points"].shape[1]:
-        outs.append(decode(sam, emb, batch["points"], batch["labels"]))
-    if batch["boxes"].shape[1]:
-        outs.append(decode(sam, emb, boxes=batch["boxes"]))
-    return jnp.concatenate([o[0] for o in outs], axis=1), jnp.concatenate([o[1] for o in outs], axis=1)
+    return decode(sam, emb, encode_prompts(sam, batch["points"], batch["labels"], batch["boxes"]))
 
 
 # ---- loss -------------------------------------------------------------------------------------------------

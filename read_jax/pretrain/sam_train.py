@@ -159,9 +159,12 @@ def open_run(config, workdir: Path) -> tuple[RunCheckpoints, int | None, dict]:
     return ckpts, start, {"stage": STAGE, "base": base, "config": json.loads(config.to_json_best_effort())}
 
 
-def train(config, workdir: str | os.PathLike) -> dict:
+def train(config, workdir: str | os.PathLike, *, stop_at: int | None = None) -> dict:
     """Train the SAM stage in `workdir` (resuming from its latest checkpoint). Returns a summary dict with the
-    final params/buffers (`params`, `rest`, `setup`) for `run`."""
+    final params/buffers (`params`, `rest`, `setup`) for `run`.
+
+    `stop_at`: stop after this step (checkpointed there; rerun to continue), as if the run were interrupted.
+    """
     # ---- config ----------------------------------------------------------------------------------------
     validate(config)
     _check_lr(config.train)
@@ -188,13 +191,25 @@ def train(config, workdir: str | os.PathLike) -> dict:
     # ---- compile, loop ---------------------------------------------------------------------------------
     compile_s, last = 0.0, {}
     try:
-        if start < total:  # a finished run (rerun to export or evaluate again) compiles nothing
+        end = total if stop_at is None else max(min(int(stop_at), total), start)
+        if start < end:  # a finished run (rerun to export or evaluate again) compiles nothing
             tc0 = time.perf_counter()
             step_fn = _compile(config, setup, tx, lc, opt_abs, opt_sh, pc)
             compile_s = time.perf_counter() - tc0
             log.info("compiled the SAM train step in %.1fs", compile_s)
             params, opt_state, last = _loop(
-                config, workdir, step_fn, params, rest, opt_state, schedule, setup, ckpts, start, meta, pc
+                config,
+                workdir,
+                step_fn,
+                params,
+                rest,
+                opt_state,
+                schedule,
+                setup,
+                ckpts,
+                (start, end),
+                meta,
+                pc,
             )
     finally:
         ckpts.wait()
@@ -202,7 +217,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
     wall = time.perf_counter() - t0
     summary = {
         "start_step": start,
-        "final_step": total,
+        "final_step": max(end, start),
+        "total_steps": total,
         "compile_s": compile_s,
         "wall_s": wall,
         "train": last,
@@ -210,8 +226,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
     return {**summary, "params": params, "rest": rest, "setup": setup}
 
 
-def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ckpts, start, meta, pc):
-    """The host loop: batches -> compiled step -> metrics (checked one step late) -> checkpoints."""
+def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ckpts, span, meta, pc):
+    """The host loop over steps [start, end): batches -> compiled step -> metrics (checked one step late) ->
+    checkpoints (every `checkpoint.every_steps`, and at `end`)."""
+    start, end = span
     tc, dc = config.train, config.data
     total, log_every = int(tc.total_steps), int(tc.log_every)
     every = int(config.checkpoint.every_steps) or total
@@ -222,7 +240,7 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
         pc=pc,
         batch_size=int(dc.batch_size),
         start_step=start,
-        num_steps=total - start,
+        num_steps=end - start,
         num_workers=int(dc.num_workers),
         read_threads=int(dc.read_threads),
         prefetch=int(dc.prefetch),
@@ -247,7 +265,7 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
 
     step = start
     try:
-        while step < total:
+        while step < end:
             tw = time.perf_counter()
             host = next(batches)
             wait_s += time.perf_counter() - tw
@@ -258,10 +276,10 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
                 window.append(check(pending))
             pending = (step, m)
             step += 1
-            if step % log_every == 0 or step % every == 0 or step == total:
+            if step % log_every == 0 or step % every == 0 or step == end:
                 window.append(check(pending))
                 pending = None
-            if window and (step % log_every == 0 or step == total):
+            if window and (step % log_every == 0 or step == end):
                 dt = time.perf_counter() - t_window
                 last = {k: float(np.nanmean([w[k] for w in window])) for k in window[0]}
                 last.update(
@@ -277,7 +295,7 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
                 window, t_window, wait_s = [], time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
-            if step % every == 0 or step == total:
+            if step % every == 0 or step == end:
                 ckpts.save(step, params, opt_state, None, meta)
                 last_ckpt = step
     finally:
@@ -287,13 +305,16 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
     return params, opt_state, last
 
 
-def run(config, workdir: str | os.PathLike, *, evaluate: bool = True) -> dict:
+def run(config, workdir: str | os.PathLike, *, evaluate: bool = True, stop_at: int | None = None) -> dict:
     """The stage, end to end: train (or resume), export `workdir/sam`, score the held-out scenes into
     `workdir/eval.json`. Returns the summary written to `workdir/summary.json`."""
     from read_jax.pretrain import sam_eval, sam_export
 
-    out = train(config, workdir)
+    out = train(config, workdir, stop_at=stop_at)
     workdir = Path(workdir).absolute()
+    if out["final_step"] < out["total_steps"]:
+        out.pop("setup"), out.pop("params"), out.pop("rest")
+        return out  # stopped early: nothing to export yet
     setup, params, rest = out.pop("setup"), out.pop("params"), out.pop("rest")
     state = nnx.state(setup.merge(params, rest))
     info = {"step": out["final_step"], "seed": int(config.init.seed), "data_seed": int(config.data.seed)}
