@@ -163,7 +163,7 @@ def with_sam_stage(setup: ModelSetup, tr, fr, path: str):
 
     flats = [list(nnx.to_flat_state(s)) for s in (tr, fr)]
     shardings = [
-        {path_str(p): v for p, v in nnx.to_flat_state(sh)}
+        {path_str(p): v.get_value() if isinstance(v, nnx.Variable) else v for p, v in nnx.to_flat_state(sh)}
         for sh in (setup.trainable_shardings, setup.frozen_shardings)
     ]
     targets, target_sh = {}, {}
@@ -175,13 +175,12 @@ def with_sam_stage(setup: ModelSetup, tr, fr, path: str):
                 targets[key] = jax.ShapeDtypeStruct(x.shape, x.dtype)
                 target_sh[key] = sh[key]
     values = restore_visual_model(path, setup.cfg.sam, targets, target_sh)
-    out = []
-    for flat in flats:
-        for p, v in flat:
-            if (key := path_str(p)) in values:
-                v.set_value(values[key])
-        out.append(nnx.from_flat_state(flat))
-    return tuple(out)
+    return tuple(
+        nnx.from_flat_state(
+            [(p, v.replace(values[k]) if (k := path_str(p)) in values else v) for p, v in flat]
+        )
+        for flat in flats
+    )
 
 
 def _init_params(setup: ModelSetup, base_checkpoint: str | None, strategy):
