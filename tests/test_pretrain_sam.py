@@ -30,6 +30,20 @@ def smoke_config(**train):
     return c
 
 
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_stage_config_loads_and_builds_an_abstract_sam(arg):
+    """configs/pretrain_sam.py (covered here, not by test_train_configs: another command's config)."""
+    from read_jax.pretrain.sam_config import sam_config, validate
+
+    c = load_config_file(CONFIG + (f":{arg}" if arg else ""))
+    validate(c)
+    cfg = sam_config(c)
+    assert cfg == (ReadConfig.smoke() if arg else ReadConfig.shapes()).sam
+    setup = sam_train.setup_sam(c, sam_train.make_mesh(c.mesh))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(setup.params))
+    assert {"image_encoder", "prompt_encoder", "mask_decoder"} <= set(nnx.to_pure_dict(setup.params))
+
+
 # ---- data -------------------------------------------------------------------------------------------------
 def _pixel(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of the S-frame pixels that hold points (x, y) (a point is jittered within its pixel)."""
