@@ -138,14 +138,28 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _manifest_digest(path: str) -> str | None:
+    manifest = ck.params_dir(path) / ck.MANIFEST
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+
+
 def base_reference(config, cfg: ReadConfig) -> dict:
     """How to rebuild the frozen base: the converted checkpoint path and its manifest hash, or the scratch
-    seed."""
+    seed; and the SAM stage's export (`init.sam`) the visual_model starts from, when there is one."""
+    base = _base_reference(config, cfg)
+    if sam := config.init.get("sam") or "":
+        base["sam"] = {"path": str(Path(sam).absolute()), "manifest_sha256": _manifest_digest(sam)}
+    return base
+
+
+def _base_reference(config, cfg: ReadConfig) -> dict:
     path = config.init.get("checkpoint") or ""
     if path:
-        manifest = ck.params_dir(path) / ck.MANIFEST
-        digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-        return {"kind": "converted", "path": str(Path(path).absolute()), "manifest_sha256": digest}
+        return {
+            "kind": "converted",
+            "path": str(Path(path).absolute()),
+            "manifest_sha256": _manifest_digest(path),
+        }
     # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or
     # where
     # gradients stop.
@@ -268,7 +282,9 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
         trainable_dtype=config.train.get("trainable_dtype") or None,
     )
     base = base_reference(config, cfg)
-    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
+    tr, fr = init_params(
+        setup, config.init.get("checkpoint") or None, strategy, sam_checkpoint=config.init.get("sam") or None
+    )
     if which == "init":  # the untrained starting point of the run: a baseline
         return nnx.merge(setup.graphdef, tr, fr), {"step": 0, "base": base}
     ckpts = RunCheckpoints(workdir, async_save=False)

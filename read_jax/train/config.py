@@ -1,12 +1,10 @@
 """The run config: the defaults every `configs/*.py` starts from, their validation, and -> ReadConfig.
 
 A run config is an ml_collections `ConfigDict` with sections `model` (-> `read_config`), `init` (scratch seed,
-converted base `checkpoint`, or another run's `trainables_from`), `data` (`read_jax.data.loaders`), `train`
-(optimizer, schedule, losses, accumulation), `mesh`, `checkpoint`, `eval`, and `progress`. Model sizes are
-named
-by `model.preset` (a `ReadConfig` factory), never repeated in a config file; a key that the defaults do not
-have is
-an error naming it (`validate`).
+converted base `checkpoint`, another run's `trainables_from`, the SAM stage's `sam`), `data`
+(`read_jax.data.loaders`), `train` (optimizer, schedule, losses, accumulation), `mesh`, `checkpoint`, `eval`,
+and `progress`. Model sizes are named by `model.preset` (a `ReadConfig` factory), never repeated in a config
+file; a key that the defaults do not have is an error naming it (`validate`).
 """
 
 from __future__ import annotations
@@ -57,7 +55,8 @@ def default_config() -> ConfigDict:
             "trainable_regexes": READ_TRAINABLE_REGEXES,
         }
     )
-    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": ""})
+    # sam: the SAM stage's export (`python -m read_jax.cli.pretrain_sam`, RUN/sam): the visual_model's start.
+    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": "", "sam": ""})
     c.data = ConfigDict(
         {
             "root": "dataset",

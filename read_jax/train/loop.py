@@ -283,7 +283,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     # ------------------------------
     # The data state is restored with the run, before the first batch is drawn.
     meta = {"base": base, "config": json.loads(config.to_json_best_effort())}
-    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
+    tr, fr = init_params(
+        setup,
+        config.init.get("checkpoint") or None,
+        strategy,
+        sam_checkpoint=config.init.get("sam") or None,
+    )
     skipped_base = 0  # unusable training items skipped before this process started (from the checkpoint)
     if start is not None:
         tr, opt_state, saved = ckpts.restore_run(start, setup, opt_abs, opt_sh, train_it)

@@ -133,7 +133,13 @@ def fast_compile_options() -> dict:
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=shd.DEFAULT_STRATEGY):
+def init_params(
+    setup: ModelSetup,
+    base_checkpoint: str | None = None,
+    strategy=shd.DEFAULT_STRATEGY,
+    *,
+    sam_checkpoint: str | None = None,
+):
     """(trainable, frozen) states, sharded, from scratch or from a converted checkpoint.
 
     From scratch the whole model is initialised under one jit whose outputs are already sharded (the 7B model
@@ -141,7 +147,43 @@ def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=
     never materialised on one device). From `base_checkpoint` (a `convert_weights.py` output) every leaf is
     read
     straight into its sharding by `read_jax.build.load_model`; LoRA factors keep their init (B = 0).
+    `sam_checkpoint` (the SAM stage's export, `init.sam`) then replaces every `visual_model/...` leaf.
     """
+    tr, fr = _init_params(setup, base_checkpoint, strategy)
+    if sam_checkpoint:
+        tr, fr = with_sam_stage(setup, tr, fr, sam_checkpoint)
+    return tr, fr
+
+
+def with_sam_stage(setup: ModelSetup, tr, fr, path: str):
+    """(trainable, frozen) with their `visual_model/...` leaves read from a SAM-stage export, each straight
+    into its sharding (in the dtype of the state it belongs to). Errors name a missing or mismatched
+    export."""
+    from read_jax.pretrain.sam_export import PREFIX, restore_visual_model
+
+    flats = [list(nnx.to_flat_state(s)) for s in (tr, fr)]
+    shardings = [
+        {path_str(p): v.get_value() if isinstance(v, nnx.Variable) else v for p, v in nnx.to_flat_state(sh)}
+        for sh in (setup.trainable_shardings, setup.frozen_shardings)
+    ]
+    targets, target_sh = {}, {}
+    for flat, sh in zip(flats, shardings):
+        for p, v in flat:
+            key = path_str(p)
+            if key.startswith(PREFIX):
+                x = v.get_value()
+                targets[key] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+                target_sh[key] = sh[key]
+    values = restore_visual_model(path, setup.cfg.sam, targets, target_sh)
+    return tuple(
+        nnx.from_flat_state(
+            [(p, v.replace(values[k]) if (k := path_str(p)) in values else v) for p, v in flat]
+        )
+        for flat in flats
+    )
+
+
+def _init_params(setup: ModelSetup, base_checkpoint: str | None, strategy):
     filt = trainable_filter(setup.cfg.trainable_regexes)
     leaves = jax.tree.leaves(setup.trainable_abstract)
     tr_dtype = leaves[0].dtype if leaves else jnp.float32
