@@ -26,7 +26,7 @@ from read_jax import sharding as shd
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.data.loaders import plain
 from read_jax.train import config as run_config
-from read_jax.train.state import ModelSetup, init_params, setup_model
+from read_jax.train.state import ModelSetup, init_params, setup_model, stage_inits
 from read_jax.tree_util import with_shardings
 
 
@@ -149,6 +149,8 @@ def base_reference(config, cfg: ReadConfig) -> dict:
     base = _base_reference(config, cfg)
     if sam := config.init.get("sam") or "":
         base["sam"] = {"path": str(Path(sam).absolute()), "manifest_sha256": _manifest_digest(sam)}
+    if llava := config.init.get("llava") or "":
+        base["llava"] = {"path": str(Path(llava).absolute())}
     return base
 
 
@@ -282,9 +284,7 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
         trainable_dtype=config.train.get("trainable_dtype") or None,
     )
     base = base_reference(config, cfg)
-    tr, fr = init_params(
-        setup, config.init.get("checkpoint") or None, strategy, sam_checkpoint=config.init.get("sam") or None
-    )
+    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy, **stage_inits(config))
     if which == "init":  # the untrained starting point of the run: a baseline
         return nnx.merge(setup.graphdef, tr, fr), {"step": 0, "base": base}
     ckpts = RunCheckpoints(workdir, async_save=False)

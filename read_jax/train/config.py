@@ -56,7 +56,8 @@ def default_config() -> ConfigDict:
         }
     )
     # sam: the SAM stage's export (`python -m read_jax.cli.pretrain_sam`, RUN/sam): the visual_model's start.
-    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": "", "sam": ""})
+    # llava: the LLaVA stage (a train.py workdir or converted checkpoint): the llava/... leaves' start.
+    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": "", "sam": "", "llava": ""})
     c.data = ConfigDict(
         {
             "root": "dataset",

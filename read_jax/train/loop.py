@@ -36,6 +36,7 @@ from read_jax.train.state import (
     opt_state_shardings,
     schedule_of,
     setup_model,
+    stage_inits,
 )
 from read_jax.train.step import (
     compile_step,
@@ -283,12 +284,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     # ------------------------------
     # The data state is restored with the run, before the first batch is drawn.
     meta = {"base": base, "config": json.loads(config.to_json_best_effort())}
-    tr, fr = init_params(
-        setup,
-        config.init.get("checkpoint") or None,
-        strategy,
-        sam_checkpoint=config.init.get("sam") or None,
-    )
+    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy, **stage_inits(config))
     skipped_base = 0  # unusable training items skipped before this process started (from the checkpoint)
     if start is not None:
         tr, opt_state, saved = ckpts.restore_run(start, setup, opt_abs, opt_sh, train_it)

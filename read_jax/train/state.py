@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -139,6 +140,7 @@ def init_params(
     strategy=shd.DEFAULT_STRATEGY,
     *,
     sam_checkpoint: str | None = None,
+    llava_checkpoint: str | None = None,
 ):
     """(trainable, frozen) states, sharded, from scratch or from a converted checkpoint.
 
@@ -147,12 +149,65 @@ def init_params(
     never materialised on one device). From `base_checkpoint` (a `convert_weights.py` output) every leaf is
     read
     straight into its sharding by `read_jax.build.load_model`; LoRA factors keep their init (B = 0).
-    `sam_checkpoint` (the SAM stage's export, `init.sam`) then replaces every `visual_model/...` leaf.
+    `sam_checkpoint` (the SAM stage's export, `init.sam`) then replaces every `visual_model/...` leaf, and
+    `llava_checkpoint` (the LLaVA stage, `init.llava`: a train.py workdir or a converted checkpoint) every
+    `llava/...` leaf (CLIP, projector, LLaMA).
     """
     tr, fr = _init_params(setup, base_checkpoint, strategy)
     if sam_checkpoint:
         tr, fr = with_sam_stage(setup, tr, fr, sam_checkpoint)
+    if llava_checkpoint:
+        tr, fr = with_llava_stage(setup, tr, fr, llava_checkpoint)
     return tr, fr
+
+
+def stage_inits(config) -> dict:
+    """The keyword arguments of `init_params` for the earlier stages a run config starts from."""
+    return {
+        "sam_checkpoint": config.init.get("sam") or None,
+        "llava_checkpoint": config.init.get("llava") or None,
+    }
+
+
+LLAVA_PREFIX = "llava/"
+
+
+def with_llava_stage(setup: ModelSetup, tr, fr, path: str):
+    """(trainable, frozen) with their `llava/...` leaves (CLIP, projector, LLaMA) taken from the model at
+    `path` (the LLaVA stage's train.py workdir on the config it saved, or a converted checkpoint), cast to
+    each state's dtype and placed in its sharding. Errors name a missing stage or a leaf that does not fit."""
+    from read_jax.build import load_model
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"init.llava={path}: no such directory; it is the LLaVA stage's workdir, made by "
+            "`python train.py --config configs/tiny.py:llava --workdir DIR` (scripts/pretrain_tiny.sh)"
+        )
+    src = {
+        path_str(p): v.get_value()
+        for p, v in nnx.to_flat_state(nnx.state(load_model(path)))
+        if path_str(p).startswith(LLAVA_PREFIX)
+    }
+    out = []
+    for state, shardings in ((tr, setup.trainable_shardings), (fr, setup.frozen_shardings)):
+        sh = {
+            path_str(p): v.get_value() if isinstance(v, nnx.Variable) else v
+            for p, v in nnx.to_flat_state(shardings)
+        }
+        flat = []
+        for p, v in nnx.to_flat_state(state):
+            key = path_str(p)
+            if key.startswith(LLAVA_PREFIX) and "/lora_" not in key:
+                if key not in src or src[key].shape != v.get_value().shape:
+                    got = "missing" if key not in src else f"shape {src[key].shape}"
+                    raise ValueError(
+                        f"init.llava={path}: {key} is {got} there, {v.get_value().shape} here: the LLaVA "
+                        "stage was trained with other model sizes"
+                    )
+                v = v.replace(jax.device_put(src[key].astype(v.get_value().dtype), sh[key]))
+            flat.append((p, v))
+        out.append(nnx.from_flat_state(flat))
+    return tuple(out)
 
 
 def with_sam_stage(setup: ModelSetup, tr, fr, path: str):
