@@ -1,0 +1,299 @@
+"""The real path at full size: a random-weight READ-7B release -> convert -> load -> chat -> evaluate.
+
+    python scripts/full_size_run.py --work /big/disk/fullsize            # READ-7B (hours on 2 cores)
+    python scripts/full_size_run.py --work /tmp/fs --size tiny            # the same steps in a minute or two
+
+Writes, under --work:
+  release/   a READ-7B release in the exact released layout (read_reference.md §10.1-10.3): bf16 `.bin`
+             pickle shards as transformers 4.31 `save_pretrained` cuts them (10 GB max: 9.98 + 4.86 GB at
+             7B) in READForCausalLM's state-dict order, `pytorch_model.bin.index.json`, config.json (the
+             LISA-AVS release's, a READ/SESAME-layout LLaVA-1.5-7B config, made READ's: architecture and
+             the training-machine vision-tower path of §10.3; no READ config.json could be retrieved, see
+             tests/assets/hf_configs/SOURCES.md), and the tokenizer files of the SESAME releases (added_tokens
+             .json, special_tokens_map.json, tokenizer_config.json, generation_config.json) with a
+             32000-piece tokenizer.model (tests' stand-in unless --tokenizer-model gives LLaMA's);
+  clip/      an openai/clip-vit-large-patch14-336 directory: its CLIPModel config.json, a random fp32
+             `pytorch_model.bin` of the vision tower;
+  data/      a 2-image ReasonSeg-format split (the generated shapes set);
+  converted/ `convert_weights.py`'s output; chat/ and eval/ the outputs of the two commands;
+  figures.json  wall time and peak host memory (RSS, from the kernel's accounting of each step's process)
+             of every step, also printed as a table.
+
+Each step runs in its own process (this script with --step, or the command itself), so each peak RSS is that
+step's alone. Random weights never emit EOS: chat decodes exactly --max-new-tokens tokens.
+
+Needs at 7B: ~30 GB of disk (release 14.8 GB, CLIP 1.2 GB, converted ~13 GB), ~20 GB of RAM (the write step
+holds one 10 GB shard, as save_pretrained does; chat holds the 14.8 GB of weights), torch (`.[convert]`), and
+tens of minutes to hours on a 2-core CPU. At --size tiny: ~30 MB and a few GB of RAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+HF_ASSETS = ROOT / "tests" / "assets" / "hf_configs"
+TOKENIZER_MODEL = ROOT / "tests" / "assets" / "tokenizer" / "tokenizer.model"
+# transformers 4.31 `save_pretrained(max_shard_size="10GB")`: 10 * 10**9 bytes (`convert_file_size_to_int`).
+HF_MAX_SHARD = 10 * 10**9
+# The released READ-7B, for scaling the shard limit of the small sizes to the same 2-shard cut.
+READ_7B_BYTES = 14_840_000_000
+QUESTION = "Which shape is the smallest one? Please output segmentation mask."
+# READForCausalLM's module order (LlamaModel, LlavaMetaModel, READ's modules, lm_head) and a decoder layer's.
+_TOP = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.mm_projector.", "model.visual_model.")
+_TOP += ("model.text_hidden_fcs.", "lm_head.")
+_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm")
+_LAYER += ("post_attention_layernorm",)
+
+
+def read_config(size: str):
+    from read_jax.config import ReadConfig
+
+    return {
+        "7b": lambda: ReadConfig.read_7b(lora=None),
+        "tiny": lambda: ReadConfig.tiny("bfloat16", lora=None),
+    }[size]()
+
+
+def released_layout(cfg) -> tuple[list[tuple[str, tuple]], dict[str, tuple]]:
+    """([(READ checkpoint key, shape)] in READForCausalLM's state-dict order, {CLIP key: shape}).
+
+    The key names and shapes are the converter's tables inverted (`read_jax.convert.export.export_layout`)."""
+    from read_jax.convert.export import export_layout
+    from read_jax.convert.read import default_model_fn, target_leaves
+
+    leaves = {p: (tuple(s.shape), s.dtype) for p, s in target_leaves(default_model_fn(cfg)).items()}
+    main, clip = export_layout(leaves, cfg)
+    keys = list(main)
+
+    def order(key: str):
+        top = next(i for i, p in enumerate(_TOP) if key.startswith(p))
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)
+        if m:
+            return (top, int(m.group(1)), next(i for i, p in enumerate(_LAYER) if p in m.group(2)))
+        return (top, keys.index(key), 0)  # the converter's table order inside SAM, projector, fcs
+
+    return [(k, main[k][0]) for k in sorted(keys, key=order)], {k: s for k, (s, _) in clip.items()}
+
+
+def hf_shards(
+    layout: list[tuple[str, tuple]], max_bytes: int, itemsize: int
+) -> list[list[tuple[str, tuple]]]:
+    """transformers 4.31 `shard_checkpoint`: a new shard when the next tensor would pass `max_bytes`."""
+    shards, cur, size = [], [], 0
+    for key, shape in layout:
+        nb = itemsize
+        for d in shape:
+            nb *= d
+        if cur and size + nb > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((key, shape))
+        size += nb
+    return [*shards, cur]
+
+
+def _random(torch, key: str, shape: tuple, dtype, gen):
+    """HF-style random init: norms 1, biases 0, everything else N(0, 0.02)."""
+    t = torch.empty(shape, dtype=dtype)
+    if key.endswith("bias"):
+        return t.zero_()
+    if re.search(r"(norm|layernorm|layrnorm|norm\d)\.weight$", key) or re.search(r"neck\.[13]\.weight$", key):
+        return t.fill_(1.0)
+    return t.normal_(0.0, 0.02, generator=gen)
+
+
+def write_release(work: Path, size: str, tokenizer_model: Path) -> dict:
+    """The release/ and clip/ directories (see the module docstring); returns what was written."""
+    import torch
+
+    from read_jax.convert.export import clip_config_dict, hf_config_dict
+
+    cfg = read_config(size)
+    layout, clip_layout = released_layout(cfg)
+    total = sum(2 * _numel(s) for _, s in layout)
+    max_bytes = HF_MAX_SHARD if size == "7b" else int(total * HF_MAX_SHARD / READ_7B_BYTES)
+    shards = hf_shards(layout, max_bytes, 2)
+    rel = work / "release"
+    rel.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, sizes = {}, []
+    for i, shard in enumerate(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        tensors = {k: _random(torch, k, s, torch.bfloat16, gen) for k, s in shard}
+        torch.save(tensors, rel / name)
+        sizes.append(sum(t.numel() * 2 for t in tensors.values()))
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (rel / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    base = json.loads((HF_ASSETS / "lisa" / "LISA-AVS.config.json").read_text())
+    base.update(
+        _name_or_path="./runs/read-7b/hf",
+        architectures=["READForCausalLM"],
+        mm_vision_tower="../dataset/clip-vit-large-patch14-336",
+        vision_tower="../dataset/clip-vit-large-patch14-336",
+    )
+    (rel / "config.json").write_text(json.dumps(hf_config_dict(cfg, base, "bfloat16"), indent=2))
+    shutil.copyfile(tokenizer_model, rel / "tokenizer.model")
+    for src, name in (
+        ("sesame/SESAME.added_tokens.json", "added_tokens.json"),
+        ("sesame/SESAME.special_tokens_map.json", "special_tokens_map.json"),
+        ("sesame/SESAME_minus.tokenizer_config.json", "tokenizer_config.json"),
+        ("sesame/SESAME.generation_config.json", "generation_config.json"),
+    ):
+        shutil.copyfile(HF_ASSETS / src, rel / name)
+    clip = work / "clip"
+    clip.mkdir()
+    if size == "7b":
+        shutil.copyfile(HF_ASSETS / "clip" / "clip-vit-large-patch14-336.config.json", clip / "config.json")
+    else:
+        (clip / "config.json").write_text(json.dumps(clip_config_dict(cfg.clip, "float32"), indent=2))
+    tensors = {k: _random(torch, k, s, torch.float32, gen) for k, s in clip_layout.items()}
+    torch.save(tensors, clip / "pytorch_model.bin")
+    return {"shard_bytes": sizes, "clip_bytes": sum(t.numel() * 4 for t in tensors.values())}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def write_data(work: Path) -> Path:
+    """A 2-image ReasonSeg val split under data/reason_seg/ReasonSeg (`read_jax.data.make_shapes`)."""
+    from read_jax.data import make_shapes
+
+    out = work / "data" / "reason_seg" / "ReasonSeg"
+    paths = make_shapes.write_split(str(out), "val", 2, seed=0)
+    return Path(paths[0])
+
+
+def load_step(work: Path) -> dict:
+    """Load the converted checkpoint as every command does (`read_jax.build.load_model`)."""
+    import jax
+    from flax import nnx
+
+    from read_jax.build import load_model
+
+    model = load_model(work / "converted")
+    return {"parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))}
+
+
+# ---- the driver --------------------------------------------------------------------------------
+def run_step(name: str, argv: list[str], log: Path) -> dict:
+    """Run one step in its own process: (wall seconds, peak RSS of that process tree in bytes, status)."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    out = {"step": name, "wall_s": time.perf_counter() - t0, "peak_rss_bytes": usage.ru_maxrss * 1024}
+    out["exit"] = p.returncode
+    print(
+        f"{name:8s} {out['wall_s']:9.1f} s  {out['peak_rss_bytes'] / 2**30:7.2f} GiB  (log: {log})",
+        flush=True,
+    )
+    if p.returncode:
+        raise SystemExit(f"step {name} failed with exit status {p.returncode}; see {log}")
+    return out
+
+
+def drive(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) -> list[dict]:
+    py = sys.executable
+    me = [py, str(Path(__file__).resolve()), "--work", str(work), "--size", size]
+    me += ["--tokenizer-model", str(tokenizer_model)]
+    logs = work / "logs"
+    logs.mkdir(parents=True)
+    steps = [run_step("write", [*me, "--step", "write"], logs / "write.log")]
+    steps.append(
+        run_step(
+            "convert",
+            [py, "convert_weights.py", "--hf", str(work / "release"), "--clip", str(work / "clip")]
+            + ["--out", str(work / "converted"), "--dtype", "bf16", "--no-progress"]
+            + ([] if size == "7b" else ["--base", "tiny"]),
+            logs / "convert.log",
+        )
+    )
+    steps.append(run_step("load", [*me, "--step", "load"], logs / "load.log"))
+    image = next((work / "data" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))
+    steps.append(
+        run_step(
+            "chat",
+            [py, "-m", "read_jax.cli.chat", "--checkpoint", str(work / "converted"), "--image", str(image)]
+            + ["--out", str(work / "chat"), "--max-new-tokens", str(max_new_tokens), QUESTION],
+            logs / "chat.log",
+        )
+    )
+    steps.append(
+        run_step(
+            "eval",
+            [
+                py,
+                "evaluate.py",
+                "--config",
+                "configs/read_7b_reasonseg.py",
+                "--checkpoint",
+                str(work / "converted"),
+            ]
+            + ["--split", "reasonseg_val", "--out", str(work / "eval"), f"--config.data.root={work / 'data'}"]
+            + ["--config.data.num_workers=0"]
+            + ([] if size == "7b" else ["--config.data.max_mask_side=256"]),
+            logs / "eval.log",
+        )
+    )
+    return steps
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", required=True, help="an empty (or absent) directory with room for the run")
+    p.add_argument("--size", default="7b", choices=("7b", "tiny"))
+    p.add_argument("--max-new-tokens", type=int, default=16, help="chat's decoding budget")
+    p.add_argument(
+        "--tokenizer-model", default=str(TOKENIZER_MODEL), help="a 32000-piece LLaMA tokenizer.model"
+    )
+    p.add_argument("--step", choices=("write", "load"), help=argparse.SUPPRESS)  # one step, in its process
+    args = p.parse_args(argv)
+    work = Path(args.work).absolute()
+    if args.step == "write":
+        info = write_release(work, args.size, Path(args.tokenizer_model))
+        write_data(work)
+        (work / "release_info.json").write_text(json.dumps(info))
+        return 0
+    if args.step == "load":
+        from read_jax import xla_flags
+
+        xla_flags.apply_cpu_memory_flags()
+        print(json.dumps(load_step(work)))
+        return 0
+    if work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work} is not empty")
+    need = 31 * 10**9 if args.size == "7b" else 10**8
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the {args.size} run needs ~{need / 1e9:.0f} GB")
+    print(f"{'step':8s} {'wall':>11s}  {'peak RSS':>11s}")
+    steps = drive(work, args.size, args.max_new_tokens, Path(args.tokenizer_model))
+    release = json.loads((work / "release_info.json").read_text())
+    (work / "figures.json").write_text(
+        json.dumps({"size": args.size, "release": release, "steps": steps}, indent=2)
+    )
+    unit, scale = ("GB", 1e9) if args.size == "7b" else ("MB", 1e6)
+    print(f"release shards: {' + '.join(f'{b / scale:.2f} {unit}' for b in release['shard_bytes'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

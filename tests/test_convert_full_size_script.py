@@ -1,0 +1,84 @@
+"""scripts/full_size_run.py at --size tiny: every step of the full-size run of the real path, end to end.
+
+The 7B run (a random-weight READ-7B release in the released layout -> convert -> load -> chat -> evaluate) is
+too heavy for CI; this runs the same script, the same commands and the same files at the tiny size, and
+checks what it writes: the release's layout (transformers' `.bin` shard cut, index, config.json, tokenizer
+files), each step's figures, and the outputs of the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import require_meta_sam, require_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["write", "convert", "load", "chat", "eval"]
+
+
+@pytest.mark.slow  # five processes (one per step), ~1-2 min on 2 cores: runs in the default suite
+def test_full_size_script_runs_every_step_at_tiny_size(tmp_path):
+    require_torch()
+    require_meta_sam()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import full_size_run as fs
+
+    work = tmp_path / "fs"
+    # One CPU device, as on the machine the script is for (not the test session's 8 fake ones).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "full_size_run.py"), "--work", str(work), "--size", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    figures = json.loads((work / "figures.json").read_text())
+    assert [s["step"] for s in figures["steps"]] == STEPS
+    for s in figures["steps"]:
+        assert s["exit"] == 0 and s["wall_s"] > 0 and 50 * 2**20 < s["peak_rss_bytes"] < 16 * 2**30, s
+    for name in STEPS:  # the printed table: one line per step
+        assert any(line.startswith(name) and "GiB" in line for line in r.stdout.splitlines()), name
+
+    # The release: transformers 4.31's cut (a new shard when the next tensor would pass the limit).
+    rel = work / "release"
+    index = json.loads((rel / "pytorch_model.bin.index.json").read_text())
+    shards = sorted(p.name for p in rel.glob("*.bin"))
+    assert shards == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    layout = fs.released_layout(fs.read_config("tiny"))[0]
+    assert list(index["weight_map"]) == [k for k, _ in layout]  # READForCausalLM's state-dict order
+    sizes = figures["release"]["shard_bytes"]
+    assert sum(sizes) == index["metadata"]["total_size"]
+    limit = int(sum(sizes) * fs.HF_MAX_SHARD / fs.READ_7B_BYTES)
+    first = [k for k, v in index["weight_map"].items() if v == shards[0]]
+    next_key, next_shape = layout[len(first)]
+    assert sizes[0] <= limit < sizes[0] + 2 * fs._numel(next_shape), next_key
+    assert layout[0][0] == "model.embed_tokens.weight" and layout[-1][0] == "lm_head.weight"
+    hf = json.loads((rel / "config.json").read_text())
+    assert hf["architectures"] == ["READForCausalLM"] and hf["vocab_size"] == 32003
+    assert hf["mm_vision_tower"] == "../dataset/clip-vit-large-patch14-336"
+    added = json.loads((rel / "added_tokens.json").read_text())
+    assert added == {"[SEG]": 32000, "<im_start>": 32001, "<im_end>": 32002}
+    for f in (
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ):
+        assert (rel / f).is_file(), f
+    assert (work / "clip" / "pytorch_model.bin").is_file()
+
+    # The commands' outputs.
+    assert json.loads((work / "converted" / "conversion.json").read_text())["family"] == "read"
+    answers = json.loads((work / "chat" / "answers.json").read_text())
+    assert len(answers) == 1 and answers[0]["question"] == fs.QUESTION
+    summary = json.loads((work / "eval" / "summary.json").read_text())
+    assert summary["num_queries"] == 2
