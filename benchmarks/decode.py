@@ -1,20 +1,22 @@
 """Greedy decoding with the KV cache vs the no-cache full-recompute path (what READ's reference does, §4).
 
 A LLaVA-shaped prompt: 576 "image" embeddings + text tokens (~600 in all), then 64 greedy tokens, with
-`ReadConfig.tiny()`'s LLaMA on CPU. Both paths run the whole decode inside one jitted `lax.while_loop`;
+two small LLaMAs on CPU (below). Both paths run the whole decode inside one jitted `lax.while_loop`;
 compile time is excluded (one warm-up call each), every timing ends with `block_until_ready`, the runs of the
-two paths are interleaved and the minimum over `--repeats` is reported. The last line is the ratio, e.g.
-`KV-cache speedup: 45.3x`.
+two paths are interleaved and the minimum over `--repeats` is reported. The last line is the ratio of the
+7B-like config, e.g. `KV-cache speedup (7b-share, batch 1): 45.3x`.
 
-    python benchmarks/decode.py [--batch 1] [--text 24] [--new 64] [--repeats 5]
+    python benchmarks/decode.py [--batches 1,8] [--configs tiny,7b-share] [--text 24] [--new 64]
 
 (with the package installed, `pip install -e .`, or `PYTHONPATH=.` from the repository root).
 
 What to expect: counted in decoder tokens, the no-cache path processes ~M * (T + M) positions and the cached
-one T + M, about 60x for T=600, M=64. Both paths apply the lm_head to one position per step, and in the
-tiny config that lm_head (V=32003 x D=64, 8 MB in fp32) costs ~12x a token's decoder work, so XLA's FLOP
-ratio (printed) is ~38x. At batch 1 a cached step is bound by streaming those 8 MB of lm_head weights,
-so the measured ratio sits below the FLOP ratio; larger batches amortise the stream (`--batch 4`).
+one T + M, about 60x for T=600, M=64. Both paths apply the lm_head to one position per step. In the tiny
+test config that lm_head (V=32003 x D=64, 8 MB in fp32) is ~96% of a token's work, so XLA's FLOP ratio is
+~38x and a cached step at batch 1 is bound by streaming those 8 MB (the printed floor). LLaMA-7B's lm_head is
+~2% of a token's work; the "7b-share" config (D=128, F=344, 8 layers, V=256) has the same share, which is
+what a user's ratio looks like. Each config runs at batch 1 and 8; the last line is the 7b-share config at
+batch 1.
 """
 
 from __future__ import annotations
@@ -132,59 +134,86 @@ def cached_floor(model, embeds, mask, new: int, repeats: int) -> tuple[float, fl
     return min(t_pre), min(t_heads)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--image-tokens", type=int, default=576)
-    ap.add_argument("--text", type=int, default=24, help="text tokens around the image")
-    ap.add_argument("--new", type=int, default=64, help="max_new_tokens")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+def lm_head_share(cfg) -> float:
+    """The lm_head's share of one decoded token's matmul work (multiply-adds; the attention scores, which
+    grow with the context, are left out): D V / (L (4 D^2 + 3 D F) + D V), K = N heads."""
+    d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    return d * v / (layers * (4 * d * d + 3 * d * f) + d * v)
 
-    cfg = ReadConfig.tiny().llama
+
+def configs() -> dict:
+    """The tiny test LLaMA (its 32003 x 64 lm_head is ~96% of a token's work), and a small LLaMA whose
+    lm_head share matches LLaMA-7B's (4096 x 32003 against 32 layers of 4096 / 11008: ~2.0%)."""
+    import dataclasses
+
+    tiny = ReadConfig.tiny().llama
+    like_7b = dataclasses.replace(
+        tiny, hidden_size=128, intermediate_size=344, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=256,
+    )  # fmt: skip
+    return {"tiny": tiny, "7b-share": like_7b}
+
+
+def measure(cfg, batch: int, args) -> dict:
+    """One config at one batch: both paths timed side by side, the FLOP ratio and the cached path's floor."""
     model = random_model(cfg)
     rng = np.random.default_rng(1)
-    b, p, n = args.batch, args.image_tokens, args.text
+    b, p, n = batch, args.image_tokens, args.text
     # Prompt = text[: n // 2] + image tokens + text[n // 2:], as the LLaVA merge lays it out.
     ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, n)))
     text = model.embed(ids)
     image = jnp.asarray(rng.standard_normal((b, p, cfg.hidden_size)) * 0.5, cfg.compute_dtype)
     embeds = jnp.concatenate([text[:, : n // 2], image, text[:, n // 2 :]], axis=1)  # [B, T, D]
     mask = jnp.ones(embeds.shape[:2], bool)
-    t = embeds.shape[1]
     kw = {"inputs_embeds": embeds, "attention_mask": mask, "max_new_tokens": args.new, "eos_token_id": None}
-
-    print(
-        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), LLaMA tiny: "
-        f"D={cfg.hidden_size} L={cfg.num_hidden_layers} N={cfg.num_attention_heads} "
-        f"K={cfg.num_key_value_heads} V={cfg.vocab_size}"
-    )
-    print(f"prompt: batch {b} x {t} tokens ({p} image + {n} text), {args.new} new tokens, greedy, no EOS")
     times_c, times_f, (tok_c, len_c), (tok_f, len_f) = timed_pair(
         lambda: generate(model, **kw), lambda: generate_no_cache(model, **kw), args.repeats
     )
+    t_pre, t_head = cached_floor(model, embeds, mask, args.new, args.repeats)
     # The minimum over runs is the least load-disturbed estimate (the machine may be shared).
     t_cache, t_full = min(times_c), min(times_f)
-    same = bool(np.array_equal(tok_c, tok_f) and np.array_equal(len_c, len_f))
-    print(
-        f"no-cache (full recompute per token): {t_full * 1e3:9.1f} ms  "
-        f"({t_full / args.new * 1e3:.2f} ms/token; median {np.median(times_f) * 1e3:.1f} ms)"
-    )
-    print(
-        f"KV cache (prefill + 1-token steps):  {t_cache * 1e3:9.1f} ms  "
-        f"({t_cache / args.new * 1e3:.2f} ms/token; median {np.median(times_c) * 1e3:.1f} ms)"
-    )
-    print(f"same tokens on both paths: {same}")
-    print(f"XLA FLOP ratio (no-cache / cached): {flop_ratio(model, embeds, mask, args.new):.1f}x")
-    t_pre, t_head = cached_floor(model, embeds, mask, args.new, args.repeats)
-    print(
-        f"cached-path floor: prefill {t_pre * 1e3:.1f} ms + {args.new - 1} lm_head products alone "
-        f"{t_head * 1e3:.1f} ms = {(t_pre + t_head) * 1e3:.1f} ms, i.e. at most "
-        f"{t_full / (t_pre + t_head):.1f}x even if the decoder layers of each step were free"
-    )
-    print(f"KV-cache speedup: {t_full / t_cache:.1f}x")
-    if not same:
-        raise SystemExit("the cached and no-cache paths disagree")
+    return {
+        "prompt": int(embeds.shape[1]),
+        "cache_s": t_cache,
+        "full_s": t_full,
+        "ratio": t_full / t_cache,
+        "flop_ratio": flop_ratio(model, embeds, mask, args.new),
+        "floor_s": t_pre + t_head,
+        "floor_ratio": t_full / (t_pre + t_head),
+        "same": bool(np.array_equal(tok_c, tok_f) and np.array_equal(len_c, len_f)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--configs", default="tiny,7b-share", help="comma-separated, from tiny, 7b-share")
+    ap.add_argument("--image-tokens", type=int, default=576)
+    ap.add_argument("--text", type=int, default=24, help="text tokens around the image")
+    ap.add_argument("--new", type=int, default=64, help="max_new_tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); {args.new} new tokens after "
+          f"{args.image_tokens} image + {args.text} text tokens, greedy, no EOS")  # fmt: skip
+    results = {}
+    for name in args.configs.split(","):
+        cfg = configs()[name]
+        share = lm_head_share(cfg)
+        print(f"config {name}: D={cfg.hidden_size} F={cfg.intermediate_size} L={cfg.num_hidden_layers} "
+              f"V={cfg.vocab_size}; lm_head share of a token's work {100 * share:.1f}%")  # fmt: skip
+        for b in batches:
+            r = results[name, b] = measure(cfg, b, args)
+            print(
+                f"  batch {b}: no-cache {r['full_s'] * 1e3:8.1f} ms, KV cache {r['cache_s'] * 1e3:7.1f} ms: "
+                f"{r['ratio']:5.1f}x (XLA FLOP ratio {r['flop_ratio']:.1f}x; the cached path's floor, "
+                f"prefill + {args.new - 1} lm_head products, allows {r['floor_ratio']:.1f}x); "
+                f"same tokens: {r['same']}"
+            )
+            if not r["same"]:
+                raise SystemExit("the cached and no-cache paths disagree")
+    last = (args.configs.split(",")[-1], batches[0])
+    print(f"KV-cache speedup ({last[0]}, batch {last[1]}): {results[last]['ratio']:.1f}x")
 
 
 if __name__ == "__main__":

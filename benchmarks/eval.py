@@ -45,13 +45,15 @@ def _normal(shape, dtype, scale):
     return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype))
 
 
-def random_model(cfg: ReadConfig, seed: int = 0, on_device: bool = False) -> ReadModel:
-    """A ReadModel with random leaves (norm scales 1, fan-in scaled kernels, small others).
+def random_model(cfg: ReadConfig, seed: int = 0, on_device: bool = False, factory=None):
+    """A ReadModel (or `factory()`'s module) with random leaves (norm scales 1, fan-in scaled kernels, small
+    others).
 
     The eager init would compile and run hundreds (7B: thousands) of small ops; instead the leaves come from
     numpy (small models) or from one jitted normal per distinct leaf shape on the device (the 7B model).
     """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0))))
+    factory = factory or (lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(nnx.eval_shape(factory))
     flat = list(nnx.to_flat_state(state))
     key = jax.random.key(seed)
     rng = np.random.default_rng(seed)

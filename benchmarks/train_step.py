@@ -97,50 +97,17 @@ def make_batch(cfg: ReadConfig, images: int, rows: int, length: int, seed: int =
 
 def torch_model(cfg: ReadConfig):
     """TorchRead + the read_jax model with the same weights (converted through the real key tables)."""
-    from flax import nnx
+    from torchref.read import build_pair
 
-    from read_jax.convert.common import Converter, abstract_leaves, load_leaves
-    from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
-    from read_jax.read_model import ReadModel
-    from torchref.read import TorchRead
-
-    tm = TorchRead(cfg, seed=0).float()
-    sd, clip_sd = tm.released_state_dict()
-    model = ReadModel(cfg, rngs=nnx.Rngs(0))
-    conv = Converter(
-        read_rules() + clip_dir_rules(),
-        abstract_leaves(nnx.eval_shape(lambda: model)),
-        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
-    )
-    load_leaves(model, conv.add_all(sd).add_all(clip_sd).finish())
-    return tm, model
+    return build_pair(cfg, seed=0)
 
 
 def torch_step_fn(cfg: ReadConfig, tm, batch: dict, lr: float):
     import torch
 
-    from torchref import sasp as st
-    from torchref.read import to_torch_batch, torch_losses
+    from torchref.read import sasp_functions, to_torch_batch, torch_losses
 
-    sc = cfg.sasp
-
-    def similarity(h_img, s):
-        return st.compute_similarity_map(h_img[None], s[None])[0, :, 0]
-
-    def to_points(sim, hw):
-        return st.similarity_map_to_points(
-            sim,
-            hw,
-            down_sample=cfg.clip.grid_size // sc.grid_size,
-            num_points=sc.num_points,
-            t_pos=sc.t_pos,
-            t_neg=sc.t_neg,
-            use_dtoc=False,
-        )
-
-    def dtoc(sim, pts, hw):
-        full = st.get_similarity_map(sim[None, :, None], hw, torch.float32)[0, :, :, 0]
-        return st.discrete_to_continuous(full, pts.float())
+    similarity, to_points, dtoc = sasp_functions(cfg)
 
     train = [
         p

@@ -34,7 +34,6 @@ def get_config(arg: str | None = None):
     c.data.batch_size = 2
     c.data.max_convs = 3
     c.data.length_buckets = (512, 1024, 1793)
-    c.data.max_mask_side = 1024
     c.data.num_workers = 4
 
     c.train.lr = 1e-4

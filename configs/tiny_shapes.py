@@ -30,7 +30,7 @@ reason:
   * Small frames and a coarse training canvas: CLIP sees a 112-pixel crop (8x8 = 64 image tokens), SAM a 128
     frame with 8-pixel patches (16x16 embedding, 64x64 low-res masks), and the training GT canvas is 224
     pixels
-    (`train.mask_side`); validation and `evaluate.py` score at the original resolution (`data.max_mask_side`).
+    (`train.mask_side`); validation and `evaluate.py` score every image at its original resolution.
   * A similarity-map loss (`train.sim_weight=1`, not in READ; `losses.similarity_loss`): READ inherits a [SEG]
     similarity map that already peaks on the object from pretrained LLaVA; here the map has to learn it, and
     point selection is not differentiable. The term is the KL from the GT's coverage of each CLIP cell to the
@@ -99,7 +99,7 @@ def get_config(arg: str | None = None):
     c.data.batch_size = 16
     c.data.max_convs = 1
     c.data.length_buckets = (128,)
-    c.data.max_mask_side = 448  # the largest generated image side: validation scores at full resolution
+    c.data.max_mask_side = 448  # the training canvas of the smoke variant (validation: native resolution)
     c.data.reason_seg_false_premise = 0.0  # CE is off: a false-premise row would carry no loss
 
     # ---- train ------------------------------------------------------------------------------------------

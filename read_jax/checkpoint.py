@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import signal
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +43,8 @@ from typing import Any
 import numpy as np
 
 from read_jax.tree_util import path_str
+
+log = logging.getLogger(__name__)
 
 FORMAT = "read_jax/converted-params/1"
 PARAMS_DIR = "params"
@@ -123,32 +130,214 @@ def owned_copy(a: np.ndarray) -> np.ndarray:
     return np.array(a, copy=True, order="C")
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write a directory atomically: yields a hidden temporary sibling of `out_dir`; on success it is renamed
-    to
-    `out_dir` (an existing `out_dir` is replaced only with `overwrite`, and only once the new one is complete:
-    it is
-    renamed aside, the new one renamed in, then the old one removed); on any error the temporary is
-    removed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+# ---- atomic outputs ----------------------------------------------------------------------------------------
+# Every directory `atomic_directory` installs carries this file: `--overwrite` replaces only such a directory
+# (or a converted checkpoint written before the marker existed, recognised by its manifest).
+OUTPUT_MARKER = ".read_jax-output.json"
+# Temporaries are `.<name>.tmp-<pid>@<host>-<hex>` (and `.old-` for a replaced output being removed): a later
+# run into the same parent removes those whose process is gone.
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{8}")
+_LEGACY_TEMP = r"\.{name}\.(?:tmp|old)-[0-9a-f]{{8}}"  # before the pid was part of the name
+
+
+class Interrupted(BaseException):
+    """SIGTERM while an atomic output was being written (SIGINT raises KeyboardInterrupt, as usual)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+def is_read_jax_output(path: str | os.PathLike) -> bool:
+    """A directory read_jax wrote: it carries `OUTPUT_MARKER`, or it is a converted checkpoint."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    if (p / OUTPUT_MARKER).is_file():
+        return True
     try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return json.loads((p / PARAMS_DIR / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """`a` is `b` or lies under it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_output(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Sequence[str | os.PathLike | None] = ()
+) -> Path:
+    """The checks `atomic_directory` makes before anything is written (call it early to fail fast).
+
+    An output may not be an input or contain one; an existing output is replaced only with `overwrite`, only
+    when read_jax wrote it (`is_read_jax_output`) and only when it does not lie inside an input; its parent
+    must be writable. Returns the absolute output path. Raises FileExistsError / PermissionError /
+    ValueError with one line naming the path and what to do.
+    """
+    out = Path(os.path.abspath(out_dir))
+    real = Path(os.path.realpath(out))
+    for i in inputs:
+        if i is None:
+            continue
+        src = Path(os.path.realpath(i))
+        if _inside(src, real):
+            what = "is" if src == real else "contains"
+            raise ValueError(
+                f"the output {out} {what} the input {i}: writing it would destroy the input; "
+                "choose another output directory"
+            )
+        if overwrite and out.exists() and _inside(real, src):
+            raise ValueError(
+                f"the output {out} lies inside the input {i}: --overwrite never replaces part of an input; "
+                "choose another output directory"
+            )
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+        if not is_read_jax_output(out):
+            what = (
+                f"a directory read_jax did not write (no {PARAMS_DIR}/{MANIFEST}, no {OUTPUT_MARKER})"
+                if out.is_dir() and not out.is_symlink()
+                else "not a directory"
+            )
+            raise FileExistsError(
+                f"{out} exists and is {what}: --overwrite replaces only read_jax outputs; remove it yourself "
+                "or choose another output"
+            )
+    anc = out.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot create {out}: {anc} is not a writable directory; choose another output location"
+        )
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path, name: str) -> list[Path]:
+    """Remove the temporaries of interrupted runs in `parent` (their process on this host is gone); a
+    replaced output that was renamed aside and never removed is renamed back if nothing took its place."""
+    if not parent.is_dir():
+        return []
+    host, legacy = socket.gethostname(), re.compile(_LEGACY_TEMP.format(name=re.escape(name)))
+    removed = []
+    for p in parent.iterdir():
+        m = _TEMP.fullmatch(p.name)
+        if m is not None:
+            if m["host"] != host or _alive(int(m["pid"])):
+                continue
+            target = parent / m["name"]
+            if m["kind"] == "old" and not target.exists():
+                os.rename(p, target)  # the crash came between the two renames: the old output is restored
+                log.warning("restored %s from %s, left by an interrupted run", target, p.name)
+                continue
+        elif not legacy.fullmatch(p.name):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        log.warning("removed %s, left by an interrupted run", p)
+        removed.append(p)
+    return removed
+
+
+_busy = 0  # > 0 while a writer's threads are writing into a temporary (signals are deferred)
+_deferred: list[int] = []
+
+
+def _raise_for(signum: int):
+    raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+
+def _on_signal(signum, frame):
+    if _busy and not _deferred:
+        _deferred.append(signum)  # raised when the write in flight is complete (a second signal is not)
+        return
+    _raise_for(signum)
+
+
+@contextlib.contextmanager
+def writer_section() -> Iterator[None]:
+    """Defer SIGINT/SIGTERM while writer threads (orbax's) write into a temporary, so that the cleanup of
+    `atomic_directory` never runs while they still write; the signal is raised as soon as they are done."""
+    global _busy
+    _busy += 1
+    try:
+        yield
+    finally:
+        _busy -= 1
+    if not _busy and _deferred:
+        _raise_for(_deferred.pop())
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread (SIGTERM would otherwise end the process without any
+    cleanup); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _deferred.clear()
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike | None] = (),
+) -> Iterator[Path]:
+    """Write a directory atomically: yields a hidden temporary sibling of `out_dir`, renamed to `out_dir` on
+    success.
+
+    `check_output` runs first (inputs are never overwritten; an existing `out_dir` is replaced only with
+    `overwrite` and only if read_jax wrote it). The swap keeps the old output until the new one is complete:
+    old renamed aside, new renamed in, old removed. On any error, SIGINT or SIGTERM included, the temporary
+    is removed (after writer threads in flight are done, see `writer_section`); temporaries of interrupted
+    runs in the same parent are removed first (`remove_stale_temporaries`).
+    """
+    out_dir = check_output(out_dir, overwrite=overwrite, inputs=inputs)
+    parent = out_dir.parent
+    tag = f"{os.getpid()}@{socket.gethostname()}"
+    tmp = parent / f".{out_dir.name}.tmp-{tag}-{uuid.uuid4().hex[:8]}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent, out_dir.name)
+        tmp.mkdir()
+    except OSError as e:
+        raise PermissionError(
+            f"cannot create {out_dir}: {e.strerror} ({e.filename}); choose another output location"
+        ) from e
+    with _signals_raise():
+        try:
+            yield tmp
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"writer": "read_jax", "time": time.time()}))
+            if out_dir.exists():
+                old = parent / f".{out_dir.name}.old-{tag}-{uuid.uuid4().hex[:8]}"
+                os.rename(out_dir, old)
+                os.rename(tmp, out_dir)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
@@ -163,7 +352,7 @@ class PartWriter:
     def __init__(
         self, directory: str | os.PathLike, part_bytes: int = DEFAULT_PART_BYTES, *, compress: bool = True
     ):
-        self.directory = Path(directory)
+        self.directory = Path(os.path.abspath(directory))  # orbax refuses relative paths
         self.directory.mkdir(parents=True, exist_ok=False)
         self.part_bytes = int(part_bytes)
         self.compress = compress
@@ -188,7 +377,8 @@ class PartWriter:
         if not self.buffer:
             return
         name = f"part-{len(self.parts):05d}"
-        _part_writer(self.compress).save(self.directory / name, _nest(self.buffer))
+        with writer_section():
+            _part_writer(self.compress).save(self.directory / name, _nest(self.buffer))
         for p, a in self.buffer.items():
             self.leaves[p] = {"shape": list(a.shape), "dtype": str(a.dtype), "part": name}
         self.parts.append({"dir": name, "leaves": sorted(self.buffer), "bytes": self.buffered})
@@ -211,8 +401,9 @@ class PartWriter:
 
 # ---- reading -----------------------------------------------------------------------------------------------
 def params_dir(directory: str | os.PathLike) -> Path:
-    """`directory/params` for a converted checkpoint, or `directory` itself if it is the params folder."""
-    d = Path(directory)
+    """`directory/params` for a converted checkpoint, or `directory` itself if it is the params folder; as an
+    absolute path (orbax refuses relative ones)."""
+    d = Path(os.path.abspath(directory))
     return d if (d / MANIFEST).is_file() else d / PARAMS_DIR
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from read_jax.config import ClipVisionConfig
-from read_jax.layers import gelu_exact
+from read_jax.layers import dot_product_attention, gelu_exact
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -97,6 +97,7 @@ class ClipAttention(nnx.Module):
         self.k_proj = _linear(cfg, d, d, rngs)
         self.v_proj = _linear(cfg, d, d, rngs)
         self.out_proj = _linear(cfg, d, d, rngs)
+        self.attention_implementation: str | None = None  # `layers.set_attention_implementation`
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float[B, T, D] -> float[B, T, D]."""
@@ -104,8 +105,10 @@ class ClipAttention(nnx.Module):
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         # No mask: every image has all T tokens. The scale 1/sqrt(H) is applied here, not folded into q_proj
-        # (the converter only renames). On a GPU this dispatches to the fused cuDNN kernel.
-        o = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # [B, T, N, H]
+        # (the converter only renames).
+        o = dot_product_attention(
+            q, k, v, scale=self.head_dim**-0.5, implementation=self.attention_implementation
+        )  # [B, T, N, H]
         return self.out_proj(o.reshape(b, t, -1))
 
 

@@ -169,8 +169,16 @@ class SamConfig(_DtypeMixin):
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
+    # dtype of the random-Fourier positional encoding of points and of the image grid. "" = the compute
+    # dtype, as the release computes it (READ's `_pe_encoding` casts the coordinates to the Gaussian matrix's
+    # dtype: bf16 in the released models); "float32" = exact fp32 whatever the compute dtype.
+    pe_dtype: str = ""
 
     def __post_init__(self):
+        if self.pe_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"SamConfig.pe_dtype must be '', float32, bfloat16 or float16, got {self.pe_dtype!r}"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError("SAM image_size must be a multiple of patch_size")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.encoder_depth]
@@ -308,8 +316,13 @@ class ReadConfig:
     freeze_vision_towers: bool = True
     # LLaVA's vision projector: "mlp2x_gelu" (LLaVA-1.5: Linear, GELU, Linear) or "linear" (LLaVA-v1, LISA).
     mm_projector_type: str = "mlp2x_gelu"
+    # The attention kernel of LLaMA, CLIP and SAM: "auto" (the platform's fused kernel where it applies, see
+    # `read_jax.layers.attention_backend`), "xla", "cudnn" or "pallas". Not part of the weights.
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
+        if self.attention_implementation not in ("auto", "xla", "cudnn", "pallas"):
+            raise ConfigError(f"unknown attention_implementation {self.attention_implementation!r}")
         if self.out_dim != self.sam.prompt_embed_dim:
             raise ConfigError(f"out_dim {self.out_dim} != SAM prompt_embed_dim {self.sam.prompt_embed_dim}")
         if self.sasp.grid_size > self.clip.grid_size:

@@ -26,10 +26,9 @@ from flax import nnx
 
 from read_jax.config import ReadConfig, SaspConfig
 from read_jax.data.conversation import build_prompt
-from read_jax.data.preprocess import clip_preprocess
+from read_jax.data.preprocess import clip_pixels, sam_pixels
 from read_jax.data.tokenizer import ReadTokenizer, tokenizer_image_token
 from read_jax.read_model import MaskOutput, ReadModel
-from read_jax.sam.transforms import preprocess as sam_preprocess
 
 Array = jax.Array
 LENGTH_BUCKET = 64  # full-forward lengths are padded to a multiple of this (few compiles)
@@ -79,9 +78,9 @@ def prepare_image(image: np.ndarray, cfg: ReadConfig) -> dict:
         raise ValueError(f"expected an RGB uint8[H, W, 3] image, got {image.dtype}{list(image.shape)}")
     if min(image.shape[:2]) < 1:
         raise ValueError(f"empty image of shape {image.shape}")
-    sam_img, (h, w) = sam_preprocess(image, cfg.sam)
+    sam_img, (h, w) = sam_pixels(image, cfg.sam)  # uint8, like the data pipeline: normalised on the device
     return {
-        "images_clip": clip_preprocess(image, cfg.clip.image_size)[None],
+        "images_clip": clip_pixels(image, cfg.clip.image_size)[None],
         "images_sam": sam_img[None],
         "sam_input_hw": np.array([[h, w]], np.int32),
         "orig_hw": np.array([image.shape[:2]], np.int32),

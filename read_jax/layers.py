@@ -1,4 +1,5 @@
-"""Shared primitives: exact GELU, RMSNorm, a LoRA-capable Linear, rotate-half RoPE, the masked attention core.
+"""Shared primitives: exact GELU, RMSNorm, a LoRA-capable Linear, rotate-half RoPE, the attention core and
+its one kernel switch (XLA, cuDNN flash attention on NVIDIA GPUs, the Pallas flash kernel on TPUs).
 
 PyTorch references: transformers 4.31 `models/llama/modeling_llama.py` (`LlamaRMSNorm`, `rotate_half`,
 `apply_rotary_pos_emb`, `LlamaRotaryEmbedding`) and peft 0.4 `tuners/lora.py` (`Linear` with
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -174,6 +176,26 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 # ---- attention core ---------------------------------------------------------------------------------------
+# Which attention kernel runs is chosen in one place: `ReadConfig.attention_implementation` (or the
+# `attention_implementation` argument of the model constructors), stored on every attention module by
+# `set_attention_implementation` and resolved per call by `attention_backend` (platform, dtype, shapes, mask).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+
+
+@flax.struct.dataclass
+class CausalMask:
+    """Causal self-attention over T == S positions with key padding, in a form fused kernels take natively.
+
+    Query t sees key s iff s <= t and key_valid[b, s]. key_valid: bool[B, S].
+    """
+
+    key_valid: Array
+
+    def dense(self) -> Array:
+        """bool[B, 1, T, S], the same mask materialised (`causal_padding_mask`)."""
+        return causal_padding_mask(jnp.arange(self.key_valid.shape[1]), self.key_valid)
+
+
 def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
     """Boolean attention mask for causal attention over (possibly cached) key slots.
 
@@ -188,17 +210,119 @@ def causal_padding_mask(query_slots: Array, key_valid: Array) -> Array:
     return causal[None, None] & key_valid[:, None, None, :]
 
 
+def _platform() -> str:
+    """'cuda', 'rocm', 'tpu' or 'cpu' (the default backend's platform)."""
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        version = str(getattr(dev.client, "platform_version", "")).lower()
+        return "rocm" if "rocm" in version or "hip" in version else "cuda"
+    return dev.platform
+
+
+def attention_backend(implementation: str | None, q: Array, k: Array, mask, bias: Array | None) -> str:
+    """The kernel `dot_product_attention` runs for these operands: 'xla', 'cudnn' or 'pallas'.
+
+    'auto' picks the platform's fused kernel (cuDNN flash attention on NVIDIA GPUs, the Pallas flash kernel
+    on TPUs, XLA elsewhere); 'cudnn' / 'pallas' ask for one. Either falls back to XLA when the kernel does not
+    take the operands: cuDNN needs bf16/fp16 and a head dim that is a multiple of 8 and <= 128; the TPU
+    kernel needs MHA (K == N), a head dim and sequence lengths that are multiples of 128, and no mask other
+    than `CausalMask`.
+    """
+    if implementation not in (None, *ATTENTION_IMPLEMENTATIONS):
+        raise ValueError(
+            f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    if implementation in (None, "xla"):
+        return "xla"
+    want = implementation
+    if want == "auto":
+        want = {"cuda": "cudnn", "tpu": "pallas"}.get(_platform(), "xla")
+    _, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if want == "cudnn":
+        ok = q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+        return "cudnn" if ok and _platform() == "cuda" else "xla"
+    if want == "pallas":
+        ok = kh == n and h % 128 == 0 and t % 128 == 0 and s % 128 == 0
+        ok = ok and (mask is None or isinstance(mask, CausalMask))
+        return "pallas" if ok and _platform() == "tpu" else "xla"
+    return "xla"
+
+
+def _pallas_attention(q, k, v, mask, bias, scale, kernel=None, segment_ids_cls=None):
+    """The TPU Pallas flash kernel on [B, T, N, H] operands; `CausalMask` -> causal + segment ids.
+
+    Segment ids: a real key is segment 1, padding segment 0, and a query belongs to its own position's
+    segment, so a real query sees the real keys before it (exactly `CausalMask`) and a padding query sees
+    padding only (at least itself: never an empty row). `kernel` / `segment_ids_cls` are injectable so the
+    translation is testable on CPU with the module's pure-JAX reference (`mha_reference_no_custom_vjp`).
+    """
+    if kernel is None:
+        from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+        kernel, segment_ids_cls = fa.flash_attention, fa.SegmentIds
+    tr = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, H] <-> [B, N, T, H]
+    seg = None
+    if mask is not None:
+        ids = mask.key_valid.astype(jnp.int32)
+        seg = segment_ids_cls(q=ids, kv=ids)
+    # The kernel adds its bias before scaling: (q.k + ab) * scale, so ab = bias / scale.
+    ab = (
+        None
+        if bias is None
+        else jnp.broadcast_to(bias / scale, (*q.shape[:1], q.shape[2], q.shape[1], k.shape[1]))
+    )
+    out = kernel(tr(q), tr(k), tr(v), ab, seg, causal=mask is not None, sm_scale=float(scale))
+    return tr(out)
+
+
 def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array, *, implementation: str | None = None
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | CausalMask | None = None,
+    *,
+    bias: Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
 ) -> Array:
-    """Masked scaled dot-product attention (MHA or GQA) via `jax.nn.dot_product_attention`.
+    """Scaled dot-product attention (MHA or GQA) on the kernel `attention_backend` picks.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 (GQA shares each K head over N / K queries).
-      mask: bool, broadcastable to [B, N, T, S].
-      implementation: None/'xla' (CPU, any GPU) or 'cudnn' (fused kernel on NVIDIA GPUs, bf16/fp16).
+      mask: None, a `CausalMask`, or bool broadcastable to [B, N, T, S] (True = attend).
+      bias: float[B or 1, N or 1, T, S] added to the scaled logits (SAM's relative positions).
+      scale: the logit scale (default 1 / sqrt(H)); applied to q.k before the bias.
+      implementation: 'auto' | 'xla' | 'cudnn' | 'pallas' (None = 'xla').
     Returns:
-      [B, T, N, H]. Logits and softmax are in fp32 whatever the input dtype; a query row whose keys are all
-      masked (e.g. a left-padding position) gets a uniform average instead of NaN.
+      [B, T, N, H]. Logits and softmax are in fp32 whatever the input dtype; on XLA a query row whose keys
+      are all masked (e.g. a left-padding position) gets a uniform average instead of NaN.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend = attention_backend(implementation, q, k, mask, bias)
+    if backend == "pallas":
+        return _pallas_attention(q, k, v, mask, bias, scale).astype(q.dtype)
+    causal = isinstance(mask, CausalMask)
+    if backend == "cudnn":
+        if causal:  # cuDNN skips the masked-out causal blocks; key padding goes in as a mask (a bias)
+            t, s = q.shape[1], k.shape[1]
+            mask = jnp.broadcast_to(mask.key_valid[:, None, None, :], (q.shape[0], 1, t, s))
+        bias = None if bias is None else bias.astype(q.dtype)  # cuDNN takes the bias in the operand dtype
+        return jax.nn.dot_product_attention(
+            q, k, v, bias, mask, scale=scale, is_causal=causal, implementation="cudnn"
+        )
+    if causal:
+        mask = mask.dense()
+    return jax.nn.dot_product_attention(q, k, v, bias, mask, scale=scale, implementation="xla")
+
+
+def set_attention_implementation(module, implementation: str | None) -> None:
+    """Store `implementation` on every attention module under `module` (those with an
+    `attention_implementation` attribute): the one switch the model constructors call."""
+    if implementation not in (None, *ATTENTION_IMPLEMENTATIONS):
+        raise ValueError(
+            f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    for _, m in nnx.iter_graph(module):
+        if isinstance(m, nnx.Module) and hasattr(m, "attention_implementation"):
+            m.attention_implementation = implementation

@@ -29,12 +29,14 @@ from flax import nnx
 
 from read_jax.config import LlamaConfig
 from read_jax.layers import (
+    CausalMask,
     Linear,
     RMSNorm,
     apply_rope,
     causal_padding_mask,
     dot_product_attention,
     rope_cos_sin,
+    set_attention_implementation,
 )
 
 Array = jax.Array
@@ -111,7 +113,7 @@ class LlamaAttention(nnx.Module):
         self.k_proj = lin(d, self.num_kv_heads * h)
         self.v_proj = lin(d, self.num_kv_heads * h)
         self.o_proj = lin(self.num_heads * h, d)
-        self.implementation: str | None = None
+        self.attention_implementation: str | None = None  # `layers.set_attention_implementation`
 
     def __call__(
         self,
@@ -128,8 +130,9 @@ class LlamaAttention(nnx.Module):
     ):
         """x: [B, T, D]; cos/sin: [B, T, H]; kv: cached ([B, S, K, H],) * 2 or None.
 
-        mask: bool[B, 1, T, S'] where S' = kv_len if given (attend to the first kv_len cache slots only, e.g.
-        the prompt during prefill), else S (or T without a cache). Returns ([B, T, D], updated kv or None).
+        mask: a `CausalMask` (self-attention over these T tokens: no cache, or a prefill from slot 0), or
+        bool[B, 1, T, S'] where S' = kv_len if given (attend to the first kv_len cache slots only), else S.
+        Returns ([B, T, D], updated kv or None).
         """
         b, t, _ = x.shape
         kw = {"deterministic": deterministic, "rngs": rngs}
@@ -147,7 +150,7 @@ class LlamaAttention(nnx.Module):
             if kv_len is not None:
                 k, v = k[:, :kv_len], v[:, :kv_len]
         o = dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=self.implementation
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=self.attention_implementation
         )  # [B, T, N, H]
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim), **kw), kv
 
@@ -272,7 +275,10 @@ class LlamaModel(nnx.Module):
         # With a static cache_index (prefill), slots >= cache_index + T are known to be empty: attend to the
         # written prefix only instead of masking the whole cache (saves (S - T) / S of the prefill attention).
         kv_len = cache_index + t if cache is not None and isinstance(cache_index, int) else None
-        mask = causal_padding_mask(query_slots, key_valid[:, :kv_len])  # [B, 1, T, S or kv_len]
+        if cache is None or (kv_len == t and cache_index == 0):
+            mask = CausalMask(key_valid[:, :t])  # plain causal + padding: what fused kernels take natively
+        else:
+            mask = causal_padding_mask(query_slots, key_valid[:, :kv_len])  # [B, 1, T, S or kv_len]
 
         # One dropout key per layer, drawn here (outside any remat) so that remat and no-remat runs see the
         # same masks and no Rngs state is mutated inside a checkpointed function.
@@ -337,8 +343,8 @@ class LlamaForCausalLM(nnx.Module):
     Args:
       cfg: the architecture.
       rngs: `params` stream for initialisation.
-      attention_implementation: passed to `jax.nn.dot_product_attention` (None = XLA; 'cudnn' selects the
-        fused NVIDIA kernel, which supports only bf16/fp16 and some shapes).
+      attention_implementation: the attention kernel, 'auto' | 'xla' | 'cudnn' | 'pallas' (None = XLA); see
+        `read_jax.layers.attention_backend` (fused kernels fall back to XLA where they do not apply).
     """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, attention_implementation: str | None = None):
@@ -353,8 +359,7 @@ class LlamaForCausalLM(nnx.Module):
             kernel_init=_init(cfg),
             rngs=rngs,
         )
-        for layer in self.model.layers:
-            layer.self_attn.implementation = attention_implementation
+        set_attention_implementation(self, attention_implementation)
 
     def embed(self, input_ids: Array) -> Array:
         """int[B, T] -> [B, T, D] token embeddings in the compute dtype (LLaVA merges images into these)."""

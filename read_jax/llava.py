@@ -36,6 +36,7 @@ from flax import nnx
 
 from read_jax.clip import ClipVisionModel
 from read_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ReadConfig
+from read_jax.data.preprocess import clip_normalize
 from read_jax.layers import gelu_exact
 from read_jax.llama import LlamaForCausalLM, LlamaOutput
 from read_jax.llama import generate as llama_generate
@@ -276,10 +277,13 @@ class LlavaModel(nnx.Module):
         """CLIP patch features through the projector.
 
         Args:
-          pixel_values: float[B, h, w, 3] NHWC, CLIP-normalised, h = w = 336.
+          pixel_values: [B, h, w, 3] NHWC, h = w = 336: uint8 crops (`preprocess.clip_pixels`, normalised
+            here, on the device) or floats already CLIP-normalised.
         Returns:
           [B, P, C] image tokens in the LLM compute dtype.
         """
+        if pixel_values.dtype == jnp.uint8:
+            pixel_values = clip_normalize(pixel_values)
         # The reference runs the tower under torch.no_grad (clip_encoder.py): no gradient reaches CLIP.
         feats = self.vision_tower(pixel_values)  # [B, P, V]
         if self.config.freeze_vision_towers:

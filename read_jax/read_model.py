@@ -35,7 +35,8 @@ from flax import nnx, struct
 
 from read_jax import sasp as sasp_lib
 from read_jax.config import IGNORE_INDEX, ReadConfig, SaspConfig
-from read_jax.layers import Linear, kaiming_uniform_a_sqrt5
+from read_jax.data.preprocess import sam_normalize
+from read_jax.layers import Linear, kaiming_uniform_a_sqrt5, set_attention_implementation
 from read_jax.llava import LlavaModel, expanded_position
 from read_jax.sam.sam import Sam
 from read_jax.sam.transforms import apply_coords, postprocess_masks_padded
@@ -174,7 +175,8 @@ class ReadModel(nnx.Module):
     Args:
       cfg: ReadConfig.
       rngs: initialisation streams.
-      attention_implementation: LLaMA attention backend (None = XLA; 'cudnn' on NVIDIA GPUs).
+      attention_implementation: the attention kernel of LLaMA, CLIP and SAM (default
+        `cfg.attention_implementation`; see `read_jax.layers.attention_backend`).
     """
 
     def __init__(self, cfg: ReadConfig, *, rngs: nnx.Rngs, attention_implementation: str | None = None):
@@ -188,11 +190,25 @@ class ReadModel(nnx.Module):
             rngs=rngs,
         )
         self.visual_model = Sam(cfg.sam, rngs=rngs)
+        set_attention_implementation(self, attention_implementation or cfg.attention_implementation)
 
     # ---- pieces ------------------------------------------------------------------------------------------
-    def image_embeddings(self, images_sam: Array) -> Array:
-        """SAM's encoder, frozen as in READ (no_grad) unless `freeze_vision_towers=False`:
-        float[B, S, S, 3] -> float[B, h, w, D]."""
+    def image_embeddings(self, images_sam: Array, sam_input_hw: Array | None = None) -> Array:
+        """SAM's encoder, frozen as in READ (no_grad) unless `freeze_vision_towers=False`.
+
+        Args:
+          images_sam: [B, S, S, 3]: uint8 (`preprocess.sam_pixels`, normalised here on the device, which
+            needs `sam_input_hw` int[B, 2], the resized extents) or floats already normalised and padded.
+        Returns:
+          float[B, h, w, D].
+        """
+        if images_sam.dtype == jnp.uint8:
+            if sam_input_hw is None:
+                raise ValueError(
+                    "uint8 images_sam need sam_input_hw (the padding is zeroed after normalising)"
+                )
+            s = self.config.sam
+            images_sam = sam_normalize(images_sam, sam_input_hw, s.pixel_mean, s.pixel_std)
         emb = self.visual_model.image_encoder(images_sam)
         return jax.lax.stop_gradient(emb) if self.config.freeze_vision_towers else emb
 
@@ -325,7 +341,8 @@ class ReadModel(nnx.Module):
 
         Args:
           batch: dict with
-            images_clip float[B, Sc, Sc, 3], images_sam float[B, S, S, 3] (normalised, padded),
+            images_clip uint8[B, Sc, Sc, 3] and images_sam uint8[B, S, S, 3] (zero-padded), normalised on
+            the device (floats are taken as already normalised),
             sam_input_hw int32[B, 2] (resized extent), orig_hw int32[B, 2] (original H, W),
             input_ids int32[R, L] (right padded), attention_mask bool[R, L], conv_image int32[R],
             optional labels int32[R, L], optional conv_valid bool[R], optional mask_hw int32[R, 2] (the GT
@@ -377,7 +394,7 @@ class ReadModel(nnx.Module):
             jnp.repeat(conv_image, s),
             batch["orig_hw"],
             batch["sam_input_hw"],
-            self.image_embeddings(batch["images_sam"]),  # once per image
+            self.image_embeddings(batch["images_sam"], batch["sam_input_hw"]),  # once per image
             canvas_hw=canvas_hw,
             out_hw=None if out_hw is None else jnp.repeat(out_hw, s, axis=0),
             sasp_cfg=sasp_cfg,

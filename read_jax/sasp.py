@@ -548,7 +548,25 @@ def sasp(
     return points, labels, {**aux, "sim": sim, "points_int": points_int}
 
 
-def similarity_map_full(
+def similarity_map_full(sim: Array, orig_hw: Array, out_hw: Array, canvas_hw: tuple[int, int], **kw) -> Array:
+    """The reference's `origin_sm` (read_reference.md §3.2) on a static canvas: the Fig. 4 (a) heat map.
+
+    v = min-max(sim) (in bf16 like the reference when `similarity_dtype` is "bfloat16"), reshaped to g x g,
+    bilinear to clip_size^2, zero-padded to the short-side-clip_size frame of the original (H, W) (the
+    integer centre-crop geometry of `sasp.crop_padding`), bilinear to `out_hw`. Computed as
+    M = Ry V Rx^T with per-axis weights (the same composition DtoC evaluates on its windows; the factors are
+    `similarity_map_factors`, whose arguments these are).
+
+    Returns:
+      float32[N, Hc, Wc] in [0, 1] inside each out_hw, 0 outside.
+    """
+    ry, v, rx = similarity_map_factors(sim, orig_hw, out_hw, canvas_hw, **kw)
+    hi = jax.lax.Precision.HIGHEST
+    m = jnp.einsum("nyi,nij->nyj", ry, v, precision=hi)
+    return jnp.einsum("nyj,nxj->nyx", m, rx, precision=hi)  # [N, Hc, Wc]; Ry, Rx are 0 beyond out_hw
+
+
+def similarity_map_factors(
     sim: Array,
     orig_hw: Array,
     out_hw: Array,
@@ -558,13 +576,9 @@ def similarity_map_full(
     minmax_eps: float = 1e-12,
     clip_grid: int = CLIP_GRID,
     clip_size: int = CLIP_SIZE,
-) -> Array:
-    """The reference's `origin_sm` (read_reference.md §3.2) on a static canvas: the Fig. 4 (a) heat map.
-
-    v = min-max(sim) (in bf16 like the reference when `similarity_dtype` is "bfloat16"), reshaped to g x g,
-    bilinear to clip_size^2, zero-padded to the short-side-clip_size frame of the original (H, W) (the
-    integer centre-crop geometry of `sasp.crop_padding`), bilinear to `out_hw`. Computed as
-    M = Ry V Rx^T with per-axis weights (the same composition DtoC evaluates on its windows).
+) -> tuple[Array, Array, Array]:
+    """`similarity_map_full` = Ry V Rx^T as its factors, so that row bands of the map can be computed one at
+    a time (`Ry[:, y0:y1] V Rx^T`, how evaluation bounds its memory on large images).
 
     Args:
       sim: float[N, P] raw similarity maps (P = g*g).
@@ -572,7 +586,7 @@ def similarity_map_full(
       out_hw: int[N, 2] output size (usually == orig_hw; the GT canvas extent otherwise).
       canvas_hw: static (Hc, Wc) >= every out_hw.
     Returns:
-      float32[N, Hc, Wc] in [0, 1] inside each out_hw, 0 outside.
+      (Ry float32[N, Hc, g], V float32[N, g, g], Rx float32[N, Wc, g]); rows of Ry / Rx beyond out_hw are 0.
     """
     if sim.ndim != 2 or sim.shape[-1] != clip_grid * clip_grid:
         raise ValueError(f"sim must be float[N, {clip_grid**2}], got {sim.shape}")
@@ -594,8 +608,6 @@ def similarity_map_full(
     xs = jnp.broadcast_to(jnp.arange(wc, dtype=jnp.int32), (n, 1, wc))
     ry = _axis_weights(ys, out_hw[:, 0, None, None], ph[:, None, None], clip_size, up)[:, 0]  # [N, Hc, g]
     rx = _axis_weights(xs, out_hw[:, 1, None, None], pw[:, None, None], clip_size, up)[:, 0]  # [N, Wc, g]
-    hi = jax.lax.Precision.HIGHEST
-    m = jnp.einsum("nyi,nij->nyj", ry, v, precision=hi)
-    m = jnp.einsum("nyj,nxj->nyx", m, rx, precision=hi)  # [N, Hc, Wc]
-    inside = (ys[:, 0, :, None] < out_hw[:, 0, None, None]) & (xs[:, 0, None, :] < out_hw[:, 1, None, None])
-    return jnp.where(inside, m, 0.0)
+    ry = jnp.where((ys[:, 0] < out_hw[:, 0, None])[..., None], ry, 0.0)
+    rx = jnp.where((xs[:, 0] < out_hw[:, 1, None])[..., None], rx, 0.0)
+    return ry, v, rx

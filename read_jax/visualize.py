@@ -142,15 +142,16 @@ def image_from_sam_input(
     pixel_mean: Sequence[float],
     pixel_std: Sequence[float],
 ) -> np.ndarray:
-    """Recover a uint8[H, W, 3] picture from a SAM input (denormalise, crop, bilinear to (H, W)).
+    """A uint8[H, W, 3] picture from a SAM input (crop, denormalise a float input, bilinear to (H, W)).
 
     A fallback for pictures when the original file is not at hand (lossy when SAM's frame is smaller).
     """
     h, w = (int(v) for v in sam_input_hw)
-    x = np.asarray(images_sam, np.float32)[:h, :w] * np.asarray(pixel_std, np.float32) + np.asarray(
-        pixel_mean, np.float32
-    )
-    pil = Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
+    x = np.asarray(images_sam)[:h, :w]
+    if x.dtype != np.uint8:  # a normalised float input: undo the normalisation
+        x = x.astype(np.float32) * np.asarray(pixel_std, np.float32) + np.asarray(pixel_mean, np.float32)
+        x = np.clip(x + 0.5, 0, 255).astype(np.uint8)
+    pil = Image.fromarray(x)
     oh, ow = (int(v) for v in out_hw)
     return np.asarray(pil.resize((ow, oh), Image.BILINEAR))
 

@@ -86,6 +86,11 @@ def test_batches_have_static_shapes_and_consistent_validity(shapes_dir):
     for _ in range(3):
         b = next(it)
         assert b["images_clip"].shape == (2, 336, 336, 3) and b["images_sam"].shape == (2, 256, 256, 3)
+        # uint8 pixels (normalised on the device), the SAM frame zero outside each resized extent.
+        assert b["images_clip"].dtype == np.uint8 and b["images_sam"].dtype == np.uint8
+        for i, (h, w) in enumerate(b["sam_input_hw"]):
+            assert b["images_sam"][i, :h, :w].any() and not b["images_sam"][i, h:].any()
+            assert not b["images_sam"][i, :, w:].any()
         assert b["masks"].shape == (r, 320, 320) and b["masks"].dtype == np.uint8
         assert b["input_ids"].shape[1] in CFG.length_buckets and b["input_ids"].shape[0] == r
         assert b["image_valid"].all() and (b["num_skipped"] == 0).all()

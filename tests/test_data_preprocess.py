@@ -41,6 +41,39 @@ def test_clip_matches_transformers(hw):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("hw", [(480, 640), (1001, 337), (35, 50)])
+def test_device_normalisation_gives_the_host_floats(hw):
+    """The pipeline ships uint8; the device-side normalisations give exactly the host formulas' floats
+    (CLIP: transformers' float64 rescale then float32 normalise; SAM: `transforms.preprocess`, both checked
+    against their references in this file and in test_sam_transforms), padding included."""
+    import jax
+
+    from read_jax.config import SamConfig
+    from read_jax.sam import transforms as T
+
+    img = np.random.default_rng(hw[0] + hw[1]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    crop = P.clip_pixels(img)
+    assert crop.dtype == np.uint8 and crop.shape == (336, 336, 3)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(P.clip_normalize)(crop[None]))[0], P.clip_preprocess(img)
+    )
+
+    cfg = SamConfig(image_size=256)
+    pix, (h, w) = P.sam_pixels(img, cfg)
+    assert pix.dtype == np.uint8 and (pix[h:] == 0).all() and (pix[:, w:] == 0).all()
+    norm = jax.jit(P.sam_normalize, static_argnums=(2, 3))
+    got = np.asarray(norm(pix[None], np.array([[h, w]], np.int32), cfg.pixel_mean, cfg.pixel_std))[0]
+    want, hw_want = T.preprocess(img, cfg)
+    assert (h, w) == hw_want
+    np.testing.assert_array_equal(got, want)
+    # Every (value, channel) pair, not only those this image happens to contain.
+    every = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1).reshape(1, 16, 16, 3)
+    mean, std = np.asarray(cfg.pixel_mean, np.float32), np.asarray(cfg.pixel_std, np.float32)
+    host = (every.astype(np.float32) - mean) / std
+    got = np.asarray(norm(every, np.array([[16, 16]], np.int32), cfg.pixel_mean, cfg.pixel_std))
+    np.testing.assert_array_equal(got, host)
+
+
 def test_clip_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         P.clip_preprocess(np.zeros((10, 10, 3), np.float32))

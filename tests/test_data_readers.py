@@ -129,7 +129,12 @@ def test_reason_seg_train_masks_and_conversations(reason_root):
 
 def test_reason_seg_eval_protocol(reason_root):
     rd = R.ReasonSegReader(reason_root, "train", mode="eval")
-    ex = rd[0]
+    # Eval keeps degenerate.jpg (no usable target polygon: scored with an empty GT, as the reference does).
+    names = [os.path.basename(a.image) for a in rd.items]
+    assert names == ["degenerate.jpg", "good.jpg", "sentence.jpg"] and rd.empty_gt == 1
+    assert not rd[0].masks.any()
+    good, sentence = names.index("good.jpg"), names.index("sentence.jpg")
+    ex = rd[good]
     expected = np.zeros((12, 16), np.uint8)
     expected[3:9, 2:10] = 1
     expected[4:6, 4:6] = 255  # eval keeps the ignore label
@@ -141,11 +146,11 @@ def test_reason_seg_eval_protocol(reason_root):
     assert c.answer == ANSWER_TEMPLATE == "Sure, the segmentation result is [SEG]."
     assert ex.meta == {"text": "the thing on the left", "is_sentence": False}
     assert (
-        rd[1].conversations[0].question
+        rd[sentence].conversations[0].question
         == "<image>\nWhich object would you sit on? Please output segmentation mask."
     )
     assert (
-        R.ReasonSegReader(reason_root, "train", mode="eval", eval_answer=False)[0].conversations[0].answer
+        R.ReasonSegReader(reason_root, "train", mode="eval", eval_answer=False)[good].conversations[0].answer
         is None
     )
 

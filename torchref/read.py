@@ -145,9 +145,11 @@ def randomize_(module: nn.Module, seed: int, scale: float = 0.2) -> None:
 
 
 class TorchRead(nn.Module):
-    """The torch READ reference (fp32)."""
+    """The torch READ reference: fp32 as built, or the released bf16 numerics after `released_dtype()`."""
 
-    def __init__(self, cfg: ReadConfig, seed: int = 0):
+    def __init__(self, cfg: ReadConfig, seed: int = 0, randomize: bool = True):
+        """randomize=False keeps the modules' own inits (a 7B benchmark on a GPU: `randomize_` draws every
+        weight on the CPU)."""
         super().__init__()
         self.cfg = cfg
         torch.manual_seed(seed)
@@ -166,7 +168,28 @@ class TorchRead(nn.Module):
             ]
         )
         self.visual_model = _sam(cfg)
-        randomize_(self, seed)
+        if randomize:
+            randomize_(self, seed)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.lm_head.weight.dtype
+
+    def released_dtype(self, dtype: torch.dtype = torch.bfloat16) -> TorchRead:
+        """Cast in place to `dtype` as READ runs (`from_pretrained(torch_dtype=bf16)`), except SAM's Gaussian
+        PE matrix, which stays fp32 with its encoding cast to `dtype` at the decoder's inputs.
+
+        That one is read_jax's policy, not the release's: LISA-style prompt encoders cast the point
+        coordinates to the matrix's dtype (bf16 phases of tens of radians; read_jax.sam.prompt_encoder).
+        The rest follows the reference's casts in `forward`: pixels in `dtype`, the sparse prompt (fp32
+        `torch.empty` + points, promoted) cast to `dtype` before the decoder (READ.py:306-309), mask logits
+        cast to fp32 before postprocessing (sam.py:137-171).
+        """
+        pe = self.visual_model["prompt_encoder"].pe_layer
+        gauss = pe.positional_encoding_gaussian_matrix.detach().float().clone()
+        self.to(dtype)
+        pe.positional_encoding_gaussian_matrix = gauss
+        return self
 
     # ---- weights in the released layout ----------------------------------------------------------------
     def released_state_dict(self) -> tuple[dict, dict]:
@@ -204,7 +227,8 @@ class TorchRead(nn.Module):
         ids = batch["input_ids"]
         r_rows, _ = ids.shape
         p = cfg.clip.num_patches
-        pix = batch["images_clip"].permute(0, 3, 1, 2)
+        dt = self.dtype
+        pix = batch["images_clip"].permute(0, 3, 1, 2).to(dt)
         feats = self.clip(pix, output_hidden_states=True).hidden_states[cfg.clip.select_layer][:, 1:]
         image_tokens = self.mm_projector(feats)[batch["conv_image"]]
         embeds, labels, mask = self.merge(ids, batch["attention_mask"], batch["labels"], image_tokens)
@@ -222,7 +246,7 @@ class TorchRead(nn.Module):
         pred_all = fcs(h)
         rows, cols = seg_mask.nonzero(as_tuple=True)  # row-major, as h[seg_mask]
         similarity, to_points, dtoc = sasp_fns
-        emb = self.visual_model["image_encoder"](batch["images_sam"].permute(0, 3, 1, 2))
+        emb = self.visual_model["image_encoder"](batch["images_sam"].permute(0, 3, 1, 2).to(dt))
         pe = self.visual_model["prompt_encoder"]
         dec = self.visual_model["mask_decoder"]
         results = []
@@ -242,10 +266,10 @@ class TorchRead(nn.Module):
             else:  # LISA (LISA.py model_forward): prompt_encoder(points=None, boxes=None, masks=None, text)
                 pts = labs = None
                 sparse, dense = pe(points=None, boxes=None, masks=None)
-            sparse = torch.cat([sparse, pred_all[r, c][None, None]], 1)
+            sparse = torch.cat([sparse, pred_all[r, c][None, None]], 1).to(dt)
             low, _ = dec(
                 image_embeddings=emb[img : img + 1],
-                image_pe=pe.get_dense_pe(),
+                image_pe=pe.get_dense_pe().to(dt),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
@@ -265,7 +289,7 @@ class TorchRead(nn.Module):
                     "low": low[0, 0],
                 }
             )
-        return {"logits": logits, "labels": labels, "hidden": h, "segs": results}
+        return {"logits": logits, "labels": labels, "hidden": h, "image_embeddings": emb, "segs": results}
 
 
 def torch_losses(out: dict, gts: list, weights=(1.0, 2.0, 0.5)):
@@ -313,9 +337,9 @@ def build_pair(cfg: ReadConfig, seed: int = 0):
     return tm, model
 
 
-def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
-    """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
-    SasP functions (on `cfg`'s CLIP grid and crop: READ's 24 x 24 and 336, LISA's 16 x 16 and 224)."""
+def sasp_functions(cfg: ReadConfig):
+    """READ's SasP steps as `TorchRead` takes them: (similarity, to_points, dtoc), from `torchref.sasp`, on
+    `cfg`'s CLIP grid and crop (READ's 24 x 24 and 336, LISA's 16 x 16 and 224)."""
     from torchref import sasp as st
 
     sc = cfg.sasp
@@ -338,5 +362,11 @@ def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
         full = st.get_similarity_map(sim[None, :, None], hw, torch.float32, cfg.clip.image_size)[0, :, :, 0]
         return st.discrete_to_continuous(full, pts.float())
 
+    return similarity, to_points, dtoc
+
+
+def torch_forward(cfg: ReadConfig, tm: TorchRead, batch: dict):
+    """(torch batch, `tm`'s outputs) on a `torchref.read_batch.tiny_batch`, with `torchref.sasp` as READ's
+    SasP functions."""
     tb = to_torch_batch({k: v for k, v in batch.items() if k not in ("masks", "mask_valid")})
-    return tb, tm(tb, (similarity, to_points, dtoc), {})
+    return tb, tm(tb, sasp_functions(cfg), {})

@@ -192,3 +192,38 @@ def build_pair(cfg: SamConfig = TINY, seed: int = 0):
     leaves = convert(state_dict_numpy(ref), sam_rules(), abstract_leaves(ours))
     load_leaves(ours, leaves)
     return ref, ours
+
+
+# ---- READ's positional encoding in the model dtype ---------------------------------------------------------
+def release_position_encoding(pe_layer):
+    """Give a Meta `PositionEmbeddingRandom` the numerics of READ's copy of SAM (rui-qian/READ@2549240
+    `model/segment_anything/modeling/prompt_encoder.py`), which differ from Meta's in two places:
+
+      * the normalised coordinates 2c - 1 are cast to the Gaussian matrix's dtype before the matmul (Meta
+        keeps them fp32, which fails outright against a bf16 matrix);
+      * the image grid (cumsum of ones - 0.5, divided by the size) is built in the matrix's dtype, not fp32.
+
+    In fp32 both are Meta's code exactly. Returns the layer, its class swapped in place (buffers kept).
+    """
+    import numpy as np
+    import torch
+
+    m, _ = meta_sam()
+
+    class ReleasePositionEmbedding(m.prompt_encoder.PositionEmbeddingRandom):
+        def _pe_encoding(self, coords):
+            gauss = self.positional_encoding_gaussian_matrix
+            phase = (2 * coords - 1).to(gauss.dtype) @ gauss
+            phase = 2 * np.pi * phase
+            return torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1)
+
+        def forward(self, size):
+            h, w = size
+            gauss = self.positional_encoding_gaussian_matrix
+            ones = torch.ones((h, w), device=gauss.device, dtype=gauss.dtype)
+            ys = (ones.cumsum(dim=0) - 0.5) / h
+            xs = (ones.cumsum(dim=1) - 0.5) / w
+            return self._pe_encoding(torch.stack([xs, ys], dim=-1)).permute(2, 0, 1)
+
+    pe_layer.__class__ = ReleasePositionEmbedding
+    return pe_layer

@@ -1,13 +1,19 @@
-"""Ask READ about an image: prints the answer and writes the mask overlay (with the SasP points) as a PNG.
+"""Ask READ about an image: prints each answer and writes the mask overlay (with the SasP points) as a PNG.
 
     python -m read_jax.cli.chat --checkpoint CONVERTED_DIR --image photo.jpg "Which object keeps the food
     cold?"
+    python -m read_jax.cli.chat --checkpoint CONVERTED_DIR --image photo.jpg      # an interactive session
+
+With questions on the command line it answers them and exits; without (or with `--interactive`) it is a
+chat loop as READ's `demo.py`: type a question, read the answer, the overlay is written to `--out`;
+`/image PATH` switches the image, `/quit` (or end of input) ends the session. Every answer is appended to
+`--out/answers.json`.
 
 `--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
 `read_jax.inference.save_for_inference` (same layout). The prompt template is the one the checkpoint's own
 chat used (conversion.json's `chat_template`): READ's demo uses the vicuna_v1 system prompt (read_reference.md
 §2.3), LISA's chat.py llava_v1; `--template` overrides it. Saying "segment" explicitly helps the model emit a
-[SEG].
+[SEG]. The web page version is `python -m read_jax.cli.demo`.
 
 `--sasp on|off` switches Similarity-as-Points for this run (default: the checkpoint's config; a converted LISA
 has it off, as LISA was trained): off, SAM is prompted with the [SEG] token alone and no points are drawn.
@@ -22,10 +28,12 @@ from pathlib import Path
 
 from read_jax.cli import common
 
+PROMPT = "you> "
+
 
 def parse_args(argv=None):
     p = common.parser("python -m read_jax.cli.chat", __doc__)
-    p.add_argument("question", nargs="+", help="one or more questions about the image")
+    p.add_argument("question", nargs="*", help="questions about the image (none: an interactive session)")
     p.add_argument("--checkpoint", required=True, help="converted READ checkpoint directory")
     p.add_argument("--image", required=True, help="image file (jpg/png/...)")
     p.add_argument("--out", default="chat_out", help="directory for the overlay PNGs and answers.json")
@@ -42,6 +50,7 @@ def parse_args(argv=None):
         help="SasP points on or off (default: the checkpoint's)",
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--interactive", action="store_true", help="keep asking after the given questions")
     p.add_argument(
         "--dtype",
         default=None,
@@ -59,38 +68,74 @@ def checkpoint_template(checkpoint: str) -> str:
     return "vicuna_v1"
 
 
+def _read_image(path: str):
+    from read_jax.data.preprocess import ImageError, load_image
+
+    try:
+        return load_image(common.absolute(path))
+    except (ImageError, OSError) as e:
+        raise ValueError(f"--image {path}: cannot read it ({e})") from e
+
+
+def session_lines(stream=None):
+    """The interactive session's inputs: stripped non-empty lines until `/quit` or end of input."""
+    stream = stream or sys.stdin
+    while True:
+        if stream.isatty():
+            print(PROMPT, end="", flush=True)
+        line = stream.readline()
+        if not line:
+            return
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            return
+        if line:
+            yield line
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from read_jax.data.preprocess import ImageError, load_image
         from read_jax.inference import batch_questions, load_for_inference, overlay, predict
 
-        if not os.path.isdir(args.checkpoint):
-            raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+        if args.question and not any(q.strip() for q in args.question):
+            raise ValueError(
+                'the question is empty: pass the question as the last argument, e.g. "What keeps food cold? '
+                'Please segment it."'
+            )
+        checkpoint = common.absolute(args.checkpoint)
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+        state = {"image": _read_image(args.image), "path": args.image}
+        questions = batch_questions(args.question) if args.question else []
+        out = Path(common.absolute(args.out))
         try:
-            image = load_image(args.image)
-        except (ImageError, OSError) as e:
-            raise ValueError(f"cannot read image {args.image!r}: {e}") from e
-        questions = batch_questions(args.question)
-        model, tok = load_for_inference(os.path.abspath(args.checkpoint), dtype=args.dtype)
-        template = args.template or checkpoint_template(args.checkpoint)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(
+                f"--out {out}: cannot create it ({e.strerror}); choose a writable directory"
+            ) from e
+        model, tok = load_for_inference(checkpoint, dtype=args.dtype)
+        template = args.template or checkpoint_template(checkpoint)
         sasp = None if args.sasp is None else args.sasp == "on"
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         records = []
-        for i, q in enumerate(questions):
+
+        def answer(q: str) -> None:
+            image = state["image"]
             pred = predict(
                 model, tok, image, q, max_new_tokens=args.max_new_tokens, template=template, sasp=sasp
             )
-            png = out / f"answer_{i:02d}.png"
+            png = out / f"answer_{len(records):02d}.png"
             overlay(image, pred.masks, pred.points, pred.point_labels).save(png)
             print(
                 f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
-                f"{len(pred.masks)} mask(s) -> {png}"
+                f"{len(pred.masks)} mask(s) -> {png}",
+                flush=True,
             )
             records.append(
                 {
+                    "image": state["path"],
                     "question": q,
                     "answer": pred.text,
                     "template": template,
@@ -102,7 +147,23 @@ def main(argv=None) -> int:
                     "mask_pixels": [int(m.sum()) for m in pred.masks],
                 }
             )
-        (out / "answers.json").write_text(json.dumps(records, indent=2))
+            (out / "answers.json").write_text(json.dumps(records, indent=2))
+
+        for q in questions:
+            answer(q)
+        if questions and not args.interactive:
+            return 0
+        print(f"chatting about {state['path']}: /image PATH switches the image, /quit ends", flush=True)
+        for line in session_lines():
+            if line.startswith("/image"):
+                path = line[len("/image") :].strip()
+                try:
+                    state["image"], state["path"] = _read_image(path), path
+                    print(f"image: {path}", flush=True)
+                except ValueError as e:
+                    print(f"chat: {e}", file=sys.stderr, flush=True)
+                continue
+            answer(line)
         return 0
 
     return common.run_main("chat", body, args.debug)

@@ -8,6 +8,8 @@ import argparse
 import ast
 import difflib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -109,24 +111,26 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# Errors that describe the user's input: printed as one line (exit 2) unless --debug.
-USER_ERRORS = (
-    ConfigError,
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    PermissionError,
-)
+# Errors that describe the user's input or environment: printed as one line (exit 2) unless --debug.
+USER_ERRORS = (ConfigError, ValueError, OSError)
+
+
+def absolute(path: str | None) -> str | None:
+    """A path argument resolved against the working directory at the command's boundary (orbax, and any
+    later `chdir`, see only absolute paths); None stays None."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
-    """Run a command's body; an input error becomes `prog: error: ...` on stderr and exit status 2.
+    """Run a command's body; an input error becomes `prog: error: ...` on stderr and exit status 2 (errors
+    that list several keys or files keep their list), an interruption (SIGINT, SIGTERM) one line and exit
+    status 128 + the signal number; `--debug` shows the traceback instead.
 
     First, on the CPU, the XLA options that keep a 7B model's memory plan near one copy of the weights
     (`read_jax.xla_flags`; they must be set before JAX initialises a backend).
     """
     from read_jax import xla_flags
+    from read_jax.checkpoint import Interrupted
 
     xla_flags.apply_cpu_memory_flags()
     try:
@@ -134,5 +138,14 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        if debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(
+            f"{prog}: interrupted ({signal.Signals(signum).name}); partial outputs were removed",
+            file=sys.stderr,
+        )
+        return 128 + int(signum)

@@ -17,7 +17,6 @@ read_reference.md §10 for the layouts.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from read_jax.cli import common
@@ -69,7 +68,16 @@ def parse_args(argv=None):
         action="store_true",
         help="refuse config.json attributes read_jax does not use (default: record them in conversion.json)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert leaves holding NaN/Inf (listed in conversion.json) instead of refusing them",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a read_jax output (never an input, nor a folder holding one)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -77,15 +85,18 @@ def parse_args(argv=None):
 def main(argv=None, *, model_fn=None) -> int:
     """CLI entry point; `model_fn(cfg) -> () -> nnx.Module` overrides the target model (tests)."""
     args = parse_args(argv)
-    out = os.path.abspath(args.out)
+    out = common.absolute(args.out)
 
     def body() -> int:
         if args.export:
+            from read_jax.checkpoint import check_output
             from read_jax.convert.export import export_checkpoint
 
+            src = common.absolute(args.export)
+            check_output(out, overwrite=args.overwrite, inputs=[src])
             dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
             path = export_checkpoint(
-                os.path.abspath(args.export),
+                src,
                 out,
                 merge_lora=args.merge_lora,
                 dtype=dtype,
@@ -96,10 +107,10 @@ def main(argv=None, *, model_fn=None) -> int:
         from read_jax.convert.read import convert_read_checkpoint
 
         convert_read_checkpoint(
-            os.path.abspath(args.hf),
+            common.absolute(args.hf),
             out,
-            clip_dir=args.clip and os.path.abspath(args.clip),
-            sam_path=args.sam and os.path.abspath(args.sam),
+            clip_dir=common.absolute(args.clip),
+            sam_path=common.absolute(args.sam),
             dtype=args.dtype,
             base=args.base,
             resize_vocab=args.resize_vocab,
@@ -108,8 +119,9 @@ def main(argv=None, *, model_fn=None) -> int:
             part_bytes=args.part_mb << 20,
             compress=not args.no_compress,
             overwrite=args.overwrite,
-            progress=not args.no_progress,
+            allow_nonfinite=args.allow_nonfinite,
             strict=args.strict,
+            progress=not args.no_progress,
             model_fn=model_fn,
         )
         return 0

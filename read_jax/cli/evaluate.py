@@ -16,7 +16,7 @@ architecture). --config supplies the data, mesh and eval settings; any field can
 Splits: reasonseg_{val,test} (teacher-forced, LISA's fixed templates; test adds short/long),
   refcoco_{val,testA,
 testB}, refcoco+_{val,testA,testB}, refcocog_{val,test} (teacher-forced), fprefcoco_val, fprefcoco+_val,
-fprefcocog_val (free greedy generation: See / Segment).
+fprefcocog_val, R-refcoco_val, R-refcoco+_val, R-refcocog_val (free greedy generation: See / Segment).
 
 Modes (on top of the protocol):
   --threshold-search  Appendix A.1: per query the best threshold (0.01 grid) of the [SEG] similarity map, and
@@ -26,19 +26,29 @@ Modes (on top of the protocol):
                       GT, points-only mask) and the "points as prompt" gIoU/cIoU (Fig. 6).
   --sweep             Appendix C / Table 8: t_pos/t_neg in {.8/.2, .7/.3, .6/.4} x |P| in {10, 30, 60}; prints
                       the table and writes sweep.json (instead of the single protocol run).
+  --generate          RefCOCO/+/g by free greedy generation as `test_read.py` runs them (R-RefCOCO/+/g and
+                      FP-RefCOCO/+/g always are): See / Segment.
+  --dump-masks        every query's predicted and GT masks in OUT/masks/*.npz; `python -m read_jax.cli.rescore
+                      OUT` recomputes the figures from them.
+Every image is scored at its original size (`--config.eval.max_mask_side=N` caps it, recorded in the summary).
 Outputs: OUT/summary.json and OUT/samples.jsonl (one record per query: id, query, IoU, points, presence).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from read_jax.cli import common
+from read_jax.config import ConfigError
 
 
 def main(argv=None) -> int:
-    rest, overrides = common.split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest, overrides = common.split_overrides(argv)
+    except ConfigError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     p = common.parser("evaluate.py", __doc__, config=True)
     p.add_argument("--checkpoint", required=True, help="train.py workdir or converted checkpoint directory")
     p.add_argument(
@@ -58,6 +68,16 @@ def main(argv=None) -> int:
         help="Appendix B: per-query analysis PNGs in DIR and the points-as-prompt score",
     )
     p.add_argument("--sweep", action="store_true", help="Appendix C / Table 8: sweep t_pos/t_neg x |P|")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="RefCOCO/+/g (or ReasonSeg) by free greedy generation, as test_read.py (See / Segment)",
+    )
+    p.add_argument(
+        "--dump-masks",
+        action="store_true",
+        help="write every query's predicted and GT masks to OUT/masks (python -m read_jax.cli.rescore OUT)",
+    )
     p.add_argument(
         "--which",
         default="best",
@@ -82,17 +102,19 @@ def main(argv=None) -> int:
         config = common.load_run_config(args.config, overrides)
         run(
             config,
-            os.path.abspath(args.checkpoint),
+            common.absolute(args.checkpoint),
             args.split,
-            out=args.out and os.path.abspath(args.out),
+            out=common.absolute(args.out),
             threshold_search=args.threshold_search,
-            analysis_dir=args.analysis,
+            analysis_dir=common.absolute(args.analysis),
             sweep=args.sweep,
             which=args.which,
             max_new_tokens=args.max_new_tokens,
             points_prompt_num=args.points_prompt_num,
             analysis_limit=args.analysis_limit,
             max_batches=args.max_batches,
+            generate=args.generate,
+            dump_masks=args.dump_masks,
         )
         return 0
 

@@ -16,14 +16,19 @@ non-finite training step (the run stopped before checkpointing it).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from read_jax.cli import common
+from read_jax.config import ConfigError
 
 
 def main(argv=None) -> int:
-    rest, overrides = common.split_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest, overrides = common.split_overrides(argv)
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     p = common.parser("train.py", __doc__, config=True)
     p.add_argument(
         "--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, TensorBoard files"
@@ -39,7 +44,7 @@ def main(argv=None) -> int:
 
             initialize_distributed()
         try:
-            summary = train_and_evaluate(config, os.path.abspath(args.workdir))
+            summary = train_and_evaluate(config, common.absolute(args.workdir))
         except NonFiniteLossError as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 3

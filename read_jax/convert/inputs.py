@@ -29,7 +29,7 @@ from typing import Any
 
 from read_jax import config as rc
 from read_jax import hf_config as hc
-from read_jax.convert import llava_hf
+from read_jax.convert import checks, llava_hf
 
 SEG_TOKENS = {"[SEG]": rc.SEG_TOKEN_ID, "<im_start>": rc.IM_START_TOKEN_ID, "<im_end>": rc.IM_END_TOKEN_ID}
 # LISA's vocabularies (`added_tokens.json` of its releases), by size. LISA-7B-v1 added <im_patch> first and
@@ -197,9 +197,7 @@ def check_tokenizer(
     sp_path = tok_dir / "tokenizer.model"
     if not sp_path.is_file():
         raise rc.ConfigError(f"{tok_dir}: no tokenizer.model (the LLaMA SentencePiece model is required)")
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    sp = checks.load_sentencepiece(sp_path)
     base = sp.get_piece_size()
     found = _found_tokens(tok_dir, sp)
     if family == "llava_hf":
@@ -233,6 +231,8 @@ def check_tokenizer(
                 f"{tok_dir / where}: {tok} has id {idx}, {who} needs {idx_want} "
                 f"(read_reference.md §2.3: the ids are baked into the model and the data)"
             )
+    # READ's ids are right; anything else added is refused (read_jax's tokenizer would refuse it at load).
+    checks.refuse_extra_added_tokens(found, want, base, tok_dir)
     return files, None
 
 

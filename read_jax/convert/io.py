@@ -26,7 +26,11 @@ import dataclasses
 import json
 import mmap
 import os
+import re
 import struct
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,31 +227,166 @@ def _drop_pages(addr: int, nbytes: int) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(addr + nbytes - start), _MADV_DONTNEED)
 
 
+_COPY_CHUNK = 16 << 20
+_ZIP_MAGIC = b"PK\x03\x04"
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The informative line of an exception (torch's weights_only refusals span a dozen lines)."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    line = m.group(1) if m else next((x.strip() for x in text.splitlines() if x.strip()), type(e).__name__)
+    line = " ".join(line.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def check_weights_file(path: str | os.PathLike) -> str:
+    """'zip' (torch.save), 'pickle' (legacy torch.save) or 'safetensors', from the file's first bytes.
+
+    Raises CheckpointFileError (one line, naming the file) for anything else: an empty file, a Git LFS
+    pointer instead of the weights, text or other formats given where a checkpoint is expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFileError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_LFS_POINTER):
+        raise CheckpointFileError(
+            f"{path}: a Git LFS pointer, not the weights: fetch the file itself (git lfs pull)"
+        )
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode: a pickle
+        return "pickle"
+    what = "an empty file" if not head else f"a file starting with {head[:16]!r}"
+    raise CheckpointFileError(
+        f"{path}: not a PyTorch checkpoint ({what}; torch.save writes a zip archive or a pickle): check that "
+        "it is the right file and completely downloaded"
+    )
+
+
 def _torch_load(path: Path) -> tuple[dict, bool]:
     """(state dict, whether its storages are memory-mapped from the file)."""
+    import pickle
+
     import torch  # the only runtime torch import: reading pickles needs it
 
-    mapped = True
+    kind = check_weights_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if kind == "zip":
+            obj, mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+        else:  # legacy (pre-zipfile) pickles cannot be memory-mapped: read whole, they are small (< 2 GB era)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the error below says it all
+                obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
+    except pickle.UnpicklingError as e:
+        old = " old-format (pre-zip)" if kind == "pickle" else ""
+        raise CheckpointFileError(
+            f"{path}: torch's safe loader (weights_only=True) cannot read this{old} file ({_one_line(e)}). "
+            "read_jax never unpickles with weights_only=False, which can run code from the file: if you "
+            "trust it, re-save it with a current torch (torch.save(torch.load(f, weights_only=False), f)) "
+            "or as safetensors"
+        ) from e
     except RuntimeError as e:
-        msg = str(e)
-        if "zip archive" in msg or "central directory" in msg:
+        if any(s in str(e) for s in ("zip archive", "central directory", "PytorchStreamReader")):
             # The zip index is at the end of a torch.save file: a truncated download loses it first.
             raise CheckpointFileError(
-                f"{path}: cannot read the checkpoint (truncated or corrupt file: {msg})"
+                f"{path}: cannot read the checkpoint (truncated or corrupt file: {_one_line(e)}); "
+                "download it again"
             ) from e
-        if "mmap" not in msg:
-            raise CheckpointFileError(f"{path}: cannot read the checkpoint ({msg})") from e
-        # Legacy (pre-zipfile) pickles cannot be memory-mapped: read them whole, they are small (< 2 GB era).
-        obj, mapped = torch.load(path, map_location="cpu", weights_only=True), False
-    except Exception as e:  # pickle.UnpicklingError for weights_only refusals, EOFError, ...
-        raise CheckpointFileError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointFileError(f"{path}: cannot read the checkpoint ({_one_line(e)})") from e
+    except Exception as e:  # EOFError, KeyError, ... from a damaged legacy pickle
+        raise CheckpointFileError(
+            f"{path}: cannot read the checkpoint ({type(e).__name__}: {_one_line(e)}); the file is "
+            "damaged or not a torch state dict"
+        ) from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointFileError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return dict(obj), mapped
+
+
+# ---- zip CRC-32 checks (torch's memory-mapped load reads tensor bytes without checking them) -------------
+def _zip_records(path: Path) -> tuple[dict[int, zipfile.ZipInfo], list[zipfile.ZipInfo]]:
+    """(data offset -> ZipInfo of every tensor-storage record, the other records). The small records (the
+    pickle, version, byte order) are read and CRC-checked here."""
+    data, other = {}, []
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointFileError(
+                        f"{path}: record {info.filename} is compressed (not torch.save)"
+                    )
+                if "/data/" in info.filename and info.file_size:
+                    f.seek(info.header_offset + 26)
+                    n, m = struct.unpack("<HH", f.read(4))
+                    data[info.header_offset + 30 + n + m] = info
+                else:
+                    other.append(info)
+                    zf.read(info)  # raises BadZipFile on a CRC mismatch
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointFileError(f"{path}: corrupt zip archive ({_one_line(e)}); download it again") from e
+    return data, other
+
+
+def _verify_zip(path: Path) -> None:
+    """Read every record through zipfile, which checks each CRC-32 (the slow path, a second read)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as r:
+                    while r.read(_COPY_CHUNK):
+                        pass
+    except zipfile.BadZipFile as e:
+        raise CheckpointFileError(f"{path}: corrupt file ({_one_line(e)}); download it again") from e
+
+
+class _StorageCrcs:
+    """The archive's CRC-32 of each memory-mapped storage of a torch.save zip, by storage address.
+
+    torch maps the whole file and each storage is the slice at its record's data offset, so sorted storage
+    addresses and sorted record offsets differ by one constant. When they do not line up (an unexpected
+    layout) the archive is verified through zipfile instead, before any tensor is handed out.
+    """
+
+    def __init__(self, path: Path, sd: Mapping[str, Any]):
+        self.path = path
+        records, _ = _zip_records(path)
+        tensors = [t for t in sd.values() if hasattr(t, "untyped_storage")]
+        storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+        storages = sorted((p, n) for p, n in storages if n)
+        offsets = sorted(records)
+        self.crc: dict[int, tuple[int, str]] = {}
+        if len(storages) == len(offsets) and storages:
+            base = storages[0][0] - offsets[0]
+            if all(p - o == base and n == records[o].file_size for (p, n), o in zip(storages, offsets)):
+                self.crc = {p: (records[o].CRC, records[o].filename) for (p, _), o in zip(storages, offsets)}
+        if not self.crc and storages:
+            _verify_zip(path)
+        self.checked: set[int] = set()
+
+    def check(self, key: str, ptr: int, nbytes: int, crc: int | None = None) -> None:
+        """Check the storage at `ptr` once (`crc`: already computed by the caller over exactly it)."""
+        if ptr in self.checked or ptr not in self.crc:
+            return
+        if crc is None:
+            crc = 0
+            view = memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B")
+            for i in range(0, nbytes, _COPY_CHUNK):
+                crc = zlib.crc32(view[i : i + _COPY_CHUNK], crc)
+        want, record = self.crc[ptr]
+        if crc != want:
+            raise CheckpointFileError(
+                f"{self.path}: the bytes of {key!r} do not match the archive's CRC-32 (record {record}): the "
+                "file is corrupt; download it again"
+            )
+        self.checked.add(ptr)
 
 
 def torch_to_numpy(t) -> np.ndarray:
@@ -260,42 +399,47 @@ def torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-_COPY_CHUNK = 16 << 20
-
-
-def _copy_dropping_pages(src: np.ndarray) -> np.ndarray:
+def _copy_dropping_pages(src: np.ndarray) -> tuple[np.ndarray, int]:
     """Copy a C-contiguous view of a file mapping in one sequential pass (readahead-friendly; a transpose
     straight from the mapping would fault pages in a strided order), releasing each 16 MiB of file pages as
-    soon as it is copied, so a tensor is never resident twice."""
+    soon as it is copied, so a tensor is never resident twice. Returns (the copy, CRC-32 of its bytes)."""
     out = np.empty(src.shape, src.dtype)
     s, d = src.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
     base = src.__array_interface__["data"][0]
+    crc = 0
     for i in range(0, s.size, _COPY_CHUNK):
         j = min(i + _COPY_CHUNK, s.size)
         d[i:j] = s[i:j]
+        crc = zlib.crc32(d[i:j], crc)
         _drop_pages(base + i, j - i)
-    return out
+    return out, crc
 
 
 def _iter_torch(path: Path, copy: bool) -> Iterator[tuple[str, np.ndarray]]:
     sd, mapped = _torch_load(path)
+    crcs = _StorageCrcs(path, sd) if mapped else None  # legacy pickles carry no checksums
     for key in list(sd):
         t = sd.pop(key)
         if not hasattr(t, "untyped_storage"):
             raise CheckpointFileError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
         arr = torch_to_numpy(t)
+        st = t.untyped_storage()
+        whole = t.is_contiguous() and t.data_ptr() == st.data_ptr() and t.nbytes == st.nbytes()
+        crc = None
         if copy and mapped and t.is_contiguous():
-            arr = _copy_dropping_pages(arr)
+            arr, crc = _copy_dropping_pages(arr)
         elif copy:
             arr = np.array(arr, copy=True, order="C")
-        else:
+        if crcs is not None:
+            crcs.check(key, st.data_ptr(), st.nbytes(), crc if whole else None)
+        if not copy:
             yield key, arr
         if mapped:
             # Only for file mappings: on anonymous memory MADV_DONTNEED would zero the pages (and a storage
             # can be shared by several keys, e.g. tied weights).
-            n = t.numel() * t.element_size() if t.is_contiguous() else t.untyped_storage().nbytes()
-            _drop_pages(t.data_ptr() if t.is_contiguous() else t.untyped_storage().data_ptr(), n)
-        del t
+            n = t.numel() * t.element_size() if t.is_contiguous() else st.nbytes()
+            _drop_pages(t.data_ptr() if t.is_contiguous() else st.data_ptr(), n)
+        del t, st
         if copy:
             yield key, arr
         del arr
@@ -313,9 +457,7 @@ def iter_tensors(path: str | os.PathLike, *, copy: bool = True) -> Iterator[tupl
         zero-copy views of the file mapping, valid only until the next item is requested.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointFileError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
+    if check_weights_file(path) == "safetensors":
         yield from _iter_safetensors(path, copy)
     else:
         yield from _iter_torch(path, copy)

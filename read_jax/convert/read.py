@@ -61,7 +61,7 @@ import ml_dtypes
 import numpy as np
 
 from read_jax import config as rc
-from read_jax.convert import inputs, io, llava_hf
+from read_jax.convert import checks, inputs, io, llava_hf
 from read_jax.convert.clip import (
     CLIP_VISION_IGNORE,
     LLAVA_VISION_TOWER_PREFIX,
@@ -313,6 +313,7 @@ def convert_read_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     strict: bool = False,
+    allow_nonfinite: bool = False,
     model_fn: Callable[[rc.ReadConfig], Callable[[], Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> ConversionReport:
@@ -333,6 +334,7 @@ def convert_read_checkpoint(
       compress: zstd in the orbax parts (~20% smaller for bf16 weights, a little more memory per part).
       strict: refuse config.json (and --clip vision-config) attributes read_jax does not use, instead of
         recording them in conversion.json and logging them on one warning line.
+      allow_nonfinite: convert leaves holding NaN/Inf (listed in conversion.json) instead of refusing them.
       model_fn: cfg -> zero-arg builder of the target model (default `ReadModel`).
       log: where the one-line summaries go.
     Returns:
@@ -350,8 +352,8 @@ def convert_read_checkpoint(
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype)
     if dtype not in ("bfloat16", "float32"):
         raise rc.ConfigError(f"dtype {dtype!r}: use bfloat16 (bf16) or float32 (fp32)")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")
+    input_paths = (hf_dir, clip_dir, sam_path)
+    ck.check_output(out_dir, overwrite=overwrite, inputs=input_paths)  # before any input is read
 
     # ---- inputs: config, tokenizer, files ----
     cfg_path = hf_dir / "config.json"
@@ -359,6 +361,8 @@ def convert_read_checkpoint(
         raise rc.ConfigError(f"{cfg_path}: not found ({hf_dir} is not an HF checkpoint directory)")
     hf = inputs.read_json(cfg_path)
     family = family_of(hf)
+    if "text_config" not in hf:  # llava-hf nests its LLaMA config (and relies on transformers' defaults)
+        checks.require_sizes(hf, cfg_path)
     vt = hf.get("mm_vision_tower") or hf.get("vision_tower")
     if vt and clip_dir is not None:
         log(
@@ -431,7 +435,7 @@ def convert_read_checkpoint(
         shared_out.clear()
 
     # ---- stream: shard by shard, tensor by tensor, into orbax parts in a temporary directory ----
-    with ck.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with ck.atomic_directory(out_dir, overwrite=overwrite, inputs=input_paths) as tmp:
         writer = ck.PartWriter(tmp / ck.PARAMS_DIR, part_bytes or ck.DEFAULT_PART_BYTES, compress=compress)
         merger = LoraMerger(float(lora_alpha), lora_modules) if merge else None
         bar = tqdm(
@@ -442,6 +446,7 @@ def convert_read_checkpoint(
             disable=not progress,
         )
         read_bytes = 0
+        nonfinite = checks.NonFinite()
 
         def add(conv: Converter, key: str, arr: np.ndarray, where: Path):
             n_out, n_err = len(conv.out), len(conv.errors)
@@ -455,6 +460,7 @@ def convert_read_checkpoint(
                 conv.errors[-1] += f" (in {where.name})"
             if len(conv.out) > n_out:
                 path = next(reversed(conv.out))
+                nonfinite.check(key, path, conv.out[path], where)
                 writer.add(path, conv.out[path])
                 conv.out[path] = _Written(conv.out[path])
 
@@ -490,6 +496,8 @@ def convert_read_checkpoint(
                 conv.finish()
             except ConversionError as e:
                 problems.append(str(e))
+        if nonfinite.found and not allow_nonfinite:
+            problems.append(str(nonfinite.error()))
         if problems:
             msg = "\n".join(_dedupe(problems))
             raise ConversionError(f"{hf_dir}: {msg}{_hint(clip_dir, vt, msg)}")
@@ -518,6 +526,7 @@ def convert_read_checkpoint(
                     "config_unused_attributes": list(audit.unused),
                     "clip_config_unused_attributes": clip_unused,
                     "config_notes": list(audit.notes),
+                    "nonfinite_leaves": nonfinite.found,
                 },
                 indent=1,
             )
@@ -527,6 +536,8 @@ def convert_read_checkpoint(
             shutil.copyfile(f, tmp / ck.TOKENIZER_DIR / f.name)
         if added_tokens is not None:
             (tmp / ck.TOKENIZER_DIR / "added_tokens.json").write_text(json.dumps(added_tokens))
+    if nonfinite.found:
+        log(nonfinite.warning())
     report = ConversionReport(
         out_dir,
         len(shared_out),

@@ -47,6 +47,8 @@ class Source:
 def hf_source(name: str, directory: Path) -> Source:
     """The weight files of an HF directory; raises CheckpointFileError naming missing shards."""
     found = io.find_checkpoint_files(directory)
+    for f in found.files:
+        io.check_weights_file(f)  # text, LFS pointers, empty files: refused before anything is written
     expected: dict[Path, set[str]] = {}
     for f in found.files:
         keys = found.keys_of(f)
@@ -60,8 +62,7 @@ def hf_source(name: str, directory: Path) -> Source:
 
 
 def file_source(name: str, path: Path) -> Source:
-    if not path.is_file():
-        raise io.CheckpointFileError(f"{path}: not found")
+    io.check_weights_file(path)
     keys = io.tensor_keys(path)
     return Source(name, (path,), None if keys is None else {path: set(keys)})
 

@@ -14,7 +14,6 @@ The `data` section of a run config (`read_jax.train.config.default_config`): eve
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ SOURCE_KEYS = (
     "reason_seg_false_premise",
     "make_shapes",
     "num_shapes",
+    "templates",
 )
 # DataConfig fields derived from the model, never configured.
 DERIVED_KEYS = ("clip_size",)
@@ -96,32 +96,53 @@ def reason_seg_dir(data_cfg) -> str:
 
 
 def ensure_shapes_data(data_cfg) -> None:
-    """`data.make_shapes`: make `data.root` hold the generated shapes set with `data.num_shapes` images per
-    split.
+    """`data.make_shapes`: the generated shapes set in `data.root`, written only into a directory the
+    generator owns (it holds `make_shapes.MARKER`), and only the files that are absent.
 
-    A split with fewer images than asked for is (re)written with `make_shapes.write_split`, a pure function of
-    (seed, split, index): images already there are rewritten identically, so a set made by
-    `python -m read_jax.data.make_shapes --out DIR` is topped up, not replaced. Only process 0 writes (a
-    shared filesystem is assumed on multi-host runs).
+    An absent or empty `data.root` is created and marked; in a marked one every example of `data.num_shapes`
+    that is missing is written (`make_shapes.write_split(missing_only=True)`: a pure function of (seed, split,
+    index), so a set made by `python -m read_jax.data.make_shapes --out DIR` is topped up, and files already
+    there, hand edits included, are never rewritten). Any other `data.root` is refused: generated scenes are
+    never merged into a user's data. Only process 0 writes (multi-host runs assume a shared filesystem).
     """
     if not data_cfg.get("make_shapes") or jax.process_index() != 0:
         return
     from read_jax.data import make_shapes
 
-    root = data_cfg.root
+    root = str(data_cfg.root)
+    marker = make_shapes.read_marker(root)
+    if marker is None:
+        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+            raise ConfigError(
+                f"data.root={root} holds data the shapes generator did not write (no {make_shapes.MARKER}): "
+                "data.make_shapes=True writes only into a directory of its own; point data.root to a new "
+                "directory, or pass --config.data.make_shapes=false to read this one as it is"
+            )
+        try:
+            os.makedirs(root, exist_ok=True)
+            make_shapes.write_marker(root, 0)
+        except OSError as e:
+            raise PermissionError(f"data.root={root}: cannot create it ({e.strerror})") from e
+        marker = {"seed": 0}
+    seed = int(marker.get("seed", 0))
     counts = dict(zip(make_shapes.SPLITS, plain(data_cfg.num_shapes)))
     for split in make_shapes.SPLITS:
         want = int(counts.get(split) or 0)
-        have = len(glob.glob(os.path.join(root, split, "*.jpg")))
-        if have < want:
-            log.info("writing the generated shapes set: %s/%s (%d images, %d there)", root, split, want, have)
-            make_shapes.write_split(root, split, want, 0)
+        missing = sum(
+            not all(os.path.exists(f) for f in make_shapes.example_paths(root, split, i)) for i in range(want)
+        )
+        if missing:
+            log.info(
+                "writing the generated shapes set: %s/%s (%d of %d examples)", root, split, missing, want
+            )
+            make_shapes.write_split(root, split, want, seed, missing_only=True)
 
 
 def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iterator[dict], Pl.DataConfig]:
     """The training grain iterator of `config.data` (this host's share) and its DataConfig.
 
-    `train.mask_side` > 0 sets a coarser GT canvas for training only (validation keeps `data.max_mask_side`).
+    `train.mask_side` > 0 sets a coarser GT canvas for training than `data.max_mask_side` (validation scores
+    at native resolution, `eval.max_mask_side`).
     """
     d = config.data
     ensure_shapes_data(d)
@@ -138,6 +159,10 @@ def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iter
         reason_seg_dir=reason_seg_dir(d),
         reason_seg_false_premise=None if fp < 0 else fp,
     )
+    tpl = load_templates(d.get("templates"))
+    for src in sources.values():
+        if hasattr(src, "use_templates"):
+            src.use_templates(tpl)
     ds = Pl.train_dataset(
         M.Mixture(sources, rates, seed=dc.seed), dc, cfg.sam, d.tokenizer, shard_options=shard_options
     )
@@ -151,18 +176,38 @@ def eval_reader(data_cfg, dataset: str, split: str, *, answers: bool = True) -> 
     `answers=False` gives prompt-only rows (the generation protocols).
     """
     seed = int(data_cfg.get("seed", 0))
-    if dataset == "reasonseg":
-        return R.ReasonSegReader(reason_seg_dir(data_cfg), split, mode="eval", seed=seed)
+    if dataset == "reasonseg":  # LISA's fixed templates (the protocol's), whatever `data.templates` says
+        return R.ReasonSegReader(reason_seg_dir(data_cfg), split, mode="eval", seed=seed, eval_answer=answers)
     root = data_cfg.root
     if os.path.isdir(os.path.join(root, "refer_seg")):
         root = os.path.join(root, "refer_seg")
-    return R.ReferReader(root, dataset, split, mode="eval", seed=seed, eval_answer=answers)
+    reader = R.ReferReader(root, dataset, split, mode="eval", seed=seed, eval_answer=answers)
+    return reader.use_templates(load_templates(data_cfg.get("templates")))
+
+
+def load_templates(path: str | None):
+    """`data.templates`: the reference's template lists from the user's checkout (e.g. READ's
+    `dataloaders/qa_template.py`, parsed as data), or our own wording when empty (`templates.load_templates`).
+    A file that cannot be read as the reference's lists is a ConfigError naming the list."""
+    from read_jax.data import templates as T
+
+    try:
+        return T.load_templates(path or None)
+    except T.TemplateError as e:
+        raise ConfigError(f"config.data.templates: {e}") from e
 
 
 def eval_data_config(config, cfg: ReadConfig, *, generation: bool = False) -> Pl.DataConfig:
     """The DataConfig of an evaluation: `eval.batch_size`; one query per row (the teacher-forced protocol), or
-    the vicuna_v1 template of `test_read.py` for the generation protocols (read_reference.md §13.7)."""
-    over = {"batch_size": int(config.eval.get("batch_size", 1))}
+    the vicuna_v1 template of `test_read.py` for the generation protocols (read_reference.md §13.7).
+
+    Every image is scored at its original size (the reference weighs cIoU by native pixel counts), unless
+    `eval.max_mask_side` > 0 caps the GT canvas (an explicit option; the summary records it).
+    """
+    over = {
+        "batch_size": int(config.eval.get("batch_size", 1)),
+        "max_mask_side": int(config.eval.get("max_mask_side", 0) or 0),
+    }
     if generation:
         over["template"] = "vicuna_v1"
     else:

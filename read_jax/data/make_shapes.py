@@ -407,17 +407,49 @@ def _make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict,
     return im, ann, kind
 
 
-def write_split(out: str, split: str, num: int, seed: int, progress=None) -> list[str]:
-    d = os.path.join(out, split)
-    os.makedirs(d, exist_ok=True)
+# A directory holding this file belongs to the generator: `data.make_shapes` writes only into such a one.
+MARKER = ".read_jax_shapes.json"
+
+
+def write_marker(out: str, seed: int) -> None:
+    with open(os.path.join(out, MARKER), "w") as f:
+        json.dump({"generator": "read_jax.data.make_shapes", "seed": int(seed)}, f)
+
+
+def read_marker(out: str) -> dict | None:
+    """The generator's marker of `out` (its seed), or None when `out` is not the generator's."""
+    try:
+        with open(os.path.join(out, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def example_paths(out: str, split: str, index: int) -> tuple[str, str]:
+    stem = os.path.join(out, split, f"shapes_{split}_{index:05d}")
+    return stem + ".jpg", stem + ".json"
+
+
+def write_split(
+    out: str, split: str, num: int, seed: int, progress=None, *, missing_only: bool = False
+) -> list[str]:
+    """Write examples 0..num-1 of `split` (each file written beside and renamed: never half-written).
+    `missing_only`: write only the files that are absent (files already there, hand edits included, stay)."""
+    os.makedirs(os.path.join(out, split), exist_ok=True)
     paths = []
     for i in range(num):
-        im, ann = make_example(seed, split, i)
-        stem = os.path.join(d, f"shapes_{split}_{i:05d}")
-        im.save(stem + ".jpg", quality=92)
-        with open(stem + ".json", "w") as f:
-            json.dump(ann, f)
-        paths.append(stem + ".jpg")
+        jpg, js = example_paths(out, split, i)
+        todo = [p for p in (jpg, js) if not (missing_only and os.path.exists(p))]
+        if todo:
+            im, ann = make_example(seed, split, i)
+            if jpg in todo:
+                im.save(jpg + ".tmp", format="JPEG", quality=92)
+                os.replace(jpg + ".tmp", jpg)
+            if js in todo:
+                with open(js + ".tmp", "w") as f:
+                    json.dump(ann, f)
+                os.replace(js + ".tmp", js)
+        paths.append(jpg)
         if progress is not None:
             progress.update(1)
     return paths
@@ -436,6 +468,8 @@ def main(argv=None):
         p.error("split sizes must be >= 0")
     from tqdm import tqdm
 
+    os.makedirs(args.out, exist_ok=True)
+    write_marker(args.out, args.seed)  # the set is the generator's: `data.make_shapes` may top it up
     with tqdm(total=sum(counts.values()), desc="shapes", unit="img") as bar:
         for split, n in counts.items():
             write_split(args.out, split, n, args.seed, bar)

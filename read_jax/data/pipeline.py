@@ -8,10 +8,13 @@ sizes and adds validity flags instead.
 
 Batch (one host's share; B = `DataConfig.batch_size` images, C = `max_convs`, R = B * C conversation rows,
 L = the smallest `length_buckets` entry that holds the batch's longest row, S = `SamConfig.image_size`,
-Hm = Wm = `max_mask_side`):
+Hm = Wm = the GT canvas side: `max_mask_side`, or with `max_mask_side=0` (evaluation at native resolution,
+the protocol's default) the batch's largest image side rounded up the `CANVAS_SIDES` ladder):
 
-  images_clip     f32[B, 336, 336, 3]  CLIP pixels (short side 336 bicubic, centre crop, CLIP mean/std)
-  images_sam      f32[B, S, S, 3]      SAM pixels (longest side S, SAM mean/std, zero pad bottom/right)
+  images_clip     u8[B, 336, 336, 3]   CLIP pixels (short side 336 bicubic, centre crop); the model normalises
+                                       them on the device (CLIP mean/std, `preprocess.clip_normalize`)
+  images_sam      u8[B, S, S, 3]       SAM pixels (longest side S, zero pad bottom/right); normalised on the
+                                       device inside `sam_input_hw` (`preprocess.sam_normalize`)
   sam_input_hw    i32[B, 2]            (h, w): resized extent inside the S x S SAM frame
   orig_hw         i32[B, 2]            (H, W): original image size
   image_valid     bool[B]              False for padding images (end of an eval split, failed eval image)
@@ -27,15 +30,20 @@ Hm = Wm = `max_mask_side`):
   has_seg         bool[R]              the row's answer is meant to produce a mask ([SEG] in training)
   exists          bool[R]              the queried object is present (False: false premise, VQA)
   masks           u8[R, Hm, Wm]        the row's GT at original resolution, top-left in the canvas; 0/1
-                                       (eval ReasonSeg keeps 255 = ignore). Images with a side > Hm are
-                                       downscaled (nearest) to fit, see `mask_hw`.
+                                       (eval ReasonSeg keeps 255 = ignore, eval RefCOCO 2 where polygon
+                                       parts overlap). With a cap (`max_mask_side` > 0) images with a side
+                                       > Hm are downscaled (nearest) to fit, see `mask_hw`.
   mask_valid      bool[R]              the row has a GT mask (training: == has_seg; eval: every query)
-  mask_hw         i32[R, 2]            extent of the GT inside the canvas (= orig_hw unless downscaled)
+  mask_hw         i32[R, 2]            extent of the GT inside the canvas (= orig_hw unless capped)
   sample_id       str[B]               host-only (numpy unicode): drop it before `jax.device_put`
-                                       (`device_batch` does)
+                                       (`device_batch` does); an eval slot whose item was skipped holds
+                                       "<reason>: <message>" (`skip_reason`)
 
 Text longer than the largest bucket is truncated to it (the reference truncates at
-`model_max_length - 255` = 1793, the default largest bucket). Rows of one image are contiguous, so the
+`model_max_length - 255` = 1793, the default largest bucket), but never before the answer's last [SEG]
+(nor, without [SEG], before the first answer token; a prompt-only row is never cut): a row that does not
+fit that way is an unusable example (`QueryTooLongError`), redrawn and counted in training, reported as
+skipped in evaluation. Rows of one image are contiguous, so the
 model repeats image b's CLIP features for rows [b*C, (b+1)*C) (the reference's `offset` list).
 
 Training draws example `i` of the global index stream from `np.random.default_rng([seed, i, attempt])`
@@ -52,14 +60,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from read_jax.config import CLIP_SIZE, IGNORE_INDEX, SamConfig
+from read_jax.config import CLIP_SIZE, IGNORE_INDEX, SEG_TOKEN_ID, SamConfig
 from read_jax.data import readers as R
 from read_jax.data.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageError,
-    clip_preprocess,
+    clip_pixels,
     load_image,
     resize_mask_nearest,
+    sam_pixels,
 )
 
 log = logging.getLogger(__name__)
@@ -77,7 +86,9 @@ class DataConfig:
     max_convs: int = 3  # conversation rows per image (C)
     length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
     clip_size: int = CLIP_SIZE
-    max_mask_side: int = 1024  # GT canvas side (Hm = Wm)
+    # GT canvas side (Hm = Wm): training's static canvas (larger images' GTs are downscaled for the loss);
+    # for evaluation a cap that the summary records. 0 = native resolution (evaluation only).
+    max_mask_side: int = 1024
     template: str = "llava_v1"
     seed: int = 0
     max_retries: int = 20  # redraws for one example before giving up with an error
@@ -92,12 +103,25 @@ class DataConfig:
             raise ValueError("batch_size and max_convs must be >= 1")
         if not self.length_buckets or list(self.length_buckets) != sorted(set(self.length_buckets)):
             raise ValueError(f"length_buckets must be strictly increasing, got {self.length_buckets}")
-        if self.max_mask_side < 1:
-            raise ValueError("max_mask_side must be >= 1")
+        if self.max_mask_side < 0:
+            raise ValueError("max_mask_side must be >= 0 (0: native resolution, evaluation only)")
 
     @property
     def rows(self) -> int:
         return self.batch_size * self.max_convs
+
+
+# Native-resolution eval canvases: the batch's largest image side rounded up this ladder (one decode compile
+# per rung used; every rung a multiple of the evaluation's scoring band, `eval.stages.BAND`).
+CANVAS_SIDES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+def canvas_side(n: int) -> int:
+    """The GT canvas side of a native-resolution eval batch whose largest image side is n."""
+    for s in CANVAS_SIDES:
+        if n <= s:
+            return s
+    return -(-n // CANVAS_SIDES[-1]) * CANVAS_SIDES[-1]
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -135,6 +159,20 @@ def device_batch(batch: dict) -> dict:
 # ---- one example -> variable-size arrays ----------------------------------------------------------------
 
 
+class QueryTooLongError(R.SampleError):
+    """A conversation row that the largest length bucket cannot hold without losing its [SEG] (or its
+    question)."""
+
+
+def skip_reason(e: Exception) -> str:
+    """The category an unusable example is counted under."""
+    if isinstance(e, QueryTooLongError):
+        return "query too long"
+    if isinstance(e, ImageError):
+        return "unreadable image"
+    return "unusable annotation"
+
+
 class ExampleProcessor:
     """`Example` -> preprocessed pixels + token rows + GT masks (variable sizes; `collate` pads them).
 
@@ -167,10 +205,26 @@ class ExampleProcessor:
             return ids, [IGNORE_INDEX] * len(ids)
         return encode_conversation(prompt, self.tokenizer, template=self.cfg.template)
 
+    def fit(self, ids: list[int], labels: list[int], where: str) -> tuple[list[int], list[int]]:
+        """A row cut to the largest length bucket, keeping every supervised [SEG] (without one: the question
+        and the first answer token; a prompt-only row whole). Raises QueryTooLongError when that is
+        impossible."""
+        limit = self.cfg.length_buckets[-1]
+        if len(ids) <= limit:
+            return ids, labels
+        sup = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+        seg = [i for i in sup if ids[i] == SEG_TOKEN_ID]
+        need = seg[-1] + 1 if seg else sup[0] + 1 if sup else len(ids)
+        if need > limit:
+            what = "the text up to its [SEG]" if seg else "the question" if sup else "the prompt"
+            raise QueryTooLongError(
+                f"{where}: {what} takes {need} tokens, the largest length bucket holds {limit} "
+                f"(data.length_buckets)"
+            )
+        return ids[:limit], labels[:limit]
+
     def __call__(self, ex: R.Example) -> dict:
         """Raises ImageError / SampleError for an unusable example."""
-        from read_jax.sam.transforms import preprocess as sam_preprocess
-
         if len(ex.conversations) > self.cfg.max_convs:
             raise ValueError(
                 f"{ex.sample_id}: {len(ex.conversations)} conversations > max_convs {self.cfg.max_convs}"
@@ -179,13 +233,15 @@ class ExampleProcessor:
         hw = image.shape[:2]
         if ex.masks.shape[0] and tuple(ex.masks.shape[1:]) != tuple(hw):
             raise R.SampleError(f"{ex.sample_id}: GT size {ex.masks.shape[1:]} != image size {hw}")
-        sam_img, sam_hw = sam_preprocess(image, self.sam_cfg)
+        sam_img, sam_hw = sam_pixels(image, self.sam_cfg)  # uint8: normalised on the device
         try:
-            rows = [self.encode(c) for c in ex.conversations]
+            rows = [
+                self.fit(*self.encode(c), f"{ex.sample_id} query {j}") for j, c in enumerate(ex.conversations)
+            ]
         except ValueError as e:  # text the prompt builder / tokenizer cannot handle: a data problem
             raise R.SampleError(f"{ex.sample_id}: {e}") from e
         side = self.cfg.max_mask_side
-        if max(hw) > side:  # downscale the GT (nearest, labels kept) so it fits the static canvas
+        if side and max(hw) > side:  # a cap: downscale the GT (nearest, labels kept) to fit the canvas
             s = side / max(hw)
             mhw = (max(1, int(hw[0] * s + 0.5)), max(1, int(hw[1] * s + 0.5)))
         else:
@@ -195,7 +251,7 @@ class ExampleProcessor:
             for c in ex.conversations
         ]
         return {
-            "images_clip": clip_preprocess(image, self.cfg.clip_size),
+            "images_clip": clip_pixels(image, self.cfg.clip_size),
             "images_sam": sam_img,
             "sam_input_hw": np.asarray(sam_hw, np.int32),
             "orig_hw": np.asarray(hw, np.int32),
@@ -262,7 +318,7 @@ class EvalExampleFn:
             out = self.processor(ex)
         except (R.SampleError, ImageError) as e:
             log.warning("eval item %d is unusable and is skipped: %s", idx, e)
-            return _invalid(idx, 1, str(idx))
+            return _invalid(idx, 1, f"{skip_reason(e)}: {e}")
         out.update(example_index=idx, num_skipped=0, source=0, meta=ex.meta)
         return out
 
@@ -273,20 +329,25 @@ class EvalExampleFn:
 class Collate:
     """grain batch_fn: a list of <= B processed examples -> the static batch documented above."""
 
+    pixel_dtype = np.uint8  # the images' dtype (normalised on the device)
+
     def __init__(self, cfg: DataConfig, sam_cfg: SamConfig):
         self.cfg, self.sam_cfg = cfg, sam_cfg
 
     def __call__(self, items: Sequence[dict]) -> dict:
         cfg = self.cfg
-        b, c, s, side = cfg.batch_size, cfg.max_convs, self.sam_cfg.image_size, cfg.max_mask_side
+        b, c, s = cfg.batch_size, cfg.max_convs, self.sam_cfg.image_size
         r = b * c
         if len(items) > b:
             raise ValueError(f"collate got {len(items)} examples for a batch of {b}")
+        side = cfg.max_mask_side or canvas_side(
+            max((int(max(it["mask_hw"])) for it in items if not it.get("invalid")), default=1)
+        )
         longest = max((len(ids) for it in items if not it.get("invalid") for ids, _ in it["rows"]), default=1)
         length = bucket_length(longest, cfg.length_buckets)
         out = {
-            "images_clip": np.zeros((b, cfg.clip_size, cfg.clip_size, 3), np.float32),
-            "images_sam": np.zeros((b, s, s, 3), np.float32),
+            "images_clip": np.zeros((b, cfg.clip_size, cfg.clip_size, 3), self.pixel_dtype),
+            "images_sam": np.zeros((b, s, s, 3), self.pixel_dtype),
             "sam_input_hw": np.zeros((b, 2), np.int32),
             "orig_hw": np.zeros((b, 2), np.int32),
             "image_valid": np.zeros((b,), bool),
@@ -391,6 +452,8 @@ def train_dataset(
 
     if mixture.seed != cfg.seed:
         raise ValueError(f"mixture seed {mixture.seed} != DataConfig.seed {cfg.seed}")
+    if cfg.max_mask_side < 1:
+        raise ValueError("training needs a static GT canvas: max_mask_side >= 1 (0 is for evaluation)")
     index, count = _shard(shard_options)
     ds = grain.MapDataset.range(num_examples if num_examples is not None else 2**40)[index::count]
     ds = ds.map(TrainExampleFn(mixture, ExampleProcessor(cfg, sam_cfg, tokenizer_path)))

@@ -5,8 +5,10 @@ PyTorch reference: `rui-qian/READ@2549240` `dataloaders/base_dataset.py` (image 
 (`decode_segmentation`: COCO polygons / RLE via pycocotools). See read_reference.md §7.
 SAM preprocessing (resize longest side, normalise, pad) lives in `read_jax/sam/transforms.py`.
 
-Everything here is numpy/PIL on the host, never `jax.image`: the reference resizes with PIL and
-`jax.image.resize` does not reproduce PIL's filters (read_reference.md §14).
+Resizes are numpy/PIL on the host, never `jax.image`: the reference resizes with PIL and `jax.image.resize`
+does not reproduce PIL's filters (read_reference.md §14). The pipeline ships the resized images as uint8
+(`clip_pixels`, `sam_pixels`); the normalisation runs on the device (`clip_normalize`, `sam_normalize`:
+table gathers that give the host formula's floats bit for bit).
 
 Shape letters: H, W original image height/width; S CLIP crop side (336); N polygon vertices.
 
@@ -134,11 +136,10 @@ def clip_resize_shape(h: int, w: int, size: int = CLIP_SIZE) -> tuple[int, int]:
     return (new_long, new_short) if w <= h else (new_short, new_long)
 
 
-def clip_preprocess(image: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
-    """CLIP pixels for LLaVA: uint8 [H, W, 3] RGB -> float32 [S, S, 3] (NHWC, normalised).
+def clip_pixels(image: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
+    """CLIP's resize + centre crop, still uint8: uint8 [H, W, 3] RGB -> uint8 [S, S, 3].
 
-    Equal (bit for bit) to `CLIPImageProcessor(size={"shortest_edge": S}, crop_size=S, ...)` on the PIL
-    path, transposed from NCHW.
+    What the data pipeline ships; `clip_normalize` (on the device) or `clip_preprocess` (host) finish it.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"clip_preprocess expects uint8 [H, W, 3], got {image.dtype} {image.shape}")
@@ -147,10 +148,92 @@ def clip_preprocess(image: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
     # PIL works in (w, h); bicubic as in CLIPImageProcessor.resample=BICUBIC, no reducing_gap.
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.BICUBIC))
     top, left = (nh - size) // 2, (nw - size) // 2
-    crop = resized[top : top + size, left : left + size]
-    # transformers rescales in float64 then casts, then normalises in float32: same order here.
-    x = (crop.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def clip_normalize_host(pixels: np.ndarray) -> np.ndarray:
+    """Host CLIP normalisation of uint8 crops, transformers' order: rescale in float64, cast to float32,
+    normalise in float32."""
+    x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+def clip_preprocess(image: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
+    """CLIP pixels for LLaVA: uint8 [H, W, 3] RGB -> float32 [S, S, 3] (NHWC, normalised), on the host.
+
+    Equal (bit for bit) to `CLIPImageProcessor(size={"shortest_edge": S}, crop_size=S, ...)` on the PIL
+    path, transposed from NCHW. The pipeline ships `clip_pixels` instead and normalises on the device
+    (`clip_normalize`, the same floats).
+    """
+    return clip_normalize_host(clip_pixels(image, size))
+
+
+def sam_pixels(image: np.ndarray, sam_cfg) -> tuple[np.ndarray, tuple[int, int]]:
+    """SAM's longest-side resize, still uint8, zero-padded bottom/right: uint8 [H, W, 3] -> (uint8 [S, S, 3],
+    (h, w) resized extent). `sam_normalize` (device) gives what `read_jax.sam.transforms.preprocess` (host)
+    gives: the pixel mean/std inside the extent, exact zeros outside."""
+    from read_jax.sam.transforms import resize_longest_side
+
+    s = sam_cfg.image_size
+    x = resize_longest_side(image, s)
+    h, w = x.shape[:2]
+    out = np.zeros((s, s, 3), np.uint8)
+    out[:h, :w] = x
+    return out, (h, w)
+
+
+def sam_normalize_host(pixels: np.ndarray, input_hw, pixel_mean, pixel_std) -> np.ndarray:
+    """Host SAM normalisation of one uint8 [S, S, 3] frame (`sam_pixels`): `transforms.preprocess`'s
+    floats."""
+    h, w = (int(v) for v in input_hw)
+    out = np.zeros(pixels.shape, np.float32)
+    mean, std = np.asarray(pixel_mean, np.float32), np.asarray(pixel_std, np.float32)
+    out[:h, :w] = (pixels[:h, :w].astype(np.float32) - mean) / std
+    return out
+
+
+# ---- device-side normalisation ------------------------------------------------------------------------
+# Normalising 1024 x 1024 x 3 floats per image on the host, and shipping 4 bytes per channel, is what
+# limited the data pipeline (benchmarks/data.py); the pipeline ships uint8 and the model normalises on the
+# device. Each table maps (value, channel) to the float the host formula gives, so a gather reproduces the
+# host result bit for bit on every backend (no dependence on how a backend divides).
+
+
+def normalization_table(kind: str, pixel_mean=None, pixel_std=None) -> np.ndarray:
+    """float32 [256, 3]: the normalised value of every uint8 value per channel ("clip" or "sam")."""
+    v = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    if kind == "clip":
+        return clip_normalize_host(v)
+    if kind == "sam":  # `read_jax.sam.transforms.preprocess`'s arithmetic, elementwise
+        mean, std = np.asarray(pixel_mean, np.float32), np.asarray(pixel_std, np.float32)
+        return (v.astype(np.float32) - mean) / std
+    raise ValueError(f"unknown normalisation {kind!r}")
+
+
+def _gather_normalized(pixels, table: np.ndarray):
+    import jax.numpy as jnp
+
+    flat = jnp.asarray(table).reshape(-1)  # [256 * 3], index = value * 3 + channel
+    idx = pixels.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)
+    return flat[idx]
+
+
+def clip_normalize(pixels):
+    """Device side: uint8 [..., S, S, 3] CLIP crops -> float32, equal to `clip_preprocess`'s output."""
+    return _gather_normalized(pixels, normalization_table("clip"))
+
+
+def sam_normalize(pixels, input_hw, pixel_mean, pixel_std):
+    """Device side: uint8 [B, S, S, 3] (`sam_pixels`) and int [B, 2] extents -> float32 [B, S, S, 3], equal to
+    `read_jax.sam.transforms.preprocess`'s output (normalised inside the extent, 0.0 outside)."""
+    import jax.numpy as jnp
+
+    x = _gather_normalized(pixels, normalization_table("sam", pixel_mean, pixel_std))
+    s = pixels.shape[1]
+    inside = (jnp.arange(s)[None, :, None] < input_hw[:, 0, None, None]) & (
+        jnp.arange(pixels.shape[2])[None, None, :] < input_hw[:, 1, None, None]
+    )
+    return jnp.where(inside[..., None], x, jnp.float32(0.0))
 
 
 # ---- polygon rasterisation (OpenCV-compatible) ----------------------------------------------------------
@@ -367,13 +450,16 @@ def labelme_mask(shapes: Iterable[dict], h: int, w: int) -> tuple[np.ndarray, in
 # ---- COCO polygons / RLE (RefCOCO*, PACO-LVIS, PASCAL-Part) ---------------------------------------------
 
 
-def coco_mask(segmentation: Any, h: int, w: int) -> np.ndarray:
-    """uint8 [H, W] {0, 1} from a COCO `segmentation` (polygon list, RLE dict, or list of RLE dicts).
+def coco_mask(segmentation: Any, h: int, w: int, overlaps: str = "union") -> np.ndarray:
+    """uint8 [H, W] from a COCO `segmentation` (polygon list, RLE dict, or list of RLE dicts).
 
-    The reference sums the decoded parts and casts to uint8 (`decode_segmentation`), which yields 2
-    where two parts overlap; we take the union instead, so every GT is binary. Degenerate polygon parts
-    (< 3 vertices) are dropped; an empty segmentation gives an all-zero mask.
+    overlaps: "union" gives a binary mask (training targets); "sum" is the reference's
+    `decode_segmentation` (the decoded parts summed and cast to uint8: 2 where two parts overlap), which
+    its evaluation scores as is (a value-2 pixel is in no GT class but counts in the prediction's union).
+    Degenerate polygon parts (< 3 vertices) are dropped; an empty segmentation gives an all-zero mask.
     """
+    if overlaps not in ("union", "sum"):
+        raise ValueError(f"overlaps must be 'union' or 'sum', got {overlaps!r}")
     from pycocotools import mask as mask_utils
 
     if segmentation is None or (isinstance(segmentation, (list, tuple)) and len(segmentation) == 0):
@@ -404,7 +490,7 @@ def coco_mask(segmentation: Any, h: int, w: int) -> np.ndarray:
                 )
     m = mask_utils.decode(rles)
     if m.ndim == 3:
-        m = m.max(axis=2)
+        m = m.sum(axis=2).astype(np.uint8) if overlaps == "sum" else m.max(axis=2)
     if m.shape != (h, w):
         raise ValueError(f"segmentation decodes to {m.shape}, image is {(h, w)}")
     return m.astype(np.uint8)

@@ -19,9 +19,23 @@ question (`read_jax.data.conversation.build_conversation`).
 
 The fixed ReasonSeg evaluation templates are LISA's protocol strings, not training templates; they live in
 `read_jax.data.conversation` (`reason_seg_question`, `ANSWER_TEMPLATE`).
+
+The reference's own lists (100 / 49 / 81 / 35 / 100 / 99 templates: `SHORT_QUESTION_TEMPLATE`,
+`LONG_QUESTION_TEMPLATE`, `SHORT_ANSWER_TEMPLATE`, `LONG_ANSWER_TEMPLATE`, `NEG_ANSWER_TEMPLATE`,
+`CORRECT_ANSWER_TEMPLATE` in READ's `dataloaders/qa_template.py`, SESAME's file of the same name) are what the
+released models were trained and evaluated with; their wording is not copied here. `load_reference_templates`
+reads them from the user's checkout of the reference (`data.templates = ".../dataloaders/qa_template.py"`),
+parsing the file as data with `ast`, never executing it: each list must be a literal list of strings, each
+string a literal, `DEFAULT_IMAGE_TOKEN`, or a `+` of those (the reference's shape). Readers then draw from the
+loaded `Templates` (`Reader.templates`) for training, RefCOCO and FP-RefCOCO; our wording stays the default.
 """
 
 from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import string
 
 import numpy as np
 
@@ -157,30 +171,184 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
+@dataclasses.dataclass(frozen=True)
+class Templates:
+    """The six template lists a reader draws from, and where they came from (`source`: "read_jax" or the
+    reference file's path and sha256). Questions carry no `<image>` (the prompt builder adds it)."""
+
+    short_questions: tuple[str, ...]
+    long_questions: tuple[str, ...]
+    short_answers: tuple[str, ...]
+    long_answers: tuple[str, ...]
+    neg_answers: tuple[str, ...]
+    correct_answers: tuple[str, ...]
+    source: str = "read_jax"
+
+    def short_question(self, rng: np.random.Generator, class_name: str) -> str:
+        return _pick(rng, self.short_questions).format(class_name=class_name)
+
+    def long_question(self, rng: np.random.Generator, sent: str) -> str:
+        return _pick(rng, self.long_questions).format(sent=sent)
+
+    def question(self, rng: np.random.Generator, text: str, is_sentence: bool) -> str:
+        """Long template for a sentence query, short (lower-cased) otherwise, as SESAME's ReasonSeg does."""
+        return self.long_question(rng, text) if is_sentence else self.short_question(rng, text.lower())
+
+    def short_answer(self, rng: np.random.Generator, class_name: str) -> str:
+        return _pick(rng, self.short_answers).format(class_name=class_name)
+
+    def long_answer(self, rng: np.random.Generator) -> str:
+        return _pick(rng, self.long_answers)
+
+    def neg_answer(self, rng: np.random.Generator, class_name: str) -> str:
+        return _pick(rng, self.neg_answers).format(class_name=class_name)
+
+    def correct_answer(self, rng: np.random.Generator, class_name: str, gt_name: str) -> str:
+        return _pick(rng, self.correct_answers).format(class_name=class_name, gt_name=gt_name)
+
+
+DEFAULT = Templates(
+    SHORT_QUESTIONS, LONG_QUESTIONS, SHORT_ANSWERS, LONG_ANSWERS, NEG_ANSWERS, CORRECT_ANSWERS
+)
+
+
 def short_question(rng: np.random.Generator, class_name: str) -> str:
-    return _pick(rng, SHORT_QUESTIONS).format(class_name=class_name)
+    return DEFAULT.short_question(rng, class_name)
 
 
 def long_question(rng: np.random.Generator, sent: str) -> str:
-    return _pick(rng, LONG_QUESTIONS).format(sent=sent)
+    return DEFAULT.long_question(rng, sent)
 
 
 def question(rng: np.random.Generator, text: str, is_sentence: bool) -> str:
-    """Long template for a sentence query, short (lower-cased) otherwise, as SESAME's ReasonSeg does."""
-    return long_question(rng, text) if is_sentence else short_question(rng, text.lower())
+    return DEFAULT.question(rng, text, is_sentence)
 
 
 def short_answer(rng: np.random.Generator, class_name: str) -> str:
-    return _pick(rng, SHORT_ANSWERS).format(class_name=class_name)
+    return DEFAULT.short_answer(rng, class_name)
 
 
 def long_answer(rng: np.random.Generator) -> str:
-    return _pick(rng, LONG_ANSWERS)
+    return DEFAULT.long_answer(rng)
 
 
 def neg_answer(rng: np.random.Generator, class_name: str) -> str:
-    return _pick(rng, NEG_ANSWERS).format(class_name=class_name)
+    return DEFAULT.neg_answer(rng, class_name)
 
 
 def correct_answer(rng: np.random.Generator, class_name: str, gt_name: str) -> str:
-    return _pick(rng, CORRECT_ANSWERS).format(class_name=class_name, gt_name=gt_name)
+    return DEFAULT.correct_answer(rng, class_name, gt_name)
+
+
+# ---- the reference's lists, read as data -----------------------------------------------------------------
+class TemplateError(ValueError):
+    """A template file the loader cannot read as the reference's lists (the message names the list)."""
+
+
+# Reference list name -> (Templates field, placeholders it must use, placeholders it may use, [SEG] count
+# per template: 1, 0, or None for "any").
+REFERENCE_LISTS = {
+    "SHORT_QUESTION_TEMPLATE": ("short_questions", {"class_name"}, {"class_name"}, 0),
+    "LONG_QUESTION_TEMPLATE": ("long_questions", {"sent"}, {"sent"}, 0),
+    "SHORT_ANSWER_TEMPLATE": ("short_answers", set(), {"class_name"}, 1),
+    "LONG_ANSWER_TEMPLATE": ("long_answers", set(), set(), 1),
+    "NEG_ANSWER_TEMPLATE": ("neg_answers", set(), {"class_name"}, 0),
+    "CORRECT_ANSWER_TEMPLATE": ("correct_answers", {"gt_name"}, {"class_name", "gt_name"}, 0),
+}
+# Names a template string may use besides literals (the reference's `model.llava.constants`).
+KNOWN_NAMES = {"DEFAULT_IMAGE_TOKEN": "<image>"}
+IMAGE_PREFIX = "<image>\n"
+
+
+def _literal(node: ast.AST) -> str:
+    """A string expression of the reference's shape: a literal, a known name, or `+` of those."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in KNOWN_NAMES:
+        return KNOWN_NAMES[node.id]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _literal(node.left) + _literal(node.right)
+    raise TypeError(ast.unparse(node)[:80])
+
+
+def _check_template(name: str, k: int, text: str) -> str:
+    field, must, may, segs = REFERENCE_LISTS[name]
+    try:
+        used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as e:
+        raise TemplateError(f"{name}[{k}] is not a format string ({e}): {text!r}") from e
+    if not must <= used or not used <= may:
+        raise TemplateError(
+            f"{name}[{k}] uses placeholders {sorted(used)}; the list needs {sorted(must)} and allows "
+            f"{sorted(may)}: {text!r}"
+        )
+    if segs is not None and text.count(SEG_TOKEN) != segs:
+        raise TemplateError(f"{name}[{k}] must hold {segs} {SEG_TOKEN} token(s): {text!r}")
+    if field.endswith("questions"):
+        text = text[len(IMAGE_PREFIX) :] if text.startswith(IMAGE_PREFIX) else text
+        if "<image>" in text:
+            raise TemplateError(f"{name}[{k}] has <image> elsewhere than at its start: {text!r}")
+    return text
+
+
+def load_reference_templates(path: str) -> Templates:
+    """The reference's six template lists from `path` (e.g. READ's `dataloaders/qa_template.py`), as data.
+
+    The file is parsed with `ast` and never executed. Each list must be assigned once, at the top level, as a
+    literal list (or tuple) whose elements are string literals, `DEFAULT_IMAGE_TOKEN` (= "<image>") or `+`
+    of those; questions lose their leading "<image>\n". Raises TemplateError naming the list that is
+    missing, built by code (comprehensions, calls, other names, f-strings, augmented assignments) or not in
+    that shape (empty, wrong placeholders, a positive answer without exactly one [SEG]).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        tree = ast.parse(raw.decode("utf-8"), filename=path)
+    except (OSError, UnicodeDecodeError, SyntaxError) as e:
+        raise TemplateError(f"cannot read the template file {path!r}: {e}") from e
+    found: dict[str, ast.AST] = {}
+    for node in tree.body:
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            targets = [node.target.id]
+        for t in targets:
+            if t not in REFERENCE_LISTS:
+                continue
+            if t in found or isinstance(node, ast.AugAssign):
+                raise TemplateError(
+                    f"{path}: {t} is assigned more than once (built by code, not a literal list)"
+                )
+            found[t] = node.value
+    missing = [n for n in REFERENCE_LISTS if n not in found]
+    if missing:
+        raise TemplateError(
+            f"{path}: no literal list {missing[0]} (missing: {missing}); is it the reference's file?"
+        )
+    lists = {}
+    for name, value in found.items():
+        if not isinstance(value, (ast.List, ast.Tuple)):
+            raise TemplateError(
+                f"{path}: {name} is built by code ({type(value).__name__}: {ast.unparse(value)[:60]}), not a "
+                "literal list of strings; the loader reads the lists as data and runs nothing"
+            )
+        if not value.elts:
+            raise TemplateError(f"{path}: {name} is empty")
+        texts = []
+        for k, elt in enumerate(value.elts):
+            try:
+                texts.append(_check_template(name, k, _literal(elt)))
+            except TypeError as e:
+                raise TemplateError(
+                    f"{path}: {name}[{k}] is not a string literal (got `{e}`); the loader reads the lists as "
+                    "data and runs nothing"
+                ) from e
+        lists[REFERENCE_LISTS[name][0]] = tuple(texts)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return Templates(**lists, source=f"{path} (sha256 {digest})")
+
+
+def load_templates(path: str | None) -> Templates:
+    """`data.templates`: the reference's lists from `path`, or our wording (DEFAULT) when it is empty."""
+    return load_reference_templates(path) if path else DEFAULT

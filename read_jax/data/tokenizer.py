@@ -63,6 +63,17 @@ ADDED_TOKEN_LAYOUTS = (
 BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<s>", "</s>", "<unk>"
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore the checkpoint's own file") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
+
+
 def _as_id_list(ids) -> list[int]:
     """A 1-D sequence of ids (list, tuple, numpy or jax array) as Python ints."""
     arr = np.asarray(ids)
@@ -97,7 +108,14 @@ class ReadTokenizer:
             directory, model_file = None, path
         if not os.path.isfile(model_file):
             raise ValueError(f"no SentencePiece model at {model_file!r}")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:  # sentencepiece: "INTERNAL: could not parse ModelProto ..."
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"{model_file}: not a readable SentencePiece model ({first}); copy the checkpoint's "
+                "tokenizer.model again"
+            ) from e
         self._check_base_vocab(model_file)
         added = ADDED_TOKENS if directory is None else self._check_directory(directory)
 
@@ -147,8 +165,7 @@ class ReadTokenizer:
         added_file = os.path.join(directory, "added_tokens.json")
         added = ADDED_TOKENS
         if os.path.isfile(added_file):
-            with open(added_file, encoding="utf-8") as f:
-                added = json.load(f)
+            added = _read_json(added_file)
             layout = ADDED_TOKEN_LAYOUTS[1] if added.get(SEG_TOKEN) == 32003 else ADDED_TOKENS
             wrong = {t: i for t, i in added.items() if layout.get(t) != i}
             if wrong:
@@ -159,8 +176,7 @@ class ReadTokenizer:
             added = layout
         config_file = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _read_json(config_file)
             # READ relies on LLaMA's defaults: BOS prepended, no EOS appended by encode().
             bos, eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
             if bos is not True or eos not in (None, False):

@@ -13,9 +13,11 @@ device
 as int32 per row, and padding rows are dropped on the host before anything is summed (`records.row_valid`).
 
 Deliberate choices (documented where they differ from the reference):
-  * Every row is scored at its GT canvas resolution `mask_hw`, which equals the original size unless the
-    data pipeline downscaled a GT larger than `DataConfig.max_mask_side` (then the mask is decoded straight
-    to that size: set `max_mask_side` >= the largest image for the exact protocol).
+  * Every row is scored at its image's original size, as the reference does (cIoU weighs each image by its
+    native pixel count), in bounded memory: the masks are upsampled and compared band by band
+    (`stages.score_bands`). Only an explicit cap (`eval.max_mask_side` > 0) scores a downscaled GT (the mask
+    is then decoded straight to that size); each record carries `scored_hw` and `native_hw`, and the summary
+    `downscaled_queries` (the protocol's figures need 0).
   * Appendix A.1 thresholds the reference's full-resolution similarity map (`sasp.similarity_map_full`),
     values
     in [0, 1]: pixel predicted iff S >= t, t on the 0.01 grid; the best threshold of each query maximises that
@@ -40,6 +42,7 @@ import numpy as np
 
 from read_jax import sharding as shd
 from read_jax.config import SaspConfig
+from read_jax.eval import dumps
 from read_jax.eval.analysis import TABLE8_NUM_POINTS, TABLE8_THRESHOLDS, best_thresholds
 from read_jax.eval.records import (
     batch_records,
@@ -67,9 +70,26 @@ def _summarise(records: list[dict], summary_fn: Callable, t0: float) -> tuple[di
     records = gather_records(records)
     wall = time.perf_counter() - t0
     summary = summary_fn(records)
+    summary["downscaled_queries"] = sum(r.get("scored_hw") != r.get("native_hw") for r in records)
     summary["wall_s"] = wall
     summary["samples_per_s"] = len(records) / wall if wall > 0 else 0.0
     return summary, records
+
+
+def _resolution(
+    batch: Mapping[str, Any], res: dict, recs: list[dict], rows: np.ndarray, dump_dir: str | None
+) -> None:
+    """`scored_hw` (the GT extent the row was scored at) and `native_hw` (its image's size) of each record;
+    with `dump_dir`, the row's predicted and GT masks at that extent (`dumps.write_masks`)."""
+    conv_image = np.asarray(batch["conv_image"])
+    for rec, r in zip(recs, rows):
+        h, w = (int(v) for v in np.asarray(batch["mask_hw"])[r])
+        rec["scored_hw"] = [h, w]
+        rec["native_hw"] = [int(v) for v in np.asarray(batch["orig_hw"])[conv_image[r]]]
+        if dump_dir is not None:
+            dumps.write_masks(
+                dump_dir, rec, res["pred_mask"][r, :h, :w], np.asarray(batch["masks"])[r, :h, :w]
+            )
 
 
 def evaluate_reasonseg(
@@ -89,6 +109,7 @@ def evaluate_reasonseg(
     progress: bool = True,
     total: int | None = None,
     desc: str = "eval",
+    dump_dir: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """The teacher-forced protocol (ReasonSeg val/test, RefCOCO/+/g): gIoU and cIoU.
 
@@ -108,6 +129,7 @@ def evaluate_reasonseg(
         `is_sentence`, which enables the short/long figures).
       on_maps: callback(batch, results, valid_rows) with the maps (turns on `return_maps`): pictures.
       evaluator: reuse an `Evaluator` (its model and mesh win over `model`/`mesh`).
+      dump_dir: write every query's predicted and GT masks under it (`dumps`; re-scored by `dumps.rescore`).
     Returns:
       (summary {"gIoU", "cIoU", "num_queries", ["short", "long", "threshold_search", "points_as_prompt"],
       "samples_per_s"}, per-query records).
@@ -124,11 +146,13 @@ def evaluate_reasonseg(
             threshold_search=threshold_search,
             points_prompt=points_prompt,
             return_maps=on_maps is not None,
+            return_pred=dump_dir is not None,
         )
         res = ev.run(batch, opts)
         valid = row_valid(batch)
         recs = batch_records(batch, res, valid, tokenizer, meta_fn, seen)
         rows = np.flatnonzero(valid)
+        _resolution(batch, res, recs, rows, dump_dir)
         for rec, r in zip(recs, rows):
             rec.update(fg_intersection=int(res["fg_inter"][r]), fg_union=int(res["fg_union"][r]))
         if threshold_search:
@@ -291,6 +315,9 @@ def evaluate_fprefcoco(
     evaluator: Evaluator | None = None,
     progress: bool = True,
     total: int | None = None,
+    sasp_cfg: SaspConfig | None = None,
+    dump_dir: str | None = None,
+    desc: str = "fp-refcoco",
 ) -> tuple[dict, list[dict]]:
     """FP-RefCOCO(+/g) "See" and "Segment" through free greedy generation (read_reference.md §8.4).
 
@@ -305,6 +332,8 @@ def evaluate_fprefcoco(
       max_new_tokens: generation budget (the reference: 512), capped by the model's position table.
       total_len: static length of the full forward (default: prompt length + max_new_tokens).
       generate_fn: batch -> (tokens int[R, M], lengths int[R]); default greedy `generate_answers`.
+      sasp_cfg: SasP override (e.g. the 13B evaluation preset); default the model's.
+      dump_dir: write every query's predicted and GT masks under it (`dumps`).
     Returns:
       (summary {"See", "Segment", "gIoU", "num_queries", ...}, records with `answer`, `presence`,
       `gt_presence`, IoU fields).
@@ -334,16 +363,17 @@ def evaluate_fprefcoco(
     records: list[dict] = []
     seen: collections.Counter = collections.Counter()
     t0 = time.perf_counter()
-    for batch in _iterate(batches_or_loader, total, "fp-refcoco", progress):
+    for batch in _iterate(batches_or_loader, total, desc, progress):
         if "exists" not in batch:
             raise ValueError("FP-RefCOCO batches need `exists` (the premise of each query)")
         tokens, lengths = gen(batch)
         full_len = total_len or (np.shape(batch["input_ids"])[1] + tokens.shape[1])
         full = with_answers(batch, tokens, lengths, full_len)
         canvas = check_batch(full, None, ev.mesh)
-        res = ev.run(full, DecodeOptions(canvas_hw=canvas))
+        res = ev.run(full, DecodeOptions(canvas_hw=canvas, sasp=sasp_cfg, return_pred=dump_dir is not None))
         valid = row_valid(full)
         recs = batch_records(full, res, valid, None, None, seen)
+        _resolution(full, res, recs, np.flatnonzero(valid), dump_dir)
         for rec, r in zip(recs, np.flatnonzero(valid)):
             rec["query"] = query_text(tokenizer, batch["input_ids"][r]) if tokenizer is not None else None
             rec["answer"] = (

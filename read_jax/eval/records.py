@@ -166,6 +166,67 @@ def fp_summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
     }
 
 
+class SkippedItems:
+    """The eval slots whose item the pipeline skipped (`image_valid` False with `num_skipped` > 0), each with
+    its reader index, the queries it held and why, read off the batches as they stream past.
+
+    Slot k of this host's batch t is position `index + (t * B + k) * count` of the chunk list
+    (`pipeline.eval_chunks`: the dataset is strided over hosts, then batched in order), which says how many
+    queries the skipped chunk held; the reason is the slot's `sample_id` ("<reason>: <message>").
+    """
+
+    def __init__(self, chunks: Sequence[tuple[int, int]], num_conversations: Callable[[int], int], max_convs):
+        self.chunks, self.num_conversations, self.max_convs = list(chunks), num_conversations, max_convs
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.items: list[dict] = []
+
+    def watch(self, batches):
+        """`batches`, unchanged, noting the skipped slots of each."""
+        for t, batch in enumerate(batches):
+            b = len(batch["num_skipped"])
+            for k in np.flatnonzero(np.asarray(batch["num_skipped"]) > 0):
+                pos = self.index + (t * b + int(k)) * self.count
+                idx = int(np.asarray(batch["example_index"])[k])
+                start = self.chunks[pos][1] if pos < len(self.chunks) and self.chunks[pos][0] == idx else 0
+                reason, _, message = str(np.asarray(batch["sample_id"])[k]).partition(": ")
+                n = max(self.num_conversations(idx), 1)
+                self.items.append(
+                    {
+                        "example_index": idx,
+                        "first_query": start,
+                        "queries": min(self.max_convs, n - start),
+                        "reason": reason,
+                        "message": message,
+                    }
+                )
+            yield batch
+
+
+def dropped_summary(
+    reader_dropped: Mapping[str, int], skipped: Sequence[Mapping[str, Any]], *, one_query_per_item: bool
+) -> dict:
+    """What an evaluation did not score, and why: items the reader dropped while reading the split (its
+    `dropped` counter; as many queries when every item is one query, as in ReasonSeg) and items the
+    pipeline skipped (`SkippedItems`, every process's, e.g. through `gather_records`)."""
+    by: dict[str, dict] = {}
+    for reason, n in sorted(reader_dropped.items()):
+        by[reason] = {"items": int(n), "queries": int(n) if one_query_per_item else None, "stage": "reading"}
+    seen: dict[str, set] = collections.defaultdict(set)
+    for s in skipped:
+        r = by.setdefault(s["reason"], {"items": 0, "queries": 0, "stage": "preprocessing"})
+        if s["example_index"] not in seen[s["reason"]]:
+            seen[s["reason"]].add(s["example_index"])
+            r["items"] += 1
+        r["queries"] = (r["queries"] or 0) + int(s["queries"])
+    queries = [r["queries"] for r in by.values()]
+    return {
+        "num_dropped_items": sum(r["items"] for r in by.values()),
+        "num_dropped_queries": None if None in queries else int(sum(queries)),
+        "dropped_by_reason": by,
+        "dropped_items": list(skipped),
+    }
+
+
 def gather_records(records: list[dict]) -> list[dict]:
     """Every process's records, in process order, on every process (one host: unchanged). Summaries are
     then computed from the whole split on every host, exactly."""

@@ -3,9 +3,11 @@
 `encode` (SasP-independent): the model's teacher-forced forward without SAM (`logits="none"`,
   `compute_masks=False`), the first [SEG] slot's hidden state of every row (`ReadModel.seg_states`), its row's
   image-token states, and the SAM image embeddings.
-`decode`: SasP points + SAM mask decoding through the model's one mask path (`ReadModel.masks_from_states`),
-  each mask decoded straight to its row's GT extent, per-row integer intersection/union, and the optional
-  analyses (threshold histograms, points-only SAM prompting, maps for pictures).
+`decode`: SasP points + SAM mask decoding through the model's one mask path (`ReadModel.masks_from_states`,
+  low-res logits), then `score_bands`: each mask upsampled to its row's GT extent (the original image size
+  unless capped) and scored `BAND` canvas rows at a time, so device memory stays bounded on large images;
+  per-row integer intersection/union and the optional analyses (threshold histograms, points-only SAM
+  prompting, maps for pictures, predicted masks for dumps) come out of the same band loop.
 Only the first [SEG] slot is decoded (R prompts, not R * max_segs). The Table 8 sweep runs `encode` once per
 batch and `decode` once per SasP setting, with traced thresholds (one compile per |P|).
 
@@ -32,16 +34,26 @@ from jax.sharding import NamedSharding
 from read_jax import sasp as sasp_lib
 from read_jax import sharding as shd
 from read_jax.config import SaspConfig
-from read_jax.eval.analysis import threshold_histograms
+from read_jax.eval.analysis import THRESHOLDS, threshold_histograms
 from read_jax.metrics import intersection_union
-from read_jax.sam.transforms import pixel_valid
+from read_jax.sam.transforms import postprocess_weights
 
 Array = jax.Array
 
 # Batch entries each stage reads (everything else stays on the host).
-ENCODE_KEYS = ("images_clip", "images_sam", "input_ids", "attention_mask", "conv_image", "conv_valid")
+ENCODE_KEYS = (
+    "images_clip",
+    "images_sam",
+    "sam_input_hw",
+    "input_ids",
+    "attention_mask",
+    "conv_image",
+    "conv_valid",
+)
 DECODE_KEYS = ("orig_hw", "sam_input_hw", "conv_image", "masks", "mask_valid", "mask_hw")
 REQUIRED_KEYS = tuple(sorted(set(ENCODE_KEYS + DECODE_KEYS + ("image_valid",))))
+# Canvas rows scored at a time: device memory for the masks is R x BAND x Wc, whatever the image size.
+BAND = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +65,7 @@ class DecodeOptions:
     threshold_search: Appendix A.1 histograms of the full-resolution similarity map.
     points_prompt: Appendix B points-only prompting with this SasP setting (mode "topk"); None: skip.
     return_maps: also return the predicted masks and similarity maps (analysis pictures).
+    return_pred: also return the predicted masks (per-sample mask dumps).
     """
 
     canvas_hw: tuple[int, int]
@@ -60,6 +73,7 @@ class DecodeOptions:
     threshold_search: bool = False
     points_prompt: SaspConfig | None = None
     return_maps: bool = False
+    return_pred: bool = False
 
 
 @struct.dataclass
@@ -82,7 +96,7 @@ def encode(model, batch: Mapping[str, Array]) -> Encoded:
         seg_hidden=seg.hidden[:, 0],
         seg_valid=seg.valid[:, 0] & batch["conv_valid"],
         image_hidden=seg.image_hidden,
-        image_emb=model.image_embeddings(batch["images_sam"]),
+        image_emb=model.image_embeddings(batch["images_sam"], batch["sam_input_hw"]),
     )
 
 
@@ -96,17 +110,21 @@ def decode(
 ) -> dict:
     """Stage 2: SasP + SAM for the first [SEG] of every row, and the per-row figures.
 
+    The masks are scored at each row's GT extent `mask_hw` (the original size unless the pipeline was told to
+    cap it) band by band (`score_bands`): memory is bounded by `BAND` rows of the canvas, whatever the image
+    size.
+
     Returns (all leading dim R):
       inter, union int32 (foreground I/U at `mask_hw`, GT 255 ignored), area int32 (predicted pixels),
       fg_inter, fg_union int32 (the same for an all-foreground prediction), seg_valid bool,
       points float32[R, Q, 2] (x, y original pixels), labels int32[R, Q];
       with threshold_search: hist_fg, hist_all int32[R, K + 1];
       with points_prompt: pp_inter, pp_union int32, pp_points, pp_labels;
-      with return_maps: pred_mask bool[R, Hc, Wc], sim_map float16[R, Hc, Wc] (+ pp_mask).
+      with return_maps: pred_mask bool[R, Hc, Wc], sim_map float16[R, Hc, Wc] (+ pp_mask);
+      with return_pred: pred_mask.
     """
     cfg = model.config
     sasp_cfg = sasp_override or opts.sasp or cfg.sasp
-    canvas = opts.canvas_hw
     conv_image = batch["conv_image"]
     mask_hw = jnp.where(batch["mask_valid"][:, None], batch["mask_hw"], 0)
     stage = functools.partial(
@@ -117,53 +135,138 @@ def decode(
         batch["orig_hw"],
         batch["sam_input_hw"],
         enc.image_emb,
-        canvas_hw=canvas,
-        out_hw=mask_hw,
     )
-    masks = stage(sasp_cfg=sasp_cfg)
-    pv = pixel_valid(mask_hw, canvas)  # [R, Hc, Wc]
-    pred = (masks.mask_logits > 0) & enc.seg_valid[:, None, None] & pv
-    gt = batch["masks"]
-    inter, union = intersection_union(pred, gt, pv)
-    # The all-foreground baseline (every pixel of the image predicted): what a model that ignores the query
-    # gets.
-    fg_inter, fg_union = intersection_union(pv, gt, pv)
-    out = {
-        "inter": inter,
-        "union": union,
-        "area": pred.sum(axis=(-1, -2), dtype=jnp.int32),
-        "seg_valid": enc.seg_valid,
-        "points": masks.points,
-        "labels": masks.point_labels,
-        "fg_inter": fg_inter,
-        "fg_union": fg_union,
-    }
-    sim_map = None
+    masks = stage(sasp_cfg=sasp_cfg)  # low-res logits only: upsampled band by band below
+    lows = {"": masks.low_res_logits}
+    out = {"seg_valid": enc.seg_valid, "points": masks.points, "labels": masks.point_labels}
+    if opts.points_prompt is not None:
+        # Points (+ SAM's padding point) only, as plain SAM prompting: no [SEG] token.
+        pp = stage(sasp_cfg=opts.points_prompt, text_prompt=False, sam=points_sam)
+        lows["pp_"] = pp.low_res_logits
+        out["pp_points"], out["pp_labels"] = pp.points, pp.point_labels
+    sim = None
     if opts.threshold_search or opts.return_maps:
-        sim_map = sasp_lib.similarity_map_full(
+        sim = sasp_lib.similarity_map_factors(
             masks.similarity,
             batch["orig_hw"][conv_image],
             mask_hw,
-            canvas,
+            _padded(opts.canvas_hw),
             similarity_dtype=sasp_cfg.similarity_dtype,
             minmax_eps=sasp_cfg.minmax_eps,
             clip_grid=cfg.clip.grid_size,
             clip_size=cfg.clip.image_size,
         )
-    if opts.threshold_search:
-        out["hist_fg"], out["hist_all"] = threshold_histograms(sim_map, gt, pv)
-    if opts.points_prompt is not None:
-        # Points (+ SAM's padding point) only, as plain SAM prompting: no [SEG] token.
-        pp = stage(sasp_cfg=opts.points_prompt, text_prompt=False, sam=points_sam)
-        pp_pred = (pp.mask_logits > 0) & enc.seg_valid[:, None, None] & pv
-        out["pp_inter"], out["pp_union"] = intersection_union(pp_pred, gt, pv)
-        out["pp_points"], out["pp_labels"] = pp.points, pp.point_labels
-        if opts.return_maps:
-            out["pp_mask"] = pp_pred
+    scores, maps = score_bands(
+        batch["masks"],
+        mask_hw,
+        enc.seg_valid,
+        lows,
+        batch["sam_input_hw"][conv_image],
+        cfg.sam.image_size,
+        sim_factors=sim,
+        threshold_search=opts.threshold_search,
+        emit_pred=opts.return_maps or opts.return_pred,
+        emit_sim=opts.return_maps,
+    )
+    out.update(scores)
+    if "pred" in maps:
+        out["pred_mask"] = maps["pred"]
     if opts.return_maps:
-        out["pred_mask"] = pred
-        out["sim_map"] = sim_map.astype(jnp.float16)  # pictures only: halves the transfer
+        out["sim_map"] = maps["sim"]  # float16: pictures only, halves the transfer
+        if "pp_pred" in maps:
+            out["pp_mask"] = maps["pp_pred"]
     return out
+
+
+def _padded(canvas_hw: tuple[int, int]) -> tuple[int, int]:
+    """The canvas with its rows rounded up to whole `BAND`s (the extra rows are outside every extent)."""
+    return -(-canvas_hw[0] // BAND) * BAND, canvas_hw[1]
+
+
+def score_bands(
+    gt: Array,
+    mask_hw: Array,
+    seg_valid: Array,
+    lows: Mapping[str, Array],
+    input_hw: Array,
+    image_size: int,
+    *,
+    sim_factors: tuple[Array, Array, Array] | None = None,
+    threshold_search: bool = False,
+    emit_pred: bool = False,
+    emit_sim: bool = False,
+) -> tuple[dict, dict]:
+    """Score low-res mask logits against GT canvases at full resolution, `BAND` canvas rows at a time.
+
+    Each band's logits are `wh[:, band] @ (low @ ww^T)` (`sam.transforms.postprocess_weights`: the bilinear
+    upsample -> crop -> resize of `Sam.postprocess_masks`), thresholded at 0 and compared with the band of
+    the GT; the counts are summed over the bands of a `lax.scan`. Device memory holds one band of logits
+    (R x BAND x Wc floats), never the whole canvas.
+
+    Args:
+      gt: u8[R, Hc, Wc] GT canvases (255 ignored); mask_hw: int32[R, 2] each row's extent (0: no GT);
+      seg_valid: bool[R] the row predicts a mask (else its prediction is empty);
+      lows: {prefix: float[R, l, l]} low-res logits to score ("" the model's masks, "pp_" points-only);
+      input_hw: int32[R, 2] resized extent of each row's image in the SAM frame; image_size: S.
+      sim_factors: `sasp.similarity_map_factors` of the rows over the band-padded canvas (threshold search
+        histograms / the similarity map).
+      emit_pred / emit_sim: also return the predicted masks / the similarity map over the whole canvas.
+    Returns:
+      ({prefix + "inter" / "union" / "area", "fg_inter", "fg_union"[, "hist_fg", "hist_all"]} int32[R, ...],
+       {prefix + "pred": bool[R, Hc, Wc], "sim": float16[R, Hc, Wc]} as asked).
+    """
+    r, hc, wc = gt.shape
+    hp = _padded((hc, wc))[0]
+    nb = hp // BAND
+    gt = jnp.pad(gt, ((0, 0), (0, hp - hc), (0, 0)))
+    cols = jnp.arange(wc)[None, :] < mask_hw[:, 1, None]  # [R, Wc]
+    hi = jax.lax.Precision.HIGHEST
+    factors = {}
+    for name, low in lows.items():
+        wh, ww = postprocess_weights(input_hw, mask_hw, (hp, wc), low.shape[-1], image_size, r)
+        factors[name] = (wh, jnp.einsum("ryx,rwx->ryw", low.astype(jnp.float32), ww, precision=hi))
+    zeros = jnp.zeros((r,), jnp.int32)
+    init = {"fg_inter": zeros, "fg_union": zeros}
+    for name in lows:
+        init.update({name + "inter": zeros, name + "union": zeros, name + "area": zeros})
+    if threshold_search:
+        k1 = len(THRESHOLDS) + 1
+        init.update(hist_fg=jnp.zeros((r, k1), jnp.int32), hist_all=jnp.zeros((r, k1), jnp.int32))
+
+    def band(acc, b):
+        y0 = b * BAND
+        rows = (y0 + jnp.arange(BAND))[None, :] < mask_hw[:, 0, None]  # [R, BAND]
+        pv = rows[:, :, None] & cols[:, None, :]
+        g = jax.lax.dynamic_slice_in_dim(gt, y0, BAND, axis=1)
+        acc = dict(acc)
+        fi, fu = intersection_union(pv, g, pv)
+        acc["fg_inter"], acc["fg_union"] = acc["fg_inter"] + fi, acc["fg_union"] + fu
+        emitted = {}
+        for name, (wh, x) in factors.items():
+            logits = jnp.einsum(
+                "rhy,ryw->rhw", jax.lax.dynamic_slice_in_dim(wh, y0, BAND, 1), x, precision=hi
+            )
+            pred = (logits > 0) & pv & seg_valid[:, None, None]
+            i, u = intersection_union(pred, g, pv)
+            acc[name + "inter"] = acc[name + "inter"] + i
+            acc[name + "union"] = acc[name + "union"] + u
+            acc[name + "area"] = acc[name + "area"] + pred.sum(axis=(-1, -2), dtype=jnp.int32)
+            if emit_pred:
+                emitted[name + "pred"] = pred
+        if sim_factors is not None:
+            ry, v, rx = sim_factors
+            m = jnp.einsum("rhi,rij->rhj", jax.lax.dynamic_slice_in_dim(ry, y0, BAND, 1), v, precision=hi)
+            m = jnp.einsum("rhj,rwj->rhw", m, rx, precision=hi)  # 0 outside each extent
+            if threshold_search:
+                hf, ha = threshold_histograms(m, g, pv)
+                acc["hist_fg"], acc["hist_all"] = acc["hist_fg"] + hf, acc["hist_all"] + ha
+            if emit_sim:
+                emitted["sim"] = m.astype(jnp.float16)
+        return acc, emitted
+
+    acc, emitted = jax.lax.scan(band, init, jnp.arange(nb))
+    maps = {k: jnp.swapaxes(v, 0, 1).reshape(r, hp, wc)[:, :hc] for k, v in emitted.items()}
+    return acc, maps
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from read_jax.config import SamConfig
-from read_jax.layers import gelu_exact
+from read_jax.layers import dot_product_attention, gelu_exact
 from read_jax.sam.common import LAYER_NORM_2D_EPS, MLPBlock, layer_norm, linear
 
 
@@ -97,6 +97,7 @@ class Attention(nnx.Module):
             # Meta zero-initialises these; the checkpoint fills them.
             self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, self.head_dim), cfg.weight_dtype))
             self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, self.head_dim), cfg.weight_dtype))
+        self.attention_implementation: str | None = None  # `layers.set_attention_implementation`
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[B, H, W, D] (B counts windows for windowed blocks) -> float[B, H, W, D]."""
@@ -105,7 +106,7 @@ class Attention(nnx.Module):
         # Meta's qkv layout: the 3D outputs are (3, N, K) in that order.
         qkv = self.qkv(x).reshape(b, h * w, 3, n, k)
         q, key, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, Q, N, K]
-        logits = jnp.einsum("bqnk,btnk->bnqt", q * self.scale, key, preferred_element_type=jnp.float32)
+        bias = None
         if self.use_rel_pos:
             if (h, w) != self.input_size:
                 # Meta would linearly resize the tables here; SAM never needs it at a fixed image size.
@@ -116,12 +117,12 @@ class Attention(nnx.Module):
             f32 = jnp.float32
             rel_h = jnp.einsum("bhwnk,hyk->bnhwy", rq, rh.astype(rq.dtype), preferred_element_type=f32)
             rel_w = jnp.einsum("bhwnk,wxk->bnhwx", rq, rw.astype(rq.dtype), preferred_element_type=f32)
-            logits = logits.reshape(b, n, h, w, h, w)
-            logits = logits + rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]
-            logits = logits.reshape(b, n, h * w, h * w)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.compute_dtype)
-        out = jnp.einsum("bnqt,btnk->bqnk", probs, v).reshape(b, h, w, d)
-        return self.proj(out)
+            # [B, N, Q, T]: the decomposed bias, added to the scaled logits (in fp32 on XLA).
+            bias = (rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]).reshape(b, n, h * w, h * w)
+        out = dot_product_attention(
+            q, key, v, bias=bias, scale=self.scale, implementation=self.attention_implementation
+        )  # [B, Q, N, K]
+        return self.proj(out.reshape(b, h, w, d))
 
 
 class Block(nnx.Module):

@@ -44,37 +44,53 @@ class Buffer(nnx.Variable):
 class PositionEmbeddingRandom(nnx.Module):
     """Random-Fourier positional encoding: [sin(2pi (2c - 1) G), cos(...)] with G a fixed Gaussian [2, F].
 
-    The matrix is stored and the encoding computed in float32 whatever the config dtype: the phases reach
-    tens of radians, where bf16 would lose the position (only the output is cast to the compute dtype).
-    Meta's checkpoint stores it in fp32; READ's bf16 model rounds it to bf16 (a ~0.4% frequency error that
-    we do not copy).
+    The matrix is stored in float32 (Meta's checkpoint dtype). The encoding is computed in `pe_dtype`
+    (`SamConfig.pe_dtype`, default the compute dtype) the way the release computes it in that dtype: READ's
+    copy of SAM (`model/segment_anything/modeling/prompt_encoder.py`, `_pe_encoding` and `forward`) casts
+    the normalised coordinates 2c - 1 to the Gaussian matrix's dtype (bf16 in the released models) before
+    the K=2 matmul, and builds the image grid in that dtype too; the products, 2 pi * x and sin / cos then
+    round to it. In fp32 every step is exact fp32 (Meta's SAM). In bf16 the point PE moves by RMS ~0.01,
+    max ~0.1 from the fp32 one (the phases reach tens of radians): `tests/test_protocol_prompt_encoder.py`
+    measures it and checks the bf16 path against Meta's SAM with READ's casts, run in bf16.
     """
 
     def __init__(self, num_pos_feats: int, cfg: SamConfig, *, rngs: nnx.Rngs, scale: float = 1.0):
         self.compute_dtype = cfg.compute_dtype
+        self.pe_dtype = jnp.dtype(cfg.pe_dtype) if cfg.pe_dtype else cfg.compute_dtype
         self.positional_encoding_gaussian_matrix = Buffer(
             scale * jax.random.normal(rngs.params(), (2, num_pos_feats), jnp.float32)
         )
 
+    def _round(self, x: jax.Array) -> jax.Array:
+        """x rounded to `pe_dtype` and back to float32 (the identity in fp32)."""
+        return x.astype(self.pe_dtype).astype(jnp.float32)
+
     def _pe_encoding(self, coords: jax.Array) -> jax.Array:
-        """coords: float[..., 2] (x, y) normalised to [0, 1] -> float32[..., 2F]."""
-        g = self.positional_encoding_gaussian_matrix[...].astype(jnp.float32)
-        c = 2.0 * coords.astype(jnp.float32) - 1.0
-        # A K=2 contraction written out: exact fp32 on every backend (no TF32/bf16 matmul passes).
-        c = c[..., 0:1] * g[0] + c[..., 1:2] * g[1]
-        c = (2.0 * math.pi) * c
-        return jnp.concatenate([jnp.sin(c), jnp.cos(c)], axis=-1)
+        """coords: float[..., 2] (x, y) normalised to [0, 1] -> float[..., 2F] in `pe_dtype`."""
+        f32 = jnp.float32
+        g = self._round(self.positional_encoding_gaussian_matrix[...].astype(f32))
+        c = self._round(2.0 * coords.astype(f32) - 1.0)
+        # A K=2 contraction written out: products of `pe_dtype` values are exact in fp32, one fp32 sum, one
+        # rounding (a bf16 GEMM with fp32 accumulation; exact fp32 on every backend, no TF32 passes).
+        c = self._round(c[..., 0:1] * g[0] + c[..., 1:2] * g[1])
+        c = self._round(c * f32(2.0 * math.pi))
+        return jnp.concatenate([jnp.sin(c), jnp.cos(c)], axis=-1).astype(self.pe_dtype)
 
     def __call__(self, size: tuple[int, int]) -> jax.Array:
-        """Encoding of the centres of an (h, w) grid: float[h, w, 2F] (Meta: [2F, h, w])."""
+        """Encoding of the centres of an (h, w) grid: float[h, w, 2F] (Meta: [2F, h, w]).
+
+        The centres are (cumsum of ones - 0.5) / size, each step rounded to `pe_dtype` as the release does.
+        """
         h, w = size
-        y = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
-        x = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+        y = self._round(self._round(jnp.arange(1, h + 1, dtype=jnp.float32) - 0.5) / h)
+        x = self._round(self._round(jnp.arange(1, w + 1, dtype=jnp.float32) - 0.5) / w)
         xy = jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), axis=-1)
         return self._pe_encoding(xy).astype(self.compute_dtype)
 
     def forward_with_coords(self, coords: jax.Array, image_size: tuple[int, int]) -> jax.Array:
-        """coords: float[..., 2] (x, y) in pixels of an image of `image_size` = (H, W) -> float32[..., 2F]."""
+        """coords: float[..., 2] (x, y) in pixels of an image of `image_size` = (H, W) -> float[..., 2F].
+
+        The division is fp32 (the release's point coordinates are fp32); `_pe_encoding` casts after it."""
         h, w = image_size
         # Divide rather than multiply by the reciprocal, as Meta does (bit-identical normalised coords).
         coords = coords.astype(jnp.float32) / jnp.asarray([w, h], jnp.float32)

@@ -19,10 +19,10 @@ Shape letters:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from read_jax.config import SamConfig
+from read_jax.layers import dot_product_attention
 from read_jax.sam.common import TORCH_LAYER_NORM_EPS, MLPBlock, layer_norm, linear
 
 
@@ -46,6 +46,7 @@ class Attention(nnx.Module):
         self.k_proj = linear(c, self.internal_dim, cfg, rngs=rngs)
         self.v_proj = linear(c, self.internal_dim, cfg, rngs=rngs)
         self.out_proj = linear(self.internal_dim, c, cfg, rngs=rngs)
+        self.attention_implementation: str | None = None  # `layers.set_attention_implementation`
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """q: float[n, Q, C]; k, v: float[n, S, C] -> float[n, Q, C]."""
@@ -54,10 +55,8 @@ class Attention(nnx.Module):
         q = self.q_proj(q).reshape(*q.shape[:2], n_heads, head)
         k = self.k_proj(k).reshape(*k.shape[:2], n_heads, head)
         v = self.v_proj(v).reshape(*v.shape[:2], n_heads, head)
-        logits = jnp.einsum("nqhk,nshk->nhqs", q, k, preferred_element_type=jnp.float32)
-        # Meta divides the logits (not the query) by sqrt(K).
-        probs = jax.nn.softmax(logits / jnp.sqrt(jnp.float32(head)), axis=-1).astype(self.compute_dtype)
-        out = jnp.einsum("nhqs,nshk->nqhk", probs, v)
+        # Meta scales the logits (not the query) by 1 / sqrt(K), as the attention core does.
+        out = dot_product_attention(q, k, v, implementation=self.attention_implementation)  # [n, Q, h, K]
         return self.out_proj(out.reshape(*out.shape[:2], self.internal_dim))
 
 

@@ -216,6 +216,26 @@ def pixel_valid(extent_hw: jax.Array, canvas_hw: tuple[int, int]) -> jax.Array:
     return (ys[:, None] < extent_hw[..., 0, None, None]) & (xs[None, :] < extent_hw[..., 1, None, None])
 
 
+def postprocess_weights(
+    input_hw: jax.Array, orig_hw: jax.Array, out_hw: tuple[int, int], low_len: int, image_size: int, n: int
+) -> tuple[jax.Array, jax.Array]:
+    """The folded per-axis weights of `postprocess_masks_padded`: masks = wh @ low_res @ ww^T.
+
+    Args:
+      input_hw, orig_hw: int[n, 2] (broadcastable) resized extent and output size of each mask.
+      out_hw: static (Hmax, Wmax) canvas; low_len: l; image_size: S; n: number of masks.
+    Returns:
+      (wh float32[n, Hmax, l], ww float32[n, Wmax, l]), zero rows beyond each output size. Row bands of the
+      canvas are `wh[:, y0:y1] @ low_res @ ww^T` (how evaluation scores large images in bounded memory).
+    """
+    input_hw = jnp.broadcast_to(jnp.asarray(input_hw, jnp.int32), (n, 2))
+    orig_hw = jnp.broadcast_to(jnp.asarray(orig_hw, jnp.int32), (n, 2))
+    hmax, wmax = out_hw
+    wh = _axis_weights(input_hw[:, 0], orig_hw[:, 0], hmax, low_len, image_size)  # [n, Hmax, l]
+    ww = _axis_weights(input_hw[:, 1], orig_hw[:, 1], wmax, low_len, image_size)  # [n, Wmax, l]
+    return wh, ww
+
+
 @functools.partial(jax.jit, static_argnames=("out_hw", "image_size"))
 def postprocess_masks_padded(
     low_res: jax.Array, input_hw: jax.Array, orig_hw: jax.Array, out_hw: tuple[int, int], image_size: int
@@ -237,11 +257,7 @@ def postprocess_masks_padded(
     if low_res.ndim != 4 or low_res.shape[-1] != low_res.shape[-2]:
         raise ValueError(f"low_res must be float[n, M, l, l], got {low_res.shape}")
     n, _, l, _ = low_res.shape
-    input_hw = jnp.broadcast_to(jnp.asarray(input_hw, jnp.int32), (n, 2))
-    orig_hw = jnp.broadcast_to(jnp.asarray(orig_hw, jnp.int32), (n, 2))
-    hmax, wmax = out_hw
-    wh = _axis_weights(input_hw[:, 0], orig_hw[:, 0], hmax, l, image_size)  # [n, Hmax, l]
-    ww = _axis_weights(input_hw[:, 1], orig_hw[:, 1], wmax, l, image_size)  # [n, Wmax, l]
+    wh, ww = postprocess_weights(input_hw, orig_hw, out_hw, l, image_size, n)
     x = low_res.astype(jnp.float32)
     # HIGHEST: the weights must not be rounded to bf16/TF32 by a GPU matmul pass.
     x = jnp.einsum("nmyx,nwx->nmyw", x, ww, precision=_HIGHEST)

@@ -86,6 +86,12 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def read_meta(self, step: int, manager: str = "latest") -> dict:
+        """The json meta of checkpoint `step` alone (step, the frozen base, the run config): cheap, and
+        readable whatever the shapes of the arrays beside it."""
+        mgr = self.latest if manager == "latest" else self.best
+        return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+
     def restore(self, step: int, trainable_target, opt_target, data_iter, manager: str = "latest"):
         """(trainable pure dict, opt_state, meta); `data_iter` is restored in place (if given)."""
         mgr = self.latest if manager == "latest" else self.best
@@ -97,13 +103,18 @@ class RunCheckpoints:
         out = mgr.restore(step, args=ocp.args.Composite(**items))
         return out["trainable"], out.get("opt_state") if opt_target is not None else None, out["meta"]
 
-    def restore_trainables(self, setup: ModelSetup, which: str = "best") -> tuple[nnx.State, dict]:
+    def restore_trainables(
+        self, setup: ModelSetup, which: str = "best", check=None
+    ) -> tuple[nnx.State, dict]:
         """The saved trainables of `which` ('best' falls back to the latest when no best was kept), sharded as
-        `setup` says, and the checkpoint's meta. Raises FileNotFoundError without any checkpoint."""
+        `setup` says, and the checkpoint's meta. `check(meta)` runs before any array is read. Raises
+        FileNotFoundError without any checkpoint."""
         manager = "best" if which == "best" and self.best.latest_step() is not None else "latest"
         step = (self.best if manager == "best" else self.latest).latest_step()
         if step is None:
             raise FileNotFoundError(f"{self.workdir}: no checkpoint to load")
+        if check is not None:
+            check(self.read_meta(step, manager))
         target = with_shardings(_pure(setup.trainable_abstract), _pure(setup.trainable_shardings))
         pure, _, meta = self.restore(step, target, None, None, manager=manager)
         return load_into(setup.trainable_abstract, pure, setup.trainable_shardings), meta
@@ -150,12 +161,56 @@ def base_reference(config, cfg: ReadConfig) -> dict:
     }
 
 
-def check_base(workdir, meta: dict, base: dict) -> None:
+# Run-config keys that shape the saved trainables and optimizer state (a resume must keep them): the model
+# section except what only steers the computation (orbax casts dtypes on restore).
+_FREE_MODEL_KEYS = ("sasp", "max_segs", "remat", "dtype")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shape_keys(config: dict) -> dict:
+    model = {k: v for k, v in (config.get("model") or {}).items() if k not in _FREE_MODEL_KEYS}
+    return _flat(model, "model.")
+
+
+def check_resumable(workdir, meta: dict, config, base: dict, flag: str = "--workdir") -> None:
+    """Before restoring a run's checkpoint: it must come from a config with the same trainables and frozen
+    base. Raises one ConfigError naming the keys that differ (orbax would only report mismatched shapes)."""
+    saved = meta.get("config")
+    if saved:
+        now, was = _shape_keys(json.loads(config.to_json_best_effort())), _shape_keys(saved)
+        keys = sorted(set(now) | set(was))
+        diff = [f"{k}={was.get(k)!r} there, {now.get(k)!r} here" for k in keys if now.get(k) != was.get(k)]
+        if diff:
+            raise ConfigError(
+                f"{flag} {workdir} holds a run of another config ({'; '.join(diff[:4])}"
+                f"{'; ...' if len(diff) > 4 else ''}): pass the config it was trained with"
+                + (", or train this config in another --workdir" if flag == "--workdir" else "")
+            )
+    check_base(workdir, meta, base, flag)
+
+
+def check_base(workdir, meta: dict, base: dict, flag: str = "--workdir") -> None:
     """A run's checkpoints belong to the frozen base they were trained on."""
-    if meta.get("base") is not None and meta["base"] != base:
+    was = meta.get("base")
+    if was is not None and was != base:
+        what = {
+            k: f"{was.get(k)!r} there, {base.get(k)!r} here"
+            for k in sorted(set(was) | set(base))
+            if was.get(k) != base.get(k)
+        }
         raise ConfigError(
-            f"{workdir} was trained on the frozen base {meta['base']}, but the config now gives {base}: "
-            f"use the run's own config (init.checkpoint / init.seed / model), or another workdir"
+            f"{flag} {workdir} holds a run on another frozen base ({what}): pass the run's own config "
+            "(init.checkpoint / init.seed / model)"
+            + (", or another --workdir" if flag == "--workdir" else "")
         )
 
 
@@ -199,8 +254,9 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
         return nnx.merge(setup.graphdef, tr, fr), {"step": 0, "base": base}
     ckpts = RunCheckpoints(workdir, async_save=False)
     try:
-        tr, meta = ckpts.restore_trainables(setup, which)
+        tr, meta = ckpts.restore_trainables(
+            setup, which, check=lambda m: check_resumable(workdir, m, config, base, "--checkpoint")
+        )
     finally:
         ckpts.close()
-    check_base(workdir, meta, base)
     return nnx.merge(setup.graphdef, tr, fr), meta

@@ -67,6 +67,7 @@ def default_config() -> ConfigDict:
             "batch_size": 2,
             "max_convs": 3,
             "length_buckets": (512, 1024, 1793),
+            # Training's static GT canvas side (evaluation scores at native resolution: eval.max_mask_side).
             "max_mask_side": 1024,
             "seed": 0,
             "num_workers": 0,
@@ -77,6 +78,9 @@ def default_config() -> ConfigDict:
             "num_shapes": (200, 40, 40),
             # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
             "reason_seg_false_premise": -1.0,
+            # The reference's template lists (path to READ's `dataloaders/qa_template.py`, read as data) for
+            # training, RefCOCO and FP-RefCOCO; "": our own wording (released checkpoints never saw it).
+            "templates": "",
         }
     )
     c.train = ConfigDict(
@@ -112,7 +116,19 @@ def default_config() -> ConfigDict:
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "strategy": ((r".*", "fsdp"),), "distributed": False})
     c.checkpoint = ConfigDict({"every_steps": 0, "keep": 2, "async_save": True, "best_metric": "cIoU"})
     c.eval = ConfigDict(
-        {"dataset": "reasonseg", "split": "val", "batch_size": 1, "every_epochs": 1, "max_batches": 0}
+        {
+            "dataset": "reasonseg",
+            "split": "val",
+            "batch_size": 1,
+            "every_epochs": 1,
+            "max_batches": 0,
+            # 0: every image scored at its original size (the protocol); > 0: cap the GT canvas side (the
+            # summary records it; the figures are then not the protocol's).
+            "max_mask_side": 0,
+            # The SasP setting evaluate.py scores with: "" the model's, or a preset ("read_13b_eval":
+            # READ-13B's 60 points / 0.6 on the 24x24 grid, which it is evaluated with, not trained with).
+            "sasp": "",
+        }
     )
     c.progress = True
     return c

@@ -28,7 +28,7 @@ from read_jax import sharding as shd
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.data import loaders
 from read_jax.train import config as run_config
-from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_base
+from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable
 from read_jax.train.state import (
     fast_compile_options,
     init_params,
@@ -51,24 +51,68 @@ log = logging.getLogger(__name__)
 class NonFiniteLossError(FloatingPointError):
     """A training step produced a non-finite loss, gradient, update or parameter (not applied)."""
 
-    def __init__(self, step: int, metrics: Mapping[str, float], batch_ids: Mapping[str, Any]):
+    def __init__(
+        self,
+        step: int,
+        metrics: Mapping[str, float],
+        batch_ids: Mapping[str, Any],
+        last_checkpoint: int | None = None,
+    ):
         self.step, self.metrics, self.batch_ids = step, dict(metrics), dict(batch_ids)
+        self.last_checkpoint = last_checkpoint
         figures = ", ".join(f"{k}={metrics.get(k)}" for k in ("loss", "l2_grads", "l2_updates", "l2_params"))
+        if last_checkpoint is None:
+            saved = "No checkpoint was written; fix the cause (e.g. a smaller train.lr) and rerun."
+        else:
+            saved = (
+                f"The latest checkpoint, step {last_checkpoint}, holds the state before it, untouched: rerun "
+                "to resume from it (with a smaller train.lr if the updates explode)."
+            )
         super().__init__(
             f"non-finite training step {step}: {figures}; batch {self.batch_ids}. The update was not "
-            f"applied, and nothing after step {step} was checkpointed."
+            f"applied and nothing after step {step} was checkpointed. {saved}"
         )
 
 
 class MetricWriter:
-    """metrics.jsonl + TensorBoard event files (tensorboardX), only on process 0."""
+    """metrics.jsonl + TensorBoard event files (tensorboardX), only on process 0.
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    `start_step`: the step the run (re)starts from. Rows of later steps, written by a run that stopped
+    before its next checkpoint, are dropped (atomically), so that every step appears once after a resume.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, *, start_step: int | None = None):
         from tensorboardX import SummaryWriter
 
         self.enabled = enabled and jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
+        if self.enabled and start_step is not None:
+            self.truncate(start_step)
         self.tb = SummaryWriter(str(Path(workdir) / "tb")) if self.enabled else None
+
+    def truncate(self, step: int) -> int:
+        """Drop the rows of steps after `step`; returns how many were dropped."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                later = int(json.loads(line)["step"]) > step
+            except (ValueError, KeyError, TypeError):
+                later = True  # a row cut short by a kill
+            if not later:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
+            log.info(
+                "metrics.jsonl: dropped %d rows after step %d (not checkpointed)",
+                len(lines) - len(keep),
+                step,
+            )
+        return len(lines) - len(keep)
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -108,6 +152,26 @@ def validate(model, config, cfg: ReadConfig, mesh, *, progress: bool = False) ->
         model, batches, mesh=mesh, progress=progress, desc="val", total=total
     )
     return {k: float(summary[k]) for k in ("gIoU", "cIoU", "num_queries", "wall_s") if k in summary}
+
+
+def _check_schedule(tc) -> None:
+    """A learning rate that cannot train: refused before anything is built."""
+    lr = float(tc.lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(
+            f"train.lr={tc.lr}: the learning rate must be a finite number > 0 (--config.train.lr)"
+        )
+    if int(tc.warmup_steps) < 0:
+        raise ConfigError(f"train.warmup_steps={tc.warmup_steps}: must be >= 0")
+
+
+def _global_sum(x: int) -> int:
+    """A host count summed over the processes (unchanged on one host)."""
+    if jax.process_count() == 1:
+        return int(x)
+    from jax.experimental import multihost_utils  # pragma: no cover - multi-host only
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(x, np.int64))))
 
 
 def _check_run(cfg: ReadConfig, dc, mesh, accum: int) -> None:
@@ -153,14 +217,36 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     """
     # ---- config ------------------------------------------------------------------------------------------
     run_config.validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    _check_schedule(config.train)
+    workdir = Path(workdir).absolute()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(
+            f"--workdir {workdir}: cannot create it ({e.strerror}); choose a writable directory"
+        ) from e
     t_start, cpu_start = time.perf_counter(), time.process_time()
     tc = config.train
     accum = int(tc.grad_accum)
     cfg = run_config.read_config(config.model)
     total_steps = run_config.total_steps(tc)
     progress = bool(config.get("progress", True)) and jax.process_index() == 0
+    # A workdir of another config is refused now (its saved config names the difference), not by orbax
+    # after the model is built.
+    ckpts = RunCheckpoints(
+        workdir,
+        keep=int(config.checkpoint.keep),
+        async_save=bool(config.checkpoint.async_save),
+        best_metric=str(config.checkpoint.best_metric),
+    )
+    base = base_reference(config, cfg)
+    start = ckpts.latest_step()
+    if start is not None:
+        try:
+            check_resumable(workdir, ckpts.read_meta(start), config, base)
+        except BaseException:
+            ckpts.close()
+            raise
 
     # ---- mesh --------------------------------------------------------------------------------------------
     mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))
@@ -196,19 +282,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     # ---- restore: this run -> init.trainables_from -> init.checkpoint / scratch
     # ------------------------------
     # The data state is restored with the run, before the first batch is drawn.
-    ckpts = RunCheckpoints(
-        workdir,
-        keep=int(config.checkpoint.keep),
-        async_save=bool(config.checkpoint.async_save),
-        best_metric=str(config.checkpoint.best_metric),
-    )
-    base = base_reference(config, cfg)
     meta = {"base": base, "config": json.loads(config.to_json_best_effort())}
     tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
-    start = ckpts.latest_step()
+    skipped_base = 0  # unusable training items skipped before this process started (from the checkpoint)
     if start is not None:
         tr, opt_state, saved = ckpts.restore_run(start, setup, opt_abs, opt_sh, train_it)
-        check_base(workdir, saved, base)
+        skipped_base = int(saved.get("skipped_total", 0))
         log.info("resumed %s at step %d", workdir, start)
     else:
         start = 0
@@ -232,7 +311,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             log.info("compiled the train step for L=%d: %s", length, compile_stats[length])
 
     # ---- evals -------------------------------------------------------------------------------------------
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, start_step=start)
 
     def run_eval(step: int) -> dict:
         res = validate(nnx.merge(setup.graphdef, tr, fr), config, cfg, mesh, progress=progress)
@@ -255,13 +334,19 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     t_window, n_examples = time.perf_counter(), 0
     pending = None  # (step, metrics on device, host ids): checked one step late to keep dispatch async
     summary: dict = {"start_step": start, "compile": compile_stats}
+    last_ckpt = start or None  # the step of the latest checkpoint on disk
+    skipped_here, skipped_logged = 0, skipped_base  # this process's skips; the total of the last row
 
     def check(p) -> dict:
         step_p, m, ids = p
         m = _host_scalars(m)
         if not m["finite"]:
-            raise NonFiniteLossError(step_p, m, {k: np.asarray(v).tolist() for k, v in ids.items()})
+            ids = {k: np.asarray(v).tolist() for k, v in ids.items()}
+            raise NonFiniteLossError(step_p, m, ids, last_ckpt)
         return m
+
+    def skipped_total() -> int:
+        return skipped_base + _global_sum(skipped_here)
 
     step = start
     try:
@@ -269,6 +354,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
             while step < total_steps:
                 # -- one optimizer step: draw, check the layout, dispatch (the previous step is checked now)
                 dev, host = loaders.next_step_batch(train_it, accum)
+                skipped_here += int(np.sum(host.get("num_skipped", 0)))
                 length = dev["input_ids"].shape[2]
                 if length not in specs or not _matches(dev, specs[length]):
                     raise ConfigError(
@@ -294,11 +380,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                 if window and (step % log_every == 0 or done_epoch):
                     dt = time.perf_counter() - t_window
                     avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    total = skipped_total()
                     avg.update(
                         steps_per_s=len(window) / dt,
                         examples_per_s=n_examples / dt,
                         lr=float(schedule(step - 1)),
+                        skipped=total - skipped_logged,  # unusable items redrawn in these steps
+                        skipped_total=total,
                     )
+                    skipped_logged = total
                     writer.write(step, "train", avg)
                     if bar is not None:
                         bar.set_postfix(
@@ -313,7 +403,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
                     bar.update(1)
                 # -- checkpoint
                 if step % ckpt_every == 0 or step == total_steps:
-                    ckpts.save(step, tr, opt_state, train_it, meta)
+                    ckpts.save(step, tr, opt_state, train_it, {**meta, "skipped_total": skipped_total()})
+                    last_ckpt = step
                 # -- validate (and keep the best)
                 if done_epoch and every_epochs:
                     epoch = math.ceil(step / steps_per_epoch)

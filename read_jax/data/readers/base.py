@@ -35,6 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from read_jax.data import templates as T
+
 # The package's name (`read_jax.data.readers`), so drop warnings keep the logger they had before the split.
 log = logging.getLogger(__package__)
 
@@ -89,9 +91,18 @@ def sample_indices(rng: np.random.Generator, n: int, k: int) -> list[int]:
 
 
 class Reader:
-    """Base: grain-compatible random access over a set's items, with drop counting."""
+    """Base: grain-compatible random access over a set's items, with drop counting.
+
+    `templates`: the question/answer lists the reader draws from (`templates.DEFAULT`, our wording, unless
+    `use_templates` gave it the reference's lists: `templates.load_reference_templates`).
+    """
 
     name = "reader"
+    templates: T.Templates = T.DEFAULT
+
+    def use_templates(self, templates: T.Templates) -> Reader:
+        self.templates = templates
+        return self
 
     def __init__(self, mode: str = "train", max_convs: int = MAX_CONVS, seed: int = 0):
         if mode not in ("train", "eval"):
@@ -141,6 +152,11 @@ class ReaderGroup:
 
     def sample(self, rng: np.random.Generator) -> Example:
         return self.readers[int(rng.integers(len(self.readers)))].sample(rng)
+
+    def use_templates(self, templates: T.Templates) -> ReaderGroup:
+        for r in self.readers:
+            r.use_templates(templates)
+        return self
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.readers)

@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 
-from read_jax.data import templates as T
 from read_jax.data.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -81,6 +80,7 @@ class ReasonSegReader(Reader):
     ):
         super().__init__(mode, max_convs, seed)
         self.eval_answer, self.max_pixels, self.mode_weights = eval_answer, max_pixels, mode_weights
+        self.empty_gt = 0  # eval items without a usable target polygon (scored with an empty GT)
         self.items: list[_ReasonAnn] = []
         # Sorted for determinism (the reference iterates `glob` order, which is filesystem order).
         images = sorted(p for s in split.split("_") for p in glob.glob(os.path.join(root, s, "*.jpg")))
@@ -114,8 +114,11 @@ class ReasonSegReader(Reader):
         shapes = d.get("shapes") or []
         good, _ = usable_shapes(shapes)
         if not any("ignore" not in s["label"].lower() for s in good):
-            self._drop("no usable target polygon", js)
-            return None
+            if self.mode == "train":
+                self._drop("no usable target polygon", js)
+                return None
+            # Eval scores it, as the reference does: its GT is empty (a prediction there only adds to U).
+            self.empty_gt += 1
         fp = []
         for q in d.get("false_premise_QA") or []:
             if (
@@ -168,7 +171,7 @@ class ReasonSegReader(Reader):
         correction = bool(ann.fp_qa) and rng.random() < self.mode_weights[1] / sum(self.mode_weights)
         if correction:
             convs = [
-                Conversation(T.question(rng, q, is_sent), a, False, False)
+                Conversation(self.templates.question(rng, q, is_sent), a, False, False)
                 for q, is_sent, a in (
                     ann.fp_qa[i] for i in sample_indices(rng, len(ann.fp_qa), self.max_convs)
                 )
@@ -178,7 +181,13 @@ class ReasonSegReader(Reader):
         if not target.any():
             raise SampleError(f"{ann.json}: the target polygons cover no pixel")
         convs = [
-            Conversation(T.question(rng, ann.texts[i], ann.is_sentence), T.long_answer(rng), True, True, 0)
+            Conversation(
+                self.templates.question(rng, ann.texts[i], ann.is_sentence),
+                self.templates.long_answer(rng),
+                True,
+                True,
+                0,
+            )
             for i in sample_indices(rng, len(ann.texts), self.max_convs)
         ]
         return Example(ann.image, convs, target[None], sid, self.name, hw, meta)

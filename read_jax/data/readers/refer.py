@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from read_jax.data import templates as T
 from read_jax.data.preprocess import coco_mask, read_json
 from read_jax.data.readers.base import (
     MAX_CONVS,
@@ -164,23 +163,27 @@ class ReferReader(Reader):
         return n if self.mode == "eval" else min(n, self.max_convs)
 
     def _ann_mask(self, ann_id, h: int, w: int) -> np.ndarray:
+        """The GT of a ref. Eval: the reference's (`load_segmentation_masks`): each annotation's polygon parts
+        summed (2 where they overlap, scored as "in no class"), several annotations combined with `|`.
+        Training: the union, binary (a BCE target of 2 means nothing; a deliberate difference)."""
         ids = ann_id if isinstance(ann_id, list) else [ann_id]
         m = np.zeros((h, w), np.uint8)
         if -1 in ids:  # no target (gRefCOCO-style "-1")
             return m
+        overlaps = "sum" if self.mode == "eval" else "union"
         for i in ids:
             try:
-                m |= coco_mask(self.anns[i]["segmentation"], h, w)
+                m |= coco_mask(self.anns[i]["segmentation"], h, w, overlaps)
             except (ValueError, KeyError, TypeError) as e:
                 raise SampleError(f"{self.dataset} ann {i}: bad segmentation ({e})") from e
         return m
 
     def _answer(self, rng, s) -> str:
         if s["exists"]:
-            return T.short_answer(rng, s["sent"].lower())
+            return self.templates.short_answer(rng, s["sent"].lower())
         if self.dataset in FP_REFER_SETS:  # false premise with a correction (gt_sent)
-            return T.correct_answer(rng, s["sent"].lower(), s["gt_sent"].lower())
-        return T.neg_answer(rng, s["sent"].lower())
+            return self.templates.correct_answer(rng, s["sent"].lower(), s["gt_sent"].lower())
+        return self.templates.neg_answer(rng, s["sent"].lower())
 
     def example(self, idx: int, rng: np.random.Generator) -> Example:
         iid = self.image_ids[idx]
@@ -191,7 +194,7 @@ class ReferReader(Reader):
             sents = [sents[i] for i in sample_indices(rng, len(sents), self.max_convs)]
         convs, masks = [], []
         for s in sents:
-            q = T.short_question(rng, s["sent"].lower())
+            q = self.templates.short_question(rng, s["sent"].lower())
             if self.mode == "train":
                 a = self._answer(rng, s)
                 if s["exists"]:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from read_jax.config import IGNORE_LABEL
-from read_jax.data import templates as T
+from read_jax.data import templates
 from read_jax.data.preprocess import coco_mask, read_json
 from read_jax.data.readers.base import (
     MAX_CONVS,
@@ -36,7 +36,11 @@ from read_jax.data.readers.sem_seg_classes import ADE20K_CLASSES, COCO_STUFF_CLA
 
 
 def _sem_seg_conversations(
-    rng: np.random.Generator, pos: list[str], neg: list[str], weights: Sequence[float]
+    rng: np.random.Generator,
+    pos: list[str],
+    neg: list[str],
+    weights: Sequence[float],
+    tpl: templates.Templates = templates.DEFAULT,
 ) -> tuple[str, list[Conversation]]:
     """SESAME's per-image mode draw and conversations (sem_seg_dataset.py:262-293).
 
@@ -51,16 +55,16 @@ def _sem_seg_conversations(
         for i, name in enumerate(pos):
             convs.append(
                 Conversation(
-                    T.short_question(rng, name.lower()), T.short_answer(rng, name.lower()), True, True, i
+                    tpl.short_question(rng, name.lower()), tpl.short_answer(rng, name.lower()), True, True, i
                 )
             )
     else:
         for name, gt in zip(neg, pos, strict=False):  # min(#pos, #neg) questions
-            q = T.short_question(rng, name.lower())
+            q = tpl.short_question(rng, name.lower())
             a = (
-                T.neg_answer(rng, name.lower())
+                tpl.neg_answer(rng, name.lower())
                 if mode == "denial"
-                else T.correct_answer(rng, name.lower(), gt.lower())
+                else tpl.correct_answer(rng, name.lower(), gt.lower())
             )
             convs.append(Conversation(q, a, False, False))
     return mode, convs
@@ -169,7 +173,11 @@ class LabelMapReader(Reader):
         pos_ids = [present[i] for i in sample_indices(rng, len(present), self.max_convs)]
         neg_ids = [absent[i] for i in sample_indices(rng, len(absent), self.max_convs)]
         mode, convs = _sem_seg_conversations(
-            rng, [self.classes[i] for i in pos_ids], [self.classes[i] for i in neg_ids], self.mode_weights
+            rng,
+            [self.classes[i] for i in pos_ids],
+            [self.classes[i] for i in neg_ids],
+            self.mode_weights,
+            self.templates,
         )
         h, w = lab.shape
         masks = (
@@ -252,7 +260,7 @@ class CocoPartReader(Reader):
         neg = [absent[i] for i in sample_indices(rng, len(absent), self.max_convs)]
         pos_names = [self._name(rng, a["category_id"]) for a in pos]
         neg_names = [self._name(rng, c) for c in neg]
-        mode, convs = _sem_seg_conversations(rng, pos_names, neg_names, self.mode_weights)
+        mode, convs = _sem_seg_conversations(rng, pos_names, neg_names, self.mode_weights, self.templates)
         if mode == "true":
             try:
                 masks = np.stack([coco_mask(a["segmentation"], h, w) for a in pos])
