@@ -247,8 +247,7 @@ def drive(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) -> 
                 str(work / "converted"),
             ]
             + ["--split", "reasonseg_val", "--out", str(work / "eval"), f"--config.data.root={work / 'data'}"]
-            + ["--config.data.num_workers=0"]
-            + ([] if size == "7b" else ["--config.data.max_mask_side=256"]),
+            + ["--config.data.num_workers=0"],
             logs / "eval.log",
         )
     )
