@@ -283,6 +283,16 @@ def _render(rng, w: int, h: int, shapes: list[dict], ghost: dict | None) -> Imag
     return im
 
 
+def random_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
+    """A scene of 3-6 shapes drawn from `rng`, rendered: (image, instances). Each instance is a dict with
+    `kind`, `color`, `poly` (float[N, 2] (x, y) vertices), `cx`, `cy`, `r`, `area` and `corners`; instances
+    never overlap. The scene generator of every source written from this world."""
+    while True:
+        w, h, shapes = _scene(rng)
+        if len(shapes) >= 3:
+            return _render(rng, w, h, shapes, None), shapes
+
+
 def _points(poly: np.ndarray) -> list[list[float]]:
     return [[round(float(x), 2), round(float(y), 2)] for x, y in poly]
 
