@@ -601,8 +601,14 @@ def test_llava_base_tokenizer_gets_the_read_tokens_on_resize(tmp_path):
 
 
 def test_llava_hf_tokenizer_ids_collide_with_resize(tmp_path):
-    """<image>/<pad> at 32000/32001: refused on a LLaVA base, dropped with their rows as llava-hf."""
-    d = tokenizer_dir(tmp_path, added_tokens="llava_hf/llava-1.5-7b-hf.added_tokens.json")
+    """<image>/<pad> at 32000/32001: refused on a LLaVA base, dropped with their rows as llava-hf; so is the
+    special_tokens_map.json that names <pad> as the pad token (READ pads with <unk>)."""
+    d = tokenizer_dir(
+        tmp_path,
+        added_tokens="llava_hf/llava-1.5-7b-hf.added_tokens.json",
+        special_tokens_map="llava_hf/llava-1.5-7b-hf.special_tokens_map.json",
+    )
+    assert json.loads((d / "special_tokens_map.json").read_text())["pad_token"] == "<pad>"
     with pytest.raises(
         ConfigError, match=r"added tokens \{'<image>': 32000, '<pad>': 32001\} already hold the ids"
     ):
