@@ -17,10 +17,14 @@ Writes, under --work:
   data/      a 2-image ReasonSeg-format split (the generated shapes set);
   converted/ `convert_weights.py`'s output; chat/ and eval/ the outputs of the two commands;
   figures.json  wall time and peak host memory (RSS, from the kernel's accounting of each step's process)
-             of every step, also printed as a table.
+             of every step, chat's time per answer and evaluation's per query, printed as a markdown table.
 
-Each step runs in its own process (this script with --step, or the command itself), so each peak RSS is that
-step's alone. Random weights never emit EOS: chat decodes exactly --max-new-tokens tokens.
+The steps: write (the release), convert (`convert_weights.py`), load (`read_jax.build.load_model`), chat
+(`python -m read_jax.cli.chat`, asked the same question twice: the first answer compiles, the second runs on
+compiled code), decode (the LLaMA's greedy decoding rate, s per token without the prompt, in-process) and
+eval (`evaluate.py` on the 2 images). Each runs in its own process (this script with --step, or the command
+itself), so each peak RSS is that step's alone. Random weights practically never emit EOS: chat decodes
+--max-new-tokens tokens.
 
 Needs at 7B: ~30 GB of disk (release 14.8 GB, CLIP 1.2 GB, converted ~13 GB), ~20 GB of RAM (the write step
 holds one 10 GB shard, as save_pretrained does; chat holds the 14.8 GB of weights), torch (`.[convert]`), and
@@ -48,6 +52,7 @@ HF_MAX_SHARD = 10 * 10**9
 # The released READ-7B, for scaling the shard limit of the small sizes to the same 2-shard cut.
 READ_7B_BYTES = 14_840_000_000
 QUESTION = "Which shape is the smallest one? Please output segmentation mask."
+DECODE_PROMPT = 8  # prompt tokens of the decoding-rate step
 # READForCausalLM's module order (LlamaModel, LlavaMetaModel, READ's modules, lm_head) and a decoder layer's.
 _TOP = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.mm_projector.", "model.visual_model.")
 _TOP += ("model.text_hidden_fcs.", "lm_head.")
@@ -190,9 +195,39 @@ def load_step(work: Path) -> dict:
     return {"parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))}
 
 
+def decode_step(work: Path, new_tokens: int) -> dict:
+    """The greedy decoding rate of the loaded model's LLaMA (`read_jax.llama.generate`, KV cache), without the
+    prompt: (time for 1 + K new tokens - time for 1) / K on a short text prompt, each timed on its second
+    call (the first compiles). K = `new_tokens`; EOS never stops it."""
+    import jax
+    import jax.numpy as jnp
+
+    from read_jax import llama
+    from read_jax.build import load_model
+
+    lm = load_model(work / "converted").llava.language_model
+    ids = jnp.arange(1, DECODE_PROMPT + 1, dtype=jnp.int32)[None]
+
+    def timed(m: int) -> float:
+        t0 = time.perf_counter()
+        tokens, _ = llama.generate(lm, input_ids=ids, max_new_tokens=m, eos_token_id=None)
+        jax.block_until_ready(tokens)
+        return time.perf_counter() - t0
+
+    budgets = (1, 1 + new_tokens)
+    first = {m: timed(m) for m in budgets}
+    warm = {m: timed(m) for m in budgets}
+    return {
+        "new_tokens": new_tokens,
+        "first_call_s": [first[m] for m in budgets],
+        "warm_call_s": [warm[m] for m in budgets],
+        "s_per_token": (warm[budgets[1]] - warm[budgets[0]]) / new_tokens,
+    }
+
+
 # ---- the driver --------------------------------------------------------------------------------
 def run_step(name: str, argv: list[str], log: Path) -> dict:
-    """Run one step in its own process: (wall seconds, peak RSS of that process tree in bytes, status)."""
+    """Run one step in its own process: (wall seconds, peak RSS of that process in bytes, status)."""
     t0 = time.perf_counter()
     with log.open("w") as f:
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -209,49 +244,94 @@ def run_step(name: str, argv: list[str], log: Path) -> dict:
     return out
 
 
-def drive(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) -> list[dict]:
-    py = sys.executable
+def _last_json(log: Path) -> dict:
+    """The JSON line an in-process step prints last."""
+    return json.loads(log.read_text().strip().splitlines()[-1])
+
+
+def commands(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) -> list[tuple[str, list]]:
+    """(step, argv) of every step, in order; the commands are the ones a user runs."""
+    py, conv = sys.executable, str(work / "converted")
     me = [py, str(Path(__file__).resolve()), "--work", str(work), "--size", size]
-    me += ["--tokenizer-model", str(tokenizer_model)]
+    me += ["--tokenizer-model", str(tokenizer_model), "--max-new-tokens", str(max_new_tokens)]
+    image = work / "data" / "reason_seg" / "ReasonSeg" / "val" / "{image}"
+    convert = [py, "convert_weights.py", "--hf", str(work / "release"), "--clip", str(work / "clip")]
+    convert += ["--out", conv, "--dtype", "bf16", "--no-progress"]
+    convert += [] if size == "7b" else ["--base", "tiny"]
+    # The same question twice: the second answer has the first's shapes, so it runs without compiling.
+    chat = [py, "-m", "read_jax.cli.chat", "--checkpoint", conv, "--image", str(image)]
+    chat += ["--out", str(work / "chat"), "--max-new-tokens", str(max_new_tokens), QUESTION, QUESTION]
+    evaluate = [py, "evaluate.py", "--config", "configs/read_7b_reasonseg.py", "--checkpoint", conv]
+    evaluate += [
+        "--split",
+        "reasonseg_val",
+        "--out",
+        str(work / "eval"),
+        f"--config.data.root={work / 'data'}",
+    ]
+    evaluate += ["--config.data.num_workers=0"]
+    return [
+        ("write", [*me, "--step", "write"]),
+        ("convert", convert),
+        ("load", [*me, "--step", "load"]),
+        ("chat", chat),
+        ("decode", [*me, "--step", "decode"]),
+        ("eval", evaluate),
+    ]
+
+
+def drive(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) -> list[dict]:
     logs = work / "logs"
     logs.mkdir(parents=True)
-    steps = [run_step("write", [*me, "--step", "write"], logs / "write.log")]
-    steps.append(
-        run_step(
-            "convert",
-            [py, "convert_weights.py", "--hf", str(work / "release"), "--clip", str(work / "clip")]
-            + ["--out", str(work / "converted"), "--dtype", "bf16", "--no-progress"]
-            + ([] if size == "7b" else ["--base", "tiny"]),
-            logs / "convert.log",
-        )
-    )
-    steps.append(run_step("load", [*me, "--step", "load"], logs / "load.log"))
-    image = next((work / "data" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))
-    steps.append(
-        run_step(
-            "chat",
-            [py, "-m", "read_jax.cli.chat", "--checkpoint", str(work / "converted"), "--image", str(image)]
-            + ["--out", str(work / "chat"), "--max-new-tokens", str(max_new_tokens), QUESTION],
-            logs / "chat.log",
-        )
-    )
-    steps.append(
-        run_step(
-            "eval",
-            [
-                py,
-                "evaluate.py",
-                "--config",
-                "configs/read_7b_reasonseg.py",
-                "--checkpoint",
-                str(work / "converted"),
-            ]
-            + ["--split", "reasonseg_val", "--out", str(work / "eval"), f"--config.data.root={work / 'data'}"]
-            + ["--config.data.num_workers=0"],
-            logs / "eval.log",
-        )
-    )
+    steps = []
+    for name, argv in commands(work, size, max_new_tokens, tokenizer_model):
+        if name == "chat":
+            image = next((work / "data" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))
+            argv = [a.replace("{image}", image.name) for a in argv]
+        steps.append(run_step(name, argv, logs / f"{name}.log"))
+        if name in ("load", "decode"):
+            steps[-1]["result"] = _last_json(logs / f"{name}.log")
     return steps
+
+
+def figures(work: Path, size: str, steps: list[dict]) -> dict:
+    """Every figure of the run: the steps', the release's, chat's answers and evaluation's rate."""
+    release = json.loads((work / "release_info.json").read_text())
+    answers = json.loads((work / "chat" / "answers.json").read_text())
+    summary = json.loads((work / "eval" / "summary.json").read_text())
+    return {
+        "size": size,
+        "release": release,
+        "steps": steps,
+        "chat_answers": [{k: a[k] for k in ("new_tokens", "seconds")} for a in answers],
+        "eval": {k: summary[k] for k in ("num_queries", "samples_per_s")},
+    }
+
+
+def table(fig: dict) -> list[str]:
+    """The figures as a markdown table (what README shows)."""
+    step = {s["step"]: s for s in fig["steps"]}
+    unit, scale = ("GB", 1e9) if fig["size"] == "7b" else ("MB", 1e6)
+    shards = " + ".join(f"{b / scale:.2f} {unit}" for b in fig["release"]["shard_bytes"])
+    a, dec = fig["chat_answers"], step["decode"]["result"]
+    first, warm = a[0], a[-1]
+    clip = fig["release"]["clip_bytes"] / scale
+    notes = {
+        "write": f"release shards {shards} (bf16 `.bin`), CLIP {clip:.2f} {unit}",
+        "convert": "`convert_weights.py --dtype bf16`",
+        "load": f"`load_model`: {step['load']['result']['parameters']:,} parameters",
+        "chat": f"{len(a)} answers of {first['new_tokens']} tokens: {first['seconds']:.1f} s (compiles "
+        f"included), then {warm['seconds']:.1f} s = {warm['seconds'] / warm['new_tokens']:.2f} s/token "
+        "with the image prompt's prefill",
+        "decode": f"{dec['s_per_token']:.2f} s per decoded token (KV cache, prefill excluded)",
+        "eval": f"`evaluate.py` ReasonSeg, {fig['eval']['num_queries']} images: "
+        f"{1 / fig['eval']['samples_per_s']:.1f} s per query (compiles included)",
+    }
+    rows = ["| step | wall | peak RSS | what |", "|---|---:|---:|---|"]
+    for s in fig["steps"]:
+        wall, rss = s["wall_s"] / 60, s["peak_rss_bytes"] / 2**30
+        rows.append(f"| {s['step']} | {wall:.1f} min | {rss:.2f} GiB | {notes[s['step']]} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -262,7 +342,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--tokenizer-model", default=str(TOKENIZER_MODEL), help="a 32000-piece LLaMA tokenizer.model"
     )
-    p.add_argument("--step", choices=("write", "load"), help=argparse.SUPPRESS)  # one step, in its process
+    p.add_argument("--step", choices=("write", "load", "decode"), help=argparse.SUPPRESS)  # one step alone
     args = p.parse_args(argv)
     work = Path(args.work).absolute()
     if args.step == "write":
@@ -270,11 +350,12 @@ def main(argv=None) -> int:
         write_data(work)
         (work / "release_info.json").write_text(json.dumps(info))
         return 0
-    if args.step == "load":
+    if args.step in ("load", "decode"):
         from read_jax import xla_flags
 
-        xla_flags.apply_cpu_memory_flags()
-        print(json.dumps(load_step(work)))
+        xla_flags.apply_cpu_memory_flags()  # as the commands do
+        out = load_step(work) if args.step == "load" else decode_step(work, args.max_new_tokens)
+        print(json.dumps(out))
         return 0
     if work.exists() and any(work.iterdir()):
         raise SystemExit(f"{work} is not empty")
@@ -285,12 +366,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the {args.size} run needs ~{need / 1e9:.0f} GB")
     print(f"{'step':8s} {'wall':>11s}  {'peak RSS':>11s}")
     steps = drive(work, args.size, args.max_new_tokens, Path(args.tokenizer_model))
-    release = json.loads((work / "release_info.json").read_text())
-    (work / "figures.json").write_text(
-        json.dumps({"size": args.size, "release": release, "steps": steps}, indent=2)
-    )
-    unit, scale = ("GB", 1e9) if args.size == "7b" else ("MB", 1e6)
-    print(f"release shards: {' + '.join(f'{b / scale:.2f} {unit}' for b in release['shard_bytes'])}")
+    fig = figures(work, args.size, steps)
+    (work / "figures.json").write_text(json.dumps(fig, indent=2))
+    print("\n".join(["", *table(fig)]))
     return 0
 
 

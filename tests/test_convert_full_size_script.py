@@ -14,15 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from read_jax.build import model_fn
+from read_jax.checkpoint import load_config
 from tests.helpers import require_meta_sam, require_torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["write", "convert", "load", "chat", "eval"]
+STEPS = ["write", "convert", "load", "chat", "decode", "eval"]
 
 
-@pytest.mark.slow  # five processes (one per step), ~1-2 min on 2 cores: runs in the default suite
+@pytest.mark.slow  # six processes (one per step), ~1-2 min on 2 cores: runs in the default suite
 def test_full_size_script_runs_every_step_at_tiny_size(tmp_path):
     require_torch()
     require_meta_sam()
@@ -45,8 +50,19 @@ def test_full_size_script_runs_every_step_at_tiny_size(tmp_path):
     assert [s["step"] for s in figures["steps"]] == STEPS
     for s in figures["steps"]:
         assert s["exit"] == 0 and s["wall_s"] > 0 and 50 * 2**20 < s["peak_rss_bytes"] < 16 * 2**30, s
-    for name in STEPS:  # the printed table: one line per step
+    for name in STEPS:  # the progress lines and the markdown table: one line per step in each
         assert any(line.startswith(name) and "GiB" in line for line in r.stdout.splitlines()), name
+        assert any(line.startswith(f"| {name} |") for line in r.stdout.splitlines()), name
+    steps = {s["step"]: s for s in figures["steps"]}
+    model = nnx.eval_shape(model_fn(load_config(work / "converted")))  # the checkpoint's model (LoRA too)
+    want = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert steps["load"]["result"]["parameters"] == want
+    dec = steps["decode"]["result"]
+    assert dec["new_tokens"] == 16 and dec["s_per_token"] > 0, dec
+    assert all(t > 0 for t in dec["first_call_s"] + dec["warm_call_s"])
+    # Chat answered the question twice, 16 tokens each (random weights do not stop), from answers.json.
+    assert [a["new_tokens"] for a in figures["chat_answers"]] == [16, 16]
+    assert figures["eval"]["num_queries"] == 2 and figures["eval"]["samples_per_s"] > 0
 
     # The release: transformers 4.31's cut (a new shard when the next tensor would pass the limit).
     rel = work / "release"
@@ -79,6 +95,7 @@ def test_full_size_script_runs_every_step_at_tiny_size(tmp_path):
     # The commands' outputs.
     assert json.loads((work / "converted" / "conversion.json").read_text())["family"] == "read"
     answers = json.loads((work / "chat" / "answers.json").read_text())
-    assert len(answers) == 1 and answers[0]["question"] == fs.QUESTION
+    assert [a["question"] for a in answers] == [fs.QUESTION, fs.QUESTION]
+    assert answers[0]["answer"] == answers[1]["answer"]  # greedy: the same answer twice
     summary = json.loads((work / "eval" / "summary.json").read_text())
     assert summary["num_queries"] == 2
