@@ -23,8 +23,10 @@ The steps: write (the release), convert (`convert_weights.py`), load (`read_jax.
 (`python -m read_jax.cli.chat`, asked the same question twice: the first answer compiles, the second runs on
 compiled code), decode (the LLaMA's greedy decoding rate, s per token without the prompt, in-process) and
 eval (`evaluate.py` on the 2 images). Each runs in its own process (this script with --step, or the command
-itself), so each peak RSS is that step's alone. Random weights practically never emit EOS: chat decodes
---max-new-tokens tokens.
+itself), so each peak RSS is that step's alone; the mean load average while it ran is recorded beside it (other
+jobs on the cores stretch the wall times, not the RSS). Random weights practically never emit EOS: chat
+decodes --max-new-tokens tokens. Every finished step is appended to steps.jsonl; a run that stopped (a killed
+step, a machine restart) continues with `--resume` (same arguments) from the first step not recorded.
 
 Needs at 7B: ~30 GB of disk (release 14.8 GB, CLIP 1.2 GB, converted ~13 GB), ~20 GB of RAM (the write step
 holds one 10 GB shard, as save_pretrained does; chat holds the 14.8 GB of weights), torch (`.[convert]`), and
@@ -53,6 +55,15 @@ HF_MAX_SHARD = 10 * 10**9
 READ_7B_BYTES = 14_840_000_000
 QUESTION = "Which shape is the smallest one? Please output segmentation mask."
 DECODE_PROMPT = 8  # prompt tokens of the decoding-rate step
+STEPS_FILE = "steps.jsonl"  # one line per finished step: what --resume skips
+# What each step writes under --work (removed before the step runs again on --resume).
+OUTPUTS = {
+    "write": ("release", "clip", "data"),
+    "convert": ("converted",),
+    "chat": ("chat",),
+    "eval": ("eval",),
+}
+LOAD_SAMPLE_S = 5.0
 # READForCausalLM's module order (LlamaModel, LlavaMetaModel, READ's modules, lm_head) and a decoder layer's.
 _TOP = ("model.embed_tokens.", "model.layers.", "model.norm.", "model.mm_projector.", "model.visual_model.")
 _TOP += ("model.text_hidden_fcs.", "lm_head.")
@@ -227,16 +238,22 @@ def decode_step(work: Path, new_tokens: int) -> dict:
 
 # ---- the driver --------------------------------------------------------------------------------
 def run_step(name: str, argv: list[str], log: Path) -> dict:
-    """Run one step in its own process: (wall seconds, peak RSS of that process in bytes, status)."""
+    """Run one step in its own process: wall seconds, peak RSS of that process in bytes, exit status, and the
+    machine's mean 1-minute load average while it ran (other jobs on the cores stretch the wall times)."""
     t0 = time.perf_counter()
+    loads = [os.getloadavg()[0]]
     with log.open("w") as f:
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
+        while (done := os.wait4(p.pid, os.WNOHANG))[0] == 0:
+            time.sleep(LOAD_SAMPLE_S)
+            loads.append(os.getloadavg()[0])
+        _, status, usage = done
     p.returncode = os.waitstatus_to_exitcode(status)
     out = {"step": name, "wall_s": time.perf_counter() - t0, "peak_rss_bytes": usage.ru_maxrss * 1024}
-    out["exit"] = p.returncode
+    out.update(exit=p.returncode, load_avg=sum(loads) / len(loads))
     print(
-        f"{name:8s} {out['wall_s']:9.1f} s  {out['peak_rss_bytes'] / 2**30:7.2f} GiB  (log: {log})",
+        f"{name:8s} {out['wall_s']:9.1f} s  {out['peak_rss_bytes'] / 2**30:7.2f} GiB  "
+        f"load {out['load_avg']:5.1f}  (log: {log})",
         flush=True,
     )
     if p.returncode:
@@ -281,16 +298,24 @@ def commands(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) 
 
 
 def drive(work: Path, size: str, max_new_tokens: int, tokenizer_model: Path) -> list[dict]:
+    """Run the steps not yet recorded in work/steps.jsonl (all of them in a fresh --work), recording each."""
     logs = work / "logs"
-    logs.mkdir(parents=True)
-    steps = []
-    for name, argv in commands(work, size, max_new_tokens, tokenizer_model):
+    logs.mkdir(parents=True, exist_ok=True)
+    record = work / STEPS_FILE
+    steps = [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []
+    for s in steps:
+        print(f"{s['step']:8s} {s['wall_s']:9.1f} s  {s['peak_rss_bytes'] / 2**30:7.2f} GiB  (recorded)")
+    for name, argv in commands(work, size, max_new_tokens, tokenizer_model)[len(steps) :]:
+        for out in OUTPUTS.get(name, ()):  # what an interrupted earlier attempt of this step left
+            shutil.rmtree(work / out, ignore_errors=True)
         if name == "chat":
             image = next((work / "data" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))
             argv = [a.replace("{image}", image.name) for a in argv]
         steps.append(run_step(name, argv, logs / f"{name}.log"))
         if name in ("load", "decode"):
             steps[-1]["result"] = _last_json(logs / f"{name}.log")
+        with record.open("a") as f:
+            f.write(json.dumps(steps[-1]) + "\n")
     return steps
 
 
@@ -327,10 +352,11 @@ def table(fig: dict) -> list[str]:
         "eval": f"`evaluate.py` ReasonSeg, {fig['eval']['num_queries']} images: "
         f"{1 / fig['eval']['samples_per_s']:.1f} s per query (compiles included)",
     }
-    rows = ["| step | wall | peak RSS | what |", "|---|---:|---:|---|"]
+    rows = ["| step | wall | peak RSS | load avg | what |", "|---|---:|---:|---:|---|"]
     for s in fig["steps"]:
         wall, rss = s["wall_s"] / 60, s["peak_rss_bytes"] / 2**30
-        rows.append(f"| {s['step']} | {wall:.1f} min | {rss:.2f} GiB | {notes[s['step']]} |")
+        load = "–" if s.get("load_avg") is None else f"{s['load_avg']:.1f}"
+        rows.append(f"| {s['step']} | {wall:.1f} min | {rss:.2f} GiB | {load} | {notes[s['step']]} |")
     return rows
 
 
@@ -341,6 +367,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16, help="chat's decoding budget")
     p.add_argument(
         "--tokenizer-model", default=str(TOKENIZER_MODEL), help="a 32000-piece LLaMA tokenizer.model"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --work from the first step steps.jsonl does not record (same arguments)",
     )
     p.add_argument("--step", choices=("write", "load", "decode"), help=argparse.SUPPRESS)  # one step alone
     args = p.parse_args(argv)
@@ -357,13 +388,21 @@ def main(argv=None) -> int:
         out = load_step(work) if args.step == "load" else decode_step(work, args.max_new_tokens)
         print(json.dumps(out))
         return 0
-    if work.exists() and any(work.iterdir()):
-        raise SystemExit(f"{work} is not empty")
-    need = 31 * 10**9 if args.size == "7b" else 10**8
-    work.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(work).free
-    if free < need:
-        raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the {args.size} run needs ~{need / 1e9:.0f} GB")
+    if args.resume:
+        if not (work / STEPS_FILE).is_file():
+            raise SystemExit(
+                f"--resume: {work / STEPS_FILE} is missing (no earlier run of this script there)"
+            )
+    elif work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work} is not empty (--resume continues a run that stopped)")
+    else:
+        need = 31 * 10**9 if args.size == "7b" else 10**8
+        work.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(work).free
+        if free < need:
+            raise SystemExit(
+                f"{work}: {free / 1e9:.1f} GB free, the {args.size} run needs ~{need / 1e9:.0f} GB"
+            )
     print(f"{'step':8s} {'wall':>11s}  {'peak RSS':>11s}")
     steps = drive(work, args.size, args.max_new_tokens, Path(args.tokenizer_model))
     fig = figures(work, args.size, steps)

@@ -38,18 +38,25 @@ def test_full_size_script_runs_every_step_at_tiny_size(tmp_path):
     # One CPU device, as on the machine the script is for (not the test session's 8 fake ones).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "full_size_run.py"), "--work", str(work), "--size", "tiny"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    argv = [sys.executable, str(ROOT / "scripts" / "full_size_run.py"), "--work", str(work), "--size", "tiny"]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # A run that stopped during its last step (hours into a 7B run) continues with --resume: the recorded
+    # steps are kept, the interrupted one runs again from scratch.
+    record = (work / "steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in record] == STEPS
+    (work / "steps.jsonl").write_text("\n".join(record[:-1]) + "\n")
+    (work / "eval" / "summary.json").unlink()
+    before = json.loads((work / "figures.json").read_text())["steps"][:-1]
+    r = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [line.split()[0] for line in r.stdout.splitlines() if "(recorded)" in line] == STEPS[:-1]
     figures = json.loads((work / "figures.json").read_text())
     assert [s["step"] for s in figures["steps"]] == STEPS
+    assert figures["steps"][:-1] == before
     for s in figures["steps"]:
         assert s["exit"] == 0 and s["wall_s"] > 0 and 50 * 2**20 < s["peak_rss_bytes"] < 16 * 2**30, s
+        assert s["load_avg"] >= 0, s
     for name in STEPS:  # the progress lines and the markdown table: one line per step in each
         assert any(line.startswith(name) and "GiB" in line for line in r.stdout.splitlines()), name
         assert any(line.startswith(f"| {name} |") for line in r.stdout.splitlines()), name
