@@ -7,7 +7,8 @@
 With questions on the command line it answers them and exits; without (or with `--interactive`) it is a
 chat loop as READ's `demo.py`: type a question, read the answer, the overlay is written to `--out`;
 `/image PATH` switches the image, `/quit` (or end of input) ends the session. Every answer is appended to
-`--out/answers.json`.
+`--out/answers.json`, with its wall time and number of generated tokens (the first answer includes the
+compiles).
 
 `--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
 `read_jax.inference.save_for_inference` (same layout). The prompt template is the one the checkpoint's own
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from read_jax.cli import common
@@ -123,14 +125,16 @@ def main(argv=None) -> int:
 
         def answer(q: str) -> None:
             image = state["image"]
+            t0 = time.perf_counter()
             pred = predict(
                 model, tok, image, q, max_new_tokens=args.max_new_tokens, template=template, sasp=sasp
             )
+            seconds = time.perf_counter() - t0  # the first answer of a shape includes XLA's compiles
             png = out / f"answer_{len(records):02d}.png"
             overlay(image, pred.masks, pred.points, pred.point_labels).save(png)
             print(
                 f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
-                f"{len(pred.masks)} mask(s) -> {png}",
+                f"{len(pred.masks)} mask(s) -> {png}; {len(pred.tokens)} new tokens in {seconds:.1f} s",
                 flush=True,
             )
             records.append(
@@ -145,6 +149,8 @@ def main(argv=None) -> int:
                     "num_masks": len(pred.masks),
                     "overlay": str(png),
                     "mask_pixels": [int(m.sum()) for m in pred.masks],
+                    "new_tokens": len(pred.tokens),
+                    "seconds": round(seconds, 3),
                 }
             )
             (out / "answers.json").write_text(json.dumps(records, indent=2))
