@@ -34,6 +34,10 @@ CONFIGS = [
     ("read_7b_refseg", None),
     ("read_13b_reasonseg", "stage1"),
     ("read_13b_reasonseg", "stage2"),
+    ("tiny", "llava"),
+    ("tiny", "sesame"),
+    ("tiny", "read"),
+    ("tiny", "read,smoke"),
 ]
 
 
