@@ -9,6 +9,12 @@ masks), all of it trainable (image encoder, prompt encoder, mask decoder), on sc
 (`read_jax.pretrain.sam_data`), SAM's loss (focal 20 : dice 1 + IoU MSE, `read_jax.pretrain.sam_step`), AdamW
 with linear warmup and linear decay. The SESAME stage starts its visual_model from `runs/sam/sam`
 (`--config.init.sam=runs/sam/sam`).
+
+Measured (seed 0, commit 013dfb9; README "The SAM stage"): held-out mIoU 0.883 from one interior point, 0.907
+from the centroid, 0.901 from the box, 0.894 from SasP-like points (3 in, 6 out), on 913 instances of 200
+scenes. Training IoU reaches 0.85 at step 1000 and 0.88 at 1500 (`--config.train.total_steps=1500` saves a
+quarter of the time if the chain needs it). 8 images x 8 prompts per step: the decoder's per-prompt cost
+dominates the step; the host builds the batches ahead of it (grain, 2 threads: 0.3% of the loop waits).
 """
 
 from read_jax.pretrain.sam_config import default_config

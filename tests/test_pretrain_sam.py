@@ -347,3 +347,13 @@ def test_command_errors_are_one_line(tmp_path, capsys):
         ["--config", CONFIG + ":smoke", "--workdir", str(tmp_path), "--config.eval.sasp_neg=9"]
     )
     assert code == 2 and "must fit data.num_points=4" in capsys.readouterr().err
+
+
+def test_read_run_without_its_sam_stage_fails_before_building(tmp_path):
+    """`train.py` with `init.sam` pointing nowhere stops at once, naming the command that makes the export."""
+    from read_jax.train import train_and_evaluate
+
+    c = load_config_file(os.path.join(ROOT, "configs", "tiny_shapes.py") + ":smoke")
+    c.init.sam = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"init\.sam=.*nowhere: does not exist.*cli\.pretrain_sam"):
+        train_and_evaluate(c, tmp_path / "run")

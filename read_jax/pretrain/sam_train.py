@@ -170,7 +170,7 @@ def train(config, workdir: str | os.PathLike, *, stop_at: int | None = None) -> 
     _check_lr(config.train)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tc, pc, lc = config.train, prompt_config(config.data), loss_config(config.train)
     total = int(tc.total_steps)
     ckpts, start, meta = open_run(config, workdir)
@@ -221,6 +221,7 @@ def train(config, workdir: str | os.PathLike, *, stop_at: int | None = None) -> 
         "total_steps": total,
         "compile_s": compile_s,
         "wall_s": wall,
+        "cpu_s": time.process_time() - cpu0,
         "train": last,
     }
     return {**summary, "params": params, "rest": rest, "setup": setup}

@@ -230,6 +230,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     tc = config.train
     accum = int(tc.grad_accum)
     cfg = run_config.read_config(config.model)
+    if sam := config.init.get("sam") or "":  # a missing or mismatched SAM stage fails now, not after init
+        from read_jax.pretrain.sam_export import check_sam_config, read_stage_config
+
+        check_sam_config(sam, read_stage_config(sam)["sam"], cfg.sam)
     total_steps = run_config.total_steps(tc)
     progress = bool(config.get("progress", True)) and jax.process_index() == 0
     # A workdir of another config is refused now (its saved config names the difference), not by orbax
