@@ -84,6 +84,7 @@ def _common(c) -> None:
     c.data.length_buckets = (128, 192)
     c.data.max_mask_side = 448
 
+    c.train.grad_accum = 1  # READ accumulates 10 micro-batches; here one batch of 16 images is a step
     c.train.ce_max_tokens = 512  # the CE on the supervised positions only: no [R, E, 32003] logits
     c.train.dropout = False
     c.train.log_every = 25
