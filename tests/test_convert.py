@@ -537,6 +537,27 @@ def test_convert_export_round_trip(ref, dirs, tmp_path):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_convert_sesame_release_prompts_with_seg_alone_and_exports_as_sesame(dirs, tmp_path):
+    """SESAME (`SESAMEForCausalLM`, READ-7B's starting point) was trained with the [SEG] prompt alone: the
+    same release converted as SESAME has SasP off and is otherwise READ's, leaf for leaf; a SasP-off model
+    exports under SESAME's class name, which converts back to SasP off."""
+    from read_jax.convert.export import hf_config_dict
+
+    src = tmp_path / "sesame"
+    shutil.copytree(dirs["bin"], src)
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "architectures": ["SESAMEForCausalLM"]}))
+    out = tmp_path / "out"
+    convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--out", str(out), "--dtype", "fp32"])
+    sesame, read = ck.load_config(out), ck.load_config(dirs["out"])
+    assert read.sasp.enabled and not sesame.sasp.enabled
+    assert sesame.replace(sasp=read.sasp) == read
+    got, want = leaves_of(out), leaves_of(dirs["out"])
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert hf_config_dict(sesame, None, "float32")["architectures"] == ["SESAMEForCausalLM"]
+    assert hf_config_dict(read, None, "float32")["architectures"] == ["READForCausalLM"]
+
+
 def test_convert_export_lora_merged_and_peft(dirs, tmp_path):
     """A model carrying LoRA exports either merged (== lora.merge_lora) or as PEFT keys that convert back to
     the same merged weights."""

@@ -101,7 +101,9 @@ def hf_config_dict(cfg: rc.ReadConfig, base: Mapping[str, Any] | None, torch_dty
         dict(base)
         if base
         else {
-            "architectures": ["READForCausalLM"],
+            # SESAME's class for a model without SasP (read_reference.md §10.3: READ's README has users edit
+            # it to READForCausalLM before fine-tuning), READ's otherwise.
+            "architectures": ["READForCausalLM" if cfg.sasp.enabled else "SESAMEForCausalLM"],
             "model_type": "llava",
             "hidden_act": "silu",
             "tie_word_embeddings": False,

@@ -3,7 +3,9 @@
 Families (`architectures[0]` of config.json -> `family_of`):
 
   read, sesame, llama   READ / SESAME releases: vocabulary 32003 with [SEG]=32000, <im_start>=32001,
-                        <im_end>=32002 (read_reference.md §2.3), CLIP ViT-L/14-336 from --clip.
+                        <im_end>=32002 (read_reference.md §2.3), CLIP ViT-L/14-336 from --clip. SESAME
+                        (SESAMEForCausalLM) prompts SAM with the [SEG] token alone: `sasp.enabled` is False,
+                        as for LISA; READ's fine-tune of it (`configs/`) switches SasP on.
   lisa                  LISA releases (LISAForCausalLM). Their CLIP is whatever the config names (LISA's
                         default is openai/clip-vit-large-patch14: 224 px, 16 x 16 = 256 image tokens),
                         the projector is LLaVA-v1's single Linear (LISA's own code) or mlp2x_gelu (forks
@@ -327,7 +329,7 @@ def build_config(
         ) from None
     # The base's SasP setting is on the base's own CLIP grid (READ-7B's 12 of 24; the small presets' own).
     sasp = cfg.sasp.on_clip_grid(clip.grid_size, reference_grid=cfg.clip.grid_size)
-    if family == "lisa":
+    if family in ("lisa", "sesame"):  # trained with the [SEG] prompt alone; a READ fine-tune switches it on
         sasp = dataclasses.replace(sasp, enabled=False)
     cfg = cfg.replace(
         llama=llama,
