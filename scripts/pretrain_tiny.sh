@@ -34,6 +34,14 @@ echo "== SESAME stage -> $OUT/sesame"
 "$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/sesame" --split reasonseg_test \
   --config.data.root="$DATA" --out "$OUT/sesame/eval_test"
 
-echo "== export -> $RELEASE"
+echo "== export -> $RELEASE, converted back and evaluated (the bf16-rounded weights a user gets)"
+base=shapes
+if [ -n "$SMOKE" ]; then base=smoke; fi
 "$PY" convert_weights.py --export "$OUT/sesame" --out "$RELEASE" --dtype bf16 --overwrite
+"$PY" convert_weights.py --hf "$RELEASE" --clip "$RELEASE/vision_tower" --base "$base" --dtype fp32 \
+  --out "$OUT/release_converted" --overwrite --no-progress
+"$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/release_converted" \
+  --split reasonseg_test --config.data.root="$DATA" --out "$OUT/release_eval"
+"$PY" scripts/release_card.py --release "$RELEASE" --chain "$OUT" --converted-eval "$OUT/release_eval" \
+  --seed "$SEED" --seconds "$SECONDS"
 echo "pretrain_tiny: done in ${SECONDS}s; release in $RELEASE"

@@ -11,7 +11,8 @@ chat loop as READ's `demo.py`: type a question, read the answer, the overlay is 
 compiles).
 
 `--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
-`read_jax.inference.save_for_inference` (same layout). The prompt template is the one the checkpoint's own
+`read_jax.inference.save_for_inference` (same layout), or a `train.py --workdir` (its best checkpoint, the
+tokenizer of its run config). The prompt template is the one the checkpoint's own
 chat used (conversion.json's `chat_template`): READ's demo uses the vicuna_v1 system prompt (read_reference.md
 §2.3), LISA's chat.py llava_v1; `--template` overrides it. Saying "segment" explicitly helps the model emit a
 [SEG]. The web page version is `python -m read_jax.cli.demo`.
@@ -36,7 +37,9 @@ PROMPT = "you> "
 def parse_args(argv=None):
     p = common.parser("python -m read_jax.cli.chat", __doc__)
     p.add_argument("question", nargs="*", help="questions about the image (none: an interactive session)")
-    p.add_argument("--checkpoint", required=True, help="converted READ checkpoint directory")
+    p.add_argument(
+        "--checkpoint", required=True, help="converted READ checkpoint directory, or a train.py --workdir"
+    )
     p.add_argument("--image", required=True, help="image file (jpg/png/...)")
     p.add_argument("--out", default="chat_out", help="directory for the overlay PNGs and answers.json")
     p.add_argument(

@@ -30,6 +30,7 @@ from read_jax.data import loaders
 from read_jax.train import config as run_config
 from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable
 from read_jax.train.state import (
+    check_llava_stage,
     fast_compile_options,
     init_params,
     make_optimizer,
@@ -234,6 +235,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         from read_jax.pretrain.sam_export import check_sam_config, read_stage_config
 
         check_sam_config(sam, read_stage_config(sam)["sam"], cfg.sam)
+    if llava := config.init.get("llava") or "":  # so does a missing LLaVA stage
+        check_llava_stage(llava)
     total_steps = run_config.total_steps(tc)
     progress = bool(config.get("progress", True)) and jax.process_index() == 0
     # A workdir of another config is refused now (its saved config names the difference), not by orbax

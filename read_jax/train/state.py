@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -172,17 +172,27 @@ def stage_inits(config) -> dict:
 LLAVA_PREFIX = "llava/"
 
 
+def check_llava_stage(path: str) -> None:
+    """FileNotFoundError, naming the command that makes it, unless `path` holds a LLaVA stage (a train.py
+    workdir with checkpoints, or a converted checkpoint)."""
+    p = Path(path)
+    if not ((p / "checkpoints").is_dir() or (p / "config.json").is_file()):
+        what = (
+            "no such directory" if not p.is_dir() else "no checkpoints/ (nor a converted config.json) in it"
+        )
+        raise FileNotFoundError(
+            f"init.llava={path}: {what}; it is the LLaVA stage's workdir, made by "
+            "`python train.py --config configs/tiny.py:llava --workdir DIR` (scripts/pretrain_tiny.sh)"
+        )
+
+
 def with_llava_stage(setup: ModelSetup, tr, fr, path: str):
     """(trainable, frozen) with their `llava/...` leaves (CLIP, projector, LLaMA) taken from the model at
     `path` (the LLaVA stage's train.py workdir on the config it saved, or a converted checkpoint), cast to
     each state's dtype and placed in its sharding. Errors name a missing stage or a leaf that does not fit."""
     from read_jax.build import load_model
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"init.llava={path}: no such directory; it is the LLaVA stage's workdir, made by "
-            "`python train.py --config configs/tiny.py:llava --workdir DIR` (scripts/pretrain_tiny.sh)"
-        )
+    check_llava_stage(path)
     src = {
         path_str(p): v.get_value()
         for p, v in nnx.to_flat_state(nnx.state(load_model(path)))
