@@ -7,6 +7,7 @@
 #
 #   bash scripts/pretrain_tiny.sh                 # everything, CPU (see README for the wall time)
 #   OUT=runs/tiny SEED=0 bash scripts/pretrain_tiny.sh
+#   README=README.md bash scripts/pretrain_tiny.sh  # also rewrite README's release block with the figures
 #   SMOKE=1 bash scripts/pretrain_tiny.sh         # the same chain at smoke size (seconds per stage; tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ DATA=${DATA:-data/shapes}
 RELEASE=${RELEASE:-assets/tiny-sesame}
 SEED=${SEED:-0}
 SMOKE=${SMOKE:-}
+README=${README:-}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 v=""; sam_cfg=configs/pretrain_sam.py
 if [ -n "$SMOKE" ]; then v=",smoke"; sam_cfg=configs/pretrain_sam.py:smoke; fi
@@ -43,5 +45,5 @@ if [ -n "$SMOKE" ]; then base=smoke; fi
 "$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/release_converted" \
   --split reasonseg_test --config.data.root="$DATA" --out "$OUT/release_eval"
 "$PY" scripts/release_card.py --release "$RELEASE" --chain "$OUT" --converted-eval "$OUT/release_eval" \
-  --seed "$SEED" --seconds "$SECONDS"
+  --seed "$SEED" --seconds "$SECONDS" ${README:+--readme "$README"}
 echo "pretrain_tiny: done in ${SECONDS}s; release in $RELEASE"

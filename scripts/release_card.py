@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 SUMS = "SHA256SUMS"
+README_MARKS = ("<!-- release:begin -->", "<!-- release:end -->")
 
 
 def _load(path: Path) -> dict:
@@ -108,6 +109,16 @@ Use it as SESAME's release is used:
 """
 
 
+def readme_block(release: Path, chain: Path, seconds: float) -> str:
+    """The README's figures of the chain: the card's stage table, the size and the wall time."""
+    text = (release / "README.md").read_text()
+    table = text[text.index("| stage |") :].split("\n\n", 1)[0]
+    return (
+        f"{table}\n\n`bash scripts/pretrain_tiny.sh`: {seconds:.0f} s wall on this machine; the release "
+        f"(`{release}`) is {_size(release) / 2**20:.1f} MiB."
+    )
+
+
 def write_sums(release: Path) -> None:
     lines = []
     for p in sorted(release.rglob("*")):
@@ -125,9 +136,15 @@ def main() -> None:
     p.add_argument("--converted-eval", required=True, type=Path, help="evaluate.py --out of the release")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seconds", type=float, required=True, help="the chain's wall time")
+    p.add_argument("--readme", type=Path, help="also replace this README's release block with the figures")
     a = p.parse_args()
     (a.release / "README.md").write_text(card(a.release, a.chain, a.seed, a.seconds, a.converted_eval))
     write_sums(a.release)
+    if a.readme:
+        from read_jax.eval.compare import replace_block
+
+        block = readme_block(a.release, a.chain, a.seconds)
+        a.readme.write_text(replace_block(a.readme.read_text(), block, *README_MARKS))
     print(f"release_card: {a.release}/README.md and {SUMS} ({_size(a.release) / 2**20:.1f} MiB)")
 
 

@@ -45,7 +45,7 @@ def test_compare_table_readme_and_last_line(tmp_path, capsys):
     assert "| all-foreground baseline | 0.031 | 0.029 | — | — | — |" in out
     text = readme.read_text()
     assert "old figures" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "| READ | 0.512 |" in text
+    assert "| READ | 0.512 |" in text and f"`{out[-1]}`" in text  # the run's last line, with its time
 
 
 def test_compare_refuses_runs_of_different_queries(tmp_path, capsys):

@@ -74,13 +74,13 @@ def final_line(runs: Sequence[tuple[str, dict]], seconds: float | None) -> str:
     )
 
 
-def replace_block(text: str, block: str) -> str:
-    """`text` with the lines between BEGIN and END replaced by `block`."""
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"no {BEGIN} ... {END} block to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with the lines between `begin` and `end` replaced by `block`."""
+    if begin not in text or end not in text:
+        raise ValueError(f"no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
 
 
 def main(argv=None) -> int:
@@ -110,7 +110,11 @@ def main(argv=None) -> int:
         with open(args.readme) as f:
             readme = f.read()
         with open(args.readme, "w") as f:
-            f.write(replace_block(readme, text))
+            f.write(
+                replace_block(
+                    readme, f"{text}\n\nThe last line of that run:\n`{final_line(runs, args.seconds)}`"
+                )
+            )
     print(final_line(runs, args.seconds))
     return 0
 
