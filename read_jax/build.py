@@ -54,6 +54,12 @@ def tokenizer_dir(path: str | os.PathLike) -> str | None:
     return str(tok) if tok.is_dir() else None
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A `train.py --workdir` with checkpoints (not a converted checkpoint)."""
+    path = Path(path)
+    return not is_converted_checkpoint(path) and (path / "checkpoints").is_dir()
+
+
 def load_model(
     path: str | os.PathLike,
     *,

@@ -257,6 +257,17 @@ def saved_run_config(workdir: str | os.PathLike) -> ConfigDict:
     raise FileNotFoundError(f"{workdir}: no train.py checkpoint (nothing under checkpoints/ or best/)")
 
 
+def with_run_model(config, workdir: str | os.PathLike) -> ConfigDict:
+    """`config` with the model, init and trainable dtype of the run in `workdir` (its own frozen base and
+    architecture), keeping `config`'s data, eval and mesh settings: what scoring a run needs."""
+    saved = saved_run_config(workdir)
+    out = ConfigDict(json.loads(config.to_json_best_effort()))
+    out.model, out.init = saved.model, saved.init
+    if "trainable_dtype" in saved.get("train", {}):
+        out.train.trainable_dtype = saved.train.trainable_dtype
+    return out
+
+
 def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mesh=None):
     """The trained model of a run directory: its frozen base (converted or scratch) + its saved trainables.
 
