@@ -120,7 +120,7 @@ def _sesame(c) -> None:
     c.data.max_convs = 3
     c.train.lr = 5e-4
     c.train.warmup_steps = 100
-    c.train.epochs = 4
+    c.train.epochs = 3
     c.train.steps_per_epoch = 500
     c.checkpoint.every_steps = 250
 
