@@ -313,7 +313,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     options = fast_compile_options() if tc.get("fast_compile") else None
     compiled, compile_stats = {}, {}
     with shd.use_mesh(mesh):
-        for length, spec in specs.items():
+        for length, spec in specs.items() if start < total_steps else ():  # nothing to run: no compile
             args = step_arguments(setup, opt_abs, opt_sh, spec, batch_sh)
             compiled[length], compile_stats[length] = compile_step(jitted, args, compiler_options=options)
             log.info("compiled the train step for L=%d: %s", length, compile_stats[length])
