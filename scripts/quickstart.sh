@@ -72,8 +72,9 @@ ev=("$PY" evaluate.py --config "configs/tiny.py:read$v" "${common[@]}")
 "${ev[@]}" --checkpoint "$OUT/tiny-sesame" --split reasonseg_test --out "$OUT/eval_sesame"
 "${ev[@]}" --checkpoint "$OUT/read" --split reasonseg_test --out "$OUT/eval_read" \
   --analysis "$OUT/eval_read/pictures" --analysis-limit 24
-"${ev[@]}" --checkpoint "$OUT/tiny-sesame" --split fprefcoco_val --out "$OUT/see_sesame"
-"${ev[@]}" --checkpoint "$OUT/read" --split fprefcoco_val --out "$OUT/see_read"
+# See: free generation on the first 200 FP-RefCOCO validation queries (25 batches of 8), the same for both.
+"${ev[@]}" --checkpoint "$OUT/tiny-sesame" --split fprefcoco_val --out "$OUT/see_sesame" --max-batches 25
+"${ev[@]}" --checkpoint "$OUT/read" --split fprefcoco_val --out "$OUT/see_read" --max-batches 25
 
 echo "== 4. chat with the fine-tune about one test image"
 # The first held-out test image and its query, asked as READ's ReasonSeg templates ask it.
@@ -86,7 +87,8 @@ print(path[: -len(".json")] + ".jpg")
 print(f"{q} Please output segmentation mask." if item["is_sentence"] else f"Can you segment the {q} in this image?")
 EOF
 )
-"$PY" -m read_jax.cli.chat --checkpoint "$OUT/read" --image "${ask[0]}" --out "$OUT/chat" "${ask[1]}"
+"$PY" -m read_jax.cli.chat --checkpoint "$OUT/read" --image "${ask[0]}" --out "$OUT/chat" --max-new-tokens 32 \
+  "${ask[1]}"
 
 compare=(--run "tiny SESAME (SasP off)" "$OUT/eval_sesame" --run "READ fine-tune (SasP on)" "$OUT/eval_read"
   --see "tiny SESAME (SasP off)" "$OUT/see_sesame" --see "READ fine-tune (SasP on)" "$OUT/see_read"

@@ -53,7 +53,10 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path)
     ses = _load(chain / "sesame" / "eval_test" / "summary.json")
     conv = _load(converted / "summary.json")
     per_kind = ", ".join(f"{k} {v['exact']:.3f}" for k, v in sorted(vqa["per_kind"].items()))
-    files = sorted(str(p.relative_to(release)) for p in release.rglob("*") if p.is_file() and p.name != SUMS)
+    files = sorted(
+        str(p.relative_to(release)) for p in release.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+    files = [f for f in files if f != SUMS]
     listing = "\n".join(f"- `{f}`" for f in files if f != "README.md")
     rows = [
         ("stage", "what it trains", "held-out figure"),

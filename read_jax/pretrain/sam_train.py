@@ -33,7 +33,7 @@ from read_jax.pretrain import sam_data
 from read_jax.pretrain.sam_config import STAGE, loss_config, prompt_config, sam_config, validate
 from read_jax.pretrain.sam_step import jit_train_step
 from read_jax.sam import Sam
-from read_jax.train.checkpoints import RunCheckpoints, check_resumable, load_into
+from read_jax.train.checkpoints import RunCheckpoints, check_resumable, load_into, write_run_summary
 from read_jax.train.loop import MetricWriter, NonFiniteLossError
 from read_jax.train.state import fast_compile_options, make_optimizer, make_schedule, opt_state_shardings
 from read_jax.tree_util import with_shardings
@@ -321,9 +321,14 @@ def run(config, workdir: str | os.PathLike, *, evaluate: bool = True, stop_at: i
     info = {"step": out["final_step"], "seed": int(config.init.seed), "data_seed": int(config.data.seed)}
     sam_export.export_sam(state, setup.cfg, workdir / "sam", info)
     out["export"] = str(workdir / "sam")
-    if evaluate:
+    eval_path = workdir / "eval.json"
+    scored = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    if evaluate and scored.get("step") == out["final_step"] and out["start_step"] == out["final_step"]:
+        out["eval"] = {
+            k: v for k, v in scored.items() if k != "step"
+        }  # a finished stage rerun: scored already
+    elif evaluate:
         res = sam_eval.evaluate(setup, params, rest, config, progress=bool(config.get("progress", True)))
-        (workdir / "eval.json").write_text(json.dumps({"step": out["final_step"], **res}, indent=1))
+        eval_path.write_text(json.dumps({"step": out["final_step"], **res}, indent=1))
         out["eval"] = res
-    (workdir / "summary.json").write_text(json.dumps(out, indent=1, default=float))
-    return out
+    return write_run_summary(workdir, out)

@@ -257,6 +257,25 @@ def saved_run_config(workdir: str | os.PathLike) -> ConfigDict:
     raise FileNotFoundError(f"{workdir}: no train.py checkpoint (nothing under checkpoints/ or best/)")
 
 
+def write_run_summary(workdir: str | os.PathLike, summary: dict) -> dict:
+    """Write `workdir/summary.json`; a resumed run (`start_step` > 0) adds this invocation's `wall_s` and
+    `cpu_s` to the totals of the invocations before it (`wall_s_total`, `cpu_s_total`), so a run stopped and
+    resumed, or rerun once finished, still says what it cost in all."""
+    path = Path(workdir) / "summary.json"
+    prev = {}
+    if summary.get("start_step") and path.is_file():
+        try:
+            prev = json.loads(path.read_text())
+        except (OSError, ValueError):
+            prev = {}
+    out = dict(summary)
+    for key in ("wall_s", "cpu_s"):
+        if key in summary:
+            out[f"{key}_total"] = float(prev.get(f"{key}_total", prev.get(key, 0.0))) + float(summary[key])
+    path.write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
 def with_run_model(config, workdir: str | os.PathLike) -> ConfigDict:
     """`config` with the model, init and trainable dtype of the run in `workdir` (its own frozen base and
     architecture), keeping `config`'s data, eval and mesh settings: what scoring a run needs."""

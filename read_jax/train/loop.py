@@ -28,7 +28,7 @@ from read_jax import sharding as shd
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.data import loaders
 from read_jax.train import config as run_config
-from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable
+from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable, write_run_summary
 from read_jax.train.state import (
     check_llava_stage,
     fast_compile_options,
@@ -313,7 +313,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     options = fast_compile_options() if tc.get("fast_compile") else None
     compiled, compile_stats = {}, {}
     with shd.use_mesh(mesh):
-        for length, spec in specs.items():
+        for length, spec in specs.items() if start < total_steps else ():  # nothing to run: no compile
             args = step_arguments(setup, opt_abs, opt_sh, spec, batch_sh)
             compiled[length], compile_stats[length] = compile_step(jitted, args, compiler_options=options)
             log.info("compiled the train step for L=%d: %s", length, compile_stats[length])
@@ -435,5 +435,5 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         cpu_s=time.process_time() - cpu_start,
     )
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        summary = write_run_summary(workdir, summary)
     return summary
