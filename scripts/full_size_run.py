@@ -23,11 +23,10 @@ The steps: write (the release), convert (`convert_weights.py`), load (`read_jax.
 (`python -m read_jax.cli.chat`, asked the same question twice: the first answer compiles, the second runs on
 compiled code), decode (the LLaMA's greedy decoding rate, s per token without the prompt, in-process) and
 eval (`evaluate.py` on the 2 images). Each runs in its own process (this script with --step, or the command
-itself), so each peak RSS is that step's alone; the mean load average while it ran is
-recorded beside it (other
-jobs on the cores stretch the wall times, not the RSS). Random weights practically never emit EOS: chat
-decodes --max-new-tokens tokens. Every finished step is appended to steps.jsonl; a run that stopped (a killed
-step, a machine restart) continues with `--resume` (same arguments) from the first step not recorded.
+itself), so each peak RSS is that step's alone; the mean load average while it ran is recorded beside it
+(other jobs on the cores stretch the wall times, not the RSS). Random weights practically never emit EOS:
+chat decodes --max-new-tokens tokens. Every finished step is appended to steps.jsonl; a run that stopped (a
+killed step, a machine restart) continues with `--resume` (same arguments) from the first step not recorded.
 
 Needs at 7B: ~30 GB of disk (release 14.8 GB, CLIP 1.2 GB, converted ~13 GB), ~20 GB of RAM (the write step
 holds one 10 GB shard, as save_pretrained does; chat holds the 14.8 GB of weights), torch (`.[convert]`), and
