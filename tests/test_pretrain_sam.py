@@ -353,7 +353,7 @@ def test_read_run_without_its_sam_stage_fails_before_building(tmp_path):
     """`train.py` with `init.sam` pointing nowhere stops at once, naming the command that makes the export."""
     from read_jax.train import train_and_evaluate
 
-    c = load_config_file(os.path.join(ROOT, "configs", "tiny_shapes.py") + ":smoke")
+    c = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":sesame,smoke")  # the stage after SAM's
     c.init.sam = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"init\.sam=.*nowhere: does not exist.*cli\.pretrain_sam"):
         train_and_evaluate(c, tmp_path / "run")
