@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train READ (`read_jax.cli.train`): `python train.py --config configs/tiny_shapes.py --workdir DIR`."""
+"""Train READ (`read_jax.cli.train`): `python train.py --config configs/tiny.py:read --workdir DIR`."""
 
 import sys
 

@@ -54,6 +54,12 @@ def tokenizer_dir(path: str | os.PathLike) -> str | None:
     return str(tok) if tok.is_dir() else None
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A `train.py --workdir` with checkpoints (not a converted checkpoint)."""
+    path = Path(path)
+    return not is_converted_checkpoint(path) and (path / "checkpoints").is_dir()
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -66,11 +72,12 @@ def load_model(
     """The READ model stored at `path`, every leaf restored straight into its sharding on `mesh`.
 
     Args:
-      path: a converted checkpoint (config.json + params/), or a `train.py --workdir` (needs `run_config`).
+      path: a converted checkpoint (config.json + params/), or a `train.py --workdir`.
       mesh: default: every device on the `fsdp` axis.
       dtype: another compute/parameter dtype than the stored config's (converted checkpoints only).
       strategy: `read_jax.sharding` parameter rules (default FSDP on everything large).
-      run_config: the run config of a workdir (its frozen base and architecture).
+      run_config: the run config of a workdir (its frozen base and architecture); default: the one the run
+        saved with its checkpoints.
       which: for a workdir, 'best' (by the run's best metric, else the latest), 'latest', or 'init' (the run's
         untrained starting point: a baseline).
     Raises:
@@ -82,12 +89,14 @@ def load_model(
         if dtype is not None:
             cfg = cfg.with_dtype(dtype)
         return ck.restore_model(path, model_fn(cfg), mesh=mesh, strategy=strategy)
-    if path.is_dir() and run_config is not None:
-        from read_jax.train.checkpoints import load_trained
+    if path.is_dir() and (run_config is not None or (path / "checkpoints").is_dir()):
+        from read_jax.train.checkpoints import load_trained, saved_run_config
 
+        if run_config is None:  # the config the run saved with its checkpoints
+            run_config = saved_run_config(path)
         model, _ = load_trained(run_config, path, which=which, mesh=mesh)
         return model
-    what = "a train.py workdir (pass its run config)" if path.is_dir() else "a directory"
+    what = "a train.py workdir (no checkpoints/ in it)" if path.is_dir() else "a directory"
     raise FileNotFoundError(
         f"{path} is not a converted read_jax checkpoint (config.json + params/), nor {what}"
     )

@@ -311,8 +311,8 @@ class ReadConfig:
     im_end_token_id: int = IM_END_TOKEN_ID
     image_token_index: int = IMAGE_TOKEN_INDEX
     trainable_regexes: tuple[str, ...] = READ_TRAINABLE_REGEXES
-    # READ runs CLIP and SAM's image encoder under no_grad. False lets gradients into them, for models trained
-    # from scratch whose towers must learn too (configs/tiny_shapes.py); the regexes still pick what updates.
+    # READ runs CLIP and SAM's image encoder under no_grad. False lets gradients into them, for towers trained
+    # from scratch (the LLaVA stage of configs/tiny.py trains CLIP); the regexes still pick what updates.
     freeze_vision_towers: bool = True
     # LLaVA's vision projector: "mlp2x_gelu" (LLaVA-1.5: Linear, GELU, Linear) or "linear" (LLaVA-v1, LISA).
     mm_projector_type: str = "mlp2x_gelu"
@@ -420,7 +420,7 @@ class ReadConfig:
 
     @classmethod
     def shapes(cls, dtype: str = "float32", **kw) -> ReadConfig:
-        """The generated shapes set's model (`configs/tiny_shapes.py`): `SMALL_PRESETS["shapes"]`."""
+        """The generated shapes world's model (the stages of `configs/tiny.py`): `SMALL_PRESETS["shapes"]`."""
         return cls._small("shapes", dtype, **kw)
 
     @classmethod

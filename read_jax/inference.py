@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -211,11 +212,17 @@ def overlay(
 def load_for_inference(
     checkpoint: str, *, dtype: str | None = None, mesh=None
 ) -> tuple[ReadModel, ReadTokenizer]:
-    """A ReadModel + tokenizer from a converted checkpoint directory (`convert_weights.py` output)."""
+    """A ReadModel + tokenizer from a converted checkpoint directory (`convert_weights.py` output), or from a
+    `train.py --workdir` (its best-else-latest checkpoint, the tokenizer its saved run config names)."""
     from read_jax import build
 
     model = build.load_model(checkpoint, dtype=dtype, mesh=mesh)
-    return model, ReadTokenizer(build.tokenizer_dir(checkpoint) or str(checkpoint))
+    tok = build.tokenizer_dir(checkpoint)
+    if tok is None and (Path(checkpoint) / "checkpoints").is_dir():
+        from read_jax.train.checkpoints import saved_run_config
+
+        tok = str(saved_run_config(checkpoint).data.tokenizer)
+    return model, ReadTokenizer(tok or str(checkpoint))
 
 
 def batch_questions(questions: Sequence[str]) -> list[str]:

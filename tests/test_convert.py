@@ -12,6 +12,7 @@ devices, and compared with the torch forward in fp32 (atol 1e-5).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -409,8 +410,32 @@ def test_convert_unmerged_peft_checkpoint(ref, dirs, tmp_path):
     assert all(k.startswith("base_model.model.model.vision_tower.") for k in info["ignored_keys"])
 
 
-def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
-    """From-scratch init: LLaVA-1.5 base (vocab 32000, no fcs/SAM, tokenizer without [SEG]) + Meta's .pth."""
+HF_CONFIGS = ROOT / "tests" / "assets" / "hf_configs"
+
+
+def llava_base_config(rel: str, cfg: ReadConfig) -> dict:
+    """A LLaVA-1.5 config.json as published (tests/assets/hf_configs) with the tiny sizes; every other
+    attribute (4.31's bookkeeping, `mm_use_im_start_end: false`, 'pad', the newer re-saves' extras) as is."""
+    hf = json.loads((HF_CONFIGS / rel).read_text())
+    c = cfg.llama
+    sizes = {k: getattr(c, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
+    sizes.update({k: getattr(c, k) for k in ("num_attention_heads", "num_key_value_heads")})
+    assert set(sizes) <= set(hf) and hf["vocab_size"] == 32000 and hf["mm_hidden_size"] == 1024
+    return {**hf, **sizes, "mm_hidden_size": cfg.clip.hidden_size}
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "llava15/llava-v1.5-7b.config.json",
+        "llava15/llava-v1.5-13b.config.json",
+        "llava15_newer/llava-7b-lora.config.json",
+    ],
+    ids=["llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.5-7b-resaved"],
+)
+def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path, rel):
+    """From-scratch init from a released LLaVA-1.5 config (vocab 32000, no fcs/SAM, tokenizer without [SEG])
+    + Meta's .pth: the same arrays as the READ conversion, which matches the torch forward."""
     import torch
 
     sd = {
@@ -422,10 +447,7 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
         sd[k] = sd[k][:32000]
     src = tmp_path / "llava"
     src.mkdir()
-    hf = read_hf_config(CFG, architectures=["LlavaLlamaForCausalLM"], vocab_size=32000)
-    for k in ("out_dim", "train_mask_decoder"):
-        hf.pop(k)
-    (src / "config.json").write_text(json.dumps(hf))
+    (src / "config.json").write_text(json.dumps(llava_base_config(rel, CFG)))
     write_tokenizer(src, added=None)
     save_shards(torch, sd, src, 2, "bin", torch.float32)
     pth = tmp_path / "sam_tiny.pth"
@@ -450,6 +472,8 @@ def test_convert_llava_base_with_sam_pth_resizes_vocab(ref, dirs, tmp_path):
         ]
     )
     got, want = leaves_of(out), leaves_of(dirs["out"])
+    # The LLaMA as the file says (its 4096 positions) on the tiny sizes.
+    assert ck.load_config(out).llama == dataclasses.replace(CFG.llama, max_position_embeddings=4096)
     info = json.loads((out / "conversion.json").read_text())
     assert info["uninitialized"] == sorted(k for k in want if k.startswith("text_hidden_fcs/"))
     assert json.loads((out / "tokenizer" / "added_tokens.json").read_text()) == ADDED
@@ -511,6 +535,27 @@ def test_convert_export_round_trip(ref, dirs, tmp_path):
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_convert_sesame_release_prompts_with_seg_alone_and_exports_as_sesame(dirs, tmp_path):
+    """SESAME (`SESAMEForCausalLM`, READ-7B's starting point) was trained with the [SEG] prompt alone: the
+    same release converted as SESAME has SasP off and is otherwise READ's, leaf for leaf; a SasP-off model
+    exports under SESAME's class name, which converts back to SasP off."""
+    from read_jax.convert.export import hf_config_dict
+
+    src = tmp_path / "sesame"
+    shutil.copytree(dirs["bin"], src)
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**hf, "architectures": ["SESAMEForCausalLM"]}))
+    out = tmp_path / "out"
+    convert(["--hf", str(src), "--clip", str(dirs["clip"]), "--out", str(out), "--dtype", "fp32"])
+    sesame, read = ck.load_config(out), ck.load_config(dirs["out"])
+    assert read.sasp.enabled and not sesame.sasp.enabled
+    assert sesame.replace(sasp=read.sasp) == read
+    got, want = leaves_of(out), leaves_of(dirs["out"])
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert hf_config_dict(sesame, None, "float32")["architectures"] == ["SESAMEForCausalLM"]
+    assert hf_config_dict(read, None, "float32")["architectures"] == ["READForCausalLM"]
 
 
 def test_convert_export_lora_merged_and_peft(dirs, tmp_path):

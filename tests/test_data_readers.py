@@ -408,8 +408,10 @@ def test_llava_instruct(tmp_path):
 
 
 def test_make_shapes_is_readable_and_deterministic(tmp_path):
-    out = str(tmp_path / "shapes")
-    make_shapes.main(["--out", out, "--num-train", "6", "--num-val", "3", "--num-test", "2", "--seed", "5"])
+    root = str(tmp_path / "shapes")
+    argv = ["--out", root, "--num-train", "6", "--num-val", "3", "--num-test", "2", "--seed", "5"]
+    assert make_shapes.main([*argv, "--sources", "reason_seg"]) == 0
+    out = os.path.join(root, "reason_seg", "ReasonSeg")
     for split, n in (("train", 6), ("val", 3), ("test", 2)):
         rd = R.ReasonSegReader(out, split, mode="eval")
         assert len(rd) == n and not rd.dropped

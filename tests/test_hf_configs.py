@@ -35,11 +35,13 @@ HF = ROOT / "tests" / "assets" / "hf_configs"
 SP_MODEL = ROOT / "tests" / "assets" / "tokenizer" / "tokenizer.model"
 
 LLAVA_7B = "llava15/llava-v1.5-7b.config.json"
+LLAVA_13B = "llava15/llava-v1.5-13b.config.json"
 LLAVA_7B_NEWER = "llava15_newer/llava-7b-lora.config.json"
 LISA_7B = "lisa/LISA-AVS.config.json"
 LISA_13B = "lisa/PliersModel-13B.config.json"
 LISA_V1 = "lisa_v1/LISA-7B-feedback.config.json"
 LLAVA_HF_7B = "llava_hf/llava-1.5-7b-hf.config.json"
+LLAVA_HF_7B_TF439 = "llava_hf/llava-1.5-7b-hf.tf4.39.config.json"  # re-saved by transformers 4.39.3
 LLAVA_HF_13B = "llava_hf/llava-1.5-13b-hf.pr5.config.json"
 CLIP_336 = "clip/clip-vit-large-patch14-336.config.json"  # CLIPModel
 CLIP_336_VISION = "clip/transcore-m-visual_encoder.config.json"  # CLIPVisionModel, transformers 4.31
@@ -76,6 +78,7 @@ LLAVA_UNUSED = [
 # (hidden, intermediate, layers, heads, kv heads, vocab as the file says), and the unused attributes.
 SUPPORTED = {
     LLAVA_7B: ((4096, 11008, 32, 32, 32, 32000), LLAVA_UNUSED),
+    LLAVA_13B: ((5120, 13824, 40, 40, 40, 32000), LLAVA_UNUSED),
     LLAVA_7B_NEWER: (
         (4096, 11008, 32, 32, 32, 32000),
         sorted([*LLAVA_UNUSED, "mm_projector_lr", "tokenizer_model_max_length", "tokenizer_padding_side"]),
@@ -125,7 +128,7 @@ def test_real_config_records_exactly_what_it_does_not_use(rel):
 
 def test_llava_base_mm_use_im_start_end_false_is_accepted_and_recorded():
     """The released LLaVA-1.5 says False (READ flips it in memory) and 'pad' (READ forces 'square')."""
-    for rel in (LLAVA_7B, LLAVA_7B_NEWER):
+    for rel in (LLAVA_7B, LLAVA_13B, LLAVA_7B_NEWER):
         hf = load(rel)
         assert (hf["mm_use_im_start_end"], hf["image_aspect_ratio"]) == (False, "pad")
         notes = audit_hf_config(hf).notes
@@ -161,6 +164,21 @@ def test_llava_base_build_config_7b_with_resize_vocab(tmp_path):
         )
         assert (clip.select_layer, clip.hidden_act, clip.num_patches) == (-2, "quick_gelu", 576)
         assert (cfg.sasp.grid_size, cfg.lora.r) == (12, 8)  # read_7b chosen by hidden size
+
+
+def test_llava_base_build_config_13b_takes_the_13b_preset(tmp_path):
+    """READ-13B's recipe starts from the released LLaVA-1.5-13B: its sizes choose read_13b (full CLIP grid
+    for SasP, LoRA r 64), the vocabulary is resized to READ's 32003."""
+    hf = load(LLAVA_13B)
+    with pytest.raises(ConfigError, match=r"vocab_size 32000 .*--resize-vocab"):
+        build_config(hf, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=False)
+    cfg = build_config(
+        hf, clip_dir=clip_dir(tmp_path, CLIP_336), base="auto", dtype="bfloat16", resize_vocab=True
+    )
+    c = cfg.llama
+    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size) == (5120, 40, 13824, 32003)
+    assert (cfg.clip.image_size, cfg.clip.num_patches, cfg.mm_projector_type) == (336, 576, "mlp2x_gelu")
+    assert (cfg.sasp.grid_size, cfg.sasp.num_points, cfg.lora.r) == (24, 60, 64)
 
 
 def test_lisa_release_build_config_checks_its_224_pixel_tower(tmp_path):
@@ -284,11 +302,29 @@ LLAVA_HF_UNUSED = [
 ]
 
 
+# transformers 4.39 no longer writes the top-level vocab_size / torch_dtype, and writes use_cache.
+LLAVA_HF_UNUSED_TF439 = [
+    "_name_or_path",
+    "ignore_index",
+    "pad_token_id",
+    "text_config._name_or_path",
+    "text_config.torch_dtype",
+    "transformers_version",
+    "use_cache",
+    "vision_config.projection_dim",
+    "vision_config.vocab_size",
+]
+
+
 @pytest.mark.parametrize(
-    "rel, sizes",
-    [(LLAVA_HF_7B, (4096, 11008, 32, 32, 32064)), (LLAVA_HF_13B, (5120, 13824, 40, 40, 32064))],
+    "rel, sizes, unused",
+    [
+        (LLAVA_HF_7B, (4096, 11008, 32, 32, 32064), LLAVA_HF_UNUSED),
+        (LLAVA_HF_7B_TF439, (4096, 11008, 32, 32, 32064), LLAVA_HF_UNUSED_TF439),
+        (LLAVA_HF_13B, (5120, 13824, 40, 40, 32064), LLAVA_HF_UNUSED),
+    ],
 )
-def test_llava_hf_configs_are_read_from_text_and_vision_config(rel, sizes, tmp_path):
+def test_llava_hf_configs_are_read_from_text_and_vision_config(rel, sizes, unused, tmp_path):
     hf = load(rel)
     c = from_hf_config(hf)
     assert (
@@ -299,7 +335,7 @@ def test_llava_hf_configs_are_read_from_text_and_vision_config(rel, sizes, tmp_p
         c.vocab_size,
     ) == sizes
     assert (c.rms_norm_eps, c.max_position_embeddings, c.num_key_value_heads) == (1e-5, 4096, sizes[3])
-    assert list(audit_hf_config(hf).unused) == LLAVA_HF_UNUSED
+    assert list(audit_hf_config(hf).unused) == unused
     assert family_of(hf) == "llava_hf"
     with pytest.raises(ConfigError, match=r"llava-hf vocabulary of 32064 rows .*--resize-vocab"):
         build_config(hf, clip_dir=None, base="auto", dtype="bfloat16", resize_vocab=False)
@@ -565,8 +601,14 @@ def test_llava_base_tokenizer_gets_the_read_tokens_on_resize(tmp_path):
 
 
 def test_llava_hf_tokenizer_ids_collide_with_resize(tmp_path):
-    """<image>/<pad> at 32000/32001: refused on a LLaVA base, dropped with their rows as llava-hf."""
-    d = tokenizer_dir(tmp_path, added_tokens="llava_hf/llava-1.5-7b-hf.added_tokens.json")
+    """<image>/<pad> at 32000/32001: refused on a LLaVA base, dropped with their rows as llava-hf; so is the
+    special_tokens_map.json that names <pad> as the pad token (READ pads with <unk>)."""
+    d = tokenizer_dir(
+        tmp_path,
+        added_tokens="llava_hf/llava-1.5-7b-hf.added_tokens.json",
+        special_tokens_map="llava_hf/llava-1.5-7b-hf.special_tokens_map.json",
+    )
+    assert json.loads((d / "special_tokens_map.json").read_text())["pad_token"] == "<pad>"
     with pytest.raises(
         ConfigError, match=r"added tokens \{'<image>': 32000, '<pad>': 32001\} already hold the ids"
     ):

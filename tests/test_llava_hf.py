@@ -206,3 +206,32 @@ def test_llava_hf_converts_to_the_checkpoint_of_its_original_llava_layout(src, t
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}: {k}")
     rows = want["llava/language_model/model/embed_tokens/embedding"][32000:]
     assert rows.shape == (3, CFG.llama.hidden_size) and 0.01 < rows.std() < 0.03  # N(0, 0.02)
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["llava-1.5-7b-hf.config.json", "llava-1.5-7b-hf.tf4.39.config.json", "llava-1.5-13b-hf.pr5.config.json"],
+)
+def test_llava_hf_released_configs_convert_to_the_same_checkpoint(src, tmp_path, rel):
+    """The published llava-hf config.json files (tests/assets/hf_configs/llava_hf), only their sizes made the
+    tiny model's, in place of transformers' save of it: the same leaves as the checkpoint that matches
+    transformers' forward."""
+    _, d = src
+    tiny = json.loads((d["hf"] / "config.json").read_text())
+    hf = json.loads((HF_ASSETS / rel).read_text())
+    text_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    text_keys += ("num_key_value_heads",)
+    vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    hf["text_config"].update({k: tiny["text_config"][k] for k in text_keys})
+    hf["vision_config"].update({k: tiny["vision_config"][k] for k in vision_keys})
+    assert hf["text_config"]["vocab_size"] == tiny["text_config"]["vocab_size"] == 32064
+    src_dir = tmp_path / "hf"
+    shutil.copytree(d["hf"], src_dir)
+    (src_dir / "config.json").write_text(json.dumps(hf))
+    out = tmp_path / "out"
+    _convert(["--hf", str(src_dir), "--sam", str(d["sam"]), "--out", str(out), "--resize-vocab"])
+    got, want = leaves_of(out), leaves_of(d["out"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert json.loads((out / "conversion.json").read_text())["family"] == "llava_hf"

@@ -105,4 +105,5 @@ def test_chat_command_writes_overlay_png(tiny, tmp_path):
         assert im.size == (160, 120)
     rec = json.loads((out / "answers.json").read_text())
     assert rec[0]["question"] == "Where is the circle?" and isinstance(rec[0]["answer"], str)
+    assert 1 <= rec[0]["new_tokens"] <= 4 and rec[0]["seconds"] > 0  # the decoding figures of the answer
     assert chat.main(["--checkpoint", str(tmp_path / "nope"), "--image", str(img_path), "q"]) == 2

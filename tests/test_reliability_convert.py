@@ -235,7 +235,7 @@ def test_relative_paths_work_in_every_command(work, monkeypatch, capsys):
     with pytest.raises(Stop):
         chat_cli.main(["--checkpoint", "ckpt/read7b", "--image", "photo.png", "--out", "o", "segment it"])
     assert seen["chat"][0][0] == str(work / "ckpt" / "read7b")
-    cfg = str(ROOT / "configs" / "tiny_shapes.py") + ":smoke"
+    cfg = str(ROOT / "configs" / "tiny.py") + ":read,smoke"
     with pytest.raises(Stop):
         evaluate_cli.main(
             ["--config", cfg, "--checkpoint", "ckpt/read7b", "--out", "ev", "--analysis", "pics"]
@@ -316,7 +316,7 @@ def test_other_command_input_errors_are_one_line_not_a_traceback(tmp_path, capsy
     assert chat_cli.main(["--checkpoint", str(tmp_path), "--image", "x.png", "   "]) == 2
     assert "the question is empty" in one_line_error(capsys, "chat")
     # A misspelt --config key and an override without a value.
-    cfg = str(ROOT / "configs" / "tiny_shapes.py") + ":smoke"
+    cfg = str(ROOT / "configs" / "tiny.py") + ":read,smoke"
     assert train_cli.main(["--config", cfg, "--workdir", str(tmp_path / "w"), "--config.train.lrr=1"]) == 2
     assert "did you mean 'train.lr'" in one_line_error(capsys, "train.py")
     assert evaluate_cli.main(["--config", cfg, "--checkpoint", str(tmp_path), "--config.train.lr"]) == 2

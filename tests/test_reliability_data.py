@@ -106,16 +106,24 @@ def test_generated_data_never_overwrites_hand_edits_nor_a_user_data_root(tmp_pat
     # A set the generator made (its command writes the marker): a missing file is written back, identical to
     # the generator's; a hand-edited file and every other file stay as they are.
     own = tmp_path / "shapes"
-    make_shapes.main(["--out", str(own), "--num-train", "3", "--num-val", "1", "--num-test", "0"])
-    assert make_shapes.read_marker(str(own)) == {"generator": "read_jax.data.make_shapes", "seed": 0}
+    assert make_shapes.main(["--out", str(own), "--num-train", "3", "--num-val", "1", "--num-test", "0"]) == 0
+    marker = make_shapes.read_marker(str(own))
+    assert marker["generator"] == "read_jax.data.make_shapes" and marker["seed"] == 0
     reference = _files(own)
-    js = Path(make_shapes.example_paths(str(own), "train", 1)[1])
+    reason = str(own / "reason_seg" / "ReasonSeg")
+    js = Path(make_shapes.example_paths(reason, "train", 1)[1])
     edited = json.loads(js.read_text())
     edited["text"] = ["the hand-corrected query"]
     js.write_text(json.dumps(edited))
-    gone = Path(make_shapes.example_paths(str(own), "train", 2)[0])
+    gone = Path(make_shapes.example_paths(reason, "train", 2)[0])
     gone.unlink()
-    loaders.ensure_shapes_data(ConfigDict({"make_shapes": True, "root": str(own), "num_shapes": (3, 1, 0)}))
+    mix = {
+        "make_shapes": True,
+        "root": str(own),
+        "num_shapes": (3, 1, 0),
+        "sem_seg_data": "mapillary||paco_lvis",
+    }
+    loaders.ensure_shapes_data(ConfigDict(mix))
     after = _files(own)
     assert json.loads(after[str(js.relative_to(own))]) == edited
     assert after[str(gone.relative_to(own))] == reference[str(gone.relative_to(own))]
@@ -124,9 +132,11 @@ def test_generated_data_never_overwrites_hand_edits_nor_a_user_data_root(tmp_pat
     }
     # An absent root is created, marked and filled.
     new = tmp_path / "new" / "shapes"
-    loaders.ensure_shapes_data(ConfigDict({"make_shapes": True, "root": str(new), "num_shapes": (2, 1, 0)}))
+    loaders.ensure_shapes_data(
+        ConfigDict({"make_shapes": True, "root": str(new), "num_shapes": (2, 1, 0), "rates": "reason_seg:1"})
+    )
     assert make_shapes.read_marker(str(new))["seed"] == 0
-    assert sorted(os.listdir(new / "train")) == [
+    assert sorted(os.listdir(new / "reason_seg" / "ReasonSeg" / "train")) == [
         "shapes_train_00000.jpg",
         "shapes_train_00000.json",
         "shapes_train_00001.jpg",

@@ -2,8 +2,9 @@
 exploding update, skip counts in metrics.jsonl, a resume that neither repeats steps nor accepts another
 config's workdir, a learning rate that cannot train.
 
-Runs are `read_jax.cli.train.main` in-process on `configs/tiny_shapes.py:smoke` (8 fake CPU devices), on the
-generated shapes set with two truncated images and one query too long for the 128-token bucket.
+Runs are `read_jax.cli.train.main` in-process on `configs/tiny.py:read,smoke` (8 fake CPU devices) reading
+ReasonSeg only (`DATA`), on the generated shapes set with two truncated images and one query too long for the
+192-token bucket.
 """
 
 from __future__ import annotations
@@ -20,15 +21,24 @@ from read_jax.cli import train as train_cli
 from read_jax.data import make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "tiny_shapes.py") + ":smoke"
+CONFIG = str(ROOT / "configs" / "tiny.py") + ":read,smoke"
 STEPS = 4
+BATCH = 8
+# READ's recipe on ReasonSeg alone, 8 images per step, no false-premise draws (a false-premise row asks
+# another question of the same scene: the "too long" query would not be drawn); applied by the runs and by
+# `expected_skips`' replay alike.
+DATA = [
+    "--config.data.rates=reason_seg:1",
+    f"--config.data.batch_size={BATCH}",
+    "--config.data.reason_seg_false_premise=0",
+]
 LONG_QUERY = " ".join(["which of the coloured shapes in this picture"] * 40) + "?"
 
 
 def train(data: Path, workdir: Path, *extra: str) -> tuple[int, str]:
     """(exit status, stderr) of `train.py` with the test's settings."""
     argv = ["--config", CONFIG, "--workdir", str(workdir), f"--config.data.root={data}"]
-    argv += ["--config.data.make_shapes=False", f"--config.train.total_steps={STEPS}"]
+    argv += ["--config.data.make_shapes=False", f"--config.train.total_steps={STEPS}", *DATA]
     argv += ["--config.train.log_every=1", "--config.progress=False", "--config.eval.every_epochs=0"]
     argv += ["--config.checkpoint.every_steps=1", "--config.checkpoint.async_save=False", *extra]
     err = io.StringIO()
@@ -45,13 +55,14 @@ def rows(workdir: Path) -> list[dict]:
 def data(tmp_path_factory):
     """16 training scenes: two with a truncated JPEG (header intact), one whose every query is too long."""
     d = tmp_path_factory.mktemp("shapes")
-    make_shapes.write_split(str(d), "train", 16, seed=3)
+    reason_seg = d / "reason_seg" / "ReasonSeg"  # the config's data.reason_seg_dir
+    make_shapes.write_split(str(reason_seg), "train", 16, seed=3)
     bad = {}
     for i in (2, 9):
-        jpg = d / "train" / f"shapes_train_{i:05d}.jpg"
+        jpg = reason_seg / "train" / f"shapes_train_{i:05d}.jpg"
         jpg.write_bytes(jpg.read_bytes()[:1500])
         bad[str(jpg)] = "unreadable image"
-    js = d / "train" / "shapes_train_00005.json"
+    js = reason_seg / "train" / "shapes_train_00005.json"
     ann = json.loads(js.read_text())
     ann["text"], ann["is_sentence"] = [LONG_QUERY], True
     js.write_text(json.dumps(ann))
@@ -84,16 +95,17 @@ def runs(data, tmp_path_factory):
 def expected_skips(d: Path, bad: dict, n_examples: int) -> int:
     """The unusable draws of the first `n_examples` training examples, replayed from the mixture's seeded
     draws (example i, attempt a) without the pipeline: a draw of a bad scene is skipped and redrawn."""
-    from configs import tiny_shapes
+    from read_jax.cli import common
     from read_jax.data import loaders
     from read_jax.data import mixture as M
     from read_jax.train import config as run_config
 
-    c = tiny_shapes.get_config("smoke")
-    c.data.root = str(d)
+    _, overrides = common.split_overrides([f"--config.data.root={d}", *DATA])
+    c = common.load_run_config(CONFIG, overrides)  # the runs' config
     dc = loaders.data_config(c.data, run_config.read_config(c.model))
     sources = M.build_reference_sources(
-        str(d), ("reason_seg",), max_convs=dc.max_convs, seed=dc.seed, reason_seg_dir=str(d),
+        str(d), ("reason_seg",), max_convs=dc.max_convs, seed=dc.seed,
+        reason_seg_dir=loaders.reason_seg_dir(c.data),
         reason_seg_false_premise=float(c.data.reason_seg_false_premise),
     )  # fmt: skip
     mix = M.Mixture(sources, loaders.parse_rates(c.data.rates), seed=dc.seed)
@@ -151,7 +163,7 @@ def test_guard_refuses_a_learning_rate_that_cannot_train(tmp_path, data):
 def test_skipped_training_items_are_counted_in_metrics(runs, data):
     d, bad = data
     train_rows = [r for r in rows(runs["workdir"]) if r["split"] == "train"]
-    want = expected_skips(d, bad, STEPS * 8)  # 8 images per step
+    want = expected_skips(d, bad, STEPS * BATCH)
     assert want > 0
     assert train_rows[-1]["skipped_total"] == want
     assert sum(r["skipped"] for r in train_rows) == want  # the stopped run's row + the resumed run's

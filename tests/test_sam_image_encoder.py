@@ -16,7 +16,7 @@ from flax import nnx
 from read_jax.config import SamConfig
 from read_jax.convert.common import Converter, abstract_leaves, convert, export_leaves
 from read_jax.convert.sam import sam_rules
-from read_jax.sam import Sam
+from read_jax.sam import Sam, image_encoder
 from tests.helpers import require_meta_sam, require_torch
 from torchref.common import state_dict_numpy, to_np
 from torchref.sam import TINY, build_meta_sam, build_pair
@@ -37,12 +37,23 @@ ENCODER_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(ENCODER_CASES))
-def test_image_encoder_matches_meta(name):
+@pytest.mark.parametrize(
+    "name, query_chunk",
+    [(name, image_encoder.QUERY_CHUNK) for name in ENCODER_CASES]
+    # The global block's 16 x 16 queries in chunks of 4 rows, and of 1 row (a chunk below one row).
+    + [("tiny_padded_window", 64), ("tiny_padded_window", 10)],
+)
+def test_image_encoder_matches_meta(name, query_chunk):
     torch = require_torch()
     require_meta_sam()
     cfg = ENCODER_CASES[name]
     ref, ours = build_pair(cfg)
+    chunked = []
+    for _, m in nnx.iter_graph(ours):
+        if isinstance(m, image_encoder.Attention):
+            m.query_chunk = query_chunk
+            chunked.append(image_encoder._rows_per_chunk(*m.input_size, query_chunk) < m.input_size[0])
+    assert any(chunked) == (query_chunk < image_encoder.QUERY_CHUNK)  # the chunked path is the one tested
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1))
     want = to_np(ref.image_encoder(images)).transpose(0, 2, 3, 1)  # Meta NCHW -> NHWC
     nhwc = jnp.asarray(to_np(images).transpose(0, 2, 3, 1))
@@ -51,6 +62,19 @@ def test_image_encoder_matches_meta(name):
     # Outputs are LayerNorm2d-normalised (O(1)); fp32 accumulation-order differences over 2-3 blocks stay
     # well under 1e-5.
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_per_chunk():
+    assert image_encoder._rows_per_chunk(64, 64, image_encoder.QUERY_CHUNK) == 16  # ViT-H: 4 chunks
+    assert image_encoder._rows_per_chunk(14, 14, image_encoder.QUERY_CHUNK) == 14  # a window: one call
+    assert [image_encoder._rows_per_chunk(16, 16, c) for c in (256, 255, 64, 40, 16, 10)] == [
+        16,
+        8,
+        4,
+        2,
+        1,
+        1,
+    ]
 
 
 def test_window_partition_roundtrip():

@@ -1,7 +1,7 @@
 """The train step on 8 fake CPU devices: sharded init, parameter shardings, 1-device equality, what changes,
 gradient accumulation, the NaN guard, the schedule, and the sparse-CE shortcut.
 
-The model is `configs/tiny_shapes.py:smoke` (every size at its minimum) and the batches are synthetic, in the
+The model is `configs/tiny.py:read,smoke` (every size at its minimum) and the batches are synthetic, in the
 layout of `read_jax.data.pipeline` (the loop tests with real data are in `test_train_loop.py`).
 """
 
@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import tiny_shapes
+from configs import tiny
 from read_jax import sharding as shd
 from read_jax.config import IGNORE_INDEX, READ_TRAINABLE_REGEXES, ConfigError, LoraConfig
 from read_jax.data import loaders
@@ -30,7 +30,7 @@ CANVAS = 32
 
 
 def _config(**train):
-    c = tiny_shapes.get_config("smoke")
+    c = tiny.get_config("read,smoke")
     for k, v in train.items():
         c.train[k] = v
     return c
@@ -376,15 +376,15 @@ def test_sparse_ce_equals_the_full_ce(runner1, init8):
 
 
 def test_config_errors_are_raised_before_compiling():
-    c = tiny_shapes.get_config("smoke")
+    c = tiny.get_config("read,smoke")
     c.model.trainable_regexes = (r"text_hidden_fcs/.*", r"no_such_module/.*")
     with pytest.raises(ConfigError, match="no_such_module"):
         tstate.setup_model(run_config.read_config(c.model), shd.make_mesh())
-    c = tiny_shapes.get_config("smoke")
+    c = tiny.get_config("read,smoke")
     c.model.llama = {"hidden_sise": 8}
     with pytest.raises(ConfigError, match="hidden_sise"):
         run_config.read_config(c.model)
-    c = tiny_shapes.get_config("smoke")
+    c = tiny.get_config("read,smoke")
     c.data.clip_size = 56
     with pytest.raises(ConfigError, match="clip_size"):
         loaders.data_config(c.data, CFG)
@@ -435,7 +435,15 @@ def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
     def files(split):
         return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(tmp_path / split / "*"))}
 
-    d = ConfigDict({"make_shapes": True, "root": str(tmp_path), "num_shapes": (3, 1, 0)})
+    d = ConfigDict(
+        {
+            "make_shapes": True,
+            "root": str(tmp_path),
+            "reason_seg_dir": "{root}",
+            "rates": "reason_seg:1",
+            "num_shapes": (3, 1, 0),
+        }
+    )
     loaders.ensure_shapes_data(d)
     first = files("train")
     assert len(first) == 6 and len(files("val")) == 2 and not (tmp_path / "test").exists()

@@ -28,12 +28,16 @@ from read_jax.train import step as tstep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [
-    ("tiny_shapes", None),
-    ("tiny_shapes", "smoke"),
     ("read_7b_reasonseg", None),
     ("read_7b_refseg", None),
     ("read_13b_reasonseg", "stage1"),
     ("read_13b_reasonseg", "stage2"),
+    ("tiny", "llava"),
+    ("tiny", "llava,smoke"),
+    ("tiny", "sesame"),
+    ("tiny", "sesame,smoke"),
+    ("tiny", "read"),
+    ("tiny", "read,smoke"),
 ]
 
 
@@ -55,11 +59,15 @@ def shallow(cfg):
     )
 
 
+# Configs of other commands than train.py, each loaded and built by the tests of its command.
+OTHER_COMMANDS = {"pretrain_sam": "tests/test_pretrain_sam.py"}
+
+
 def test_every_config_file_is_covered():
     files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))} - {
         "__init__"
     }
-    assert files == {name for name, _ in CONFIGS}
+    assert files == {name for name, _ in CONFIGS} | set(OTHER_COMMANDS)
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -122,21 +130,22 @@ def test_command_line_overrides_and_named_stages():
         load("read_13b_reasonseg", "stage3")
     # An unknown or misspelt key is an error naming it (and the key it probably meant).
     with pytest.raises(ConfigError, match=r"train\.lrr: unknown config key \(did you mean 'train\.lr'\?\)"):
-        load("tiny_shapes", None, "--config.train.lrr=1e-4")
+        load("tiny", "read", "--config.train.lrr=1e-4")
     with pytest.raises(ConfigError, match="no section 'trian'"):
-        load("tiny_shapes", None, "--config.trian.lr=1e-4")
+        load("tiny", "read", "--config.trian.lr=1e-4")
     with pytest.raises(ConfigError, match=r"--config.train.lr=fast"):
-        load("tiny_shapes", None, "--config.train.lr=fast")
+        load("tiny", "read", "--config.train.lr=fast")
     # ... also when a config file sets it: the derived CLIP size cannot be configured a second time.
-    bad = load("tiny_shapes", "smoke")
+    bad = load("tiny", "read,smoke")
     bad.data.clip_size = 28
     with pytest.raises(ConfigError, match="clip_size"):
         run_config.validate(bad)
-    bad = load("tiny_shapes", "smoke")
+    bad = load("tiny", "read,smoke")
     bad.train.lora_dropout = False
     with pytest.raises(ConfigError, match=r"'lora_dropout'"):
         run_config.validate(bad)
-    tiny = load("tiny_shapes", None, "--config.data.root=/tmp/x", "--config.train.lr=1e-4")
+    # Overrides change what they name and leave what the file set (the LLaVA stage trains the towers).
+    tiny = load("tiny", "llava", "--config.data.root=/tmp/x", "--config.train.lr=1e-4")
     assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4 and not tiny.model.freeze_vision_towers
 
 

@@ -21,15 +21,18 @@ import pytest
 from read_jax.data import make_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
+# The SESAME stage's recipe (no LoRA: an export converts back leaf for leaf), smoke-sized.
+CONFIG = str(ROOT / "configs" / "tiny.py") + ":sesame,smoke"
 STEPS = 12
+EPOCH = 4  # steps per epoch: a validation every 4 steps
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("train_loop")
     data = base / "shapes"
-    for split, n in (("train", 16), ("val", 8)):
-        make_shapes.write_split(str(data), split, n, seed=3)
+    for split, n in (("train", 16), ("val", 8)):  # ReasonSeg only, where the config's reason_seg_dir is
+        make_shapes.write_split(str(data / "reason_seg" / "ReasonSeg"), split, n, seed=3)
     e = dict(os.environ)
     e.update(
         JAX_COMPILATION_CACHE_DIR=str(base / "xla_cache"),
@@ -46,12 +49,15 @@ def command(env, workdir, *extra):
         sys.executable,
         str(ROOT / "train.py"),
         "--config",
-        str(ROOT / "configs" / "tiny_shapes.py") + ":smoke",
+        CONFIG,
         "--workdir",
         str(workdir),
         f"--config.data.root={env['data']}",
         "--config.data.make_shapes=False",
+        "--config.data.rates=reason_seg:1",
+        "--config.data.batch_size=8",  # one image per (fake) device
         f"--config.train.total_steps={STEPS}",
+        f"--config.train.steps_per_epoch={EPOCH}",
         "--config.train.log_every=1",
         "--config.progress=False",
         "--config.checkpoint.every_steps=3",
@@ -87,7 +93,7 @@ def finished_steps(workdir) -> list[int]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(env):
-    """The reference run: STEPS steps in one go, validating every epoch (4 steps)."""
+    """The reference run: STEPS steps in one go, validating every epoch (EPOCH steps)."""
     w = env["base"] / "uninterrupted"
     run(env, w)
     return w
@@ -152,7 +158,7 @@ def test_checkpoint_holds_trainables_optimizer_data_state_and_a_base_reference(u
     # Best-by-cIoU is kept separately: the validation with the highest cIoU.
     vals = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in vals if r["split"] == "val"]
-    assert len(vals) == STEPS // 4
+    assert len(vals) == STEPS // EPOCH
     best = max(vals, key=lambda r: r["cIoU"])
     best_dirs = [p for p in (uninterrupted / "best").iterdir() if p.name.isdigit()]
     assert [int(p.name) for p in best_dirs] == [best["step"]]
@@ -189,16 +195,16 @@ def test_load_trained_restores_the_saved_trainables(uninterrupted):
     import jax
     from flax import nnx
 
-    from configs import tiny_shapes
+    from configs import tiny
     from read_jax import sharding as shd
     from read_jax.config import ConfigError
     from read_jax.train import checkpoints as ckpts
     from read_jax.train import config as run_config
     from read_jax.train import state as tstate
 
-    c = tiny_shapes.get_config("smoke")
+    c = tiny.get_config("sesame,smoke")
     # Another scratch seed is another frozen base: refused before anything is built.
-    other = tiny_shapes.get_config("smoke")
+    other = tiny.get_config("sesame,smoke")
     other.init.seed = 7
     with pytest.raises(ConfigError, match="frozen base"):
         ckpts.load_trained(other, uninterrupted)
@@ -233,3 +239,33 @@ def _get(tree, path):
     for k in path.split("/"):
         tree = tree[int(k)] if isinstance(tree, (list, tuple)) else tree[k if k in tree else int(k)]
     return tree
+
+
+def test_export_of_a_workdir_converts_back_to_the_trained_model(uninterrupted, tmp_path):
+    """`convert_weights.py --export WORKDIR` (the run's best-else-latest checkpoint, on the config it saved)
+    writes the HF READ layout with a release's tokenizer files, and converting that back gives the trained
+    model leaf for leaf."""
+    from read_jax.build import load_model
+    from read_jax.cli import convert as convert_cli
+    from read_jax.tree_util import abstract_leaves
+
+    hf, back = tmp_path / "hf", tmp_path / "back"
+    assert convert_cli.main(["--export", str(uninterrupted), "--out", str(hf), "--dtype", "fp32"]) == 0
+    # The tokenizer files are those a SESAME release publishes (real files, tests/assets/hf_configs/sesame).
+    real = ROOT / "tests" / "assets" / "hf_configs" / "sesame"
+    for mine, theirs in (
+        ("added_tokens.json", "SESAME.added_tokens.json"),
+        ("special_tokens_map.json", "SESAME.special_tokens_map.json"),
+        ("tokenizer_config.json", "SESAME_minus.tokenizer_config.json"),
+    ):
+        assert json.loads((hf / mine).read_text()) == json.loads((real / theirs).read_text()), mine
+    assert not (hf / "goldens.json").exists()  # only tokenizer files travel with the weights
+    args = ["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--base", "smoke", "--dtype", "fp32"]
+    assert convert_cli.main([*args, "--out", str(back), "--no-progress"]) == 0
+    conversion = json.loads((back / "conversion.json").read_text())
+    assert conversion["ignored_keys"] == [] and conversion["uninitialized"] == []
+    trained = abstract_leaves(load_model(uninterrupted))  # the config the run saved
+    converted = abstract_leaves(load_model(back))
+    assert set(trained) <= set(converted)
+    for path, v in trained.items():
+        np.testing.assert_array_equal(np.asarray(converted[path]), np.asarray(v), err_msg=path)

@@ -7,10 +7,12 @@
 With questions on the command line it answers them and exits; without (or with `--interactive`) it is a
 chat loop as READ's `demo.py`: type a question, read the answer, the overlay is written to `--out`;
 `/image PATH` switches the image, `/quit` (or end of input) ends the session. Every answer is appended to
-`--out/answers.json`.
+`--out/answers.json`, with its wall time and number of generated tokens (the first answer includes the
+compiles).
 
 `--checkpoint` is a directory written by `convert_weights.py` (config.json, tokenizer/, params/) or by
-`read_jax.inference.save_for_inference` (same layout). The prompt template is the one the checkpoint's own
+`read_jax.inference.save_for_inference` (same layout), or a `train.py --workdir` (its best checkpoint, the
+tokenizer of its run config). The prompt template is the one the checkpoint's own
 chat used (conversion.json's `chat_template`): READ's demo uses the vicuna_v1 system prompt (read_reference.md
 §2.3), LISA's chat.py llava_v1; `--template` overrides it. Saying "segment" explicitly helps the model emit a
 [SEG]. The web page version is `python -m read_jax.cli.demo`.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from read_jax.cli import common
@@ -34,7 +37,9 @@ PROMPT = "you> "
 def parse_args(argv=None):
     p = common.parser("python -m read_jax.cli.chat", __doc__)
     p.add_argument("question", nargs="*", help="questions about the image (none: an interactive session)")
-    p.add_argument("--checkpoint", required=True, help="converted READ checkpoint directory")
+    p.add_argument(
+        "--checkpoint", required=True, help="converted READ checkpoint directory, or a train.py --workdir"
+    )
     p.add_argument("--image", required=True, help="image file (jpg/png/...)")
     p.add_argument("--out", default="chat_out", help="directory for the overlay PNGs and answers.json")
     p.add_argument(
@@ -123,14 +128,16 @@ def main(argv=None) -> int:
 
         def answer(q: str) -> None:
             image = state["image"]
+            t0 = time.perf_counter()
             pred = predict(
                 model, tok, image, q, max_new_tokens=args.max_new_tokens, template=template, sasp=sasp
             )
+            seconds = time.perf_counter() - t0  # the first answer of a shape includes XLA's compiles
             png = out / f"answer_{len(records):02d}.png"
             overlay(image, pred.masks, pred.points, pred.point_labels).save(png)
             print(
                 f"Q: {q}\nA: {pred.text}\n   object present: {pred.object_present}; "
-                f"{len(pred.masks)} mask(s) -> {png}",
+                f"{len(pred.masks)} mask(s) -> {png}; {len(pred.tokens)} new tokens in {seconds:.1f} s",
                 flush=True,
             )
             records.append(
@@ -145,6 +152,8 @@ def main(argv=None) -> int:
                     "num_masks": len(pred.masks),
                     "overlay": str(png),
                     "mask_pixels": [int(m.sum()) for m in pred.masks],
+                    "new_tokens": len(pred.tokens),
+                    "seconds": round(seconds, 3),
                 }
             )
             (out / "answers.json").write_text(json.dumps(records, indent=2))

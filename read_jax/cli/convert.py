@@ -28,7 +28,11 @@ def parse_args(argv=None):
     mode.add_argument(
         "--hf", metavar="DIR", help="HF checkpoint directory to convert (config.json, shards, tokenizer)"
     )
-    mode.add_argument("--export", metavar="CKPT", help="read_jax checkpoint to export to the HF READ layout")
+    mode.add_argument(
+        "--export",
+        metavar="CKPT",
+        help="read_jax checkpoint, or a train.py --workdir (its best checkpoint), to export as HF READ",
+    )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output directory (must not exist unless --overwrite)"
     )
@@ -42,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--base",
         default="auto",
-        choices=["auto", "read_7b", "read_13b", "tiny"],
+        choices=["auto", "read_7b", "read_13b", "tiny", "shapes", "smoke"],
         help="ReadConfig factory for the SAM/SasP/LoRA settings (auto: by hidden size)",
     )
     p.add_argument(
@@ -82,6 +86,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _export_run(src: str, out: str, args, dtype: str):
+    """A `train.py --workdir` (its best, else latest, checkpoint on the config it saved) -> the HF layout,
+    with the run's tokenizer (`data.tokenizer`) beside the weights."""
+    import os
+
+    from read_jax.build import load_model
+    from read_jax.convert.export import export_model
+    from read_jax.train.checkpoints import saved_run_config
+
+    if not os.path.isdir(os.path.join(src, "checkpoints")):
+        raise FileNotFoundError(
+            f"--export {src}: neither a converted read_jax checkpoint (config.json + params/) nor a train.py "
+            "--workdir with checkpoints"
+        )
+    config = saved_run_config(src)
+    model = load_model(src, run_config=config)
+    tok = config.data.get("tokenizer") or None
+    return export_model(
+        model,
+        model.config,
+        out,
+        merge_lora=args.merge_lora,
+        dtype=dtype,
+        tokenizer_dir=tok,
+        overwrite=args.overwrite,
+    )
+
+
 def main(argv=None, *, model_fn=None) -> int:
     """CLI entry point; `model_fn(cfg) -> () -> nnx.Module` overrides the target model (tests)."""
     args = parse_args(argv)
@@ -89,19 +121,19 @@ def main(argv=None, *, model_fn=None) -> int:
 
     def body() -> int:
         if args.export:
+            from read_jax.build import is_converted_checkpoint
             from read_jax.checkpoint import check_output
             from read_jax.convert.export import export_checkpoint
 
             src = common.absolute(args.export)
             check_output(out, overwrite=args.overwrite, inputs=[src])
             dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
-            path = export_checkpoint(
-                src,
-                out,
-                merge_lora=args.merge_lora,
-                dtype=dtype,
-                overwrite=args.overwrite,
-            )
+            if is_converted_checkpoint(src):
+                path = export_checkpoint(
+                    src, out, merge_lora=args.merge_lora, dtype=dtype, overwrite=args.overwrite
+                )
+            else:
+                path = _export_run(src, out, args, dtype)
             print(f"exported {args.export} -> {path}")
             return 0
         from read_jax.convert.read import convert_read_checkpoint

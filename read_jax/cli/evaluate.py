@@ -1,7 +1,7 @@
 """Evaluate a READ checkpoint: the paper's protocols and the appendix analyses (`read_jax.eval`).
 
-    python evaluate.py --config configs/tiny_shapes.py --checkpoint runs/tiny --split reasonseg_test \\
-        --out runs/tiny/eval [--threshold-search] [--analysis runs/tiny/eval/pictures] [--sweep]
+    python evaluate.py --config configs/tiny.py:read --checkpoint runs/read --split reasonseg_test \\
+        --out runs/read/eval [--threshold-search] [--analysis runs/read/eval/pictures] [--sweep]
     python evaluate.py --config configs/read_7b_reasonseg.py --checkpoint ckpt/read7b --split reasonseg_val \\
         --config.data.root=dataset
     python evaluate.py --config configs/read_7b_reasonseg.py --checkpoint ckpt/read7b_fprefcoco \\

@@ -1,6 +1,7 @@
 """Train READ: a run config -> `read_jax.train.train_and_evaluate(config, workdir)`.
 
-    python train.py --config configs/tiny_shapes.py --workdir runs/tiny
+    python train.py --config configs/tiny.py:read --workdir runs/read \\
+        --config.init.checkpoint=ckpt/tiny-sesame
     python train.py --config configs/read_7b_reasonseg.py --workdir runs/read7b \\
         --config.init.checkpoint=ckpt/sesame7b --config.data.root=dataset --config.train.lr=1e-4
     python train.py --config configs/read_13b_reasonseg.py:stage2 --workdir runs/read13b_stage2 \\

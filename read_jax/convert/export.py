@@ -87,13 +87,23 @@ def invert_path(rules: Sequence[Rule], path: str) -> tuple[str, Callable]:
     raise ConversionError(f"{path}: no rule of the export table produces this leaf")
 
 
+def _tower_name(clip: rc.ClipVisionConfig) -> str:
+    """The vision tower a config.json names: openai's CLIP-L/14-336 (READ), else the `vision_tower/`
+    directory the export writes beside the weights (a name that claims no openai geometry)."""
+    if (clip.patch_size, clip.image_size, clip.hidden_size) == (14, 336, 1024):
+        return HF_CLIP_336
+    return "./vision_tower"
+
+
 def hf_config_dict(cfg: rc.ReadConfig, base: Mapping[str, Any] | None, torch_dtype: str) -> dict:
     """The READ `config.json` (§10.3) for `cfg`, starting from the converted checkpoint's original if any."""
     out = (
         dict(base)
         if base
         else {
-            "architectures": ["READForCausalLM"],
+            # SESAME's class for a model without SasP (read_reference.md §10.3: READ's README has users edit
+            # it to READForCausalLM before fine-tuning), READ's otherwise.
+            "architectures": ["READForCausalLM" if cfg.sasp.enabled else "SESAMEForCausalLM"],
             "model_type": "llava",
             "hidden_act": "silu",
             "tie_word_embeddings": False,
@@ -106,8 +116,8 @@ def hf_config_dict(cfg: rc.ReadConfig, base: Mapping[str, Any] | None, torch_dty
             "mm_use_im_patch_token": False,
             "image_aspect_ratio": "square",
             "train_mask_decoder": True,
-            "mm_vision_tower": HF_CLIP_336,
-            "vision_tower": HF_CLIP_336,
+            "mm_vision_tower": _tower_name(cfg.clip),
+            "vision_tower": _tower_name(cfg.clip),
             "use_cache": False,
             "pad_token_id": 0,
             "bos_token_id": 1,
@@ -340,10 +350,52 @@ def export_leaves_to_hf(
                 )
             )
         if tokenizer_dir is not None:
-            for f in Path(tokenizer_dir).iterdir():
-                if f.is_file():
-                    shutil.copyfile(f, tmp / f.name)
+            write_tokenizer_files(Path(tokenizer_dir), tmp)
     return out_dir
+
+
+# The tokenizer files a SESAME/READ release carries beside `tokenizer.model`, as `tsunghanwu/SESAME` and
+# `SESAME_minus` publish them (tests/assets/hf_configs/sesame, sources in its SOURCES.md): written when the
+# exported model's tokenizer directory does not have its own.
+_AT = {"__type": "AddedToken", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+RELEASE_TOKENIZER_FILES = {
+    "added_tokens.json": {"<im_end>": 32002, "<im_start>": 32001, "[SEG]": 32000},
+    "special_tokens_map.json": {
+        "bos_token": {"content": "<s>", **{k: v for k, v in _AT.items() if k != "__type"}},
+        "eos_token": {"content": "</s>", **{k: v for k, v in _AT.items() if k != "__type"}},
+        "pad_token": "<unk>",
+        "unk_token": {"content": "<unk>", **{k: v for k, v in _AT.items() if k != "__type"}},
+    },
+    "tokenizer_config.json": {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": {**_AT, "content": "<s>"},
+        "clean_up_tokenization_spaces": False,
+        "eos_token": {**_AT, "content": "</s>"},
+        "legacy": True,
+        "model_max_length": 512,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": {**_AT, "content": "<unk>"},
+    },
+}
+TOKENIZER_FILES = ("tokenizer.model", *RELEASE_TOKENIZER_FILES)
+
+
+def write_tokenizer_files(tokenizer_dir: Path, out: Path) -> None:
+    """`tokenizer.model` and the release's tokenizer json files from `tokenizer_dir` into `out`; the json
+    files it lacks are written as a SESAME/READ release has them (nothing else is copied)."""
+    model = tokenizer_dir / "tokenizer.model"
+    if not model.is_file():
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.model to export with the weights")
+    for name in TOKENIZER_FILES:
+        src = tokenizer_dir / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+        else:
+            (out / name).write_text(json.dumps(RELEASE_TOKENIZER_FILES[name], indent=2) + "\n")
 
 
 def export_checkpoint(

@@ -3,7 +3,9 @@
 Families (`architectures[0]` of config.json -> `family_of`):
 
   read, sesame, llama   READ / SESAME releases: vocabulary 32003 with [SEG]=32000, <im_start>=32001,
-                        <im_end>=32002 (read_reference.md §2.3), CLIP ViT-L/14-336 from --clip.
+                        <im_end>=32002 (read_reference.md §2.3), CLIP ViT-L/14-336 from --clip. SESAME
+                        (SESAMEForCausalLM) prompts SAM with the [SEG] token alone: `sasp.enabled` is False,
+                        as for LISA; READ's fine-tune of it (`configs/`) switches SasP on.
   lisa                  LISA releases (LISAForCausalLM). Their CLIP is whatever the config names (LISA's
                         default is openai/clip-vit-large-patch14: 224 px, 16 x 16 = 256 image tokens),
                         the projector is LLaVA-v1's single Linear (LISA's own code) or mlp2x_gelu (forks
@@ -271,11 +273,13 @@ def _base_config(base: str, hidden: int, dtype: str) -> tuple[str, rc.ReadConfig
         "read_7b": rc.ReadConfig.read_7b,
         "read_13b": rc.ReadConfig.read_13b,
         "tiny": lambda: rc.ReadConfig.tiny(dtype),
+        "shapes": lambda: rc.ReadConfig.shapes(dtype),  # the tiny SESAME release (configs/tiny.py)
+        "smoke": lambda: rc.ReadConfig.smoke(dtype),
     }
     if base == "auto":
         base = {4096: "read_7b", 5120: "read_13b"}.get(hidden)
         if base is None:
-            raise rc.ConfigError(f"hidden_size {hidden}: pass --base (read_7b, read_13b or tiny)")
+            raise rc.ConfigError(f"hidden_size {hidden}: pass --base ({', '.join(sorted(factories))})")
     if base not in factories:
         raise rc.ConfigError(f"unknown --base {base!r}; choose from {sorted(factories)}")
     return base, factories[base]().with_dtype(dtype)
@@ -323,8 +327,9 @@ def build_config(
             f"config.json: {key}={select!r} is outside the {clip.num_hidden_layers}-layer CLIP tower of "
             f"{tower_src}"
         ) from None
-    sasp = cfg.sasp.on_clip_grid(clip.grid_size)
-    if family == "lisa":
+    # The base's SasP setting is on the base's own CLIP grid (READ-7B's 12 of 24; the small presets' own).
+    sasp = cfg.sasp.on_clip_grid(clip.grid_size, reference_grid=cfg.clip.grid_size)
+    if family in ("lisa", "sesame"):  # trained with the [SEG] prompt alone; a READ fine-tune switches it on
         sasp = dataclasses.replace(sasp, enabled=False)
     cfg = cfg.replace(
         llama=llama,

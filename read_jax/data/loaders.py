@@ -7,8 +7,9 @@ host-side step assembly (`stack_micro_batches`, `batch_spec`).
 
 The `data` section of a run config (`read_jax.train.config.default_config`): every `DataConfig` field except
 `clip_size` (the model's CLIP input size, never configured twice), plus where the data lives (`root`,
-`reason_seg_dir`, `tokenizer`), the mixture (`rates`, `reason_seg_false_premise`) and the generated shapes set
-(`make_shapes`, `num_shapes`). Any other key is an error naming it.
+`reason_seg_dir`, `tokenizer`), the mixture (`rates`, `reason_seg_false_premise`, the sub-datasets
+`sem_seg_data`, `refer_seg_data`, `neg_refer_seg_data`, `correct_refer_seg_data`) and the generated shapes
+mix (`make_shapes`, `num_shapes`). Any other key is an error naming it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ SOURCE_KEYS = (
     "make_shapes",
     "num_shapes",
     "templates",
+    "sem_seg_data",
+    "refer_seg_data",
+    "neg_refer_seg_data",
+    "correct_refer_seg_data",
 )
 # DataConfig fields derived from the model, never configured.
 DERIVED_KEYS = ("clip_size",)
@@ -101,47 +106,86 @@ def reason_seg_dir(data_cfg) -> str:
     return template.format(root=data_cfg.root)
 
 
-def ensure_shapes_data(data_cfg) -> None:
-    """`data.make_shapes`: the generated shapes set in `data.root`, written only into a directory the
-    generator owns (it holds `make_shapes.MARKER`), and only the files that are absent.
+SUB_DATASET_KEYS = {  # data-config key (the reference's flag) -> source
+    "sem_seg_data": "sem_seg",
+    "refer_seg_data": "refer_seg",
+    "neg_refer_seg_data": "neg_refer_seg",
+    "correct_refer_seg_data": "correct_refer_seg",
+}
 
-    An absent or empty `data.root` is created and marked; in a marked one every example of `data.num_shapes`
-    that is missing is written (`make_shapes.write_split(missing_only=True)`: a pure function of (seed, split,
-    index), so a set made by `python -m read_jax.data.make_shapes --out DIR` is topped up, and files already
-    there, hand edits included, are never rewritten). Any other `data.root` is refused: generated scenes are
-    never merged into a user's data. Only process 0 writes (multi-host runs assume a shared filesystem).
+
+def sub_datasets(data_cfg) -> dict[str, tuple[str, ...]]:
+    """{source: sub-datasets} of `data.sem_seg_data` etc. ("a||b", the reference's flags); unset or empty
+    keys keep the reference's defaults (`mixture.SUB_DATASETS`)."""
+    return {
+        src: M.parse_sub_datasets(data_cfg.get(key))
+        for key, src in SUB_DATASET_KEYS.items()
+        if data_cfg.get(key) and M.parse_sub_datasets(data_cfg.get(key))
+    }
+
+
+def mixture_sources(data_cfg) -> tuple[str, ...]:
+    """The source names of `data.rates` (a preset or "name:rate,..."); every source when it is not set."""
+    if not data_cfg.get("rates"):
+        return M.SOURCES
+    rates = parse_rates(str(data_cfg.rates))
+    return tuple(rates) if isinstance(rates, Mapping) else tuple(M.resolve_rates(rates))
+
+
+def ensure_shapes_data(data_cfg) -> None:
+    """`data.make_shapes`: the generated shapes mix (`read_jax.data.make_shapes`) of the sources the run reads
+    (`data.rates`; all when unset), `data.num_shapes` = (train scenes per source, val, test) of them, in
+    `data.root` (ReasonSeg in `data.reason_seg_dir`, which must lie inside it). Written only into a directory
+    the generator owns (it holds `make_shapes.MARKER`), and only the files that are absent.
+
+    An absent or empty `data.root` is created and marked; in a marked one every scene that is missing is
+    written (a pure function of (seed, source, split, index), so a set made by `python -m
+    read_jax.data.make_shapes --out DIR` is topped up; files already there, hand edits included, stay; a set
+    already complete returns at once). Any other `data.root` is refused: generated scenes are never merged
+    into a user's data. The sem_seg sub-datasets it writes are `make_shapes.SUB_DATASETS["sem_seg"]`, which
+    `data.sem_seg_data` must name. Only process 0 writes (multi-host runs assume a shared filesystem).
     """
     if not data_cfg.get("make_shapes") or jax.process_index() != 0:
         return
     from read_jax.data import make_shapes
 
     root = str(data_cfg.root)
-    marker = make_shapes.read_marker(root)
-    if marker is None:
-        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-            raise ConfigError(
-                f"data.root={root} holds data the shapes generator did not write (no {make_shapes.MARKER}): "
-                "data.make_shapes=True writes only into a directory of its own; point data.root to a new "
-                "directory, or pass --config.data.make_shapes=false to read this one as it is"
-            )
-        try:
-            os.makedirs(root, exist_ok=True)
-            make_shapes.write_marker(root, 0)
-        except OSError as e:
-            raise PermissionError(f"data.root={root}: cannot create it ({e.strerror})") from e
-        marker = {"seed": 0}
-    seed = int(marker.get("seed", 0))
-    counts = dict(zip(make_shapes.SPLITS, plain(data_cfg.num_shapes)))
-    for split in make_shapes.SPLITS:
-        want = int(counts.get(split) or 0)
-        missing = sum(
-            not all(os.path.exists(f) for f in make_shapes.example_paths(root, split, i)) for i in range(want)
+    if make_shapes.is_foreign(root):
+        raise ConfigError(
+            f"data.root={root} holds data the shapes generator did not write (no {make_shapes.MARKER}): "
+            "data.make_shapes=True writes only into a directory of its own; point data.root to a new "
+            "directory, or pass --config.data.make_shapes=false to read this one as it is"
         )
-        if missing:
-            log.info(
-                "writing the generated shapes set: %s/%s (%d of %d examples)", root, split, missing, want
+    sources = mixture_sources(data_cfg)
+    subs = sub_datasets(data_cfg)
+    for src, sets in subs.items():
+        extra = sorted(set(sets) - set(make_shapes.SUB_DATASETS[src]))
+        if src in sources and extra:
+            key = next(k for k, v in SUB_DATASET_KEYS.items() if v == src)
+            raise ConfigError(
+                f"config.data.{key} names {extra}, which the shapes generator does not write; it writes "
+                f"{src} as {'||'.join(make_shapes.SUB_DATASETS[src])}"
             )
-            make_shapes.write_split(root, split, want, seed, missing_only=True)
+    if "sem_seg" in sources and "sem_seg" not in subs:
+        raise ConfigError(
+            "data.make_shapes writes sem_seg as "
+            f"{'||'.join(make_shapes.SUB_DATASETS['sem_seg'])}: set config.data.sem_seg_data to it"
+        )
+    marker = make_shapes.read_marker(root)
+    counts = dict(zip(make_shapes.SPLITS, (int(n or 0) for n in plain(data_cfg.num_shapes))))
+    try:
+        plan = make_shapes.write_mix(
+            root,
+            counts,
+            seed=int((marker or {}).get("seed", 0)),
+            sources=sources,
+            reason_seg_dir=reason_seg_dir(data_cfg),
+        )
+    except (FileExistsError, ValueError) as e:
+        raise ConfigError(f"data.make_shapes: {e}") from e
+    except OSError as e:
+        raise PermissionError(f"data.root={root}: cannot write the shapes mix ({e.strerror})") from e
+    log.info("the generated shapes mix in %s: %d scenes of %s", root, sum(plan.values()), ", ".join(sources))
 
 
 def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iterator[dict], Pl.DataConfig]:
@@ -164,6 +208,7 @@ def train_iterator(config, cfg: ReadConfig, *, shard_options=None) -> tuple[Iter
         seed=dc.seed,
         reason_seg_dir=reason_seg_dir(d),
         reason_seg_false_premise=None if fp < 0 else fp,
+        sub_datasets=sub_datasets(d),
     )
     tpl = load_templates(d.get("templates"))
     for src in sources.values():

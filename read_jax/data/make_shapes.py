@@ -1,490 +1,94 @@
-"""A small generated reasoning-segmentation set in ReasonSeg's on-disk format ("shapes").
+"""The generated shapes world as READ's whole data mix, in a SESAME-style `dataset/` root.
 
-    python -m read_jax.data.make_shapes --out DIR [--num-train 200 --num-val 40 --num-test 40 --seed 0]
+    python -m read_jax.data.make_shapes --out DIR [--num-train 2000 --num-val 200 --num-test 200 --seed 0]
+        [--sources sem_seg,refer_seg,correct_refer_seg,vqa,neg_refer_seg,reason_seg] [--workers N]
 
-writes `DIR/{train,val,test}/shapes_{split}_{i:05d}.{jpg,json}`: scenes of coloured shapes (circle,
-triangle, square, pentagon, hexagon, star) at several image sizes and aspect ratios, each json in the
-labelme layout ReasonSeg uses (read_reference.md §9):
+writes scenes of coloured shapes (circle, triangle, square, pentagon, hexagon, star in six colours, at
+several image sizes and aspect ratios) as every source READ trains on, each at its real path and in its real
+format (read_reference.md §9), so the real readers read them:
 
-    {"text": [query, paraphrase, ...], "is_sentence": bool,
-     "shapes": [{"label": "target" | "ignore" | "flag", "points": [[x, y], ...], "shape_type": "polygon",
-                 "group_id": null, "flags": {}}, ...],
-     "false_premise_QA": [[query, is_sentence, answer], ...]}
+  reason_seg/ReasonSeg/{train,val,test}/   ReasonSeg: one-step reasoning queries + false_premise_QA
+  mapillary/, vlpart/paco/ + coco/train2017/   sem_seg: a class per kind (Mapillary), per colour + kind (PACO)
+  refer_seg/{refclef,refcoco,refcoco+,refcocog}/ + refer_seg/images/   refer_seg: explicit references
+  refer_seg/R-refcoco{,+,g}/               neg_refer_seg: R-RefCOCO, with expressions of absent objects
+  refer_seg/fprefcoco{,+,g}/               correct_refer_seg: FP-RefCOCO, false premises + gt_sent
+  llava_dataset/llava_instruct_150k.json + coco/train2017/   vqa: LLaVA-Instruct conversations
+  llava_dataset/shapes_vqa_{val,test}.json + coco/val2017/   held-out VQA (same layout; one single-round
+                                           item per scene and question kind, for scoring per kind)
 
-so `ReasonSegReader(DIR, split)` reads it like the real set. Each query needs one step of reasoning to pick
-a single object: the most corners, the largest of a colour, the smallest, the nearest object left/right/
-above/below another one, the one sharing a colour with another, the one that could roll. Some scenes add a
-faint "ghost" shape labelled "ignore" (255 in the eval GT, 0 in training) and a meaningless "flag" polygon
-(skipped by the reader), exercising both conventions. False-premise queries name a colour/shape pair that
-is absent and answer with a correction naming what is there.
-
-Everything is a pure function of (seed, split, index): the same command writes the same files.
+Train counts are per source; the held-out val/test counts apply to ReasonSeg, RefCOCO's val/test splits
+(FP-RefCOCO's and R-RefCOCO's val) and VQA, whose held-out scenes share no scene with any training source.
+Read it with `mixture.build_reference_sources(DIR, sub_datasets=SUB_DATASETS)` or a run config with
+`data.root=DIR`, `data.sem_seg_data="mapillary||paco_lvis"`. Every file is written atomically; a rerun
+writes only what is missing (resumable, and a larger count extends the set); the same seed writes the same
+bytes. DIR must be new, empty, or written by this command (it holds its marker, `.read_jax_shapes.json`).
+The scenes, queries and formats: `read_jax.data.shapes`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import re
-from collections.abc import Callable
+import sys
+import time
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-COLORS = {
-    "red": (215, 45, 40),
-    "green": (45, 160, 70),
-    "blue": (40, 85, 215),
-    "yellow": (235, 195, 35),
-    "purple": (140, 65, 175),
-    "orange": (240, 130, 30),
-}
-# corners per shape type (a circle has none)
-SHAPES = {"circle": 0, "triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "star": 10}
-SIZES = ((320, 240), (240, 320), (400, 300), (288, 288), (448, 256), (256, 384), (360, 270), (300, 200))
-SPLITS = ("train", "val", "test")
-
-
-def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> np.ndarray:
-    """[N, 2] (x, y) vertices of a shape."""
-    if kind == "circle":
-        n, radii = 48, None
-    elif kind == "star":
-        n, radii = 10, np.tile([r, 0.45 * r], 5)
-    else:
-        n, radii = SHAPES[kind], None
-    ang = rot + 2 * np.pi * np.arange(n) / n
-    rad = np.full(n, r) if radii is None else radii
-    return np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], axis=1)
-
-
-def _area(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def _scene(rng: np.random.Generator) -> tuple[int, int, list[dict]]:
-    w, h = SIZES[int(rng.integers(len(SIZES)))]
-    n = int(rng.integers(3, 7))
-    shapes: list[dict] = []
-    side = min(w, h)
-    for _ in range(200):
-        if len(shapes) == n:
-            break
-        r = float(rng.uniform(0.07, 0.17) * side)
-        cx, cy = float(rng.uniform(r + 2, w - r - 2)), float(rng.uniform(r + 2, h - r - 2))
-        if any(math.hypot(cx - s["cx"], cy - s["cy"]) < r + s["r"] + 6 for s in shapes):
-            continue
-        kind = list(SHAPES)[int(rng.integers(len(SHAPES)))]
-        color = list(COLORS)[int(rng.integers(len(COLORS)))]
-        rot = (
-            float(rng.uniform(0, 2 * np.pi))
-            if kind != "square"
-            else float(rng.uniform(-0.3, 0.3) + np.pi / 4)
-        )
-        poly = _polygon(kind, cx, cy, r, rot)
-        shapes.append(
-            dict(kind=kind, color=color, cx=cx, cy=cy, r=r, poly=poly, area=_area(poly), corners=SHAPES[kind])
-        )
-    return w, h, shapes
-
-
-def _name(s: dict) -> str:
-    return f"{s['color']} {s['kind']}"
-
-
-def _unique(shapes: list[dict], key: Callable[[dict], object], value) -> list[int]:
-    return [i for i, s in enumerate(shapes) if key(s) == value]
-
-
-# Each query maker returns (target index, [texts], is_sentence) or None when it does not apply uniquely.
-def _q_most_corners(rng, shapes):
-    c = [s["corners"] for s in shapes]
-    top = max(c)
-    if c.count(top) != 1 or top == 0:
-        return None
-    return (
-        c.index(top),
-        [
-            "Which object in the picture has the largest number of corners?",
-            "Find the shape that has more corners than any other.",
-        ],
-        True,
-    )
-
-
-def _q_largest_of_color(rng, shapes):
-    colors = [s["color"] for s in shapes]
-    cands = [col for col in set(colors) if colors.count(col) >= 2]
-    if not cands:
-        return None
-    col = sorted(cands)[int(rng.integers(len(cands)))]
-    idx = [i for i, s in enumerate(shapes) if s["color"] == col]
-    areas = sorted(((shapes[i]["area"], i) for i in idx), reverse=True)
-    if areas[0][0] < 1.15 * areas[1][0]:
-        return None
-    return areas[0][1], [f"the largest {col} object", f"biggest {col} shape"], False
-
-
-def _q_smallest(rng, shapes):
-    areas = sorted((s["area"], i) for i, s in enumerate(shapes))
-    if areas[1][0] < 1.15 * areas[0][0]:
-        return None
-    return (
-        areas[0][1],
-        ["Which shape is the smallest one in this picture?", "Point out the tiniest object in the image."],
-        True,
-    )
-
-
-def _distinct_ref(rng, shapes):
-    """A reference shape whose colour + kind is unique in the scene."""
-    names = [_name(s) for s in shapes]
-    refs = [i for i, n in enumerate(names) if names.count(n) == 1]
-    return None if not refs else refs[int(rng.integers(len(refs)))]
-
-
-_DIRS = {
-    "left": (lambda s, r: r["cx"] - s["cx"], "to the left of", "on the left side of"),
-    "right": (lambda s, r: s["cx"] - r["cx"], "to the right of", "on the right side of"),
-    "above": (lambda s, r: r["cy"] - s["cy"], "above", "higher up than"),
-    "below": (lambda s, r: s["cy"] - r["cy"], "below", "lower down than"),
-}
-
-
-def _q_relation(rng, shapes):
-    ref = _distinct_ref(rng, shapes)
-    if ref is None:
-        return None
-    d = list(_DIRS)[int(rng.integers(len(_DIRS)))]
-    gap, phrase, phrase2 = _DIRS[d]
-    r = shapes[ref]
-    cands = sorted((gap(s, r), i) for i, s in enumerate(shapes) if i != ref and gap(s, r) > 8)
-    if not cands or (len(cands) > 1 and cands[1][0] - cands[0][0] < 10):
-        return None
-    n = _name(r)
-    return (
-        cands[0][1],
-        [f"Which object sits nearest {phrase} the {n}?", f"What is the closest shape {phrase2} the {n}?"],
-        True,
-    )
-
-
-def _q_same_color(rng, shapes):
-    kinds = [s["kind"] for s in shapes]
-    refs = [i for i, k in enumerate(kinds) if kinds.count(k) == 1]
-    rng.shuffle(refs)
-    for ref in refs:
-        same = [i for i, s in enumerate(shapes) if i != ref and s["color"] == shapes[ref]["color"]]
-        if len(same) == 1:
-            k = shapes[ref]["kind"]
-            return (
-                same[0],
-                [
-                    f"Which shape has the same colour as the {k}?",
-                    f"Which other object is painted in the colour of the {k}?",
-                ],
-                True,
-            )
-    return None
-
-
-def _q_could_roll(rng, shapes):
-    circles = [i for i, s in enumerate(shapes) if s["kind"] == "circle"]
-    if len(circles) != 1:
-        return None
-    return (
-        circles[0],
-        [
-            "Something in the picture would roll if you gave it a push. What is it?",
-            "Which object could roll across a table?",
-        ],
-        True,
-    )
-
-
-_EXTREMES = {
-    "leftmost": lambda s: -s["cx"],
-    "rightmost": lambda s: s["cx"],
-    "topmost": lambda s: -s["cy"],
-    "bottom-most": lambda s: s["cy"],
-}
-
-
-def _q_extreme(rng, shapes):
-    word = list(_EXTREMES)[int(rng.integers(len(_EXTREMES)))]
-    key = _EXTREMES[word]
-    order = sorted(((key(s), i) for i, s in enumerate(shapes)), reverse=True)
-    if order[0][0] - order[1][0] < 10:
-        return None
-    return order[0][1], [f"the {word} shape", f"{word} object"], False
-
-
-QUERIES = (
-    _q_extreme,
-    _q_most_corners,
-    _q_largest_of_color,
-    _q_smallest,
-    _q_relation,
-    _q_same_color,
-    _q_could_roll,
+from read_jax.data.shapes import (  # noqa: F401  (the public names of the shapes world, importable from here)
+    COLORS,
+    MARKER,
+    QUERY_KIND_PATTERNS,
+    SHAPES,
+    SOURCES,
+    SPLITS,
+    SUB_DATASETS,
+    VQA_KINDS,
+    default_reason_seg_dir,
+    example_paths,
+    is_foreign,
+    make_example,
+    query_kind,
+    random_scene,
+    read_marker,
+    scene_of,
+    vqa_key,
+    vqa_kind,
+    vqa_paths,
+    write_marker,
+    write_mix,
+    write_split,
 )
+from read_jax.data.shapes.reason import _make_example  # noqa: F401  (tests read the query kind it drew)
 
 
-def _false_premises(rng, shapes) -> list[list]:
-    present = {(s["color"], s["kind"]) for s in shapes}
-    out = []
-    order = list(range(len(shapes)))
-    rng.shuffle(order)
-    for i in order:
-        s = shapes[i]
-        others = [c for c in COLORS if (c, s["kind"]) not in present]
-        if not others:
-            continue
-        c = others[int(rng.integers(len(others)))]
-        if rng.random() < 0.5:
-            out.append(
-                [
-                    f"the {c} {s['kind']}",
-                    False,
-                    f"There is no {c} {s['kind']} in this image, but there is a {_name(s)}.",
-                ]
-            )
-        else:
-            out.append(
-                [
-                    f"Which {s['kind']} here is {c}?",
-                    True,
-                    f"None of them: no {s['kind']} in the picture is {c}. There is a {_name(s)}, though.",
-                ]
-            )
-        if len(out) == 2:
-            break
-    return out
-
-
-def _render(rng, w: int, h: int, shapes: list[dict], ghost: dict | None) -> Image.Image:
-    base = np.asarray(rng.uniform(200, 245, 3))
-    yy, xx = np.mgrid[0:h, 0:w]
-    grad = (xx / w - 0.5)[..., None] * rng.uniform(-25, 25, 3) + (yy / h - 0.5)[..., None] * rng.uniform(
-        -25, 25, 3
-    )
-    img = np.clip(base + grad + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
-    im = Image.fromarray(img)
-    draw = ImageDraw.Draw(im)
-    if ghost is not None:  # faint: ambiguous on purpose
-        col = tuple(int(0.75 * b + 0.25 * c) for b, c in zip(base, COLORS[ghost["color"]]))
-        draw.polygon([tuple(p) for p in ghost["poly"]], fill=col)
-    for s in shapes:
-        col = COLORS[s["color"]]
-        draw.polygon([tuple(p) for p in s["poly"]], fill=col, outline=tuple(max(0, v - 50) for v in col))
-    return im
-
-
-def random_scene(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
-    """A scene of 3-6 shapes drawn from `rng`, rendered: (image, instances). Each instance is a dict with
-    `kind`, `color`, `poly` (float[N, 2] (x, y) vertices), `cx`, `cy`, `r`, `area` and `corners`; instances
-    never overlap. The scene generator of every source written from this world."""
-    while True:
-        w, h, shapes = _scene(rng)
-        if len(shapes) >= 3:
-            return _render(rng, w, h, shapes, None), shapes
-
-
-def _points(poly: np.ndarray) -> list[list[float]]:
-    return [[round(float(x), 2), round(float(y), 2)] for x, y in poly]
-
-
-# The query kind of each phrasing the makers above write (full match, case-sensitive): lets an evaluation
-# report
-# figures per kind from the query text alone (`query_kind`), for sets written before or after this table.
-_COLOR = "(?:" + "|".join(COLORS) + ")"
-_KIND = "(?:" + "|".join(SHAPES) + ")"
-_NAMED = f"{_COLOR} {_KIND}"
-_REL = "(?:" + "|".join(p for _, p1, p2 in _DIRS.values() for p in (p1, p2)) + ")"
-QUERY_KIND_PATTERNS = {
-    "extreme": (f"the (?:{'|'.join(_EXTREMES)}) shape", f"(?:{'|'.join(_EXTREMES)}) object"),
-    "most_corners": (
-        "Which object in the picture has the largest number of corners\\?",
-        "Find the shape that has more corners than any other\\.",
-    ),
-    "largest_of_color": (f"the largest {_COLOR} object", f"biggest {_COLOR} shape"),
-    "smallest": (
-        "Which shape is the smallest one in this picture\\?",
-        "Point out the tiniest object in the image\\.",
-    ),
-    "relation": (
-        f"Which object sits nearest {_REL} the {_NAMED}\\?",
-        f"What is the closest shape {_REL} the {_NAMED}\\?",
-    ),
-    "same_color": (
-        f"Which shape has the same colour as the {_KIND}\\?",
-        f"Which other object is painted in the colour of the {_KIND}\\?",
-    ),
-    "could_roll": (
-        "Something in the picture would roll if you gave it a push\\. What is it\\?",
-        "Which object could roll across a table\\?",
-    ),
-}
-_KIND_RES = {k: [re.compile(p) for p in ps] for k, ps in QUERY_KIND_PATTERNS.items()}
-
-
-def query_kind(text: str) -> str | None:
-    """The kind of query ("extreme", "most_corners", ... of `QUERIES`) that wrote `text`; else None."""
-    for kind, pats in _KIND_RES.items():
-        if any(p.fullmatch(text) for p in pats):
-            return kind
-    return None
-
-
-def make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict]:
-    """One (image, labelme json) pair, a pure function of (seed, split, index)."""
-    return _make_example(seed, split, index)[:2]
-
-
-def _make_example(seed: int, split: str, index: int) -> tuple[Image.Image, dict, str]:
-    """`make_example` and the kind of its query (the maker's name without `_q_`)."""
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    for _ in range(100):
-        w, h, shapes = _scene(rng)
-        if len(shapes) < 3:
-            continue
-        makers = list(QUERIES)
-        rng.shuffle(makers)
-        for make in makers:
-            q = make(rng, shapes)
-            if q is not None:
-                break
-        if q is not None:
-            break
-    else:  # pragma: no cover - 100 scenes without a unique query is practically impossible
-        raise RuntimeError(f"could not build a query for {split}/{index}")
-    target, texts, is_sentence = q
-    kind = make.__name__.removeprefix("_q_")
-    ghost = None
-    if rng.random() < 0.2:  # a faint ghost shape in free space, labelled "ignore"
-        _, _, extra = _scene(rng)
-        for g in extra:
-            if (
-                g["cx"] < w - g["r"]
-                and g["cy"] < h - g["r"]
-                and all(
-                    math.hypot(g["cx"] - s["cx"], g["cy"] - s["cy"]) > g["r"] + s["r"] + 4 for s in shapes
-                )
-            ):
-                ghost = g
-                break
-    im = _render(rng, w, h, shapes, ghost)
-    ann_shapes = [
-        {
-            "label": "target",
-            "points": _points(shapes[target]["poly"]),
-            "group_id": None,
-            "shape_type": "polygon",
-            "flags": {},
-        }
-    ]
-    if ghost is not None:
-        ann_shapes.append(
-            {
-                "label": "ignore",
-                "points": _points(ghost["poly"]),
-                "group_id": None,
-                "shape_type": "polygon",
-                "flags": {},
-            }
-        )
-    if rng.random() < 0.05:
-        ann_shapes.append(
-            {
-                "label": "flag",
-                "points": [[0.0, 0.0], [4.0, 0.0], [4.0, 4.0]],
-                "group_id": None,
-                "shape_type": "polygon",
-                "flags": {},
-            }
-        )
-    ann = {
-        "text": texts,
-        "is_sentence": is_sentence,
-        "shapes": ann_shapes,
-        "false_premise_QA": _false_premises(rng, shapes),
-        "imageHeight": h,
-        "imageWidth": w,
-    }
-    return im, ann, kind
-
-
-# A directory holding this file belongs to the generator: `data.make_shapes` writes only into such a one.
-MARKER = ".read_jax_shapes.json"
-
-
-def write_marker(out: str, seed: int) -> None:
-    with open(os.path.join(out, MARKER), "w") as f:
-        json.dump({"generator": "read_jax.data.make_shapes", "seed": int(seed)}, f)
-
-
-def read_marker(out: str) -> dict | None:
-    """The generator's marker of `out` (its seed), or None when `out` is not the generator's."""
-    try:
-        with open(os.path.join(out, MARKER)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def example_paths(out: str, split: str, index: int) -> tuple[str, str]:
-    stem = os.path.join(out, split, f"shapes_{split}_{index:05d}")
-    return stem + ".jpg", stem + ".json"
-
-
-def write_split(
-    out: str, split: str, num: int, seed: int, progress=None, *, missing_only: bool = False
-) -> list[str]:
-    """Write examples 0..num-1 of `split` (each file written beside and renamed: never half-written).
-    `missing_only`: write only the files that are absent (files already there, hand edits included, stay)."""
-    os.makedirs(os.path.join(out, split), exist_ok=True)
-    paths = []
-    for i in range(num):
-        jpg, js = example_paths(out, split, i)
-        todo = [p for p in (jpg, js) if not (missing_only and os.path.exists(p))]
-        if todo:
-            im, ann = make_example(seed, split, i)
-            if jpg in todo:
-                im.save(jpg + ".tmp", format="JPEG", quality=92)
-                os.replace(jpg + ".tmp", jpg)
-            if js in todo:
-                with open(js + ".tmp", "w") as f:
-                    json.dump(ann, f)
-                os.replace(js + ".tmp", js)
-        paths.append(jpg)
-        if progress is not None:
-            progress.update(1)
-    return paths
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output directory (gets train/ val/ test/)")
-    p.add_argument("--num-train", type=int, default=200)
-    p.add_argument("--num-val", type=int, default=40)
-    p.add_argument("--num-test", type=int, default=40)
+    p.add_argument("--out", required=True, help="the dataset root to write (new, empty, or this command's)")
+    p.add_argument("--num-train", type=int, default=2000, help="training scenes per source")
+    p.add_argument("--num-val", type=int, default=200, help="held-out val scenes (ReasonSeg, RefCOCO, VQA)")
+    p.add_argument("--num-test", type=int, default=200, help="held-out test scenes (ReasonSeg, RefCOCO, VQA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sources", default=",".join(SOURCES), help="comma-separated sources to write")
+    p.add_argument(
+        "--reason-seg-dir",
+        default=None,
+        help="ReasonSeg directory inside --out (default OUT/reason_seg/ReasonSeg)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the CPU count)")
     args = p.parse_args(argv)
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     if any(n < 0 for n in counts.values()):
         p.error("split sizes must be >= 0")
-    from tqdm import tqdm
-
-    os.makedirs(args.out, exist_ok=True)
-    write_marker(args.out, args.seed)  # the set is the generator's: `data.make_shapes` may top it up
-    with tqdm(total=sum(counts.values()), desc="shapes", unit="img") as bar:
-        for split, n in counts.items():
-            write_split(args.out, split, n, args.seed, bar)
-    print(f"wrote {counts} to {args.out}")
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    t0 = time.perf_counter()
+    try:
+        plan = write_mix(
+            args.out, counts, args.seed, sources, reason_seg_dir=args.reason_seg_dir, workers=args.workers
+        )
+    except (FileExistsError, ValueError) as e:
+        print(f"make_shapes: {e}", file=sys.stderr)
+        return 2
+    took = time.perf_counter() - t0
+    print(f"wrote {sum(plan.values())} scenes ({', '.join(sources)}; {counts}) to {args.out} in {took:.1f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

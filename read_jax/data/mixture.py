@@ -93,6 +93,21 @@ class Mixture:
         return dict(zip(self.names, counts.tolist()))
 
 
+# The sub-datasets of each source: the defaults of the reference's `--sem_seg_data`, `--refer_seg_data`,
+# `--neg_refer_seg_data` and `--correct_refer_seg_data` (train_read.py:55-74; read_reference.md §6.3).
+SUB_DATASETS: dict[str, tuple[str, ...]] = {
+    "sem_seg": ("ade20k", "cocostuff", "pascal_part", "paco_lvis", "mapillary"),
+    "refer_seg": ("refclef", "refcoco", "refcoco+", "refcocog"),
+    "neg_refer_seg": R.NEG_REFER_SETS,
+    "correct_refer_seg": R.FP_REFER_SETS,
+}
+
+
+def parse_sub_datasets(text: str) -> tuple[str, ...]:
+    """The reference's "a||b||c" flag syntax -> ("a", "b", "c")."""
+    return tuple(p.strip() for p in str(text).split("||") if p.strip())
+
+
 def build_reference_sources(
     root: str,
     names: Sequence[str] = SOURCES,
@@ -100,29 +115,35 @@ def build_reference_sources(
     seed: int = 0,
     reason_seg_dir: str | None = None,
     reason_seg_false_premise: float | None = None,
+    sub_datasets: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, object]:
     """The reference's sources read from a SESAME-style `dataset/` root (read_reference.md §9).
 
     sem_seg = ade20k, cocostuff, pascal_part, paco_lvis, mapillary; refer_seg = refclef, refcoco, refcoco+,
-    refcocog; neg_refer_seg = R-refcoco(+/g); correct_refer_seg = fprefcoco(+/g); vqa = llava_instruct_150k;
-    reason_seg = ReasonSeg|train (or `reason_seg_dir`, e.g. the generated shapes set).
-    `reason_seg_false_premise`: the share of ReasonSeg samples drawn as false-premise corrections (None:
-    SESAME's
-    0.15, `readers.REASON_SEG_MODE_WEIGHTS`).
+    refcocog; neg_refer_seg = R-refcoco(+/g); correct_refer_seg = fprefcoco(+/g) (`SUB_DATASETS`; a source
+    named in `sub_datasets` reads those instead, as the reference's `--sem_seg_data` etc. do: e.g. the
+    generated shapes mix, `make_shapes.SUB_DATASETS`); vqa = llava_instruct_150k; reason_seg = ReasonSeg|train
+    (or `reason_seg_dir`). `reason_seg_false_premise`: the share of ReasonSeg samples drawn as false-premise
+    corrections (None: SESAME's 0.15, `readers.REASON_SEG_MODE_WEIGHTS`).
     """
     if reason_seg_false_premise is not None and not 0.0 <= reason_seg_false_premise <= 1.0:
         raise ValueError(f"reason_seg_false_premise must be in [0, 1], got {reason_seg_false_premise}")
+    subs = {**SUB_DATASETS, **{k: tuple(v) for k, v in (sub_datasets or {}).items()}}
+    unknown = sorted(set(subs) - set(SUB_DATASETS))
+    if unknown:
+        raise ValueError(
+            f"sub_datasets names sources without sub-datasets: {unknown}; known: {sorted(SUB_DATASETS)}"
+        )
+    empty = sorted(k for k in names if k in subs and not subs[k])
+    if empty:
+        raise ValueError(f"sources {empty} are in the mixture but their sub-dataset lists are empty")
     kw = dict(max_convs=max_convs, seed=seed)
     out: dict[str, object] = {}
     for n in names:
         if n == "sem_seg":
-            out[n] = R.sem_seg_group(root, **kw)
-        elif n == "refer_seg":
-            out[n] = R.refer_group(root, ("refclef", "refcoco", "refcoco+", "refcocog"), n, **kw)
-        elif n == "neg_refer_seg":
-            out[n] = R.refer_group(root, R.NEG_REFER_SETS, n, **kw)
-        elif n == "correct_refer_seg":
-            out[n] = R.refer_group(root, R.FP_REFER_SETS, n, **kw)
+            out[n] = R.sem_seg_group(root, subs[n], **kw)
+        elif n in ("refer_seg", "neg_refer_seg", "correct_refer_seg"):
+            out[n] = R.refer_group(root, subs[n], n, **kw)
         elif n == "vqa":
             out[n] = R.VqaReader(
                 os.path.join(root, "llava_dataset", "llava_instruct_150k.json"),

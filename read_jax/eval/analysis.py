@@ -30,10 +30,11 @@ TABLE8_NUM_POINTS = (10, 30, 60)
 
 
 def points_prompt_config(base: SaspConfig, num_points: int | None = None) -> SaspConfig:
-    """Appendix B's points-only setting: SasP "topk" (half highest positive, half lowest negative)."""
+    """Appendix B's points-only setting: SasP "topk" (half highest positive, half lowest negative); SasP on
+    even for a model that runs without it (a converted LISA), the points being the whole prompt."""
     n = base.num_points if num_points is None else num_points
     n += n % 2
-    return dataclasses.replace(base, mode="topk", num_points=n)
+    return dataclasses.replace(base, mode="topk", num_points=n, enabled=True)
 
 
 def threshold_histograms(sim_map: Array, gt: Array, valid: Array) -> tuple[Array, Array]:

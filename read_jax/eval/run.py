@@ -30,6 +30,7 @@ from read_jax.data import loaders
 from read_jax.data import pipeline as Pl
 from read_jax.data.tokenizer import ReadTokenizer
 from read_jax.eval import analysis, dumps, protocols, records
+from read_jax.train.checkpoints import with_run_model
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,8 @@ def run(
     if mesh is None:
         mesh = shd.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
     if model is None:
+        if build.is_run_dir(checkpoint):  # the run's own model and frozen base; data/eval from `config`
+            config = with_run_model(config, checkpoint)
         model = build.load_model(checkpoint, mesh=mesh, run_config=config, which=which)
         tokenizer_dir = build.tokenizer_dir(checkpoint)
     cfg = model.config

@@ -73,12 +73,26 @@ def rel_pos_index(q_size: int, k_size: int) -> np.ndarray:
     return ((qc - kc) + (k_size - 1) * max(q_size / k_size, 1.0)).astype(np.int32)
 
 
+# Queries of one attention call at most: a global block attends in chunks of whole grid rows. Its fp32 logits,
+# relative-position bias and softmax are [N, Q, T] each, 1 GiB apiece on ViT-H's 64 x 64 grid (16 heads,
+# 4096 x 4096) and together most of the 3.1 GiB of temporaries of evaluation's 7B encode on the CPU (issue 16:
+# a 24 GB machine then runs out of memory); 1024 queries at a time is a quarter of it. Every query row is
+# computed as in one call (the softmax is per row): the same numbers, fewer of them live at once.
+QUERY_CHUNK = 1024
+
+
+def _rows_per_chunk(h: int, w: int, limit: int) -> int:
+    """The most whole grid rows (a divisor of h, static) whose r x w queries fit `limit`; at least one."""
+    return max([r for r in range(1, h + 1) if h % r == 0 and r * w <= limit], default=1)
+
+
 # ---- blocks -------------------------------------------------------------------------------------------
 class Attention(nnx.Module):
     """Multi-head self-attention with decomposed relative position bias (MViTv2), `image_encoder.Attention`.
 
     Params: qkv [D, 3D] (+bias), proj [D, D], rel_pos_h [2*Hq - 1, K], rel_pos_w [2*Wq - 1, K] where (Hq, Wq)
-    is the window (windowed blocks) or the token grid (global blocks).
+    is the window (windowed blocks) or the token grid (global blocks). Grids of more than `query_chunk`
+    tokens attend in chunks of whole rows of queries (`QUERY_CHUNK`).
     """
 
     def __init__(self, cfg: SamConfig, input_size: tuple[int, int], *, rngs: nnx.Rngs):
@@ -98,31 +112,52 @@ class Attention(nnx.Module):
             self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, self.head_dim), cfg.weight_dtype))
             self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, self.head_dim), cfg.weight_dtype))
         self.attention_implementation: str | None = None  # `layers.set_attention_implementation`
+        self.query_chunk = QUERY_CHUNK
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: float[B, H, W, D] (B counts windows for windowed blocks) -> float[B, H, W, D]."""
         b, h, w, d = x.shape
         n, k = self.num_heads, self.head_dim
         # Meta's qkv layout: the 3D outputs are (3, N, K) in that order.
-        qkv = self.qkv(x).reshape(b, h * w, 3, n, k)
-        q, key, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, Q, N, K]
-        bias = None
+        qkv = self.qkv(x).reshape(b, h, w, 3, n, k)
+        q, key, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [B, H, W, N, K]
+        key, v = key.reshape(b, h * w, n, k), v.reshape(b, h * w, n, k)
+        rh = rw = None
         if self.use_rel_pos:
             if (h, w) != self.input_size:
                 # Meta would linearly resize the tables here; SAM never needs it at a fixed image size.
                 raise ValueError(f"attention grid {(h, w)} != the rel-pos table size {self.input_size}")
-            rh = self.rel_pos_h[...][rel_pos_index(h, h)]  # [H, H, K]
-            rw = self.rel_pos_w[...][rel_pos_index(w, w)]  # [W, W, K]
-            rq = q.reshape(b, h, w, n, k)  # the *unscaled* query, as in add_decomposed_rel_pos
-            f32 = jnp.float32
-            rel_h = jnp.einsum("bhwnk,hyk->bnhwy", rq, rh.astype(rq.dtype), preferred_element_type=f32)
-            rel_w = jnp.einsum("bhwnk,wxk->bnhwx", rq, rw.astype(rq.dtype), preferred_element_type=f32)
-            # [B, N, Q, T]: the decomposed bias, added to the scaled logits (in fp32 on XLA).
-            bias = (rel_h[:, :, :, :, :, None] + rel_w[:, :, :, :, None, :]).reshape(b, n, h * w, h * w)
-        out = dot_product_attention(
-            q, key, v, bias=bias, scale=self.scale, implementation=self.attention_implementation
-        )  # [B, Q, N, K]
+            rh = self.rel_pos_h[...][rel_pos_index(h, h)].astype(q.dtype)  # [H, H, K]
+            rw = self.rel_pos_w[...][rel_pos_index(w, w)].astype(q.dtype)  # [W, W, K]
+        rows = _rows_per_chunk(h, w, self.query_chunk)
+        if rows == h:
+            out = self._attend(q, key, v, rh, rw)
+        else:  # chunks of `rows` query rows, one after the other (static count h // rows)
+            qs = jnp.moveaxis(q.reshape(b, h // rows, rows, w, n, k), 1, 0)
+            rhs = None if rh is None else rh.reshape(h // rows, rows, h, k)
+            out = jax.lax.map(lambda a: self._attend(a[0], key, v, a[1], rw), (qs, rhs))
+            out = jnp.moveaxis(out, 0, 1)  # [B, H // rows, rows * W, N, K]
         return self.proj(out.reshape(b, h, w, d))
+
+    def _attend(self, q, key, v, rh, rw):
+        """Queries q [B, Hq, W, N, K] (Hq grid rows; rh [Hq, H, K] their rows of the height table) attending
+        to all keys [B, T, N, K] -> [B, Hq * W, N, K]."""
+        b, hq, w, n, k = q.shape
+        bias = None
+        if rh is not None:
+            # Meta's add_decomposed_rel_pos on the *unscaled* query, added to the scaled logits (fp32 on XLA).
+            f32 = jnp.float32
+            rel_h = jnp.einsum("bhwnk,hyk->bnhwy", q, rh, preferred_element_type=f32)  # [B, N, Hq, W, H]
+            rel_w = jnp.einsum("bhwnk,wxk->bnhwx", q, rw, preferred_element_type=f32)  # [B, N, Hq, W, W]
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, hq * w, key.shape[1])
+        return dot_product_attention(
+            q.reshape(b, hq * w, n, k),
+            key,
+            v,
+            bias=bias,
+            scale=self.scale,
+            implementation=self.attention_implementation,
+        )
 
 
 class Block(nnx.Module):

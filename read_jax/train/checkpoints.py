@@ -19,13 +19,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from ml_collections import ConfigDict
 
 from read_jax import checkpoint as ck
 from read_jax import sharding as shd
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.data.loaders import plain
 from read_jax.train import config as run_config
-from read_jax.train.state import ModelSetup, init_params, setup_model
+from read_jax.train.state import ModelSetup, init_params, setup_model, stage_inits
 from read_jax.tree_util import with_shardings
 
 
@@ -137,14 +138,30 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _manifest_digest(path: str) -> str | None:
+    manifest = ck.params_dir(path) / ck.MANIFEST
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+
+
 def base_reference(config, cfg: ReadConfig) -> dict:
     """How to rebuild the frozen base: the converted checkpoint path and its manifest hash, or the scratch
-    seed."""
+    seed; and the SAM stage's export (`init.sam`) the visual_model starts from, when there is one."""
+    base = _base_reference(config, cfg)
+    if sam := config.init.get("sam") or "":
+        base["sam"] = {"path": str(Path(sam).absolute()), "manifest_sha256": _manifest_digest(sam)}
+    if llava := config.init.get("llava") or "":
+        base["llava"] = {"path": str(Path(llava).absolute())}
+    return base
+
+
+def _base_reference(config, cfg: ReadConfig) -> dict:
     path = config.init.get("checkpoint") or ""
     if path:
-        manifest = ck.params_dir(path) / ck.MANIFEST
-        digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
-        return {"kind": "converted", "path": str(Path(path).absolute()), "manifest_sha256": digest}
+        return {
+            "kind": "converted",
+            "path": str(Path(path).absolute()),
+            "manifest_sha256": _manifest_digest(path),
+        }
     # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or
     # where
     # gradients stop.
@@ -222,6 +239,54 @@ def load_into(state_abstract, pure: dict, shardings):
     return jax.tree.map(jax.device_put, st, shardings)
 
 
+def saved_run_config(workdir: str | os.PathLike) -> ConfigDict:
+    """The run config a `train.py --workdir` was trained with, as its latest (else best) checkpoint saved it.
+
+    Raises FileNotFoundError when `workdir` holds no checkpoint.
+    """
+    ckpts = RunCheckpoints(workdir, async_save=False)
+    try:
+        for manager in ("latest", "best"):
+            step = (ckpts.latest if manager == "latest" else ckpts.best).latest_step()
+            if step is not None:
+                saved = ckpts.read_meta(step, manager).get("config")
+                if saved:
+                    return ConfigDict(saved)
+    finally:
+        ckpts.close()
+    raise FileNotFoundError(f"{workdir}: no train.py checkpoint (nothing under checkpoints/ or best/)")
+
+
+def write_run_summary(workdir: str | os.PathLike, summary: dict) -> dict:
+    """Write `workdir/summary.json`; a resumed run (`start_step` > 0) adds this invocation's `wall_s` and
+    `cpu_s` to the totals of the invocations before it (`wall_s_total`, `cpu_s_total`), so a run stopped and
+    resumed, or rerun once finished, still says what it cost in all."""
+    path = Path(workdir) / "summary.json"
+    prev = {}
+    if summary.get("start_step") and path.is_file():
+        try:
+            prev = json.loads(path.read_text())
+        except (OSError, ValueError):
+            prev = {}
+    out = dict(summary)
+    for key in ("wall_s", "cpu_s"):
+        if key in summary:
+            out[f"{key}_total"] = float(prev.get(f"{key}_total", prev.get(key, 0.0))) + float(summary[key])
+    path.write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
+def with_run_model(config, workdir: str | os.PathLike) -> ConfigDict:
+    """`config` with the model, init and trainable dtype of the run in `workdir` (its own frozen base and
+    architecture), keeping `config`'s data, eval and mesh settings: what scoring a run needs."""
+    saved = saved_run_config(workdir)
+    out = ConfigDict(json.loads(config.to_json_best_effort()))
+    out.model, out.init = saved.model, saved.init
+    if "trainable_dtype" in saved.get("train", {}):
+        out.train.trainable_dtype = saved.train.trainable_dtype
+    return out
+
+
 def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mesh=None):
     """The trained model of a run directory: its frozen base (converted or scratch) + its saved trainables.
 
@@ -249,7 +314,7 @@ def load_trained(config, workdir: str | os.PathLike, *, which: str = "best", mes
         trainable_dtype=config.train.get("trainable_dtype") or None,
     )
     base = base_reference(config, cfg)
-    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
+    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy, **stage_inits(config))
     if which == "init":  # the untrained starting point of the run: a baseline
         return nnx.merge(setup.graphdef, tr, fr), {"step": 0, "base": base}
     ckpts = RunCheckpoints(workdir, async_save=False)

@@ -1,12 +1,10 @@
 """The run config: the defaults every `configs/*.py` starts from, their validation, and -> ReadConfig.
 
 A run config is an ml_collections `ConfigDict` with sections `model` (-> `read_config`), `init` (scratch seed,
-converted base `checkpoint`, or another run's `trainables_from`), `data` (`read_jax.data.loaders`), `train`
-(optimizer, schedule, losses, accumulation), `mesh`, `checkpoint`, `eval`, and `progress`. Model sizes are
-named
-by `model.preset` (a `ReadConfig` factory), never repeated in a config file; a key that the defaults do not
-have is
-an error naming it (`validate`).
+converted base `checkpoint`, another run's `trainables_from`, the SAM stage's `sam`), `data`
+(`read_jax.data.loaders`), `train` (optimizer, schedule, losses, accumulation), `mesh`, `checkpoint`, `eval`,
+and `progress`. Model sizes are named by `model.preset` (a `ReadConfig` factory), never repeated in a config
+file; a key that the defaults do not have is an error naming it (`validate`).
 """
 
 from __future__ import annotations
@@ -57,7 +55,9 @@ def default_config() -> ConfigDict:
             "trainable_regexes": READ_TRAINABLE_REGEXES,
         }
     )
-    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": ""})
+    # sam: the SAM stage's export (`python -m read_jax.cli.pretrain_sam`, RUN/sam): the visual_model's start.
+    # llava: the LLaVA stage (a train.py workdir or converted checkpoint): the llava/... leaves' start.
+    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": "", "sam": "", "llava": ""})
     c.data = ConfigDict(
         {
             "root": "dataset",
@@ -74,10 +74,16 @@ def default_config() -> ConfigDict:
             # SAM's resize of images that fit its frame on the device ("auto": accelerators, not a CPU).
             "sam_device_resize": "auto",
             "template": "llava_v1",
-            # The generated shapes set (`read_jax.data.make_shapes`): written to `root` if absent, (train,
-            # val, test).
+            # The sub-datasets of each source, as the reference's flags ("a||b", train_read.py:55-74); the
+            # generated shapes mix writes sem_seg as "mapillary||paco_lvis".
+            "sem_seg_data": "ade20k||cocostuff||pascal_part||paco_lvis||mapillary",
+            "refer_seg_data": "refclef||refcoco||refcoco+||refcocog",
+            "neg_refer_seg_data": "R-refcoco||R-refcoco+||R-refcocog",
+            "correct_refer_seg_data": "fprefcoco||fprefcoco+||fprefcocog",
+            # The generated shapes mix (`read_jax.data.make_shapes`) of the sources in `rates`: written to
+            # `root` if absent, (train scenes per source, val, test).
             "make_shapes": False,
-            "num_shapes": (200, 40, 40),
+            "num_shapes": (2000, 200, 200),
             # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
             "reason_seg_false_premise": -1.0,
             # The reference's template lists (path to READ's `dataloaders/qa_template.py`, read as data) for
@@ -101,8 +107,6 @@ def default_config() -> ConfigDict:
             "ce_weight": 1.0,
             "bce_weight": 2.0,
             "dice_weight": 0.5,
-            # Not READ's: a similarity-map loss for from-scratch models (`losses.similarity_loss`); 0 = off.
-            "sim_weight": 0.0,
             # > 0: the text CE on at most this many supervised positions per micro-batch (no full logits).
             "ce_max_tokens": 0,
             # Dropout while training (LoRA's is the only dropout of the model); False: deterministic steps.
@@ -202,7 +206,6 @@ def loss_weights(train_cfg) -> LossWeights:
         ce=float(train_cfg.ce_weight),
         bce=float(train_cfg.bce_weight),
         dice=float(train_cfg.dice_weight),
-        sim=float(train_cfg.get("sim_weight", 0.0)),
     )
 
 

@@ -28,14 +28,16 @@ from read_jax import sharding as shd
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.data import loaders
 from read_jax.train import config as run_config
-from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable
+from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable, write_run_summary
 from read_jax.train.state import (
+    check_llava_stage,
     fast_compile_options,
     init_params,
     make_optimizer,
     opt_state_shardings,
     schedule_of,
     setup_model,
+    stage_inits,
 )
 from read_jax.train.step import (
     compile_step,
@@ -229,6 +231,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     tc = config.train
     accum = int(tc.grad_accum)
     cfg = run_config.read_config(config.model)
+    if sam := config.init.get("sam") or "":  # a missing or mismatched SAM stage fails now, not after init
+        from read_jax.pretrain.sam_export import check_sam_config, read_stage_config
+
+        check_sam_config(sam, read_stage_config(sam)["sam"], cfg.sam)
+    if llava := config.init.get("llava") or "":  # so does a missing LLaVA stage
+        check_llava_stage(llava)
     total_steps = run_config.total_steps(tc)
     progress = bool(config.get("progress", True)) and jax.process_index() == 0
     # A workdir of another config is refused now (its saved config names the difference), not by orbax
@@ -283,7 +291,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     # ------------------------------
     # The data state is restored with the run, before the first batch is drawn.
     meta = {"base": base, "config": json.loads(config.to_json_best_effort())}
-    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy)
+    tr, fr = init_params(setup, config.init.get("checkpoint") or None, strategy, **stage_inits(config))
     skipped_base = 0  # unusable training items skipped before this process started (from the checkpoint)
     if start is not None:
         tr, opt_state, saved = ckpts.restore_run(start, setup, opt_abs, opt_sh, train_it)
@@ -305,7 +313,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     options = fast_compile_options() if tc.get("fast_compile") else None
     compiled, compile_stats = {}, {}
     with shd.use_mesh(mesh):
-        for length, spec in specs.items():
+        for length, spec in specs.items() if start < total_steps else ():  # nothing to run: no compile
             args = step_arguments(setup, opt_abs, opt_sh, spec, batch_sh)
             compiled[length], compile_stats[length] = compile_step(jitted, args, compiler_options=options)
             log.info("compiled the train step for L=%d: %s", length, compile_stats[length])
@@ -427,5 +435,5 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         cpu_s=time.process_time() - cpu_start,
     )
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        summary = write_run_summary(workdir, summary)
     return summary

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -133,7 +134,14 @@ def fast_compile_options() -> dict:
     return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=shd.DEFAULT_STRATEGY):
+def init_params(
+    setup: ModelSetup,
+    base_checkpoint: str | None = None,
+    strategy=shd.DEFAULT_STRATEGY,
+    *,
+    sam_checkpoint: str | None = None,
+    llava_checkpoint: str | None = None,
+):
     """(trainable, frozen) states, sharded, from scratch or from a converted checkpoint.
 
     From scratch the whole model is initialised under one jit whose outputs are already sharded (the 7B model
@@ -141,7 +149,106 @@ def init_params(setup: ModelSetup, base_checkpoint: str | None = None, strategy=
     never materialised on one device). From `base_checkpoint` (a `convert_weights.py` output) every leaf is
     read
     straight into its sharding by `read_jax.build.load_model`; LoRA factors keep their init (B = 0).
+    `sam_checkpoint` (the SAM stage's export, `init.sam`) then replaces every `visual_model/...` leaf, and
+    `llava_checkpoint` (the LLaVA stage, `init.llava`: a train.py workdir or a converted checkpoint) every
+    `llava/...` leaf (CLIP, projector, LLaMA).
     """
+    tr, fr = _init_params(setup, base_checkpoint, strategy)
+    if sam_checkpoint:
+        tr, fr = with_sam_stage(setup, tr, fr, sam_checkpoint)
+    if llava_checkpoint:
+        tr, fr = with_llava_stage(setup, tr, fr, llava_checkpoint)
+    return tr, fr
+
+
+def stage_inits(config) -> dict:
+    """The keyword arguments of `init_params` for the earlier stages a run config starts from."""
+    return {
+        "sam_checkpoint": config.init.get("sam") or None,
+        "llava_checkpoint": config.init.get("llava") or None,
+    }
+
+
+LLAVA_PREFIX = "llava/"
+
+
+def check_llava_stage(path: str) -> None:
+    """FileNotFoundError, naming the command that makes it, unless `path` holds a LLaVA stage (a train.py
+    workdir with checkpoints, or a converted checkpoint)."""
+    p = Path(path)
+    if not ((p / "checkpoints").is_dir() or (p / "config.json").is_file()):
+        what = (
+            "no such directory" if not p.is_dir() else "no checkpoints/ (nor a converted config.json) in it"
+        )
+        raise FileNotFoundError(
+            f"init.llava={path}: {what}; it is the LLaVA stage's workdir, made by "
+            "`python train.py --config configs/tiny.py:llava --workdir DIR` (scripts/pretrain_tiny.sh)"
+        )
+
+
+def with_llava_stage(setup: ModelSetup, tr, fr, path: str):
+    """(trainable, frozen) with their `llava/...` leaves (CLIP, projector, LLaMA) taken from the model at
+    `path` (the LLaVA stage's train.py workdir on the config it saved, or a converted checkpoint), cast to
+    each state's dtype and placed in its sharding. Errors name a missing stage or a leaf that does not fit."""
+    from read_jax.build import load_model
+
+    check_llava_stage(path)
+    src = {
+        path_str(p): v.get_value()
+        for p, v in nnx.to_flat_state(nnx.state(load_model(path)))
+        if path_str(p).startswith(LLAVA_PREFIX)
+    }
+    out = []
+    for state, shardings in ((tr, setup.trainable_shardings), (fr, setup.frozen_shardings)):
+        sh = {
+            path_str(p): v.get_value() if isinstance(v, nnx.Variable) else v
+            for p, v in nnx.to_flat_state(shardings)
+        }
+        flat = []
+        for p, v in nnx.to_flat_state(state):
+            key = path_str(p)
+            if key.startswith(LLAVA_PREFIX) and "/lora_" not in key:
+                if key not in src or src[key].shape != v.get_value().shape:
+                    got = "missing" if key not in src else f"shape {src[key].shape}"
+                    raise ValueError(
+                        f"init.llava={path}: {key} is {got} there, {v.get_value().shape} here: the LLaVA "
+                        "stage was trained with other model sizes"
+                    )
+                v = v.replace(jax.device_put(src[key].astype(v.get_value().dtype), sh[key]))
+            flat.append((p, v))
+        out.append(nnx.from_flat_state(flat))
+    return tuple(out)
+
+
+def with_sam_stage(setup: ModelSetup, tr, fr, path: str):
+    """(trainable, frozen) with their `visual_model/...` leaves read from a SAM-stage export, each straight
+    into its sharding (in the dtype of the state it belongs to). Errors name a missing or mismatched
+    export."""
+    from read_jax.pretrain.sam_export import PREFIX, restore_visual_model
+
+    flats = [list(nnx.to_flat_state(s)) for s in (tr, fr)]
+    shardings = [
+        {path_str(p): v.get_value() if isinstance(v, nnx.Variable) else v for p, v in nnx.to_flat_state(sh)}
+        for sh in (setup.trainable_shardings, setup.frozen_shardings)
+    ]
+    targets, target_sh = {}, {}
+    for flat, sh in zip(flats, shardings):
+        for p, v in flat:
+            key = path_str(p)
+            if key.startswith(PREFIX):
+                x = v.get_value()
+                targets[key] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+                target_sh[key] = sh[key]
+    values = restore_visual_model(path, setup.cfg.sam, targets, target_sh)
+    return tuple(
+        nnx.from_flat_state(
+            [(p, v.replace(values[k]) if (k := path_str(p)) in values else v) for p, v in flat]
+        )
+        for flat in flats
+    )
+
+
+def _init_params(setup: ModelSetup, base_checkpoint: str | None, strategy):
     filt = trainable_filter(setup.cfg.trainable_regexes)
     leaves = jax.tree.leaves(setup.trainable_abstract)
     tr_dtype = leaves[0].dtype if leaves else jnp.float32

@@ -78,6 +78,7 @@ def micro_loss(trainable, frozen, graphdef, batch: dict, key: Array, sc: StepCon
         canvas_hw=sc.canvas_hw,
         logits=sc.logits,
         max_supervised=sc.ce_max_tokens,
+        compute_masks=sc.weights.masks,
         deterministic=not sc.dropout,
         rngs=nnx.Rngs(dropout=key) if sc.dropout else None,
     )

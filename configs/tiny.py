@@ -1,0 +1,154 @@
+"""READ's workflow in miniature on the generated shapes world: the stages of a tiny SESAME release and READ's
+fine-tune of it (the main job; `scripts/pretrain_tiny.sh` runs the chain, `scripts/quickstart.sh` the last
+stage from the shipped release).
+
+    python train.py --config configs/tiny.py:llava  --workdir runs/tiny/llava      # LLaVA stage
+    python -m read_jax.cli.pretrain_sam ...                                        # SAM stage (own config)
+    python train.py --config configs/tiny.py:sesame --workdir runs/tiny/sesame     # SESAME stage
+    python train.py --config configs/tiny.py:read   --workdir runs/read \\
+        --config.init.checkpoint=ckpt/tiny-sesame                                   # READ (the quickstart)
+
+Append ",smoke" to any stage (e.g. `configs/tiny.py:read,smoke`) for its seconds-sized variant (tests, CI).
+
+The real READ never learns grounding from nothing: READ-7B continues SESAME, which starts from LLaVA-1.5
+(CLIP + Vicuna aligned on captions and instructions) and SAM (trained on point and box prompts). The chain:
+
+  * llava:  CLIP + projector + LLaMA from random weights on the shapes world's LLaVA-Instruct conversations
+            (colours, counts, positions, sizes, corners, relations), text loss only, everything trainable
+            (there is no pretrained CLIP here). SAM is not in the forward.
+  * sam:    SAM's encoder, prompt encoder and mask decoder on point and box prompts sampled from the scenes'
+            masks (`read_jax.cli.pretrain_sam`, `configs/pretrain_sam.py`).
+  * sesame: the [SEG] model with SasP off (LISA/SESAME's prompt: the [SEG] embedding alone) on SESAME's mix
+            (sem_seg, refer_seg, correct_refer_seg, vqa, neg_refer_seg, reason_seg = 10:10:2:3:1:1) with
+            false premises, CE + 2 BCE + 0.5 Dice; the LLaMA, text_hidden_fcs and the mask decoder train, the
+            towers are frozen. Exported with `convert_weights.py --export` as the tiny SESAME release.
+  * read:   READ's recipe on that release: LoRA r=8 on q/v, embed_tokens/lm_head/mask decoder/fcs trainable,
+            towers frozen, CE + 2 BCE + 0.5 Dice, SasP on with READ-7B's thresholds and point count, READ's
+            ReasonSeg mix 10:1:1:1:1:10.
+
+Sizes (`ReadConfig.shapes()`): a 128-wide LLaMA (LLaMA's 32,003-token vocabulary, so the release is
+READ-shaped), CLIP on a 112-pixel crop (8 x 8 = 64 image tokens), SAM on a 128 frame (16 x 16 embedding).
+One deliberate difference from READ-7B's SasP: the map is not downsampled (READ-7B takes 12 x 12 of its
+24 x 24 grid), since 8 x 8 is already coarser than READ's 12 x 12; thresholds 0.8 / 0.2 and 30 points are
+READ-7B's.
+"""
+
+import os
+
+from read_jax.train.config import default_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "tests", "assets", "tokenizer")
+STAGES = ("llava", "sesame", "read")
+
+LLAVA_TRAINABLE = (
+    r"llava/language_model/.*",  # embed_tokens, decoder layers, norm, lm_head
+    r"llava/mm_projector/.*",
+    r"llava/vision_tower/.*",
+)
+SESAME_TRAINABLE = (
+    r"llava/language_model/.*",
+    r"text_hidden_fcs/.*",
+    r"visual_model/mask_decoder/.*",
+)
+SESAME_RATES = "read_13b_stage1"  # SESAME's default mix 10:10:2:3:1:1 (read_reference.md §6.3)
+
+
+def get_config(arg: str | None = None):
+    stage, _, variant = (arg or "").partition(",")
+    if stage not in STAGES or variant not in ("", "smoke"):
+        raise ValueError(f"configs/tiny.py: use one of {STAGES}, optionally with ',smoke'; got {arg!r}")
+    c = default_config()
+    _common(c)
+    {"llava": _llava, "sesame": _sesame, "read": _read}[stage](c)
+    if variant == "smoke":
+        _smoke(c)
+    return c
+
+
+def _common(c) -> None:
+    c.model.preset = "shapes"
+    c.model.dtype = "float32"
+    c.model.remat = False
+    c.model.max_segs = 1
+    c.model.sasp = {"grid_size": 8, "num_points": 30, "t_pos": 0.8, "t_neg": 0.2}
+
+    c.data.root = "data/shapes"
+    c.data.reason_seg_dir = "{root}/reason_seg/ReasonSeg"
+    c.data.make_shapes = True  # write the shapes mix into data.root if it is not there yet
+    c.data.num_shapes = (2000, 200, 200)  # train scenes per source, val, test
+    c.data.sem_seg_data = "mapillary||paco_lvis"
+    c.data.tokenizer = TOKENIZER
+    c.data.batch_size = 16
+    c.data.max_convs = 1
+    c.data.length_buckets = (128, 192)
+    c.data.max_mask_side = 448
+
+    c.train.grad_accum = 1  # READ accumulates 10 micro-batches; here one batch of 16 images is a step
+    c.train.ce_max_tokens = 512  # the CE on the supervised positions only: no [R, E, 32003] logits
+    c.train.dropout = False
+    c.train.log_every = 25
+    c.train.mask_side = 224
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.checkpoint.keep = 1
+    c.eval.batch_size = 8
+
+
+def _llava(c) -> None:
+    c.model.lora = None
+    c.model.freeze_vision_towers = False
+    c.model.trainable_regexes = LLAVA_TRAINABLE
+    c.data.rates = "vqa:1"
+    c.data.max_convs = 1
+    c.train.bce_weight = 0.0
+    c.train.dice_weight = 0.0
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 100
+    c.train.epochs = 1
+    c.train.steps_per_epoch = 1500
+    c.eval.every_epochs = 0  # no ReasonSeg validation: `python -m read_jax.eval.vqa` scores this stage
+    c.checkpoint.every_steps = 300
+    c.checkpoint.best_metric = ""
+
+
+def _sesame(c) -> None:
+    c.model.lora = None
+    c.model.trainable_regexes = SESAME_TRAINABLE
+    c.model.sasp = {"enabled": False, "grid_size": 8, "num_points": 30}
+    c.data.rates = SESAME_RATES
+    c.data.max_convs = 3
+    c.train.lr = 5e-4
+    c.train.warmup_steps = 100
+    c.train.epochs = 3
+    c.train.steps_per_epoch = 500
+    c.checkpoint.every_steps = 250
+
+
+def _read(c) -> None:
+    c.model.lora = {"r": 8, "alpha": 16.0, "dropout": 0.05}
+    c.data.rates = "read_7b"
+    c.data.max_convs = 3
+    c.train.lr = 3e-4
+    c.train.warmup_steps = 30
+    c.train.epochs = 1
+    c.train.steps_per_epoch = 300  # the quickstart's budget: 15 minutes on 2 cores, install included
+    c.train.dropout = True
+    c.checkpoint.every_steps = 100
+
+
+def _smoke(c) -> None:
+    """Every size at its minimum (`ReadConfig.smoke()`), a few steps, a tiny mix."""
+    c.model.preset = "smoke"
+    c.model.sasp = {**dict(c.model.sasp), "grid_size": 2, "num_points": 4}
+    c.data.batch_size = 4
+    c.data.num_shapes = (8, 4, 4)
+    c.data.length_buckets = (192,)
+    c.train.epochs = 1
+    c.train.steps_per_epoch = 3
+    c.train.warmup_steps = 1
+    c.train.mask_side = 0
+    c.train.log_every = 1
+    c.train.fast_compile = True
+    c.checkpoint.every_steps = 0
+    c.eval.max_batches = 1

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The tiny pretraining chain that makes the shipped tiny SESAME release (assets/tiny-sesame), READ's own
+# starting point in miniature: LLaVA stage (CLIP + projector + LLaMA on the shapes world's conversations) ->
+# SAM stage (SAM on point and box prompts) -> SESAME stage (the [SEG] model, SasP off, on SESAME's mix) ->
+# export in a SESAME release's layout. Each stage resumes from its own checkpoints when rerun, and a stage
+# whose predecessor is missing stops with a message naming the command that makes it.
+#
+#   bash scripts/pretrain_tiny.sh                 # everything, CPU (see README for the wall time)
+#   OUT=runs/tiny SEED=0 bash scripts/pretrain_tiny.sh
+#   README=README.md bash scripts/pretrain_tiny.sh  # also rewrite README's release block with the figures
+#   SMOKE=1 bash scripts/pretrain_tiny.sh         # the same chain at smoke size (seconds per stage; tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/tiny}
+DATA=${DATA:-data/shapes}
+RELEASE=${RELEASE:-assets/tiny-sesame}
+SEED=${SEED:-0}
+SMOKE=${SMOKE:-}
+README=${README:-}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+v=""; sam_cfg=configs/pretrain_sam.py
+if [ -n "$SMOKE" ]; then v=",smoke"; sam_cfg=configs/pretrain_sam.py:smoke; fi
+common=(--config.data.root="$DATA" --config.init.seed="$SEED")
+
+echo "== LLaVA stage -> $OUT/llava"
+"$PY" train.py --config "configs/tiny.py:llava$v" --workdir "$OUT/llava" "${common[@]}"
+"$PY" -m read_jax.cli.vqa_eval --checkpoint "$OUT/llava" --split val --out "$OUT/llava/vqa_val.json"
+
+echo "== SAM stage -> $OUT/sam"
+"$PY" -m read_jax.cli.pretrain_sam --config "$sam_cfg" --workdir "$OUT/sam"
+
+echo "== SESAME stage -> $OUT/sesame"
+"$PY" train.py --config "configs/tiny.py:sesame$v" --workdir "$OUT/sesame" "${common[@]}" \
+  --config.init.llava="$OUT/llava" --config.init.sam="$OUT/sam/sam"
+"$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/sesame" --split reasonseg_test \
+  --config.data.root="$DATA" --out "$OUT/sesame/eval_test"
+
+echo "== export -> $RELEASE, converted back and evaluated (the bf16-rounded weights a user gets)"
+base=shapes
+if [ -n "$SMOKE" ]; then base=smoke; fi
+"$PY" convert_weights.py --export "$OUT/sesame" --out "$RELEASE" --dtype bf16 --overwrite
+"$PY" convert_weights.py --hf "$RELEASE" --clip "$RELEASE/vision_tower" --base "$base" --dtype fp32 \
+  --out "$OUT/release_converted" --overwrite --no-progress
+"$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/release_converted" \
+  --split reasonseg_test --config.data.root="$DATA" --out "$OUT/release_eval"
+"$PY" scripts/release_card.py --release "$RELEASE" --chain "$OUT" --converted-eval "$OUT/release_eval" \
+  --seed "$SEED" --seconds "$SECONDS" ${README:+--readme "$README"}
+echo "pretrain_tiny: done in ${SECONDS}s; release in $RELEASE"

@@ -1,0 +1,155 @@
+"""The tiny SESAME release's card (README.md) and SHA256SUMS, from the figures the chain's commands wrote.
+
+    python scripts/release_card.py --release assets/tiny-sesame --chain runs/tiny --seed 0 --seconds 4321 \\
+        --converted-eval runs/tiny/release_eval
+
+`scripts/pretrain_tiny.sh` runs it last. The figures come from the stages' own outputs: the LLaVA stage's VQA
+probe (`llava/vqa_val.json`), the SAM stage's held-out mIoU (`sam/eval.json`), the SESAME stage's ReasonSeg
+test evaluation (`sesame/eval_test/summary.json`) and the same evaluation of the release converted back
+(`--converted-eval`: bf16-rounded weights). SHA256SUMS lists every file of the release (the card included),
+which `scripts/quickstart.sh` checks before it converts anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+SUMS = "SHA256SUMS"
+README_MARKS = ("<!-- release:begin -->", "<!-- release:end -->")
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"release_card: {path} is missing (run scripts/pretrain_tiny.sh to make it)")
+    return json.loads(path.read_text())
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _kinds(summary: dict) -> str:
+    per = summary.get("by_query_kind", {})
+    return ", ".join(f"{k} {v['gIoU']:.3f}" for k, v in sorted(per.items()))
+
+
+def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path) -> str:
+    vqa = _load(chain / "llava" / "vqa_val.json")
+    sam = _load(chain / "sam" / "eval.json")
+    ses = _load(chain / "sesame" / "eval_test" / "summary.json")
+    conv = _load(converted / "summary.json")
+    per_kind = ", ".join(f"{k} {v['exact']:.3f}" for k, v in sorted(vqa["per_kind"].items()))
+    files = sorted(
+        str(p.relative_to(release)) for p in release.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+    files = [f for f in files if f != SUMS]
+    listing = "\n".join(f"- `{f}`" for f in files if f != "README.md")
+    rows = [
+        ("stage", "what it trains", "held-out figure"),
+        ("---", "---", "---"),
+        (
+            "LLaVA (`configs/tiny.py:llava`)",
+            "CLIP + projector + LLaMA on the scenes' conversations, text loss",
+            f"VQA exact match {vqa['exact']:.3f} on {vqa['num_questions']} val questions ({per_kind})",
+        ),
+        (
+            "SAM (`configs/pretrain_sam.py`)",
+            "SAM's encoder, prompt encoder and mask decoder on point and box prompts",
+            f"mIoU from one point {sam['mIoU_point']:.3f}, the box {sam['mIoU_box']:.3f}, SasP-like points "
+            f"{sam['mIoU_sasp']:.3f} ({sam['num_instances']} instances)",
+        ),
+        (
+            "SESAME (`configs/tiny.py:sesame`)",
+            "the [SEG] model, SasP off, on SESAME's mix with false premises",
+            f"ReasonSeg test gIoU {ses['gIoU']:.3f} cIoU {ses['cIoU']:.3f} ({_kinds(ses)})",
+        ),
+        (
+            "this release, converted back",
+            "the SESAME weights rounded to bf16",
+            f"ReasonSeg test gIoU {conv['gIoU']:.3f} cIoU {conv['cIoU']:.3f}",
+        ),
+    ]
+    table = "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return f"""# tiny SESAME (read_jax)
+
+A SESAME-style release in miniature: READ's starting point (READ-7B fine-tunes the released SESAME model)
+rebuilt on read_jax's generated shapes world, so that `scripts/quickstart.sh` can do what a READ user does:
+convert a release, fine-tune it with READ's recipe, evaluate it with READ's protocol.
+
+Made by `bash scripts/pretrain_tiny.sh` (seed {seed}, commit {_commit()}) in {seconds:.0f} s on CPU, from
+random weights: every figure below is read from the stage's own output files by `scripts/release_card.py`.
+
+{table}
+
+Layout: a SESAME release's (`SESAMEForCausalLM`, read_reference.md §10): `config.json`, the tokenizer files
+with `added_tokens.json` ([SEG] 32000, <im_start> 32001, <im_end> 32002), bf16 safetensors under the
+released key names, plus the CLIP directory the real releases leave out (`vision_tower/`). Sizes: read_jax's
+`shapes` preset (a 128-wide 2-layer LLaMA with LLaMA's 32,003-token vocabulary, CLIP on a 112-pixel crop,
+SAM on a 128 frame). {_size(release) / 2**20:.1f} MiB in all.
+
+{listing}
+
+Use it as SESAME's release is used:
+
+    python convert_weights.py --hf {release} --clip {release}/vision_tower --base shapes \\
+        --dtype fp32 --out ckpt/tiny-sesame
+    python train.py --config configs/tiny.py:read --workdir runs/read \\
+        --config.init.checkpoint=ckpt/tiny-sesame
+"""
+
+
+def readme_block(release: Path, chain: Path, seconds: float) -> str:
+    """The README's figures of the chain: the card's stage table, the size and the wall time."""
+    text = (release / "README.md").read_text()
+    table = text[text.index("| stage |") :].split("\n\n", 1)[0]
+    return (
+        f"{table}\n\n`bash scripts/pretrain_tiny.sh`: {seconds:.0f} s wall on this machine; the release "
+        f"(`{release}`) is {_size(release) / 2**20:.1f} MiB."
+    )
+
+
+def write_sums(release: Path) -> None:
+    lines = []
+    for p in sorted(release.rglob("*")):
+        if p.is_file() and p.name != SUMS:
+            lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(release)}")
+    (release / SUMS).write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--release", required=True, type=Path)
+    p.add_argument(
+        "--chain", required=True, type=Path, help="the chain's OUT directory (llava/, sam/, sesame/)"
+    )
+    p.add_argument("--converted-eval", required=True, type=Path, help="evaluate.py --out of the release")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seconds", type=float, required=True, help="the chain's wall time")
+    p.add_argument("--readme", type=Path, help="also replace this README's release block with the figures")
+    a = p.parse_args()
+    (a.release / "README.md").write_text(card(a.release, a.chain, a.seed, a.seconds, a.converted_eval))
+    write_sums(a.release)
+    if a.readme:
+        from read_jax.eval.compare import replace_block
+
+        block = readme_block(a.release, a.chain, a.seconds)
+        a.readme.write_text(replace_block(a.readme.read_text(), block, *README_MARKS))
+    print(f"release_card: {a.release}/README.md and {SUMS} ({_size(a.release) / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
