@@ -6,7 +6,7 @@
 Sets DEVICES fake CPU devices, joins the other processes through `read_jax.sharding.initialize_distributed`
 (gloo CPU collectives, coordinator on localhost:PORT; `collectives` with a 20 s heartbeat, so that a dead
 peer is noticed in seconds, `train` with JAX's default 100 s: a loaded machine can starve a process's
-heartbeat thread for many seconds), then trains `configs/tiny_shapes.py:smoke` with the given overrides
+heartbeat thread for many seconds), then trains `configs/tiny.py:read,smoke` with the given overrides
 through `read_jax.train.train_and_evaluate`, and afterwards restores the trainables of the checkpoint both
 processes wrote (every process reads its shards). What this process saw goes to WORKDIR (one file per
 process, see `recorders`). `collectives` only joins the processes and gathers a counter in a loop.
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "tiny_shapes.py") + ":smoke"
+CONFIG = str(ROOT / "configs" / "tiny.py") + ":read,smoke"  # READ's recipe (LoRA, SasP), smoke-sized
 
 
 def recorders(workdir, pid: int):

@@ -1,7 +1,7 @@
 """Multi-host training for real: two processes on localhost (`jax.distributed.initialize`, gloo CPU
 collectives), 4 fake devices each, against a single-process 8-device run of the same global batches.
 
-Each process is `tests/multihost_worker.py` training `configs/tiny_shapes.py:smoke` through
+Each process is `tests/multihost_worker.py` training `configs/tiny.py:read,smoke` on ReasonSeg through
 `read_jax.train.train_and_evaluate` (the pod recipe in miniature: one process per host, each feeding its own
 devices from its own grain shard, FSDP over all 8 devices so every large parameter is split across the two
 hosts, both writing one orbax checkpoint), then restoring that checkpoint. The single-process run is the same
@@ -87,8 +87,8 @@ def _val(workdir) -> dict:
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     data = base / "shapes"
-    for split, n in (("train", 16), ("val", 8)):
-        make_shapes.write_split(str(data), split, n, seed=3)
+    for split, n in (("train", 16), ("val", 8)):  # ReasonSeg only, where the config's reason_seg_dir is
+        make_shapes.write_split(str(data / "reason_seg" / "ReasonSeg"), split, n, seed=3)
     e = dict(os.environ)
     e.update(  # the workers' own compilation cache (see tests/multihost_worker.py): every program in it
         JAX_COMPILATION_CACHE_DIR=str(base / "xla_cache"),
@@ -100,6 +100,11 @@ def env(tmp_path_factory):
     overrides = [
         f"--config.data.root={data}",
         "--config.data.make_shapes=False",
+        "--config.data.rates=reason_seg:1",
+        "--config.data.reason_seg_false_premise=0",  # as test_reliability_train's runs
+        # No LoRA dropout: its masks follow a row's place in the global batch, and the two hosts' batch is
+        # the single-process batch in another order (host 0's examples, then host 1's).
+        "--config.train.dropout=False",
         f"--config.train.total_steps={STEPS}",
         "--config.train.steps_per_epoch=100",  # no epoch boundary before the last step
         "--config.progress=False",
@@ -111,8 +116,7 @@ def env(tmp_path_factory):
 
 def _single_process_run(env, workdir):
     """The same run in this process, recorded as process 0: the whole global batch of 8 images, pure data
-    parallel over 8 devices (the config's default mesh; the train step is the one test_reliability_train
-    compiles, so a full test run finds it in conftest's compilation cache)."""
+    parallel over 8 devices (the config's default mesh)."""
     from read_jax.cli import common
     from read_jax.train import loop
     from tests.multihost_worker import CONFIG, recorders, trained_params
@@ -153,9 +157,10 @@ def test_multihost_every_step_matches_the_single_process_run(runs):
     assert two0 == two1  # both processes fetched the same replicated metrics, bit for bit
     for step, (a, b) in enumerate(zip(two0, one, strict=True)):
         assert a.keys() == b.keys()
-        for key in ("loss", "ce", "bce", "dice", "sim", "l2_grads", "l2_params", "l2_updates"):
+        for key in ("loss", "ce", "bce", "dice", "l2_grads", "l2_params", "l2_updates"):
             np.testing.assert_allclose(a[key], b[key], rtol=2e-6, atol=1e-7, err_msg=f"step {step} {key}")
-        assert a["num_masks"] == b["num_masks"] == 8 and a["finite"] == 1
+        assert a["num_masks"] == b["num_masks"] > 0 and a["num_tokens"] == b["num_tokens"] > 0
+        assert a["finite"] == 1
     assert two0[-1]["l2_updates"] > 0  # the parameters moved
 
 
