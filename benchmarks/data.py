@@ -98,7 +98,8 @@ MODES = ("before", "after, host resize", "after")
 
 def dataset(mixture, cfg: P.DataConfig, sam: SamConfig, mode: str):
     """`pipeline.train_dataset`'s graph, with the processor and collate of `mode`."""
-    if mode == "before":
+    if mode == "before":  # SAM's resize on the host: the processor and the collate agree on it
+        cfg = dataclasses.replace(cfg, sam_device_resize=False)
         proc, collate = HostNormalisingProcessor(cfg, sam, TOKENIZER), FloatCollate(cfg, sam)
     else:
         cfg = dataclasses.replace(cfg, sam_device_resize=mode == "after")
