@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import io
 import os
 import statistics
 import tempfile
 import time
+from multiprocessing import shared_memory
 
 import grain
 import numpy as np
@@ -57,6 +59,7 @@ from read_jax.data import preprocess as pp
 from read_jax.data import readers as R
 from read_jax.sam.transforms import resize_longest_side
 
+SHM, SHM_PREFIX = "/dev/shm", "psm_"  # where Python's SharedMemory segments live on Linux, and their names
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "assets", "tokenizer")
 
 
@@ -114,6 +117,7 @@ def measure(mixture, cfg, sam, mode: str, warmup: int, batches: int) -> tuple[fl
     """(examples/s in the steady state, seconds of start-up + warm-up) of one fresh iterator. The warm-up
     drains the batches the workers prefetched while starting (`warmup` > workers x their buffer), so the timed
     batches are produced while they are timed."""
+    shm_before = _shm_segments()
     it = iter(dataset(mixture, cfg, sam, mode))
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -124,7 +128,27 @@ def measure(mixture, cfg, sam, mode: str, warmup: int, batches: int) -> tuple[fl
         n += int(next(it)["image_valid"].sum())
     t2 = time.perf_counter()
     it.close()
+    _unlink_orphans(shm_before)
     return n / (t2 - t1), t1 - t0
+
+
+def _shm_segments() -> set[str]:
+    return set(os.listdir(SHM)) if os.path.isdir(SHM) else set()
+
+
+def _unlink_orphans(before: set[str]) -> None:
+    """Unlink the shared-memory batches the workers had prefetched when the iterator closed: nobody will
+    receive them (an endless training iterator closed early), and left alone they stay in /dev/shm until
+    exit, where the resource tracker reports them as leaked. Runs after close, with no batch held."""
+    gc.collect()
+    for name in _shm_segments() - before:
+        if name.startswith(SHM_PREFIX):
+            try:
+                shm = shared_memory.SharedMemory(name=name)
+            except FileNotFoundError:  # unlinked meanwhile by its consumer
+                continue
+            shm.close()
+            shm.unlink()  # also unregisters it from the resource tracker
 
 
 # ---- per-example host cost by image size ---------------------------------------------------------------
