@@ -25,7 +25,7 @@ common=(--config.data.root="$DATA" --config.init.seed="$SEED")
 
 echo "== LLaVA stage -> $OUT/llava"
 "$PY" train.py --config "configs/tiny.py:llava$v" --workdir "$OUT/llava" "${common[@]}"
-"$PY" -m read_jax.cli.vqa_eval --checkpoint "$OUT/llava" --split val --out "$OUT/llava/vqa_val.json"
+"$PY" -m read_jax.cli.vqa_eval --checkpoint "$OUT/llava" --split val --image-control --out "$OUT/llava/vqa_val.json"
 
 echo "== SAM stage -> $OUT/sam"
 "$PY" -m read_jax.cli.pretrain_sam --config "$sam_cfg" --workdir "$OUT/sam"

@@ -52,7 +52,18 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path)
     sam = _load(chain / "sam" / "eval.json")
     ses = _load(chain / "sesame" / "eval_test" / "summary.json")
     conv = _load(converted / "summary.json")
-    per_kind = ", ".join(f"{k} {v['exact']:.3f}" for k, v in sorted(vqa["per_kind"].items()))
+    other = vqa.get("other_image")  # `vqa_eval --image-control`: each question asked about another image
+    per_kind = ", ".join(
+        f"{k} {v['exact']:.3f}" + (f" / {other['per_kind'][k]['exact']:.3f}" if other else "")
+        for k, v in sorted(vqa["per_kind"].items())
+    )
+    vqa_figure = f"VQA exact match {vqa['exact']:.3f} on {vqa['num_questions']} val questions ({per_kind})"
+    if other:
+        vqa_figure = (
+            f"VQA exact match {vqa['exact']:.3f} on {vqa['num_questions']} val questions, "
+            f"{other['exact']:.3f} when each is asked about another scene's image (per kind, own / another "
+            f"image: {per_kind})"
+        )
     files = sorted(
         str(p.relative_to(release)) for p in release.rglob("*") if p.is_file() and not p.name.startswith(".")
     )
@@ -64,7 +75,7 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path)
         (
             "LLaVA (`configs/tiny.py:llava`)",
             "CLIP + projector + LLaMA on the scenes' conversations, text loss",
-            f"VQA exact match {vqa['exact']:.3f} on {vqa['num_questions']} val questions ({per_kind})",
+            vqa_figure,
         ),
         (
             "SAM (`configs/pretrain_sam.py`)",

@@ -123,3 +123,33 @@ def test_vqa_accuracy_agrees_with_greedy_decoding(setup):
     assert got["per_kind"]["other"]["exact"] == 0.0
     np.testing.assert_allclose(got["token_accuracy"], correct.sum() / n.sum())
     np.testing.assert_allclose(got["exact"], exact.mean())
+
+
+def test_other_image_items_moves_every_question_to_another_scene():
+    rounds = [[(f"q{i}", f"a{i}")] for i in range(6)]
+    items = [(str(i), img, r) for i, (img, r) in enumerate(zip("aabccb", rounds, strict=True))]
+    moved = vqa.other_image_items(items)
+    assert [m[1] for m in moved] == list("bbcaac")  # a -> b -> c -> a, in first-seen order
+    assert [(m[0], m[2]) for m in moved] == [(it[0], it[2]) for it in items]
+    with pytest.raises(ValueError, match="2 distinct images"):
+        vqa.other_image_items([("0", "a", rounds[0]), ("1", "a", rounds[1])])
+
+
+def test_image_control_feeds_each_question_the_next_scene(setup):
+    cfg, _, _, root, _ = setup
+    items = [
+        {"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\nWhat is {i}?"}, {"from": "gpt", "value": f"It is {i}."}]}
+        for i in range(3)
+    ]  # fmt: skip
+    (root / "control.json").write_text(json.dumps(items))
+    reader = VqaReader(str(root / "control.json"), str(root), mode="eval")
+    control = VqaReader(str(root / "control.json"), str(root), mode="eval")
+    control.items = vqa.other_image_items(reader.items)
+    dc = Pl.DataConfig(batch_size=3, max_convs=1, max_mask_side=64, length_buckets=(256,), seed=0,
+                       clip_size=cfg.clip.image_size)  # fmt: skip
+    own, other = (next(iter(Pl.eval_dataset(r, dc, cfg.sam, TOKENIZER))) for r in (reader, control))
+    np.testing.assert_array_equal(other["input_ids"], own["input_ids"])  # the same questions and answers
+    for i in range(3):
+        np.testing.assert_array_equal(other["images_clip"][i], own["images_clip"][(i + 1) % 3])
+        assert not np.array_equal(other["images_clip"][i], own["images_clip"][i])

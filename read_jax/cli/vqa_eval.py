@@ -8,10 +8,14 @@ accuracy under teacher forcing, overall and per question kind (`read_jax.eval.vq
 converted checkpoint (then `--config` gives the data settings). The questions are
 `llava_dataset/shapes_vqa_{split}.json` of the generated mix in the run's `data.root` (or `--data-root`),
 one question per row.
+
+`--image-control` scores the same questions a second time with each asked about another scene's image
+(`vqa.other_image_items`): a kind whose accuracy does not drop is answered from the question alone.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -27,6 +31,11 @@ def parse_args():
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--data-root", help="the generated mix (default: the config's data.root)")
     p.add_argument("--out", help="write the figures to this json file")
+    p.add_argument(
+        "--image-control",
+        action="store_true",
+        help="also score each question asked about another image (what the model answers without looking)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -75,12 +84,23 @@ def main(argv=None) -> int:
         total = -(-len(reader) // dc.batch_size)
         with tqdm(total=total, desc=f"vqa {args.split}", disable=args.no_progress) as bar:
             out = vqa.vqa_accuracy(model, batches, question_of, vqa_kind, progress=bar)
+        if args.image_control:
+            control = copy.copy(reader)
+            control.items = vqa.other_image_items(reader.items)
+            batches = Pl.eval_dataset(control, dc, model.config.sam, tok)
+            with tqdm(total=total, desc=f"vqa {args.split}, another image", disable=args.no_progress) as bar:
+                out["other_image"] = vqa.vqa_accuracy(model, batches, question_of, vqa_kind, progress=bar)
         out["split"], out["checkpoint"] = args.split, ckpt
+        other = out.get("other_image")
         for k, v in [("all", out), *out["per_kind"].items()]:
-            print(
+            line = (
                 f"{k:>10}: exact {v['exact']:.3f}  token accuracy {v['token_accuracy']:.3f}  "
                 f"({v['num_questions']} questions)"
             )
+            if other is not None:
+                o = other if k == "all" else other["per_kind"][k]
+                line += f"  another image: exact {o['exact']:.3f}"
+            print(line)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)

@@ -96,3 +96,15 @@ def vqa_accuracy(
     out = figures(acc.pop("all", np.zeros(4, np.int64)))
     out["per_kind"] = {k: figures(a) for k, a in sorted(acc.items())}
     return out
+
+
+def other_image_items(items: list[tuple]) -> list[tuple]:
+    """The image control: `VqaReader.items` (id, image, rounds) with every conversation moved onto the next
+    distinct image (cyclically, in first-seen order), so each question is asked about another scene. The
+    accuracy that survives this is what the model answers from the question alone (a language prior).
+    """
+    order = list(dict.fromkeys(image for _, image, _ in items))
+    if len(order) < 2:
+        raise ValueError(f"the image control needs at least 2 distinct images, got {len(order)}")
+    following = {image: order[(i + 1) % len(order)] for i, image in enumerate(order)}
+    return [(sid, following[image], rounds) for sid, image, rounds in items]
