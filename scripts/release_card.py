@@ -47,7 +47,8 @@ def _kinds(summary: dict) -> str:
     return ", ".join(f"{k} {v['gIoU']:.3f}" for k, v in sorted(per.items()))
 
 
-def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path) -> str:
+def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path, commit: str = "") -> str:
+    commit = commit or _commit()
     vqa = _load(chain / "llava" / "vqa_val.json")
     sam = _load(chain / "sam" / "eval.json")
     ses = _load(chain / "sesame" / "eval_test" / "summary.json")
@@ -101,7 +102,7 @@ A SESAME-style release in miniature: READ's starting point (READ-7B fine-tunes t
 rebuilt on read_jax's generated shapes world, so that `scripts/quickstart.sh` can do what a READ user does:
 convert a release, fine-tune it with READ's recipe, evaluate it with READ's protocol.
 
-Made by `bash scripts/pretrain_tiny.sh` (seed {seed}, commit {_commit()}) in {seconds:.0f} s on CPU, from
+Made by `bash scripts/pretrain_tiny.sh` (seed {seed}, commit {commit}) in {seconds:.0f} s on CPU, from
 random weights: every figure below is read from the stage's own output files by `scripts/release_card.py`.
 
 {table}
@@ -151,8 +152,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seconds", type=float, required=True, help="the chain's wall time")
     p.add_argument("--readme", type=Path, help="also replace this README's release block with the figures")
+    p.add_argument("--commit", default="", help="the commit the chain ran at (default: HEAD)")
     a = p.parse_args()
-    (a.release / "README.md").write_text(card(a.release, a.chain, a.seed, a.seconds, a.converted_eval))
+    text = card(a.release, a.chain, a.seed, a.seconds, a.converted_eval, a.commit)
+    (a.release / "README.md").write_text(text)
     write_sums(a.release)
     if a.readme:
         from read_jax.eval.compare import replace_block
