@@ -318,21 +318,10 @@ READ_D_HIDDEN, READ_D_MASK = 60, 79
 def read_batch(cfg, seed=0):
     """Row 0: image 0, one [SEG]; row 1: image 1, two [SEG]s; row 2: image 1, none. uint8 pixels."""
     from read_jax.data import preprocess as pp
+    from torchref.read_batch import tiny_rows
 
     rng = np.random.default_rng(seed)
-    seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
-    head = [1, 319, s, -200, e, 13]
-    rows = [
-        [*head, 500, 501, 502, 9, 10, 11, seg, 29889, 2],
-        [*head, 600, 601, 9, seg, 603, 604, seg, 2],
-        [*head, 700, 701, 702, 703, 2],
-    ]
-    length = max(map(len, rows)) + 2
-    ids = np.zeros((3, length), np.int32)
-    mask = np.zeros((3, length), bool)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = row
-        mask[r, : len(row)] = True
+    ids, mask = tiny_rows(cfg)
     sam = cfg.sam
     images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in READ_ORIG]
     frames = [pp.sam_pixels(im, sam) for im in images]

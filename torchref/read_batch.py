@@ -21,12 +21,9 @@ def tiny_config(**sasp_kw) -> ReadConfig:
     return ReadConfig.tiny(lora=None, sasp=sasp, max_segs=2)
 
 
-def tiny_batch(cfg: ReadConfig, seed: int = 0) -> dict:
-    """3 rows: image 0 with one [SEG]; image 1 with two [SEG]s; image 1 with none (a VQA-like row).
-
-    numpy arrays in `ReadModel`'s batch layout, plus GT `masks` uint8[3, 2, *CANVAS] / `mask_valid`.
-    """
-    rng = np.random.default_rng(seed)
+def tiny_rows(cfg: ReadConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The 3 rows' int32 input_ids and bool attention_mask (2 padding positions past the longest): an image
+    prompt, then an answer with one [SEG], one with two [SEG]s and one with none."""
     seg, s, e = cfg.seg_token_id, cfg.im_start_token_id, cfg.im_end_token_id
     head = [1, 319, s, -200, e, 13]
     rows = [
@@ -34,14 +31,23 @@ def tiny_batch(cfg: ReadConfig, seed: int = 0) -> dict:
         [*head, 600, 601, 9, seg, 603, 604, seg, 2],
         [*head, 700, 701, 702, 703, 2],
     ]
-    L = max(map(len, rows)) + 2
-    ids = np.zeros((3, L), np.int32)
-    mask = np.zeros((3, L), bool)
-    labels = np.full((3, L), -100, np.int32)
+    length = max(map(len, rows)) + 2
+    ids = np.zeros((3, length), np.int32)
+    mask = np.zeros((3, length), bool)
     for r, row in enumerate(rows):
         ids[r, : len(row)] = row
         mask[r, : len(row)] = True
-        labels[r, 9 : len(row)] = row[9:]
+    return ids, mask
+
+
+def tiny_batch(cfg: ReadConfig, seed: int = 0) -> dict:
+    """3 rows: image 0 with one [SEG]; image 1 with two [SEG]s; image 1 with none (a VQA-like row).
+
+    numpy arrays in `ReadModel`'s batch layout, plus GT `masks` uint8[3, 2, *CANVAS] / `mask_valid`.
+    """
+    rng = np.random.default_rng(seed)
+    ids, mask = tiny_rows(cfg)
+    labels = np.where(mask & (np.arange(ids.shape[1]) >= 9), ids, -100).astype(np.int32)  # the answers
     sam_hw = np.array([get_preprocess_shape(h, w, cfg.sam.image_size) for h, w in ORIG], np.int32)
     masks = np.zeros((3, 2, *CANVAS), np.uint8)
     mvalid = np.array([[True, False], [True, True], [False, False]])
