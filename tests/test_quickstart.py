@@ -79,6 +79,9 @@ def test_pretraining_chain_ships_a_sesame_release_with_its_card(release):
     ses = json.loads((base / "chain" / "sesame" / "eval_test" / "summary.json").read_text())
     conv = json.loads((base / "chain" / "release_eval" / "summary.json").read_text())
     assert f"ReasonSeg test gIoU {ses['gIoU']:.3f}" in card and f"gIoU {conv['gIoU']:.3f}" in card
+    vqa = json.loads((base / "chain" / "llava" / "vqa_val.json").read_text())  # with the image control
+    assert f"VQA exact match {vqa['exact']:.3f}" in card
+    assert f"{vqa['other_image']['exact']:.3f} when each is asked about another scene's image" in card
     assert "bash scripts/pretrain_tiny.sh" in card
 
 
