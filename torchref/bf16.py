@@ -406,10 +406,7 @@ def read_run() -> dict:
     import torch
 
     from read_jax.config import ReadConfig, SaspConfig
-    from read_jax.convert.common import Converter, abstract_leaves, load_leaves
-    from read_jax.convert.read import clip_dir_ignore, clip_dir_rules, read_ignore, read_rules
-    from read_jax.read_model import ReadModel
-    from torchref.read import TorchRead
+    from torchref.read import TorchRead, converted_model
 
     torch.manual_seed(0)  # the references' random weights: the same figures whoever calls, in any order
 
@@ -417,14 +414,7 @@ def read_run() -> dict:
     cfg16 = ReadConfig.tiny(dtype="bfloat16", lora=None, sasp=SaspConfig.read_7b(), max_segs=2)
     tm32 = TorchRead(cfg32, seed=0).float()
     tm16 = copy.deepcopy(tm32).released_dtype(torch.bfloat16)
-    sd, clip_sd = tm32.released_state_dict()
-    model = nnx.eval_shape(lambda: ReadModel(cfg16, rngs=nnx.Rngs(0)))
-    conv = Converter(
-        read_rules() + clip_dir_rules(),
-        abstract_leaves(model),
-        ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
-    )
-    load_leaves(model, conv.add_all(sd).add_all(clip_sd).finish())
+    model = converted_model(cfg16, tm32)
 
     batch = read_batch(cfg16)
     tb = _read_torch_batch(cfg16, batch)

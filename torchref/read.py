@@ -326,6 +326,11 @@ def build_pair(cfg: ReadConfig, seed: int = 0):
     the strict converter fills every leaf of the abstract model. Seeds torch's global generator.
     """
     tm = TorchRead(cfg, seed=seed).float()
+    return tm, converted_model(cfg, tm)
+
+
+def converted_model(cfg: ReadConfig, tm: TorchRead) -> ReadModel:
+    """A `ReadModel` of `cfg` (its dtypes) holding `tm`'s weights, through the real converter's tables."""
     sd, clip_sd = tm.released_state_dict()
     model = nnx.eval_shape(lambda: ReadModel(cfg, rngs=nnx.Rngs(0)))
     conv = Converter(
@@ -334,7 +339,7 @@ def build_pair(cfg: ReadConfig, seed: int = 0):
         ignore=read_ignore(clip_given=True, sam_given=False) + clip_dir_ignore(),
     )
     load_leaves(model, conv.add_all(sd).add_all(clip_sd).finish())
-    return tm, model
+    return model
 
 
 def sasp_functions(cfg: ReadConfig):
