@@ -236,18 +236,28 @@ class ReadModel(nnx.Module):
         return SegStates(hidden=seg_hidden, valid=valid, index=pos, image_hidden=image_hidden)
 
     def supervised_logits(self, hidden: Array, labels: Array, max_tokens: int) -> SupervisedLogits:
-        """The lm_head applied at the first `max_tokens` supervised positions of the batch only.
+        """The lm_head applied at no more than `max_tokens` supervised positions of the batch.
+
+        When the batch has more, every row keeps the same share: its first supervised positions, taken in
+        turn across rows (a row's j-th target before any row's (j+1)-th), so no row is left without a text
+        loss (the first `max_tokens` in row order would drop the last rows whole). The kept positions come
+        out in row order, the supervised ones first.
 
         Args:
           hidden: [R, E, C]; labels: int32[R, E] merged labels (position t predicts label t + 1).
         """
         c = hidden.shape[-1]
+        rows, cols = labels.shape[0], labels.shape[1] - 1
         h = hidden[:, :-1].reshape(-1, c)
+        valid2 = labels[:, 1:] != IGNORE_INDEX  # [R, E-1]
         targets = labels[:, 1:].reshape(-1)
         k = min(int(max_tokens), targets.shape[0])
-        valid = targets != IGNORE_INDEX
-        order = jnp.argsort(~valid, stable=True)[:k]  # supervised positions first, in order  [K]
-        kept = valid[order]
+        valid = valid2.reshape(-1)
+        rank = jnp.cumsum(valid2, axis=1) - 1  # j: the row's j-th supervised target
+        turn = jnp.where(valid2, rank * rows + jnp.arange(rows)[:, None], rows * cols).reshape(-1)
+        chosen = jnp.zeros_like(valid).at[jnp.argsort(turn, stable=True)[:k]].set(True) & valid
+        order = jnp.argsort(~chosen, stable=True)[:k]  # the kept supervised positions first, in order  [K]
+        kept = chosen[order]
         logits = self.llava.language_model.lm_head(h[order]).astype(jnp.float32)  # [K, V]
         return SupervisedLogits(
             logits=logits,

@@ -42,6 +42,37 @@ def test_seg_slots_first_token_never_counts_and_overflow_is_dropped():
     np.testing.assert_array_equal(np.asarray(idx[0]), [2, 3])
 
 
+def test_supervised_logits_cap_shares_the_positions_between_rows():
+    """With more supervised targets than `max_tokens`, every row keeps its first ones in turn (not the first K
+    of the batch in row order, which would leave the last rows without a text loss); kept positions come out
+    in row order, and with room for all nothing is dropped or reordered."""
+    from types import SimpleNamespace
+
+    rows, length = 3, 12
+    hidden = jnp.arange(rows * length, dtype=jnp.float32).reshape(rows, length, 1)  # position id as the state
+    labels = np.full((rows, length), -100, np.int32)
+    labels[0, 2:12] = 7  # 10 targets at positions 1..10 (label t+1)
+    labels[1, 8:10] = 8  # 2 targets at positions 7, 8
+    labels[2, 5:11] = 9  # 6 targets at positions 4..9
+    fake = SimpleNamespace(llava=SimpleNamespace(language_model=SimpleNamespace(lm_head=lambda h: h)))
+
+    def pos(sup):  # the (row, position) of every kept target
+        p = np.asarray(sup.logits[:, 0]).astype(int)[np.asarray(sup.targets) != -100]
+        return [(int(i) // length, int(i) % length) for i in p]
+
+    sup = ReadModel.supervised_logits(fake, hidden, jnp.asarray(labels), 8)
+    # turns: rows take their 1st, 2nd, 3rd ... target in turn; row 1 runs out after two
+    want = [(0, 1), (0, 2), (0, 3), (1, 7), (1, 8), (2, 4), (2, 5), (2, 6)]
+    assert pos(sup) == want and int(sup.dropped) == 18 - 8
+    np.testing.assert_array_equal(
+        np.asarray(sup.targets), [labels[r, p + 1] for r, p in want]
+    )  # each kept state is scored against its own next token
+    full = ReadModel.supervised_logits(fake, hidden, jnp.asarray(labels), 20)
+    every = [(r, p) for r in range(rows) for p in range(length - 1) if labels[r, p + 1] != -100]
+    assert pos(full) == every and int(full.dropped) == 0
+    assert np.all(np.asarray(full.targets)[18:] == -100)  # the spare slots hold no target
+
+
 @pytest.fixture(scope="module")
 def jax_run(pair):
     """Forward outputs, loss terms and gradients of the trainables from ONE jitted function (one compile)."""
