@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from read_jax import sasp as S
+from read_jax import sasp_grid as G
 from read_jax.config import SaspConfig
 from tests.helpers import require_torch
 
@@ -134,17 +135,17 @@ def has_ties(dbg):
 
 
 def test_scaled_side_matches_cpython_double():
-    """`_scaled_side` == CPython's int(L * (d / m)) on every (m, L<=8m) with m<=250 plus random big sizes."""
+    """`scaled_side` == CPython's int(L * (d / m)) on every (m, L<=8m) with m<=250 plus random big sizes."""
     rng = np.random.default_rng(0)
     ms = [m for m in range(1, 251) for _ in range(m, 8 * m + 1)]
     ls = [length for m in range(1, 251) for length in range(m, 8 * m + 1)]
-    big_m = rng.integers(251, S.MAX_SHORT_SIDE + 1, size=20000)
+    big_m = rng.integers(251, G.MAX_SHORT_SIDE + 1, size=20000)
     ms += big_m.tolist()
     ls += (big_m * rng.uniform(1, 8, size=big_m.size)).astype(int).tolist()
     m_j, l_j = jnp.asarray(ms, jnp.int32), jnp.asarray(ls, jnp.int32)
     for d in (12, 24, 336):
         expected = np.array([int(length * (d / m)) for m, length in zip(ms, ls, strict=False)])
-        got = np.asarray(jax.jit(S._scaled_side, static_argnums=2)(l_j, m_j, d))
+        got = np.asarray(jax.jit(G.scaled_side, static_argnums=2)(l_j, m_j, d))
         assert (expected != np.array(ls) * d // np.array(ms)).sum() > 50  # the rounding does bite
         np.testing.assert_array_equal(got, expected, err_msg=f"d={d}")
 
@@ -158,13 +159,13 @@ def test_resizes_match_torch_interpolate(torch_ref):
             :, 0
         ].numpy()
         np.testing.assert_array_equal(
-            np.asarray(jax.jit(S._resize_grid, static_argnums=1)(jnp.asarray(x), d)), want
+            np.asarray(jax.jit(G.resize_grid, static_argnums=1)(jnp.asarray(x), d)), want
         )
     want = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None], (16, 16), mode="bilinear")[
         :, 0
     ].numpy()
-    np.testing.assert_allclose(np.asarray(S._resize_grid(jnp.asarray(x), 16)), want, rtol=0, atol=1e-6)
-    up = S._resize_matrix(24, 336)
+    np.testing.assert_allclose(np.asarray(G.resize_grid(jnp.asarray(x), 16)), want, rtol=0, atol=1e-6)
+    up = G.resize_matrix(24, 336)
     want = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None], (336, 336), mode="bilinear")[
         :, 0
     ].numpy()
