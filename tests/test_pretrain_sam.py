@@ -23,14 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain_sam.py")
 
 
-def smoke_config(**train):
-    c = load_config_file(CONFIG + ":smoke")
+def smoke_config(arg: str = "smoke", **train):
+    c = load_config_file(CONFIG + ":" + arg)
     for k, v in train.items():
         c.train[k] = v
     return c
 
 
-@pytest.mark.parametrize("arg", [None, "smoke"])
+@pytest.mark.parametrize("arg", [None, "smoke", "attributes", "attributes,smoke"])
 def test_stage_config_loads_and_builds_an_abstract_sam(arg):
     """configs/pretrain_sam.py (covered here, not by test_train_configs: another command's config)."""
     from read_jax.pretrain.sam_config import sam_config, validate
@@ -38,7 +38,9 @@ def test_stage_config_loads_and_builds_an_abstract_sam(arg):
     c = load_config_file(CONFIG + (f":{arg}" if arg else ""))
     validate(c)
     cfg = sam_config(c)
-    assert cfg == (ReadConfig.smoke() if arg else ReadConfig.shapes()).sam
+    smoke, attributes = "smoke" in (arg or ""), "attributes" in (arg or "")
+    assert cfg == (ReadConfig.smoke() if smoke else ReadConfig.shapes()).sam
+    assert (c.data.class_prompts > 0) == attributes and (c.train.attribute_weight > 0) == attributes
     setup = sam_train.setup_sam(c, sam_train.make_mesh(c.mesh))
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(setup.params))
     assert {"image_encoder", "prompt_encoder", "mask_decoder"} <= set(nnx.to_pure_dict(setup.params))
@@ -142,6 +144,102 @@ def test_train_example_prompts_match_their_targets():
         assert np.abs(ex["boxes"][j] - tight).max() <= cap + 1e-5
 
 
+def test_attribute_prompts_name_every_instance_of_their_attributes():
+    """An attribute prompt's target is the union of the scene's instances with the named colour and/or kind
+    (checked against the scene generator's own record of each instance), its token the sum of those codes;
+    adding attribute prompts leaves the point and box prompts as they were."""
+    sam_cfg = ReadConfig.shapes().sam
+    base = sam_data.PromptConfig()
+    pc = sam_data.PromptConfig(class_prompts=6)
+    codes = sam_data.attribute_codes(sam_cfg.prompt_embed_dim)
+    assert codes.shape == (len(COLORS) + len(sam_data.SHAPES), sam_cfg.prompt_embed_dim)
+    seen_modes = set()
+    for index in range(6):
+        ex = sam_data.train_example(index, seed=0, sam_cfg=sam_cfg, pc=pc)
+        old = sam_data.train_example(index, seed=0, sam_cfg=sam_cfg, pc=base)
+        for k in ("points", "labels", "boxes"):
+            assert np.array_equal(ex[k], old[k])
+        assert np.array_equal(ex["targets"][: base.prompts], old["targets"])
+        assert ex["targets"].shape[0] == pc.targets and ex["class_tokens"].shape == (6, 1, codes.shape[1])
+        _, instances = random_scene(np.random.default_rng([0, sam_data.TRAIN_STREAM, index]))
+        low = sam_data.scene(0, sam_data.TRAIN_STREAM, index, sam_cfg)["low"]
+        for token, target in zip(ex["class_tokens"][:, 0], ex["targets"][base.prompts :]):
+            # decode the token back to attributes by least squares over the codebook (0/1 weights)
+            w = np.linalg.lstsq(codes.T, token, rcond=None)[0]
+            named = np.flatnonzero(np.abs(w - 1) < 1e-4)
+            assert np.all((np.abs(w) < 1e-4) | (np.abs(w - 1) < 1e-4)) and 1 <= len(named) <= 2
+            color = [c for c in named if c < len(COLORS)]
+            kind = [k - len(COLORS) for k in named if k >= len(COLORS)]
+            seen_modes.add((len(color), len(kind)))
+            member = [
+                (not color or inst["color"] == list(COLORS)[color[0]])
+                and (not kind or inst["kind"] == list(sam_data.SHAPES)[kind[0]])
+                for inst in instances
+            ]
+            assert any(member)
+            assert np.array_equal(target > 0, low[np.asarray(member)].any(axis=0))
+    assert seen_modes == {(1, 1), (1, 0), (0, 1)}
+
+
+def test_cell_attributes_take_the_instance_owning_more_than_half_a_cell():
+    """A 4 x 4 grid of 4-pixel cells: instance 0 fills cell (0, 0) and half of cell (0, 1) (not more than
+    half: unowned), instance 1 fills 9 of cell (1, 1)'s 16 pixels; everything else is background."""
+    frame = np.zeros((2, 16, 16), bool)
+    frame[0, 0:4, 0:6] = True
+    frame[1, 4:7, 4:7] = True
+    colors, kinds = ["green", "red"], ["star", "circle"]
+    col, kind = sam_data.cell_attributes(frame, colors, kinds, 4)
+    want_c, want_k = np.full((4, 4), -1), np.full((4, 4), -1)
+    want_c[0, 0], want_k[0, 0] = list(COLORS).index("green"), list(sam_data.SHAPES).index("star")
+    want_c[1, 1], want_k[1, 1] = list(COLORS).index("red"), list(sam_data.SHAPES).index("circle")
+    assert np.array_equal(col, want_c) and np.array_equal(kind, want_k)
+
+
+def test_attribute_loss_scores_cells_against_the_codes():
+    """Cells whose embedding is their attribute's code (scaled up) are classified right and cost ~0; the loss
+    equals a float64 softmax cross-entropy of the scaled dot products; unowned cells do not count."""
+    dim = 32
+    codes = sam_data.attribute_codes(dim).astype(np.float64)
+    n = len(COLORS)
+    rng = np.random.default_rng(0)
+    col = rng.integers(-1, n, (2, 3, 3)).astype(np.int32)
+    kind = rng.integers(-1, len(sam_data.SHAPES), (2, 3, 3)).astype(np.int32)
+    kind[col < 0] = -1
+    emb = rng.normal(size=(2, 3, 3, dim))
+    loss, m = sam_step.attribute_loss(jnp.asarray(emb, jnp.float32), jnp.asarray(col), jnp.asarray(kind))
+    want = 0.0
+    for lab, block in ((col, codes[:n]), (kind, codes[n:])):
+        lo = emb @ block.T / np.sqrt(dim)
+        lse = np.log(np.exp(lo).sum(-1))
+        ce = lse - np.take_along_axis(lo, np.maximum(lab, 0)[..., None], -1)[..., 0]
+        want += ce[lab >= 0].mean()
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    ideal = 10 * (codes[:n][np.maximum(col, 0)] + codes[n:][np.maximum(kind, 0)])
+    loss, m = sam_step.attribute_loss(jnp.asarray(ideal, jnp.float32), jnp.asarray(col), jnp.asarray(kind))
+    assert float(m["cell_color_acc"]) == 1.0 and float(m["cell_kind_acc"]) == 1.0 and float(loss) < 1e-3
+
+
+def test_class_iou_is_scored_on_the_attribute_prompts():
+    """The loss's per-kind IoUs split the masks as the batch lays them out: points, boxes, attributes."""
+    pc = sam_data.PromptConfig(
+        point_prompts=1, box_prompts=1, class_prompts=1, num_points=4, max_pos=2, max_neg=2
+    )
+    t = np.zeros((1, 3, 8, 8), np.uint8)
+    t[..., :4, :4] = 1
+    x = np.full((1, 3, 8, 8), -5.0, np.float32)
+    x[0, 0, :4, :4] = 5.0  # point prompt: exact
+    x[0, 1, :4, :2] = 5.0  # box prompt: half
+    x[0, 2, :, :] = 5.0  # attribute prompt: a quarter
+    batch = {
+        "targets": jnp.asarray(t),
+        "input_hw": jnp.asarray([[64, 64]], jnp.int32),
+        "points": jnp.zeros((1, pc.point_prompts, pc.num_points, 2)),
+        "boxes": jnp.zeros((1, pc.box_prompts, 4)),
+    }
+    _, m = sam_step.sam_loss(jnp.asarray(x), jnp.zeros((1, 3)), batch, sam_step.LossConfig(), 64)
+    assert np.allclose([m["point_iou"], m["box_iou"], m["class_iou"]], [1.0, 0.5, 0.25])
+
+
 def test_train_batches_are_a_function_of_the_step():
     sam_cfg = ReadConfig.smoke().sam
     pc = prompt_config(smoke_config().data)
@@ -196,11 +294,13 @@ def test_loss_matches_numpy():
 
 
 # ---- training ---------------------------------------------------------------------------------------------
-def test_steps_decrease_the_loss_on_a_fixed_batch():
-    """The stage's own compiled step (as `train` compiles it), repeated on one batch, learns it."""
+@pytest.mark.parametrize("arg", ["smoke", "attributes,smoke"])
+def test_steps_decrease_the_loss_on_a_fixed_batch(arg):
+    """The stage's own compiled step (as `train` compiles it), repeated on one batch, learns it; with
+    attribute prompts, their IoU and the cells' attribute term are part of what it learns."""
     from read_jax.train.state import make_optimizer, opt_state_shardings
 
-    config = smoke_config()
+    config = smoke_config(arg)
     setup = sam_train.setup_sam(config, sam_train.make_mesh(config.mesh))
     params, rest = setup.init()
     tx = make_optimizer(config.train)
@@ -209,13 +309,24 @@ def test_steps_decrease_the_loss_on_a_fixed_batch():
     step = sam_train._compile(config, setup, tx, lc, opt_abs, opt_sh, pc)
     exs = [sam_data.train_example(i, seed=0, sam_cfg=setup.cfg, pc=pc) for i in range(2)]
     batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+    if "attributes" in arg:  # the smoke frame's 16-pixel cells are rarely owned by a shape: label them all
+        rng = np.random.default_rng(0)
+        batch["cell_colors"] = rng.integers(0, len(COLORS), batch["cell_colors"].shape).astype(np.int32)
+        batch["cell_kinds"] = rng.integers(0, len(sam_data.SHAPES), batch["cell_kinds"].shape).astype(
+            np.int32
+        )
     opt = tx.init(params)
-    losses = []
+    losses, attr = [], []
     for _ in range(25):
         params, opt, m = step(params, rest, opt, batch, jnp.float32(3e-3))
         assert float(m["finite"]) == 1.0
         losses.append(float(m["loss"]))
+        attr.append(float(m.get("attribute", np.nan)))
     assert losses[-1] < 0.6 * losses[0], losses
+    if "attributes" in arg:
+        assert np.isfinite(float(m["class_iou"])) and attr[-1] < 0.8 * attr[0], attr
+    else:
+        assert np.isnan(float(m["class_iou"])) and "attribute" not in m
 
 
 def _params(workdir) -> tuple[int, dict]:
@@ -252,7 +363,7 @@ def stage_run(tmp_path_factory):
 def test_command_writes_weights_and_held_out_figures(stage_run):
     ev = json.loads((stage_run / "eval.json").read_text())
     assert ev["step"] == 4 and ev["num_scenes"] == 3 and ev["num_instances"] >= 9
-    for k in ("point", "centroid", "box", "sasp"):
+    for k in ("point", "centroid", "box", "sasp", "class"):
         assert 0.0 <= ev[f"mIoU_{k}"] <= 1.0
     meta = json.loads((stage_run / "sam" / sam_export.SAM_CONFIG).read_text())
     assert meta["stage"] == "pretrain_sam" and meta["step"] == 4

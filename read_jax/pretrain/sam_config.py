@@ -51,6 +51,7 @@ def default_config() -> ConfigDict:
             "iou_weight": 1.0,
             "focal_alpha": 0.25,
             "focal_gamma": 2.0,
+            "attribute_weight": 0.0,  # sam_step.attribute_loss: cells' colour / kind against the codes
             "log_every": 25,
             "fast_compile": False,  # compile for compile speed (tests, smoke runs)
         }
@@ -109,4 +110,5 @@ def loss_config(train_cfg) -> LossConfig:
         iou=float(train_cfg.iou_weight),
         alpha=float(train_cfg.focal_alpha),
         gamma=float(train_cfg.focal_gamma),
+        attribute=float(train_cfg.attribute_weight),
     )

@@ -10,6 +10,10 @@ upsampled to that resolution as READ does (`transforms.postprocess_masks_padded`
   box       the mask's tight box
   sasp      `sasp_pos` positives inside + `sasp_neg` negatives outside the mask (anywhere in the image), in
             the `num_points` slots of SasP's prompt: the kind of prompt READ's SasP gives
+  class     the attribute prompt naming the instance's colour and kind (`sam_data.attribute_prompt`, one token
+            as SESAME's [SEG] prompt), scored against every instance of that colour and kind: what a [SEG]
+            token that knows the object could get from this SAM (scored whether or not the stage trained
+            on such prompts)
 
 mIoU is the mean over instances. Prompts come from `default_rng([seed, EVAL_STREAM, index, 2])`.
 """
@@ -29,7 +33,7 @@ from read_jax.pretrain import sam_data
 from read_jax.pretrain.sam_step import decode, embed_images, encode_prompts
 from read_jax.sam.transforms import postprocess_masks_padded
 
-KINDS = ("point", "centroid", "box", "sasp")
+KINDS = ("point", "centroid", "box", "sasp", "class")
 MAX_INSTANCES = 8  # instances per scene scored (scenes hold 3-6)
 
 
@@ -53,9 +57,12 @@ def eval_example(index: int, *, seed: int, sam_cfg, pc: sam_data.PromptConfig, e
         "input_hw": sc["input_hw"],
         "orig_hw": sc["orig_hw"],
         "gt": np.zeros((m, c, c), np.uint8),
+        "gt_class": np.zeros((m, c, c), np.uint8),
         "valid": np.arange(m) < n,
         "boxes": np.zeros((m, 4), np.float32),
+        "class_tokens": np.zeros((m, 1, sam_cfg.prompt_embed_dim), np.float32),
     }
+    codes = sam_data.attribute_codes(sam_cfg.prompt_embed_dim)
     for k in ("point", "centroid", "sasp"):
         out[k + "_points"] = np.zeros((m, slots, 2), np.float32)
         out[k + "_labels"] = np.full((m, slots), -1, np.int32)
@@ -67,6 +74,11 @@ def eval_example(index: int, *, seed: int, sam_cfg, pc: sam_data.PromptConfig, e
             rng, mask, inside, int(ec.sasp_pos), int(ec.sasp_neg), slots
         )
         out["boxes"][i] = sam_data.tight_box(mask)
+    for i in range(n):
+        out["class_tokens"][i], member = sam_data.attribute_prompt(
+            sc["colors"], sc["kinds"], i, ("color", "kind"), codes
+        )
+        out["gt_class"][i] = out["gt"][:n][member].max(axis=0)
     return out, sc["kinds"]
 
 
@@ -79,9 +91,12 @@ def _scores(graphdef, params, rest, batch: dict) -> dict:
     emb = embed_images(sam, batch["images"], batch["input_hw"])
     b, m = batch["valid"].shape
     canvas = batch["gt"].shape[-2:]
-    points = jnp.concatenate([batch[k + "_points"] for k in KINDS if k != "box"], axis=1)
-    labels = jnp.concatenate([batch[k + "_labels"] for k in KINDS if k != "box"], axis=1)
+    point_kinds = [k for k in KINDS if k not in ("box", "class")]
+    points = jnp.concatenate([batch[k + "_points"] for k in point_kinds], axis=1)
+    labels = jnp.concatenate([batch[k + "_labels"] for k in point_kinds], axis=1)
     low, _ = decode(sam, emb, encode_prompts(sam, points, labels, batch["boxes"]))  # [B, 4 I, l, l]
+    low_class, _ = decode(sam, emb, batch["class_tokens"])  # [B, I, l, l]
+    low = jnp.concatenate([low, low_class], axis=1)
     low = low.reshape(b * len(KINDS) * m, 1, *low.shape[-2:])
     rows = lambda x: jnp.repeat(x, len(KINDS) * m, axis=0)
     up = postprocess_masks_padded(
@@ -89,9 +104,10 @@ def _scores(graphdef, params, rest, batch: dict) -> dict:
     )
     pred = up[:, 0].reshape(b, len(KINDS), m, *canvas) > 0.0
     gt = (batch["gt"] > 0)[:, None]
+    gt = jnp.concatenate([jnp.repeat(gt, len(KINDS) - 1, axis=1), (batch["gt_class"] > 0)[:, None]], axis=1)
     inter, union = (pred & gt).sum((-2, -1)), (pred | gt).sum((-2, -1))
-    # the point kinds come first (in KINDS order without "box"), then the boxes
-    order = [k for k in KINDS if k != "box"] + ["box"]
+    # the point kinds come first (in KINDS order), then the boxes, then the attribute prompts
+    order = point_kinds + ["box", "class"]
     out = {k: (inter[:, i], union[:, i]) for i, k in enumerate(order)}
     return out
 

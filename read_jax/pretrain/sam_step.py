@@ -8,8 +8,8 @@ the same frame, over the pixels of the resized image (the zero padding of the SA
 `sigmoid_focal_loss` (alpha 0.25, gamma 2) averaged over pixels; the dice loss is DETR's/SAM's
 1 - (2 sum p t + 1) / (sum p + sum t + 1) on p = sigmoid(logit).
 
-Shape letters: B images, K prompts per image (Kp point prompts then Kb box prompts), Np point slots,
-S SAM input side, l low-res mask side.
+Shape letters: B images, K prompts per image (Kp point prompts, then Kb box prompts, then Kc attribute
+prompts: one token each, `sam_data.attribute_prompt`), Np point slots, S SAM input side, l low-res mask side.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class LossConfig:
     iou: float = 1.0
     alpha: float = 0.25
     gamma: float = 2.0
+    attribute: float = 0.0  # the cells' colour / kind against the attribute codes (`attribute_loss`)
 
 
 # ---- forward ----------------------------------------------------------------------------------------------
@@ -95,10 +96,19 @@ def embed_images(sam: Sam, images: Array, input_hw: Array) -> Array:
     return sam.image_encoder(sam_normalize(images, input_hw, cfg.pixel_mean, cfg.pixel_std))
 
 
-def forward(sam: Sam, batch: dict) -> tuple[Array, Array]:
-    """A training batch (`sam_data.train_example` stacked) -> (float[B, K, l, l] logits, float[B, K] IoU)."""
+def forward(sam: Sam, batch: dict) -> tuple[Array, Array, Array]:
+    """A training batch (`sam_data.train_example` stacked) -> (float[B, K, l, l] logits, float[B, K] IoU,
+    float[B, h, w, C] the image embeddings).
+
+    The attribute prompts (`class_tokens`, one token each, as SESAME's [SEG] prompt) take their own decoder
+    call after the point and box prompts (Np + 1 tokens each)."""
     emb = embed_images(sam, batch["images"], batch["input_hw"])
-    return decode(sam, emb, encode_prompts(sam, batch["points"], batch["labels"], batch["boxes"]))
+    low, iou = decode(sam, emb, encode_prompts(sam, batch["points"], batch["labels"], batch["boxes"]))
+    tokens = batch.get("class_tokens")
+    if tokens is not None and tokens.shape[1]:
+        low_c, iou_c = decode(sam, emb, tokens.astype(emb.dtype))
+        low, iou = jnp.concatenate([low, low_c], axis=1), jnp.concatenate([iou, iou_c], axis=1)
+    return low, iou, emb
 
 
 # ---- loss -------------------------------------------------------------------------------------------------
@@ -135,14 +145,44 @@ def mask_terms(logits: Array, targets: Array, valid: Array, lc: LossConfig) -> d
     return {"focal": focal, "dice": dice, "iou": inter / jnp.maximum(union, 1.0)}
 
 
-def sam_loss(logits: Array, iou_pred: Array, batch: dict, lc: LossConfig, image_size: int):
-    """SAM's loss of a batch -> (scalar loss, metrics). Means over every prompt of the batch."""
+def attribute_loss(emb: Array, cell_colors: Array, cell_kinds: Array) -> tuple[Array, dict[str, Array]]:
+    """Cross-entropy of each owned cell's colour and kind, the logits being the cell's embedding against the
+    attribute codes (`sam_data.attribute_codes`, no parameters: the codes a prompt naming the object carries)
+    scaled by 1 / sqrt(C); the mean over owned cells of the two terms, and the two accuracies.
+
+    Args:
+      emb: float[B, h, w, C]; cell_colors / cell_kinds: int[B, h, w], -1 where no shape owns the cell.
+    """
+    from read_jax.pretrain.sam_data import COLORS, attribute_codes
+
+    codes = jnp.asarray(attribute_codes(emb.shape[-1]))
+    logits = jnp.einsum("bhwc,ac->bhwa", emb.astype(jnp.float32), codes) / jnp.sqrt(emb.shape[-1])
+    n = len(COLORS)
+    out, terms = {}, []
+    for name, lo, lab in (("color", logits[..., :n], cell_colors), ("kind", logits[..., n:], cell_kinds)):
+        own = (lab >= 0).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(lo, jnp.maximum(lab, 0))
+        cells = jnp.maximum(own.sum(), 1.0)
+        terms.append((ce * own).sum() / cells)
+        out[f"cell_{name}_acc"] = ((lo.argmax(-1) == lab) * own).sum() / cells
+    return terms[0] + terms[1], out
+
+
+def sam_loss(logits: Array, iou_pred: Array, batch: dict, lc: LossConfig, image_size: int, emb=None):
+    """SAM's loss of a batch -> (scalar loss, metrics). Means over every prompt of the batch; with `emb` and
+    `lc.attribute` > 0, plus `lc.attribute` x `attribute_loss`."""
     valid = low_res_valid(batch["input_hw"], image_size, logits.shape[-1])[:, None]
     terms = mask_terms(logits, batch["targets"], valid, lc)
     iou_mse = (iou_pred.astype(jnp.float32) - jax.lax.stop_gradient(terms["iou"])) ** 2
     focal, dice, mse = terms["focal"].mean(), terms["dice"].mean(), iou_mse.mean()
     loss = lc.focal * focal + lc.dice * dice + lc.iou * mse
-    kp = batch["points"].shape[1]
+    extra = {}
+    if emb is not None and lc.attribute > 0:
+        attr, extra = attribute_loss(emb, batch["cell_colors"], batch["cell_kinds"])
+        loss = loss + lc.attribute * attr
+        extra["attribute"] = attr
+    kp, kb = batch["points"].shape[1], batch["boxes"].shape[1]
+    kc = terms["iou"].shape[1] - kp - kb
     metrics = {
         "loss": loss,
         "focal": focal,
@@ -150,7 +190,9 @@ def sam_loss(logits: Array, iou_pred: Array, batch: dict, lc: LossConfig, image_
         "iou_mse": mse,
         "mask_iou": terms["iou"].mean(),
         "point_iou": terms["iou"][:, :kp].mean() if kp else jnp.float32(jnp.nan),
-        "box_iou": terms["iou"][:, kp:].mean() if batch["boxes"].shape[1] else jnp.float32(jnp.nan),
+        "box_iou": terms["iou"][:, kp : kp + kb].mean() if kb else jnp.float32(jnp.nan),
+        "class_iou": terms["iou"][:, kp + kb :].mean() if kc else jnp.float32(jnp.nan),
+        **extra,
     }
     return loss, metrics
 
@@ -176,8 +218,8 @@ def train_step(params, rest, opt_state, batch: dict, lr: Array, *, graphdef, tx,
 
     def loss_fn(p):
         sam = nnx.merge(graphdef, p, rest)
-        logits, iou_pred = forward(sam, batch)
-        return sam_loss(logits, iou_pred, batch, lc, sam.cfg.image_size)
+        logits, iou_pred, emb = forward(sam, batch)
+        return sam_loss(logits, iou_pred, batch, lc, sam.cfg.image_size, emb)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, new_opt = tx.update(grads, opt_state, params)
