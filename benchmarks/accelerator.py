@@ -497,7 +497,8 @@ def section_decode(p: dict, args) -> dict:
     from flax import nnx
 
     from read_jax.config import ReadConfig
-    from read_jax.llama import LlamaForCausalLM, generate, generate_no_cache
+    from read_jax.llama import LlamaForCausalLM
+    from read_jax.llama_generate import generate, generate_no_cache
 
     cfg = getattr(ReadConfig, p["llama_preset"])().with_dtype(p["dtype"]).llama
     model = _bench_module("eval").random_model(

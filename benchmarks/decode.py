@@ -31,7 +31,8 @@ from flax import nnx
 
 from read_jax.config import ReadConfig
 from read_jax.convert.common import abstract_leaves, load_leaves
-from read_jax.llama import LlamaForCausalLM, generate, generate_no_cache
+from read_jax.llama import LlamaForCausalLM
+from read_jax.llama_generate import generate, generate_no_cache
 
 
 def random_model(cfg, seed: int = 0) -> LlamaForCausalLM:

@@ -39,7 +39,7 @@ from read_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ReadConfig
 from read_jax.data.preprocess import clip_normalize
 from read_jax.layers import gelu_exact
 from read_jax.llama import LlamaForCausalLM, LlamaOutput
-from read_jax.llama import generate as llama_generate
+from read_jax.llama_generate import generate as llama_generate
 
 Array = jax.Array
 
@@ -401,7 +401,7 @@ class LlavaModel(nnx.Module):
 
         Args:
           input_ids, images_clip, attention_mask, image_row_index: as in `__call__`; left padding is the
-            generation convention (`read_jax.llama.generate` accepts either side).
+            generation convention (`read_jax.llama_generate.generate` accepts either side).
           max_new_tokens: M; eos_token_id: stop id(s) (LLaMA `</s>` = 2); pad_token_id: fill after EOS.
         Returns:
           (tokens int32[R, M], lengths int32[R], MergedInputs of the prompt). READ then runs one full forward

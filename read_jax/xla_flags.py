@@ -3,7 +3,7 @@
 On the CPU, XLA materialises an fp32 copy of every bf16 weight that a loop or a long program reads, and keeps
 them all live at once:
   * `while-loop-invariant-code-motion` hoists each layer's bf16 -> fp32 convert out of the decoding
-    `while_loop` (`read_jax.llama.generate`), so every converted weight lives for the whole loop;
+    `while_loop` (`read_jax.llama_generate.generate`), so every converted weight lives for the whole loop;
   * the concurrency-optimised scheduler orders a forward so that many of those converts run early and stay
     live together (the teacher-forced forward of `predict`, evaluation's encode stage).
 Measured at 7B (13.5 GB of bf16 LLaMA weights, issue 16): temporaries of 25.6 GiB (generate), 28.4 GiB (the

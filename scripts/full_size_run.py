@@ -207,13 +207,13 @@ def load_step(work: Path) -> dict:
 
 
 def decode_step(work: Path, new_tokens: int) -> dict:
-    """The greedy decoding rate of the loaded model's LLaMA (`read_jax.llama.generate`, KV cache), without the
-    prompt: (time for 1 + K new tokens - time for 1) / K on a short text prompt, each timed on its second
-    call (the first compiles). K = `new_tokens`; EOS never stops it."""
+    """The greedy decoding rate of the loaded model's LLaMA (`read_jax.llama_generate.generate`, KV cache),
+    without the prompt: (time for 1 + K new tokens - time for 1) / K on a short text prompt, each timed on
+    its second call (the first compiles). K = `new_tokens`; EOS never stops it."""
     import jax
     import jax.numpy as jnp
 
-    from read_jax import llama
+    from read_jax import llama_generate
     from read_jax.build import load_model
 
     lm = load_model(work / "converted").llava.language_model
@@ -221,7 +221,7 @@ def decode_step(work: Path, new_tokens: int) -> dict:
 
     def timed(m: int) -> float:
         t0 = time.perf_counter()
-        tokens, _ = llama.generate(lm, input_ids=ids, max_new_tokens=m, eos_token_id=None)
+        tokens, _ = llama_generate.generate(lm, input_ids=ids, max_new_tokens=m, eos_token_id=None)
         jax.block_until_ready(tokens)
         return time.perf_counter() - t0
 

@@ -12,7 +12,8 @@ from flax import nnx
 from read_jax.config import ReadConfig
 from read_jax.convert.common import Converter, abstract_leaves, linear
 from read_jax.convert.llama import LLAMA_IGNORE, LLAMA_RULES
-from read_jax.llama import LlamaForCausalLM, _generate_jit, generate, generate_no_cache
+from read_jax.llama import LlamaForCausalLM
+from read_jax.llama_generate import _generate_jit, generate, generate_no_cache
 from read_jax.lora import count_params
 from tests.helpers import numpy_init_model, require_torch
 from torchref.llama import build_pair, hf_config, tiny_config

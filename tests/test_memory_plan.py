@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from read_jax import inference, llama, llava, xla_flags
+from read_jax import inference, llama_generate, llava, xla_flags
 from read_jax.config import ReadConfig
 from read_jax.data import pipeline as Pl
 from read_jax.eval import stages
@@ -87,7 +87,7 @@ def _stages(cfg: ReadConfig) -> dict:
             {},
         ),
         "generate": (
-            llama._generate_jit,
+            llama_generate._generate_jit,
             (
                 lg,
                 ls,
@@ -180,7 +180,8 @@ def body():
     import jax, jax.numpy as jnp
     from flax import nnx
     from read_jax.config import LlamaConfig
-    from read_jax.llama import LlamaForCausalLM, _generate_jit
+    from read_jax.llama import LlamaForCausalLM
+    from read_jax.llama_generate import _generate_jit
 
     # bf16 weights dominated by the decoder layers (a small vocabulary), as at 7B.
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=2048, num_hidden_layers=6,

@@ -13,7 +13,7 @@ from read_jax.config import ReadConfig
 from read_jax.data.conversation import build_prompt
 from read_jax.data.tokenizer import ReadTokenizer, tokenizer_image_token
 from read_jax.inference import predict, prepare_image, save_for_inference
-from read_jax.llama import generate_no_cache
+from read_jax.llama_generate import generate_no_cache
 from read_jax.read_model import ReadModel
 from tests.helpers import numpy_random_model
 
