@@ -138,6 +138,28 @@ def _generate_jit(
     return tokens, lengths
 
 
+def _run(
+    model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, use_cache
+):
+    """Validate the arguments (before any compile), then one jitted greedy loop."""
+    mask, eos = _prepare_generate(
+        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id
+    )
+    graphdef, state = nnx.split(model)
+    pad = jnp.int32(pad_token_id)
+    return _generate_jit(
+        graphdef,
+        state,
+        input_ids,
+        inputs_embeds,
+        mask,
+        eos,
+        pad,
+        max_new_tokens=max_new_tokens,
+        use_cache=use_cache,
+    )
+
+
 def generate(
     model: LlamaForCausalLM,
     *,
@@ -164,20 +186,8 @@ def generate(
     Raises:
       ValueError before compiling when T + M > max_position_embeddings or shapes are inconsistent.
     """
-    mask, eos = _prepare_generate(
-        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id
-    )
-    graphdef, state = nnx.split(model)
-    return _generate_jit(
-        graphdef,
-        state,
-        input_ids,
-        inputs_embeds,
-        mask,
-        eos,
-        jnp.int32(pad_token_id),
-        max_new_tokens=max_new_tokens,
-        use_cache=True,
+    return _run(
+        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, True
     )
 
 
@@ -196,18 +206,6 @@ def generate_no_cache(
     This is what READ's reference does (`use_cache=False`, §4); here it is the reference for the cached
     path in tests and the baseline of `benchmarks/decode.py`.
     """
-    mask, eos = _prepare_generate(
-        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id
-    )
-    graphdef, state = nnx.split(model)
-    return _generate_jit(
-        graphdef,
-        state,
-        input_ids,
-        inputs_embeds,
-        mask,
-        eos,
-        jnp.int32(pad_token_id),
-        max_new_tokens=max_new_tokens,
-        use_cache=False,
+    return _run(
+        model, input_ids, inputs_embeds, attention_mask, max_new_tokens, eos_token_id, pad_token_id, False
     )
