@@ -365,6 +365,7 @@ def test_command_writes_weights_and_held_out_figures(stage_run):
     assert ev["step"] == 4 and ev["num_scenes"] == 3 and ev["num_instances"] >= 9
     for k in ("point", "centroid", "box", "sasp", "class"):
         assert 0.0 <= ev[f"mIoU_{k}"] <= 1.0
+    assert 0.0 <= ev["cell_color_acc"] <= 1.0 and 0.0 <= ev["cell_kind_acc"] <= 1.0
     meta = json.loads((stage_run / "sam" / sam_export.SAM_CONFIG).read_text())
     assert meta["stage"] == "pretrain_sam" and meta["step"] == 4
     # rerunning the finished stage trains nothing and reproduces the export
@@ -374,6 +375,33 @@ def test_command_writes_weights_and_held_out_figures(stage_run):
     assert pretrain_sam.main(["--config", CONFIG + ":smoke", "--workdir", str(stage_run), "--no-eval"]) == 0
     after = sam_export.load_sam_stage(stage_run / "sam")
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_held_out_attribute_readout_counts_every_owned_cell_once():
+    """On the shapes SAM (16 x 16 cells), 3 held-out scenes in batches of 2: the readout is scored on every
+    cell a shape owns, the padding copy of the last batch not counted, and its accuracy is the fraction of
+    those cells whose code readout is right (recomputed here from the embeddings)."""
+    from read_jax.pretrain import sam_eval
+
+    config = load_config_file(CONFIG + ":attributes")
+    config.eval.num_scenes, config.eval.batch_size = 3, 2
+    setup = sam_train.setup_sam(config, sam_train.make_mesh(config.mesh))
+    params, rest = setup.init()
+    ev = sam_eval.evaluate(setup, params, rest, config)
+    sam = setup.merge(params, rest)
+    right = owned = 0
+    for i in range(3):
+        ex, _ = sam_eval.eval_example(
+            i, seed=0, sam_cfg=setup.cfg, pc=prompt_config(config.data), ec=config.eval
+        )
+        emb = np.asarray(sam_step.embed_images(sam, ex["images"][None], ex["input_hw"][None]))[0]
+        codes = sam_data.attribute_codes(emb.shape[-1])[: len(COLORS)]
+        guess = (emb @ codes.T).argmax(-1)
+        lab = ex["cell_colors"]
+        right += int(((guess == lab) & (lab >= 0)).sum())
+        owned += int((lab >= 0).sum())
+    assert owned > 0 and ev["num_owned_cells"] == owned
+    assert ev["cell_color_acc"] == pytest.approx(right / owned, abs=1e-9)
 
 
 def test_resume_gives_the_uninterrupted_params(stage_run, tmp_path):

@@ -15,7 +15,10 @@ upsampled to that resolution as READ does (`transforms.postprocess_masks_padded`
             token that knows the object could get from this SAM (scored whether or not the stage trained
             on such prompts)
 
-mIoU is the mean over instances. Prompts come from `default_rng([seed, EVAL_STREAM, index, 2])`.
+mIoU is the mean over instances. Beside them, the embedding's attribute readout (`sam_step.attribute_logits`:
+each cell against the attribute codes) is scored on every cell one shape owns (`sam_data.cell_attributes`):
+`cell_color_acc` / `cell_kind_acc`, what SESAME's one-token prompt can match in this SAM (the plain stage is
+not trained for the readout). Prompts come from `default_rng([seed, EVAL_STREAM, index, 2])`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 from read_jax.config import ConfigError
 from read_jax.data.preprocess import polygon_mask
 from read_jax.pretrain import sam_data
-from read_jax.pretrain.sam_step import decode, embed_images, encode_prompts
+from read_jax.pretrain.sam_step import attribute_logits, decode, embed_images, encode_prompts
 from read_jax.sam.transforms import postprocess_masks_padded
 
 KINDS = ("point", "centroid", "box", "sasp", "class")
@@ -62,6 +65,9 @@ def eval_example(index: int, *, seed: int, sam_cfg, pc: sam_data.PromptConfig, e
         "boxes": np.zeros((m, 4), np.float32),
         "class_tokens": np.zeros((m, 1, sam_cfg.prompt_embed_dim), np.float32),
     }
+    out["cell_colors"], out["cell_kinds"] = sam_data.cell_attributes(
+        sc["frame"], sc["colors"], sc["kinds"], sam_cfg.image_embedding_size
+    )
     codes = sam_data.attribute_codes(sam_cfg.prompt_embed_dim)
     for k in ("point", "centroid", "sasp"):
         out[k + "_points"] = np.zeros((m, slots, 2), np.float32)
@@ -84,7 +90,7 @@ def eval_example(index: int, *, seed: int, sam_cfg, pc: sam_data.PromptConfig, e
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _scores(graphdef, params, rest, batch: dict) -> dict:
-    """(intersection, union) int32[B, I] of every prompt kind."""
+    """(intersection, union) int32[B, I] of every prompt kind; (right, owned) int32[B] cells per attribute."""
     from flax import nnx
 
     sam = nnx.merge(graphdef, params, rest)
@@ -109,6 +115,9 @@ def _scores(graphdef, params, rest, batch: dict) -> dict:
     # the point kinds come first (in KINDS order), then the boxes, then the attribute prompts
     order = point_kinds + ["box", "class"]
     out = {k: (inter[:, i], union[:, i]) for i, k in enumerate(order)}
+    for name, lo in zip(("color", "kind"), attribute_logits(emb)):
+        lab = batch[f"cell_{name}s"]
+        out[f"cell_{name}"] = (((lo.argmax(-1) == lab) & (lab >= 0)).sum((1, 2)), (lab >= 0).sum((1, 2)))
     return out
 
 
@@ -120,6 +129,7 @@ def evaluate(setup, params, rest, config, *, progress: bool = False) -> dict:
     n, bs = int(ec.num_scenes), int(ec.batch_size)
     t0 = time.perf_counter()
     ious = {k: [] for k in KINDS}
+    cells = {"color": np.zeros(2, np.int64), "kind": np.zeros(2, np.int64)}  # right, owned
     shape_kinds: list[str] = []
     it = range(0, n, bs)
     if progress:
@@ -140,6 +150,8 @@ def evaluate(setup, params, rest, config, *, progress: bool = False) -> dict:
         for k in KINDS:
             inter, union = (np.asarray(a)[: len(idx)] for a in scores[k])
             ious[k].extend((inter / np.maximum(union, 1))[valid].tolist())
+        for name, acc in cells.items():
+            acc += [int(np.asarray(a)[: len(idx)].sum()) for a in scores[f"cell_{name}"]]
     point = np.asarray(ious["point"])
     per_shape = {s: float(point[np.asarray(shape_kinds) == s].mean()) for s in sorted(set(shape_kinds))}
     return {
@@ -147,5 +159,7 @@ def evaluate(setup, params, rest, config, *, progress: bool = False) -> dict:
         "num_instances": len(point),
         **{f"mIoU_{k}": float(np.mean(v)) for k, v in ious.items()},
         "mIoU_point_by_shape": per_shape,
+        **{f"cell_{k}_acc": float(v[0] / max(v[1], 1)) for k, v in cells.items()},
+        "num_owned_cells": int(cells["color"][1]),
         "wall_s": time.perf_counter() - t0,
     }

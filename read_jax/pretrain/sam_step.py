@@ -145,6 +145,16 @@ def mask_terms(logits: Array, targets: Array, valid: Array, lc: LossConfig) -> d
     return {"focal": focal, "dice": dice, "iou": inter / jnp.maximum(union, 1.0)}
 
 
+def attribute_logits(emb: Array) -> tuple[Array, Array]:
+    """float[B, h, w, C] embeddings -> (float32[B, h, w, colours], float32[B, h, w, kinds]): each cell against
+    the attribute codes (`sam_data.attribute_codes`), scaled by 1 / sqrt(C)."""
+    from read_jax.pretrain.sam_data import COLORS, attribute_codes
+
+    codes = jnp.asarray(attribute_codes(emb.shape[-1]))
+    logits = jnp.einsum("bhwc,ac->bhwa", emb.astype(jnp.float32), codes) / jnp.sqrt(emb.shape[-1])
+    return logits[..., : len(COLORS)], logits[..., len(COLORS) :]
+
+
 def attribute_loss(emb: Array, cell_colors: Array, cell_kinds: Array) -> tuple[Array, dict[str, Array]]:
     """Cross-entropy of each owned cell's colour and kind, the logits being the cell's embedding against the
     attribute codes (`sam_data.attribute_codes`, no parameters: the codes a prompt naming the object carries)
@@ -153,13 +163,9 @@ def attribute_loss(emb: Array, cell_colors: Array, cell_kinds: Array) -> tuple[A
     Args:
       emb: float[B, h, w, C]; cell_colors / cell_kinds: int[B, h, w], -1 where no shape owns the cell.
     """
-    from read_jax.pretrain.sam_data import COLORS, attribute_codes
-
-    codes = jnp.asarray(attribute_codes(emb.shape[-1]))
-    logits = jnp.einsum("bhwc,ac->bhwa", emb.astype(jnp.float32), codes) / jnp.sqrt(emb.shape[-1])
-    n = len(COLORS)
     out, terms = {}, []
-    for name, lo, lab in (("color", logits[..., :n], cell_colors), ("kind", logits[..., n:], cell_kinds)):
+    color_logits, kind_logits = attribute_logits(emb)
+    for name, lo, lab in (("color", color_logits, cell_colors), ("kind", kind_logits, cell_kinds)):
         own = (lab >= 0).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(lo, jnp.maximum(lab, 0))
         cells = jnp.maximum(own.sum(), 1.0)
