@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from read_jax.data.preprocess import sam_normalize
+from read_jax.pretrain.sam_data import COLORS, attribute_codes
 from read_jax.sam import Sam
 
 Array = jax.Array
@@ -148,8 +149,6 @@ def mask_terms(logits: Array, targets: Array, valid: Array, lc: LossConfig) -> d
 def attribute_logits(emb: Array) -> tuple[Array, Array]:
     """float[B, h, w, C] embeddings -> (float32[B, h, w, colours], float32[B, h, w, kinds]): each cell against
     the attribute codes (`sam_data.attribute_codes`), scaled by 1 / sqrt(C)."""
-    from read_jax.pretrain.sam_data import COLORS, attribute_codes
-
     codes = jnp.asarray(attribute_codes(emb.shape[-1]))
     logits = jnp.einsum("bhwc,ac->bhwa", emb.astype(jnp.float32), codes) / jnp.sqrt(emb.shape[-1])
     return logits[..., : len(COLORS)], logits[..., len(COLORS) :]
