@@ -496,3 +496,11 @@ def test_read_run_without_its_sam_stage_fails_before_building(tmp_path):
     c.init.sam = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"init\.sam=.*nowhere: does not exist.*cli\.pretrain_sam"):
         train_and_evaluate(c, tmp_path / "run")
+
+
+def test_logged_window_mean_leaves_out_nan_steps_and_keeps_an_absent_metric_nan(recwarn):
+    """A metric NaN at some steps is averaged over the others; one NaN at every step (a prompt kind the
+    config does not draw) is logged as NaN, quietly."""
+    assert sam_train._window_mean([1.0, np.nan, 4.0]) == 2.5
+    assert np.isnan(sam_train._window_mean([np.nan, np.nan]))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

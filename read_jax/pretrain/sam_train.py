@@ -282,7 +282,7 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
                 pending = None
             if window and (step % log_every == 0 or step == end):
                 dt = time.perf_counter() - t_window
-                last = {k: float(np.nanmean([w[k] for w in window])) for k in window[0]}
+                last = {k: _window_mean([w[k] for w in window]) for k in window[0]}
                 last.update(
                     steps_per_s=len(window) / dt, data_wait_frac=wait_s / dt, lr=float(schedule(step - 1))
                 )
@@ -304,6 +304,14 @@ def _loop(config, workdir, step_fn, params, rest, opt_state, schedule, setup, ck
             bar.close()
         writer.close()
     return params, opt_state, last
+
+
+def _window_mean(values) -> float:
+    """The mean of a logging window's values of one metric, NaN steps left out (a prompt kind absent from
+    this config's batches is NaN at every step: it stays NaN, without numpy's empty-slice warning)."""
+    x = np.asarray(values, np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
 
 
 def run(config, workdir: str | os.PathLike, *, evaluate: bool = True, stop_at: int | None = None) -> dict:
