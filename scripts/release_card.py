@@ -47,12 +47,62 @@ def _kinds(summary: dict) -> str:
     return ", ".join(f"{k} {v['gIoU']:.3f}" for k, v in sorted(per.items()))
 
 
+def _run_config(workdir: Path) -> dict:
+    """The run config a stage trained with: the meta of its latest checkpoint (train.py and pretrain_sam
+    both record it there)."""
+    from read_jax.train.checkpoints import RunCheckpoints
+
+    ckpts = RunCheckpoints(workdir, keep=1, async_save=False)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise SystemExit(f"release_card: {workdir} holds no checkpoint (run scripts/pretrain_tiny.sh)")
+        return ckpts.read_meta(step).get("config") or {}
+    finally:
+        ckpts.close()
+
+
+def _mix(rates) -> str:
+    """'read_7b' -> 'the read_7b mix (sem_seg 10, refer_seg 1, ...)'; a {source: rate} mix spelled out."""
+    from read_jax.data.mixture import RATE_PRESETS
+
+    named = RATE_PRESETS.get(rates) if isinstance(rates, str) else None
+    parts = named or (rates if isinstance(rates, dict) else dict(p.split(":") for p in str(rates).split(",")))
+    listed = ", ".join(f"{k} {float(v):g}" for k, v in parts.items())
+    return f"the {rates} mix ({listed})" if named else f"the mix {listed}"
+
+
+def _sam_row(sam_cfg: dict, sam: dict) -> tuple[str, str, str]:
+    attributes = int(sam_cfg["data"].get("class_prompts", 0)) > 0 and (
+        float(sam_cfg["train"].get("attribute_weight", 0.0)) > 0
+    )
+    trains = "SAM's encoder, prompt encoder and mask decoder on point and box prompts"
+    figure = (
+        f"mIoU from one point {sam['mIoU_point']:.3f}, the box {sam['mIoU_box']:.3f}, SasP-like points "
+        f"{sam['mIoU_sasp']:.3f}"
+    )
+    if attributes:
+        trains += ", attribute prompts and cell attributes (`configs/pretrain_sam.py:attributes`)"
+        figure += (
+            f", the attribute prompt {sam['mIoU_class']:.3f}; the embedding's cell readout colour "
+            f"{sam['cell_color_acc']:.2f}, kind {sam['cell_kind_acc']:.2f}"
+        )
+    steps = int(sam_cfg["train"]["total_steps"])
+    return (
+        "SAM (`python -m read_jax.cli.pretrain_sam`)",
+        f"{trains}; {steps} steps",
+        f"{figure} ({sam['num_instances']} instances)",
+    )
+
+
 def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path, commit: str = "") -> str:
     commit = commit or _commit()
     vqa = _load(chain / "llava" / "vqa_val.json")
     sam = _load(chain / "sam" / "eval.json")
     ses = _load(chain / "sesame" / "eval_test" / "summary.json")
     conv = _load(converted / "summary.json")
+    ses_cfg = _run_config(chain / "sesame")
+    ses_steps = int(ses_cfg["train"]["epochs"]) * int(ses_cfg["train"]["steps_per_epoch"])
     other = vqa.get("other_image")  # `vqa_eval --image-control`: each question asked about another image
     per_kind = ", ".join(
         f"{k} {v['exact']:.3f}" + (f" / {other['per_kind'][k]['exact']:.3f}" if other else "")
@@ -78,15 +128,11 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
             "CLIP + projector + LLaMA on the scenes' conversations, text loss",
             vqa_figure,
         ),
-        (
-            "SAM (`configs/pretrain_sam.py`)",
-            "SAM's encoder, prompt encoder and mask decoder on point and box prompts",
-            f"mIoU from one point {sam['mIoU_point']:.3f}, the box {sam['mIoU_box']:.3f}, SasP-like points "
-            f"{sam['mIoU_sasp']:.3f} ({sam['num_instances']} instances)",
-        ),
+        _sam_row(_run_config(chain / "sam"), sam),
         (
             "SESAME (`configs/tiny.py:sesame`)",
-            "the [SEG] model, SasP off, on SESAME's mix with false premises",
+            f"the [SEG] model, SasP off, {ses_steps} steps on {_mix(ses_cfg['data']['rates'])} with false "
+            "premises",
             f"ReasonSeg test gIoU {ses['gIoU']:.3f} cIoU {ses['cIoU']:.3f} ({_kinds(ses)})",
         ),
         (

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from read_jax.train.config import load_config_file
+
 ROOT = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(
     r"quickstart: READ gIoU (\d\.\d{3}) cIoU (\d\.\d{3}) on (\d+) held-out queries "
@@ -83,6 +85,12 @@ def test_pretraining_chain_ships_a_sesame_release_with_its_card(release):
     assert f"VQA exact match {vqa['exact']:.3f}" in card
     assert f"{vqa['other_image']['exact']:.3f} when each is asked about another scene's image" in card
     assert "bash scripts/pretrain_tiny.sh" in card
+    # what each stage trained on is read from its run config, not typed into the card
+    sam = json.loads((base / "chain" / "sam" / "eval.json").read_text())
+    assert f"the attribute prompt {sam['mIoU_class']:.3f}" in card  # the chain's SAM stage is :attributes
+    ses_cfg = load_config_file(str(ROOT / "configs" / "tiny.py") + ":sesame,smoke")
+    steps = ses_cfg.train.epochs * ses_cfg.train.steps_per_epoch
+    assert f"{steps} steps on the {ses_cfg.data.rates} mix (sem_seg 10, refer_seg 1, " in card
 
 
 def test_quickstart_runs_end_to_end_and_its_last_line_is_the_report(release, tmp_path):
