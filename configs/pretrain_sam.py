@@ -22,8 +22,8 @@ SESAME's [SEG] prompt (`sam_data`): two attribute prompts per image beside the 8
 token naming a colour, a kind or both -> every such instance), and each owned embedding cell's colour and kind
 scored against the same codes (`train.attribute_weight`). Measured (seed 0, 2000 steps, 429 s on 2 cores):
 held-out mIoU 0.812 from one point, 0.851 centroid, 0.842 box, 0.826 SasP-like, 0.618 from the attribute
-prompt naming the instance's colour and kind; held-out cell readout colour 1.00, kind 0.36. The shipped
-release was made with the plain stage; the chain moves to this one with its next release (README).
+prompt naming the instance's colour and kind; held-out cell readout colour 1.00, kind 0.36. The chain
+(`scripts/pretrain_tiny.sh`) runs this variant since the second tiny SESAME release (docs/tiny_chain.md).
 """
 
 from read_jax.pretrain.sam_config import default_config

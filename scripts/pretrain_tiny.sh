@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The tiny pretraining chain that makes the shipped tiny SESAME release (assets/tiny-sesame), READ's own
 # starting point in miniature: LLaVA stage (CLIP + projector + LLaMA on the shapes world's conversations) ->
-# SAM stage (SAM on point and box prompts) -> SESAME stage (the [SEG] model, SasP off, on SESAME's mix) ->
-# export in a SESAME release's layout. Each stage resumes from its own checkpoints when rerun, and a stage
+# SAM stage (SAM on point, box and attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on READ-7B's
+# mix: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage resumes from its own checkpoints when rerun, and a stage
 # whose predecessor is missing stops with a message naming the command that makes it.
 #
 #   bash scripts/pretrain_tiny.sh                 # everything, CPU (see README for the wall time)
@@ -19,8 +19,8 @@ SEED=${SEED:-0}
 SMOKE=${SMOKE:-}
 README=${README:-}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-v=""; sam_cfg=configs/pretrain_sam.py
-if [ -n "$SMOKE" ]; then v=",smoke"; sam_cfg=configs/pretrain_sam.py:smoke; fi
+v=""; sam_cfg=configs/pretrain_sam.py:attributes
+if [ -n "$SMOKE" ]; then v=",smoke"; sam_cfg=configs/pretrain_sam.py:attributes,smoke; fi
 common=(--config.data.root="$DATA" --config.init.seed="$SEED")
 
 echo "== LLaVA stage -> $OUT/llava"
