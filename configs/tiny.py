@@ -27,8 +27,9 @@ The real READ never learns grounding from nothing: READ-7B continues SESAME, whi
             correct_refer_seg, vqa, neg_refer_seg, reason_seg = 10:1:1:1:1:10), not SESAME's 10:10:2:3:1:1,
             because the real SESAME starts from an LLM that already reasons and this one has seen only the
             scenes' conversations. Measured on a lent H200 from the attribute SAM stage and a LLaVA stage on
-            a dense-label CLIP: validation gIoU 0.198 at step 1000 with SESAME's mix (1 ReasonSeg sample in
-            27), 0.247 at 1200 with READ-7B's (10 in 24), 0.274 at 2000 with ReasonSeg alone (README).
+            a dense-label CLIP (docs/tiny_chain.md): validation gIoU 0.198 at step 1000 with SESAME's mix (1
+            ReasonSeg sample in 27), 0.247 at 1200 with READ-7B's (10 in 24), 0.274 at 2000 with ReasonSeg
+            alone.
   * read:   READ's recipe on that release: LoRA r=8 on q/v, embed_tokens/lm_head/mask decoder/fcs trainable,
             towers frozen, CE + 2 BCE + 0.5 Dice, SasP on with READ-7B's thresholds and point count, READ's
             ReasonSeg mix 10:1:1:1:1:10.

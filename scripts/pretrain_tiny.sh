@@ -2,8 +2,9 @@
 # The tiny pretraining chain that makes the shipped tiny SESAME release (assets/tiny-sesame), READ's own
 # starting point in miniature: LLaVA stage (CLIP + projector + LLaMA on the shapes world's conversations) ->
 # SAM stage (SAM on point, box and attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on READ-7B's
-# mix: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage resumes from its own checkpoints when rerun, and a stage
-# whose predecessor is missing stops with a message naming the command that makes it.
+# mix: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage resumes from its own
+# checkpoints when rerun, and a stage whose predecessor is missing stops with a message naming the command
+# that makes it.
 #
 #   bash scripts/pretrain_tiny.sh                 # everything, CPU (see README for the wall time)
 #   OUT=runs/tiny SEED=0 bash scripts/pretrain_tiny.sh

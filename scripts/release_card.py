@@ -62,14 +62,15 @@ def _run_config(workdir: Path) -> dict:
         ckpts.close()
 
 
-def _mix(rates) -> str:
-    """'read_7b' -> 'the read_7b mix (sem_seg 10, refer_seg 1, ...)'; a {source: rate} mix spelled out."""
+def _mix(rates: str) -> str:
+    """'read_7b' -> 'the read_7b mix (sem_seg 10, refer_seg 1, ...)'; a 'name:rate,...' mix spelled out."""
+    from read_jax.data.loaders import parse_rates
     from read_jax.data.mixture import RATE_PRESETS
 
-    named = RATE_PRESETS.get(rates) if isinstance(rates, str) else None
-    parts = named or (rates if isinstance(rates, dict) else dict(p.split(":") for p in str(rates).split(",")))
+    parsed = parse_rates(rates)
+    parts = RATE_PRESETS[parsed] if isinstance(parsed, str) else parsed
     listed = ", ".join(f"{k} {float(v):g}" for k, v in parts.items())
-    return f"the {rates} mix ({listed})" if named else f"the mix {listed}"
+    return f"the {rates} mix ({listed})" if isinstance(parsed, str) else f"the mix {listed}"
 
 
 def _sam_row(sam_cfg: dict, sam: dict) -> tuple[str, str, str]:
