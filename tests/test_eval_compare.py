@@ -8,7 +8,7 @@ import json
 from read_jax.eval import compare
 
 
-def _run(d, g, c, kinds, ids, fg=None, see=None):
+def _run(d, g, c, kinds, ids, fg=None, see=None, top=None):
     d.mkdir()
     s = {
         "gIoU": g,
@@ -20,6 +20,8 @@ def _run(d, g, c, kinds, ids, fg=None, see=None):
         s["all_foreground"] = {"gIoU": fg[0], "cIoU": fg[1]}
     if see is not None:
         s["See"] = see
+    if top is not None:
+        s["sasp_points"] = {"top_on_target": top}
     (d / "summary.json").write_text(json.dumps(s))
     (d / "samples.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
     return str(d)
@@ -28,7 +30,7 @@ def _run(d, g, c, kinds, ids, fg=None, see=None):
 def test_compare_table_readme_and_last_line(tmp_path, capsys):
     ids = [f"q{i}" for i in range(250)]
     a = _run(tmp_path / "a", 0.41, 0.43, {"smallest": 0.8, "relation": 0.2}, ids, fg=(0.031, 0.029))
-    b = _run(tmp_path / "b", 0.5123, 0.5349, {"smallest": 0.9, "relation": 0.35}, ids[::-1])
+    b = _run(tmp_path / "b", 0.5123, 0.5349, {"smallest": 0.9, "relation": 0.35}, ids[::-1], top=0.6171)
     fa = _run(tmp_path / "fa", 0, 0, {}, [], see=0.62)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- quickstart:begin -->\nold figures\n<!-- quickstart:end -->\nrest\n")
@@ -39,10 +41,11 @@ def test_compare_table_readme_and_last_line(tmp_path, capsys):
         out[-1]
         == "quickstart: READ gIoU 0.512 cIoU 0.535 on 250 held-out queries (tiny SESAME gIoU 0.410) in 812 s"
     )
-    assert out[0] == "| model | gIoU | cIoU | relation gIoU | smallest gIoU | See |"
-    assert "| tiny SESAME | 0.410 | 0.430 | 0.200 | 0.800 | 0.620 |" in out
-    assert "| READ | 0.512 | 0.535 | 0.350 | 0.900 | — |" in out
-    assert "| all-foreground baseline | 0.031 | 0.029 | — | — | — |" in out
+    head = "| model | gIoU | cIoU | relation gIoU | smallest gIoU | See | SasP top point on target |"
+    assert out[0] == head
+    assert "| tiny SESAME | 0.410 | 0.430 | 0.200 | 0.800 | 0.620 | — |" in out  # SasP off: no points
+    assert "| READ | 0.512 | 0.535 | 0.350 | 0.900 | — | 0.617 |" in out
+    assert "| all-foreground baseline | 0.031 | 0.029 | — | — | — | — |" in out
     text = readme.read_text()
     assert "old figures" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "| READ | 0.512 |" in text and f"`{out[-1]}`" in text  # the run's last line, with its time

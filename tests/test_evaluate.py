@@ -159,12 +159,13 @@ def single(model, cfg, batches, reader, tokenizer, tmp_path_factory):
 
 def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(single, reader, batches):
     summary, _, jsonl, _, compiles = single
-    gt_stats = {}
+    gt_stats, gts = {}, {}
     for b in batches:
         for r in np.flatnonzero(b["image_valid"]):
             h, w = b["mask_hw"][r]
             gt = b["masks"][r, :h, :w]
             gt_stats[b["sample_id"][r]] = (int((gt == 1).sum()), int((gt != 255).sum()))
+            gts[b["sample_id"][r]] = (gt, b["orig_hw"][r])
     with open(jsonl) as f:
         recs = [json.loads(line) for line in f]
     # Every real sample exactly once, no padding row.
@@ -208,8 +209,94 @@ def test_evaluate_reasonseg_figures_equal_independent_computation_from_jsonl(sin
         fg, keep = gt_stats[r["id"]]
         assert (r["fg_intersection"], r["fg_union"]) == (fg, keep)  # all-foreground: I = GT, U = the image
         assert r["ts_iou"] >= fg / (keep + 1e-5) and r["ts_intersection"] <= fg <= r["ts_union"] <= keep
+    # Where SasP's points fell, looked up in the GT at the nearest original pixel (the first point is the
+    # map's maximum, always positive); the JSONL's 2 decimals cannot move a point across a half pixel here.
+    for r in recs:
+        gt, (oh, ow) = gts[r["id"]]
+        x, y, lab = r["points"][0]
+        assert lab == 1 and r["positive_points"] == sum(p[2] == 1 for p in r["points"])
+        assert min(abs(v % 1 - 0.5) for v in (x, y)) > 0.01
+        py, px = min(max(round(y), 0), oh - 1), min(max(round(x), 0), ow - 1)
+        on = gt[int((py + 0.5) * gt.shape[0] / oh), int((px + 0.5) * gt.shape[1] / ow)] == 1
+        assert r["top_point_on_target"] == on, r["id"]
+        assert 0 <= r["positive_points_on_target"] <= r["positive_points"]
+    hits = summary["sasp_points"]
+    assert hits["num_queries"] == NUM_VAL
+    assert hits["top_on_target"] == pytest.approx(np.mean([r["top_point_on_target"] for r in recs]))
+    on_all = sum(r["positive_points_on_target"] for r in recs) / sum(r["positive_points"] for r in recs)
+    assert hits["positives_on_target"] == pytest.approx(on_all)
     # One compile per stage for the whole split (two batches).
     assert compiles["encode"] == 1 and compiles["decode"] == 1
+
+
+def test_points_on_gt_looks_points_up_in_the_downscaled_gt():
+    """Row 0: a 40x60 (HxW) image whose GT is stored at half size (20x30) on a 24x32 canvas, target the GT
+    block [5:10, 10:20) = original y in [10, 20), x in [20, 40); a 255 (ignored) pixel is off. Row 1 has no
+    GT (mask_hw 0): every point off, even where its canvas holds ones."""
+    gt = np.zeros((2, 24, 32), np.uint8)
+    gt[0, 5:10, 10:20] = 1
+    gt[0, 0, 0] = 255
+    gt[1] = 1
+    pts = np.array(
+        [
+            [[20.0, 10.0], [39.4, 19.4], [39.6, 15.0], [19.4, 15.0], [19.6, 15.0], [0.2, 0.2], [59.9, 39.9]],
+            [[20.0, 10.0]] * 7,
+        ],
+        np.float32,
+    )
+    on = stages.points_on_gt(
+        jnp.asarray(gt), jnp.array([[20, 30], [0, 0]]), jnp.array([[40, 60], [40, 60]]), jnp.asarray(pts)
+    )
+    # nearest original pixels (20, 10), (39, 19), (40, 15), (19, 15), (20, 15), (0, 0), (59, 39)
+    want = [[True, True, False, False, True, False, False], [False] * 7]
+    np.testing.assert_array_equal(np.asarray(on), want)
+
+
+def test_point_hits_of_a_record_and_their_summary():
+    lab = np.array([1, 1, 0, 1, -1])
+    assert erec._point_hits(lab, np.array([True, False, False, True, True])) == {
+        "top_point_on_target": True,
+        "positive_points": 3,
+        "positive_points_on_target": 2,
+    }
+    assert erec._point_hits(np.full(5, -1), np.ones(5, bool)) == {}  # SasP off: no positive point
+    recs = [
+        {
+            "top_point_on_target": True,
+            "positive_points": 3,
+            "positive_points_on_target": 2,
+            "query_kind": "a",
+        },
+        {
+            "top_point_on_target": False,
+            "positive_points": 1,
+            "positive_points_on_target": 0,
+            "query_kind": "b",
+        },
+        {
+            "top_point_on_target": False,
+            "positive_points": 4,
+            "positive_points_on_target": 0,
+            "query_kind": "b",
+        },
+        # a false premise (no target) is not counted
+        {
+            "top_point_on_target": False,
+            "positive_points": 2,
+            "positive_points_on_target": 0,
+            "query_kind": "b",
+            "gt_presence": False,
+        },
+    ]
+    hits = erec.point_hits_summary(recs)
+    assert hits == {
+        "top_on_target": pytest.approx(1 / 3),
+        "positives_on_target": pytest.approx(2 / 8),
+        "positives_per_query": pytest.approx(8 / 3),
+        "num_queries": 3,
+        "by_query_kind": {"a": 1.0, "b": 0.0},
+    }
+    assert erec.point_hits_summary([{"iou": 0.5}]) is None
 
 
 def test_evaluate_per_query_iou_matches_model_call(model, cfg, batches, single):

@@ -7,9 +7,10 @@
 Each `--run NAME DIR` is an `evaluate.py --out DIR` of the ReasonSeg protocol (its `summary.json` and
 `samples.jsonl`); `--see NAME DIR` adds that model's FP-RefCOCO "See" accuracy (an `evaluate.py` run of an
 `fprefcoco*` split). The table has gIoU / cIoU overall and per query kind, the all-foreground baseline (the
-same queries scored with every pixel predicted) and See. The runs must have scored the same queries (same
-ids), or the comparison is refused. `--readme` replaces the block between `<!-- quickstart:begin -->` and
-`<!-- quickstart:end -->` with the table, so the README's figures are the command's, not typed by hand.
+same queries scored with every pixel predicted), See, and for SasP runs how often the similarity map's maximum
+(SasP's first point) lies on the target (`summary["sasp_points"]`). The runs must have scored the same queries
+(same ids), or the comparison is refused. `--readme` replaces the block between `<!-- quickstart:begin -->`
+and `<!-- quickstart:end -->` with the table, so the README's figures are the command's, not typed by hand.
 
 The last line printed is machine-readable:
 
@@ -51,16 +52,17 @@ def _fmt(x) -> str:
 def table(runs: Sequence[tuple[str, dict]], see: Mapping[str, float]) -> str:
     """A markdown table: a row per run, then the all-foreground baseline of the first run's queries."""
     kinds = sorted({k for _, s in runs for k in s.get("by_query_kind", {})})
-    head = ["model", "gIoU", "cIoU", *(f"{k} gIoU" for k in kinds), "See"]
+    head = ["model", "gIoU", "cIoU", *(f"{k} gIoU" for k in kinds), "See", "SasP top point on target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in runs:
         per = s.get("by_query_kind", {})
         cells = [name, _fmt(s["gIoU"]), _fmt(s["cIoU"])]
         cells += [_fmt(per.get(k, {}).get("gIoU")) for k in kinds] + [_fmt(see.get(name))]
+        cells.append(_fmt(s.get("sasp_points", {}).get("top_on_target")))
         lines.append("| " + " | ".join(cells) + " |")
     fg = runs[0][1].get("all_foreground")
     if fg:  # scored overall only
-        cells = ["all-foreground baseline", _fmt(fg["gIoU"]), _fmt(fg["cIoU"]), *(["—"] * (len(kinds) + 1))]
+        cells = ["all-foreground baseline", _fmt(fg["gIoU"]), _fmt(fg["cIoU"]), *(["—"] * (len(kinds) + 2))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -112,12 +112,52 @@ def batch_records(
             "pred_area": int(res["area"][r]),
             "points": points_json(res["points"][r], res["labels"][r]),
         }
+        if "points_on_gt" in res:
+            rec.update(_point_hits(np.asarray(res["labels"][r]), np.asarray(res["points_on_gt"][r])))
         if "exists" in batch:
             rec["gt_presence"] = bool(np.asarray(batch["exists"])[r])
         if meta_fn is not None:
             rec.update(meta_fn(int(ex_index[b]), j))
         recs.append(rec)
     return recs
+
+
+def _point_hits(labels: np.ndarray, on_gt: np.ndarray) -> dict:
+    """Where a row's SasP points fell: its first point (the similarity map's maximum, positive by the rule) on
+    the target, and how many of its positive points are. Empty when SasP gave no positive (SasP off)."""
+    pos = labels == 1
+    if not pos.any():
+        return {}
+    return {
+        "top_point_on_target": bool(pos[0] and on_gt[0]),
+        "positive_points": int(pos.sum()),
+        "positive_points_on_target": int((pos & on_gt).sum()),
+    }
+
+
+def point_hits_summary(records: Sequence[Mapping[str, Any]]) -> dict | None:
+    """How often SasP points at the target, over the queries that have one (`gt_presence`) and SasP points:
+    top_on_target (the first point on it: the fraction of queries), positives_on_target (the fraction of all
+    positive points), positives_per_query, num_queries, and top_on_target per query kind when the records
+    carry one. None when no record has SasP points."""
+    recs = [r for r in records if "top_point_on_target" in r and r.get("gt_presence", True)]
+    if not recs:
+        return None
+
+    def top(rs):
+        return float(np.mean([r["top_point_on_target"] for r in rs]))
+
+    pos = sum(r["positive_points"] for r in recs)
+    out = {
+        "top_on_target": top(recs),
+        "positives_on_target": sum(r["positive_points_on_target"] for r in recs) / pos,
+        "positives_per_query": pos / len(recs),
+        "num_queries": len(recs),
+    }
+    if all(r.get("query_kind") for r in recs):
+        kinds = sorted({r["query_kind"] for r in recs})
+        out["by_query_kind"] = {k: top([r for r in recs if r["query_kind"] == k]) for k in kinds}
+    return out
 
 
 def summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
@@ -142,6 +182,8 @@ def summary_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
         out["points_as_prompt"] = meter(records, "pp_intersection", "pp_union")
     if records and "fg_intersection" in records[0]:
         out["all_foreground"] = meter(records, "fg_intersection", "fg_union")
+    if hits := point_hits_summary(records):
+        out["sasp_points"] = hits
     if records and all(r.get("query_kind") for r in records):  # the generated shapes set (`evaluate.py`)
         kinds = sorted({r["query_kind"] for r in records})
         out["by_query_kind"] = {k: meter([r for r in records if r["query_kind"] == k]) for k in kinds}

@@ -118,7 +118,7 @@ def decode(
     Returns (all leading dim R):
       inter, union int32 (foreground I/U at `mask_hw`, GT 255 ignored), area int32 (predicted pixels),
       fg_inter, fg_union int32 (the same for an all-foreground prediction), seg_valid bool,
-      points float32[R, Q, 2] (x, y original pixels), labels int32[R, Q];
+      points float32[R, Q, 2] (x, y original pixels), labels int32[R, Q], points_on_gt bool[R, Q];
       with threshold_search: hist_fg, hist_all int32[R, K + 1];
       with points_prompt: pp_inter, pp_union int32, pp_points, pp_labels;
       with return_maps: pred_mask bool[R, Hc, Wc], sim_map float16[R, Hc, Wc] (+ pp_mask);
@@ -140,6 +140,7 @@ def decode(
     masks = stage(sasp_cfg=sasp_cfg)  # low-res logits only: upsampled band by band below
     lows = {"": masks.low_res_logits}
     out = {"seg_valid": enc.seg_valid, "points": masks.points, "labels": masks.point_labels}
+    out["points_on_gt"] = points_on_gt(batch["masks"], mask_hw, batch["orig_hw"][conv_image], masks.points)
     if opts.points_prompt is not None:
         # Points (+ SAM's padding point) only, as plain SAM prompting: no [SEG] token.
         pp = stage(sasp_cfg=opts.points_prompt, text_prompt=False, sam=points_sam)
@@ -177,6 +178,24 @@ def decode(
         if "pp_pred" in maps:
             out["pp_mask"] = maps["pp_pred"]
     return out
+
+
+def points_on_gt(gt: Array, mask_hw: Array, orig_hw: Array, points: Array) -> Array:
+    """Whether each point falls on its row's GT mask: bool[R, Q] (how often SasP points at the target).
+
+    Args:
+      gt: u8[R, Hc, Wc] GT canvases (1 target, 255 ignored: off); mask_hw: int32[R, 2] each row's GT extent,
+        a possibly downscaled copy of the original image (0: no GT, every point off); orig_hw: int32[R, 2];
+      points: float[R, Q, 2] (x, y) in original-image pixels (SasP's, DtoC-refined), each looked up at the
+        original pixel nearest to it (SasP's discrete choice: DtoC moves a point by < 0.01 px inside the
+        image), whose centre is then mapped into the GT extent.
+    """
+    orig = orig_hw.astype(jnp.float32)[:, None, :]  # [R, 1, 2] (y, x)
+    pix = jnp.clip(jnp.round(points[..., ::-1].astype(jnp.float32)), 0, jnp.maximum(orig - 1, 0))
+    yx = jnp.floor((pix + 0.5) * mask_hw[:, None, :].astype(jnp.float32) / jnp.maximum(orig, 1.0))
+    yx = jnp.clip(yx.astype(jnp.int32), 0, jnp.maximum(mask_hw[:, None, :] - 1, 0))
+    on = gt[jnp.arange(gt.shape[0])[:, None], yx[..., 0], yx[..., 1]] == 1
+    return on & (mask_hw[:, None, 0] > 0)
 
 
 def _padded(canvas_hw: tuple[int, int]) -> tuple[int, int]:
