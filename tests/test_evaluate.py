@@ -299,6 +299,22 @@ def test_point_hits_of_a_record_and_their_summary():
     assert erec.point_hits_summary([{"iou": 0.5}]) is None
 
 
+def test_summary_lines_say_where_sasp_points_fall():
+    from read_jax.eval.run import _summary_lines
+
+    summary = {"gIoU": 0.25, "cIoU": 0.2, "num_queries": 200}
+    assert "SasP" not in _summary_lines("val", summary)  # SasP off: nothing to say
+    summary["sasp_points"] = {
+        "top_on_target": 0.115,
+        "positives_on_target": 0.1106,
+        "positives_per_query": 3.12,
+        "num_queries": 200,
+    }
+    assert _summary_lines("val", summary).splitlines()[1] == (
+        "  SasP points: the first on the target for 11.5% of 200 queries; 11.1% of the 3.1 positives a query"
+    )
+
+
 def test_evaluate_per_query_iou_matches_model_call(model, cfg, batches, single):
     """Independent of the two-stage split: `ReadModel.__call__`'s first-slot mask, scored in numpy."""
     _, records, _, _, _ = single

@@ -106,6 +106,12 @@ def _summary_lines(split: str, summary: dict) -> str:
     for k, name in names:
         if k in summary:
             line += f"\n  {name}: gIoU {100 * summary[k]['gIoU']:.2f}  cIoU {100 * summary[k]['cIoU']:.2f}"
+    if hits := summary.get("sasp_points"):
+        line += (
+            f"\n  SasP points: the first on the target for {100 * hits['top_on_target']:.1f}% of "
+            f"{hits['num_queries']} queries; {100 * hits['positives_on_target']:.1f}% of the "
+            f"{hits['positives_per_query']:.1f} positives a query"
+        )
     for k, m in summary.get("by_query_kind", {}).items():
         line += (
             f"\n  {k} ({m['num_queries']} queries): gIoU {100 * m['gIoU']:.2f}  cIoU {100 * m['cIoU']:.2f}"
