@@ -206,7 +206,7 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
             out = nnx.merge(graphdef, t, fr)(b, canvas_hw=CANVAS)
             return read_batch_loss(out, b)[0]
 
-        g = jax.grad(loss_fn)(tr)
+        g = jax.jit(jax.grad(loss_fn))(tr)  # jitted: op-by-op, the two backward passes took ~80 s
         norms[name] = {
             p: float(jnp.abs(v).sum())
             for p, v in (("/".join(map(str, k)), v.get_value()) for k, v in nnx.to_flat_state(g))
