@@ -15,8 +15,8 @@ from flax import nnx
 
 from read_jax.config import ConfigError, ReadConfig
 from read_jax.data.make_shapes import COLORS, random_scene
-from read_jax.pretrain import sam_data, sam_export, sam_step, sam_train
-from read_jax.pretrain.sam_config import loss_config, prompt_config
+from read_jax.pretrain import runner, sam_data, sam_export, sam_step, sam_train
+from read_jax.pretrain.sam_config import prompt_config
 from read_jax.train.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,9 +304,9 @@ def test_steps_decrease_the_loss_on_a_fixed_batch(arg):
     setup = sam_train.setup_sam(config, sam_train.make_mesh(config.mesh))
     params, rest = setup.init()
     tx = make_optimizer(config.train)
-    pc, lc = prompt_config(config.data), loss_config(config.train)
+    pc = prompt_config(config.data)
     opt_sh, opt_abs = opt_state_shardings(tx, setup.params, setup.param_shardings, setup.mesh)
-    step = sam_train._compile(config, setup, tx, lc, opt_abs, opt_sh, pc)
+    step = runner.compile_step(config, sam_train.stage(config), setup, tx, opt_abs, opt_sh)
     exs = [sam_data.train_example(i, seed=0, sam_cfg=setup.cfg, pc=pc) for i in range(2)]
     batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
     if "attributes" in arg:  # the smoke frame's 16-pixel cells are rarely owned by a shape: label them all
@@ -501,6 +501,6 @@ def test_read_run_without_its_sam_stage_fails_before_building(tmp_path):
 def test_logged_window_mean_leaves_out_nan_steps_and_keeps_an_absent_metric_nan(recwarn):
     """A metric NaN at some steps is averaged over the others; one NaN at every step (a prompt kind the
     config does not draw) is logged as NaN, quietly."""
-    assert sam_train._window_mean([1.0, np.nan, 4.0]) == 2.5
-    assert np.isnan(sam_train._window_mean([np.nan, np.nan]))
+    assert runner.window_mean([1.0, np.nan, 4.0]) == 2.5
+    assert np.isnan(runner.window_mean([np.nan, np.nan]))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -371,18 +371,16 @@ def train_batches(
     read_threads: int = 2,
     prefetch: int = 8,
 ):
-    """An iterator of training batches `start_step`, `start_step + 1`, ... (grain: `read_threads` threads
-    build examples ahead of the step; `num_workers` > 0 worker processes). Batch b: examples [b B, (b+1)B)."""
-    import grain
+    """An iterator of training batches `start_step`, `start_step + 1`, ... (`runner.step_batches`: grain,
+    `read_threads` threads build examples ahead of the step). Batch b: examples [b B, (b+1)B)."""
+    from read_jax.pretrain.runner import step_batches
 
-    first, last = start_step * batch_size, (start_step + num_steps) * batch_size
-    ds = grain.MapDataset.range(first, last).map(_TrainExample(seed, sam_cfg, pc))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-    if num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (see data.pipeline._finish)
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(it)
+    return step_batches(
+        _TrainExample(seed, sam_cfg, pc),
+        batch_size=batch_size,
+        start_step=start_step,
+        num_steps=num_steps,
+        num_workers=num_workers,
+        read_threads=read_threads,
+        prefetch=prefetch,
+    )

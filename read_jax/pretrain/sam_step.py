@@ -1,4 +1,4 @@
-"""The SAM stage's model forward, loss and pure train step.
+"""The SAM stage's model forward and loss (the step is `read_jax.pretrain.runner.update_step`).
 
 Loss as SAM's (Kirillov et al. 2023, appendix A, "Losses"): focal loss and dice loss on the mask logits in the
 ratio 20 : 1, plus the mean squared error between the predicted IoU and the IoU of the predicted mask with the
@@ -15,12 +15,10 @@ prompts: one token each, `sam_data.attribute_prompt`), Np point slots, S SAM inp
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from read_jax.data.preprocess import sam_normalize
 from read_jax.pretrain.sam_data import COLORS, attribute_codes
@@ -203,51 +201,8 @@ def sam_loss(logits: Array, iou_pred: Array, batch: dict, lc: LossConfig, image_
 
 
 # ---- step -------------------------------------------------------------------------------------------------
-def _norm(tree) -> Array:
-    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
-
-
-def train_step(params, rest, opt_state, batch: dict, lr: Array, *, graphdef, tx, lc: LossConfig):
-    """One AdamW step on SAM's loss, pure.
-
-    Args:
-      params: nnx.State of SAM's parameters (fp32, all trainable); rest: its other variables (the
-        positional-encoding Gaussian, a buffer).
-      opt_state: `tx`'s state over `params` (`read_jax.train.state.make_optimizer`: clipping, Adam, decoupled
-        weight decay; the learning rate is applied here).
-      batch: a training batch; lr: float32[] this step's learning rate.
-    Returns:
-      (params, opt_state, metrics): float32 scalars, plus l2 norms and `finite` (1.0 when applied; a
-      non-finite loss, gradient or update leaves params and optimizer state unchanged).
-    """
-
-    def loss_fn(p):
-        sam = nnx.merge(graphdef, p, rest)
-        logits, iou_pred, emb = forward(sam, batch)
-        return sam_loss(logits, iou_pred, batch, lc, sam.cfg.image_size, emb)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, new_opt = tx.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: -lr * u, updates)
-    new_params = optax.apply_updates(params, updates)
-    norms = {"l2_grads": _norm(grads), "l2_updates": _norm(updates), "l2_params": _norm(new_params)}
-    finite = jnp.isfinite(metrics["loss"])
-    for v in norms.values():
-        finite &= jnp.isfinite(v)
-    new_params = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_params, params)
-    new_opt = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_opt, opt_state)
-    metrics = {k: v.astype(jnp.float32) for k, v in {**metrics, **norms}.items()}
-    return new_params, new_opt, {**metrics, "finite": finite.astype(jnp.float32)}
-
-
-def jit_train_step(
-    graphdef, tx, lc: LossConfig, param_shardings, rest_shardings, opt_shardings, batch_sh, rep
-):
-    """`train_step` jitted with explicit shardings; params and optimizer state are donated."""
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, lc=lc)
-    return jax.jit(
-        fn,
-        in_shardings=(param_shardings, rest_shardings, opt_shardings, batch_sh, rep),
-        out_shardings=(param_shardings, opt_shardings, rep),
-        donate_argnums=(0, 2),
-    )
+def stage_loss(sam: Sam, batch: dict, *, lc: LossConfig):
+    """The stage's `runner.Stage.loss`: SAM's loss of `batch` (`sam_loss`), with the embedding's attribute
+    term when `lc.attribute` > 0."""
+    logits, iou_pred, emb = forward(sam, batch)
+    return sam_loss(logits, iou_pred, batch, lc, sam.cfg.image_size, emb)
