@@ -2,7 +2,9 @@
 fine-tune of it (the main job; `scripts/pretrain_tiny.sh` runs the chain, `scripts/quickstart.sh` the last
 stage from the shipped release).
 
-    python train.py --config configs/tiny.py:llava  --workdir runs/tiny/llava      # LLaVA stage
+    python -m read_jax.cli.pretrain_vision ...                                     # vision stage (own config)
+    python train.py --config configs/tiny.py:llava  --workdir runs/tiny/llava \
+        --config.init.clip=runs/tiny/vision/clip                                    # LLaVA stage
     python -m read_jax.cli.pretrain_sam ...                                        # SAM stage (own config)
     python train.py --config configs/tiny.py:sesame --workdir runs/tiny/sesame     # SESAME stage
     python train.py --config configs/tiny.py:read   --workdir runs/read \\
@@ -11,11 +13,15 @@ stage from the shipped release).
 Append ",smoke" to any stage (e.g. `configs/tiny.py:read,smoke`) for its seconds-sized variant (tests, CI).
 
 The real READ never learns grounding from nothing: READ-7B continues SESAME, which starts from LLaVA-1.5
-(CLIP + Vicuna aligned on captions and instructions) and SAM (trained on point and box prompts). The chain:
+(a pretrained CLIP + Vicuna aligned on captions and instructions) and SAM (trained on point and box prompts).
+The chain:
 
-  * llava:  CLIP + projector + LLaMA from random weights on the shapes world's LLaVA-Instruct conversations
-            (colours, counts, positions, sizes, corners, relations), text loss only, everything trainable
-            (there is no pretrained CLIP here). SAM is not in the forward.
+  * vision: CLIP from random weights, trained to say what covers each patch of its grid (colour, kind, size,
+            place; `read_jax.cli.pretrain_vision`, `configs/pretrain_vision.py`): the pretrained CLIP that
+            LLaVA-1.5 starts from, which a text loss alone does not make here (docs/tiny_chain.md).
+  * llava:  projector + LLaMA from random weights on the shapes world's LLaVA-Instruct conversations
+            (colours, counts, positions, sizes, corners, relations), text loss only, on the vision stage's
+            CLIP, frozen as LLaVA's is (`init.clip`). SAM is not in the forward.
   * sam:    SAM's encoder, prompt encoder and mask decoder on point and box prompts sampled from the scenes'
             masks, plus attribute prompts and cell attributes so that the embedding keeps each object's
             colour and kind for the [SEG] prompt (`read_jax.cli.pretrain_sam`,
@@ -52,7 +58,6 @@ STAGES = ("llava", "sesame", "read")
 LLAVA_TRAINABLE = (
     r"llava/language_model/.*",  # embed_tokens, decoder layers, norm, lm_head
     r"llava/mm_projector/.*",
-    r"llava/vision_tower/.*",
 )
 SESAME_TRAINABLE = (
     r"llava/language_model/.*",
@@ -105,7 +110,7 @@ def _common(c) -> None:
 
 def _llava(c) -> None:
     c.model.lora = None
-    c.model.freeze_vision_towers = False
+    c.model.freeze_vision_towers = True  # the vision stage's CLIP (`init.clip`), frozen as LLaVA's is
     c.model.trainable_regexes = LLAVA_TRAINABLE
     c.data.rates = "vqa:1"
     c.data.max_convs = 1

@@ -440,12 +440,13 @@ class ReadConfig:
 # fmt: off
 SMALL_PRESETS = {
     # The generated shapes set's model: a 128-wide LLaMA, CLIP on a 112-pixel crop (8 x 8 = 64 image tokens,
-    # SasP on the same 8 x 8 grid), SAM on a 128 frame with 8-pixel patches (16 x 16 embedding).
+    # SasP on the same 8 x 8 grid; 4 layers x 128, the vision stage's CLIP), SAM on a 128 frame with 8-pixel
+    # patches (16 x 16 embedding).
     "shapes": {
         "llama": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
-        "clip": {"image_size": 112, "patch_size": 14, "hidden_size": 64, "intermediate_size": 128,
-                 "num_hidden_layers": 2, "num_attention_heads": 2},
+        "clip": {"image_size": 112, "patch_size": 14, "hidden_size": 128, "intermediate_size": 256,
+                 "num_hidden_layers": 4, "num_attention_heads": 4},
         "sam": {"image_size": 128, "patch_size": 8, "encoder_embed_dim": 32, "encoder_depth": 2,
                 "encoder_num_heads": 2, "window_size": 8, "global_attn_indexes": (1,), "prompt_embed_dim": 32,
                 "transformer_mlp_dim": 64, "transformer_num_heads": 2, "iou_head_hidden_dim": 32,

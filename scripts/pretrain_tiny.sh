@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tiny pretraining chain that makes the shipped tiny SESAME release (assets/tiny-sesame), READ's own
-# starting point in miniature: LLaVA stage (CLIP + projector + LLaMA on the shapes world's conversations) ->
-# SAM stage (SAM on point, box and attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on READ-7B's
+# starting point in miniature: vision stage (CLIP learns what covers each patch) -> LLaVA stage (projector +
+# LLaMA on the shapes world's conversations, on that CLIP, frozen) -> SAM stage (SAM on point, box and attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on READ-7B's
 # mix: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage resumes from its own
 # checkpoints when rerun, and a stage whose predecessor is missing stops with a message naming the command
 # that makes it.
@@ -20,12 +20,18 @@ SEED=${SEED:-0}
 SMOKE=${SMOKE:-}
 README=${README:-}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-v=""; sam_cfg=configs/pretrain_sam.py:attributes
-if [ -n "$SMOKE" ]; then v=",smoke"; sam_cfg=configs/pretrain_sam.py:attributes,smoke; fi
+v=""; sam_cfg=configs/pretrain_sam.py:attributes; vision_cfg=configs/pretrain_vision.py
+if [ -n "$SMOKE" ]; then
+  v=",smoke"; sam_cfg=configs/pretrain_sam.py:attributes,smoke; vision_cfg=configs/pretrain_vision.py:smoke
+fi
 common=(--config.data.root="$DATA" --config.init.seed="$SEED")
 
+echo "== vision stage -> $OUT/vision"
+"$PY" -m read_jax.cli.pretrain_vision --config "$vision_cfg" --workdir "$OUT/vision" --config.init.seed="$SEED"
+
 echo "== LLaVA stage -> $OUT/llava"
-"$PY" train.py --config "configs/tiny.py:llava$v" --workdir "$OUT/llava" "${common[@]}"
+"$PY" train.py --config "configs/tiny.py:llava$v" --workdir "$OUT/llava" "${common[@]}" \
+  --config.init.clip="$OUT/vision/clip"
 "$PY" -m read_jax.cli.vqa_eval --checkpoint "$OUT/llava" --split val --image-control --out "$OUT/llava/vqa_val.json"
 
 echo "== SAM stage -> $OUT/sam"

@@ -3,10 +3,11 @@
     python scripts/release_card.py --release assets/tiny-sesame --chain runs/tiny --seed 0 --seconds 4321 \\
         --converted-eval runs/tiny/release_eval
 
-`scripts/pretrain_tiny.sh` runs it last. The figures come from the stages' own outputs: the LLaVA stage's VQA
-probe (`llava/vqa_val.json`), the SAM stage's held-out mIoU (`sam/eval.json`), the SESAME stage's ReasonSeg
-test evaluation (`sesame/eval_test/summary.json`) and the same evaluation of the release converted back
-(`--converted-eval`: bf16-rounded weights). SHA256SUMS lists every file of the release (the card included),
+`scripts/pretrain_tiny.sh` runs it last. The figures come from the stages' own outputs: the vision stage's
+held-out per-patch accuracy (`vision/eval.json`), the LLaVA stage's VQA probe (`llava/vqa_val.json`), the
+SAM stage's held-out mIoU (`sam/eval.json`), the SESAME stage's ReasonSeg test evaluation
+(`sesame/eval_test/summary.json`) and the same evaluation of the release converted back (`--converted-eval`:
+bf16-rounded weights). SHA256SUMS lists every file of the release (the card included),
 which `scripts/quickstart.sh` checks before it converts anything.
 """
 
@@ -48,8 +49,8 @@ def _kinds(summary: dict) -> str:
 
 
 def _run_config(workdir: Path) -> dict:
-    """The run config a stage trained with: the meta of its latest checkpoint (train.py and pretrain_sam
-    both record it there)."""
+    """The run config a stage trained with: the meta of its latest checkpoint (train.py and the pretraining
+    stages all record it there)."""
     from read_jax.train.checkpoints import RunCheckpoints
 
     ckpts = RunCheckpoints(workdir, keep=1, async_save=False)
@@ -98,6 +99,7 @@ def _sam_row(sam_cfg: dict, sam: dict) -> tuple[str, str, str]:
 
 def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path, commit: str = "") -> str:
     commit = commit or _commit()
+    vision = _load(chain / "vision" / "eval.json")
     vqa = _load(chain / "llava" / "vqa_val.json")
     sam = _load(chain / "sam" / "eval.json")
     ses = _load(chain / "sesame" / "eval_test" / "summary.json")
@@ -125,8 +127,16 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
         ("stage", "what it trains", "held-out figure"),
         ("---", "---", "---"),
         (
+            "vision (`python -m read_jax.cli.pretrain_vision`)",
+            f"CLIP from scratch, {_run_config(chain / 'vision')['train']['total_steps']} steps: what covers "
+            "each patch (colour, kind, size, place)",
+            "per-patch accuracy "
+            + ", ".join(f"{k} {vision[f'{k}_acc']:.2f}" for k in ("color", "kind", "size", "place"))
+            + f" ({vision['num_scenes']} scenes)",
+        ),
+        (
             "LLaVA (`configs/tiny.py:llava`)",
-            "CLIP + projector + LLaMA on the scenes' conversations, text loss",
+            "projector + LLaMA on the scenes' conversations, text loss, the vision stage's CLIP frozen",
             vqa_figure,
         ),
         _sam_row(_run_config(chain / "sam"), sam),
@@ -157,8 +167,8 @@ random weights: every figure below is read from the stage's own output files by 
 Layout: a SESAME release's (`SESAMEForCausalLM`, read_reference.md §10): `config.json`, the tokenizer files
 with `added_tokens.json` ([SEG] 32000, <im_start> 32001, <im_end> 32002), bf16 safetensors under the
 released key names, plus the CLIP directory the real releases leave out (`vision_tower/`). Sizes: read_jax's
-`shapes` preset (a 128-wide 2-layer LLaMA with LLaMA's 32,003-token vocabulary, CLIP on a 112-pixel crop,
-SAM on a 128 frame). {_size(release) / 2**20:.1f} MiB in all.
+`shapes` preset (a 128-wide 2-layer LLaMA with LLaMA's 32,003-token vocabulary, a 4-layer 128-wide CLIP on
+a 112-pixel crop, SAM on a 128 frame). {_size(release) / 2**20:.1f} MiB in all.
 
 {listing}
 

@@ -145,10 +145,12 @@ def _manifest_digest(path: str) -> str | None:
 
 def base_reference(config, cfg: ReadConfig) -> dict:
     """How to rebuild the frozen base: the converted checkpoint path and its manifest hash, or the scratch
-    seed; and the SAM stage's export (`init.sam`) the visual_model starts from, when there is one."""
+    seed; and the SAM stage's export (`init.sam`) the visual_model starts from, or the vision stage's
+    (`init.clip`) the vision tower starts from, when there is one."""
     base = _base_reference(config, cfg)
-    if sam := config.init.get("sam") or "":
-        base["sam"] = {"path": str(Path(sam).absolute()), "manifest_sha256": _manifest_digest(sam)}
+    for key in ("sam", "clip"):
+        if stage := config.init.get(key) or "":
+            base[key] = {"path": str(Path(stage).absolute()), "manifest_sha256": _manifest_digest(stage)}
     if llava := config.init.get("llava") or "":
         base["llava"] = {"path": str(Path(llava).absolute())}
     return base

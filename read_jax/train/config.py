@@ -56,8 +56,11 @@ def default_config() -> ConfigDict:
         }
     )
     # sam: the SAM stage's export (`python -m read_jax.cli.pretrain_sam`, RUN/sam): the visual_model's start.
+    # clip: the vision stage's export (`python -m read_jax.cli.pretrain_vision`, RUN/clip): the tower's.
     # llava: the LLaVA stage (a train.py workdir or converted checkpoint): the llava/... leaves' start.
-    c.init = ConfigDict({"seed": 0, "checkpoint": "", "trainables_from": "", "sam": "", "llava": ""})
+    c.init = ConfigDict(
+        {"seed": 0, "checkpoint": "", "trainables_from": "", "sam": "", "clip": "", "llava": ""}
+    )
     c.data = ConfigDict(
         {
             "root": "dataset",

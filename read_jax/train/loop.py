@@ -235,7 +235,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
         from read_jax.pretrain.sam_export import check_sam_config, read_stage_config
 
         check_sam_config(sam, read_stage_config(sam)["sam"], cfg.sam)
-    if llava := config.init.get("llava") or "":  # so does a missing LLaVA stage
+    if clip := config.init.get("clip") or "":  # so does a missing or mismatched vision stage
+        from read_jax.pretrain.vision_train import check_clip_stage
+
+        check_clip_stage(clip, cfg.clip)
+    if llava := config.init.get("llava") or "":  # and a missing LLaVA stage
         check_llava_stage(llava)
     total_steps = run_config.total_steps(tc)
     progress = bool(config.get("progress", True)) and jax.process_index() == 0

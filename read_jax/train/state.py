@@ -140,6 +140,7 @@ def init_params(
     strategy=shd.DEFAULT_STRATEGY,
     *,
     sam_checkpoint: str | None = None,
+    clip_checkpoint: str | None = None,
     llava_checkpoint: str | None = None,
 ):
     """(trainable, frozen) states, sharded, from scratch or from a converted checkpoint.
@@ -149,13 +150,16 @@ def init_params(
     never materialised on one device). From `base_checkpoint` (a `convert_weights.py` output) every leaf is
     read
     straight into its sharding by `read_jax.build.load_model`; LoRA factors keep their init (B = 0).
-    `sam_checkpoint` (the SAM stage's export, `init.sam`) then replaces every `visual_model/...` leaf, and
+    `sam_checkpoint` (the SAM stage's export, `init.sam`) then replaces every `visual_model/...` leaf,
+    `clip_checkpoint` (the vision stage's export, `init.clip`) every `llava/vision_tower/...` leaf, and
     `llava_checkpoint` (the LLaVA stage, `init.llava`: a train.py workdir or a converted checkpoint) every
     `llava/...` leaf (CLIP, projector, LLaMA).
     """
     tr, fr = _init_params(setup, base_checkpoint, strategy)
     if sam_checkpoint:
         tr, fr = with_sam_stage(setup, tr, fr, sam_checkpoint)
+    if clip_checkpoint:
+        tr, fr = with_clip_stage(setup, tr, fr, clip_checkpoint)
     if llava_checkpoint:
         tr, fr = with_llava_stage(setup, tr, fr, llava_checkpoint)
     return tr, fr
@@ -165,6 +169,7 @@ def stage_inits(config) -> dict:
     """The keyword arguments of `init_params` for the earlier stages a run config starts from."""
     return {
         "sam_checkpoint": config.init.get("sam") or None,
+        "clip_checkpoint": config.init.get("clip") or None,
         "llava_checkpoint": config.init.get("llava") or None,
     }
 
@@ -198,6 +203,21 @@ def with_llava_stage(setup: ModelSetup, tr, fr, path: str):
         for p, v in nnx.to_flat_state(nnx.state(load_model(path)))
         if path_str(p).startswith(LLAVA_PREFIX)
     }
+    return _replace_leaves(setup, tr, fr, src, LLAVA_PREFIX, f"init.llava={path}", "LLaVA stage")
+
+
+def with_clip_stage(setup: ModelSetup, tr, fr, path: str):
+    """(trainable, frozen) with their `llava/vision_tower/...` leaves taken from the vision stage's export at
+    `path` (`read_jax.pretrain.vision_train`), cast to each state's dtype and placed in its sharding."""
+    from read_jax.pretrain.vision_train import PREFIX, load_clip_stage
+
+    src = load_clip_stage(path, setup.cfg.clip)
+    return _replace_leaves(setup, tr, fr, src, PREFIX, f"init.clip={path}", "vision stage")
+
+
+def _replace_leaves(setup: ModelSetup, tr, fr, src: dict, prefix: str, flag: str, stage: str):
+    """(trainable, frozen) with every leaf under `prefix` (LoRA factors aside) replaced by `src`'s array of
+    the same path, cast and placed in its sharding; a leaf `src` lacks or shapes otherwise is an error."""
     out = []
     for state, shardings in ((tr, setup.trainable_shardings), (fr, setup.frozen_shardings)):
         sh = {
@@ -207,12 +227,12 @@ def with_llava_stage(setup: ModelSetup, tr, fr, path: str):
         flat = []
         for p, v in nnx.to_flat_state(state):
             key = path_str(p)
-            if key.startswith(LLAVA_PREFIX) and "/lora_" not in key:
+            if key.startswith(prefix) and "/lora_" not in key:
                 if key not in src or src[key].shape != v.get_value().shape:
                     got = "missing" if key not in src else f"shape {src[key].shape}"
                     raise ValueError(
-                        f"init.llava={path}: {key} is {got} there, {v.get_value().shape} here: the LLaVA "
-                        "stage was trained with other model sizes"
+                        f"{flag}: {key} is {got} there, {v.get_value().shape} here: the {stage} was "
+                        "trained with other model sizes"
                     )
                 v = v.replace(jax.device_put(src[key].astype(v.get_value().dtype), sh[key]))
             flat.append((p, v))
