@@ -243,9 +243,10 @@ def test_class_iou_is_scored_on_the_attribute_prompts():
 def test_train_batches_are_a_function_of_the_step():
     sam_cfg = ReadConfig.smoke().sam
     pc = prompt_config(smoke_config().data)
-    it = sam_data.train_batches(seed=0, sam_cfg=sam_cfg, pc=pc, batch_size=2, start_step=0, num_steps=3)
+    example = sam_data.TrainExample(0, sam_cfg, pc)
+    it = runner.step_batches(example, batch_size=2, start_step=0, num_steps=3)
     b2 = [next(it) for _ in range(3)][2]
-    again = next(sam_data.train_batches(seed=0, sam_cfg=sam_cfg, pc=pc, batch_size=2, start_step=2))
+    again = next(runner.step_batches(example, batch_size=2, start_step=2))
     assert all(np.array_equal(b2[k], again[k]) for k in b2)
     ex = sam_data.train_example(5, seed=0, sam_cfg=sam_cfg, pc=pc)
     assert all(np.array_equal(b2[k][1], ex[k]) for k in ex)

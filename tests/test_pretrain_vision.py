@@ -133,7 +133,7 @@ def test_steps_learn_a_fixed_batch():
     tx = make_optimizer(config.train)
     opt_sh, opt_abs = opt_state_shardings(tx, setup.params, setup.param_shardings, setup.mesh)
     step = runner.compile_step(config, stage, setup, tx, opt_abs, opt_sh)
-    batch = next(stage.batches(0, 1))
+    batch = next(stage.batches(start_step=0, num_steps=1))
     opt = tx.init(params)
     first = None
     for _ in range(30):

@@ -149,3 +149,48 @@ def run_main(prog: str, body: Callable[[], int], debug: bool) -> int:
             file=sys.stderr,
         )
         return 128 + int(signum)
+
+
+def stage_main(prog: str, doc: str, argv, *, outputs: str, stage: str, module: str, summary) -> int:
+    """The command of a from-scratch pretraining stage (`pretrain_sam`, `pretrain_vision`): `--config`,
+    `--workdir`, `--no-eval`, `--stop-at`, overrides; `module` (imported late, jax with it) has `validate`
+    and `run(config, workdir, evaluate=, stop_at=)`; `summary(out)` is the finished stage's last line.
+    Exit status: 0 done (or stopped at `--stop-at`), 2 bad input, 3 a non-finite training step."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest, overrides = split_overrides(argv)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    p = parser(prog, doc, config=True)
+    p.add_argument("--workdir", required=True, help=f"run directory: {outputs}")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.add_argument(
+        "--stop-at", type=int, default=None, metavar="STEP", help="stop after this step (rerun to continue)"
+    )
+    args = p.parse_args(rest)
+
+    def body() -> int:
+        import importlib
+
+        from read_jax.train import NonFiniteLossError
+        from read_jax.train.config import load_config_file
+
+        mod = importlib.import_module(module)
+        config = apply_overrides(load_config_file(args.config), overrides)
+        mod.validate(config)
+        try:
+            out = mod.run(config, absolute(args.workdir), evaluate=not args.no_eval, stop_at=args.stop_at)
+        except NonFiniteLossError as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 3
+        if out["final_step"] < out["total_steps"]:
+            print(f"{stage}: stopped at step {out['final_step']} of {out['total_steps']}; rerun to continue")
+            return 0
+        print(
+            f"{stage}: step {out['final_step']}, {out['wall_s']:.0f}s; weights {out['export']}" + summary(out)
+        )
+        return 0
+
+    setup_logging()
+    return run_main(prog, body, args.debug)

@@ -16,55 +16,26 @@ from __future__ import annotations
 import sys
 
 from read_jax.cli import common
-from read_jax.config import ConfigError
+
+
+def _summary(out: dict) -> str:
+    ev = out.get("eval") or {}
+    figures = ", ".join(
+        f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("mIoU_") and isinstance(v, float)
+    )
+    return f"; held-out {figures} ({ev['num_instances']} instances)" if ev else ""
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        rest, overrides = common.split_overrides(argv)
-    except ConfigError as e:
-        print(f"pretrain_sam: error: {e}", file=sys.stderr)
-        return 2
-    p = common.parser("pretrain_sam", __doc__, config=True)
-    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, sam/, eval.json")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    p.add_argument(
-        "--stop-at", type=int, default=None, metavar="STEP", help="stop after this step (rerun to continue)"
+    return common.stage_main(
+        "pretrain_sam",
+        __doc__,
+        argv,
+        outputs="checkpoints, metrics, sam/, eval.json",
+        stage="sam stage",
+        module="read_jax.pretrain.sam_train",
+        summary=_summary,
     )
-    args = p.parse_args(rest)
-
-    def body() -> int:
-        from read_jax.pretrain import sam_config, sam_train
-        from read_jax.train import NonFiniteLossError
-        from read_jax.train.config import load_config_file
-
-        config = common.apply_overrides(load_config_file(args.config), overrides)
-        sam_config.validate(config)
-        try:
-            out = sam_train.run(
-                config, common.absolute(args.workdir), evaluate=not args.no_eval, stop_at=args.stop_at
-            )
-        except NonFiniteLossError as e:
-            print(f"pretrain_sam: {e}", file=sys.stderr)
-            return 3
-        if out["final_step"] < out["total_steps"]:
-            print(
-                f"sam stage: stopped at step {out['final_step']} of {out['total_steps']}; rerun to continue"
-            )
-            return 0
-        ev = out.get("eval") or {}
-        figures = ", ".join(
-            f"{k} {v:.3f}" for k, v in ev.items() if k.startswith("mIoU_") and isinstance(v, float)
-        )
-        print(
-            f"sam stage: step {out['final_step']}, {out['wall_s']:.0f}s; weights {out['export']}"
-            + (f"; held-out {figures} ({ev['num_instances']} instances)" if ev else "")
-        )
-        return 0
-
-    common.setup_logging()
-    return common.run_main("pretrain_sam", body, args.debug)
 
 
 if __name__ == "__main__":

@@ -16,52 +16,24 @@ from __future__ import annotations
 import sys
 
 from read_jax.cli import common
-from read_jax.config import ConfigError
+
+
+def _summary(out: dict) -> str:
+    ev = out.get("eval") or {}
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.endswith("_acc"))
+    return f"; held-out patch accuracy {figures} ({ev['num_scenes']} scenes)" if ev else ""
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        rest, overrides = common.split_overrides(argv)
-    except ConfigError as e:
-        print(f"pretrain_vision: error: {e}", file=sys.stderr)
-        return 2
-    p = common.parser("pretrain_vision", __doc__, config=True)
-    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, clip/, eval.json")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    p.add_argument(
-        "--stop-at", type=int, default=None, metavar="STEP", help="stop after this step (rerun to continue)"
+    return common.stage_main(
+        "pretrain_vision",
+        __doc__,
+        argv,
+        outputs="checkpoints, metrics, clip/, eval.json",
+        stage="vision stage",
+        module="read_jax.pretrain.vision_train",
+        summary=_summary,
     )
-    args = p.parse_args(rest)
-
-    def body() -> int:
-        from read_jax.pretrain import vision_train
-        from read_jax.train import NonFiniteLossError
-        from read_jax.train.config import load_config_file
-
-        config = common.apply_overrides(load_config_file(args.config), overrides)
-        vision_train.validate(config)
-        try:
-            out = vision_train.run(
-                config, common.absolute(args.workdir), evaluate_=not args.no_eval, stop_at=args.stop_at
-            )
-        except NonFiniteLossError as e:
-            print(f"pretrain_vision: {e}", file=sys.stderr)
-            return 3
-        if out["final_step"] < out["total_steps"]:
-            done = f"{out['final_step']} of {out['total_steps']}"
-            print(f"vision stage: stopped at step {done}; rerun to continue")
-            return 0
-        ev = out.get("eval") or {}
-        figures = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k.endswith("_acc"))
-        print(
-            f"vision stage: step {out['final_step']}, {out['wall_s']:.0f}s; weights {out['export']}"
-            + (f"; held-out patch accuracy {figures} ({ev['num_scenes']} scenes)" if ev else "")
-        )
-        return 0
-
-    common.setup_logging()
-    return common.run_main("pretrain_vision", body, args.debug)
 
 
 if __name__ == "__main__":

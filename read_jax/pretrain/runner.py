@@ -48,7 +48,7 @@ class Stage:
     make_module: `(rngs=...) -> module` (all of its `nnx.Param`s train; other variables are buffers);
     loss: `(module, batch) -> (loss, metrics)`, float32 scalars, traced;
     batch_spec: batch key -> (shape, dtype) of one training batch (the step is compiled for it);
-    batches: `(start_step, num_steps) -> iterator` of host batches (dicts of numpy arrays), batch b being a
+    batches: `(start_step=, num_steps=) -> iterator` of host batches (dicts of numpy arrays), batch b being a
       pure function of b;
     base: what the run starts from (seed, architecture digest): a checkpoint of another base is refused;
     postfix: progress-bar label -> metric key;
@@ -117,6 +117,23 @@ def check_stage(workdir, meta: dict, stage: str) -> None:
             f"--workdir {workdir} holds checkpoints of {what}, not of the {stage} stage: "
             "choose another --workdir"
         )
+
+
+def validate_sections(config, ref, stage: str) -> None:
+    """Another stage's config, or a section or key the stage's defaults `ref` lack: a ConfigError naming
+    it."""
+    from read_jax.train import config as run_config
+
+    if config.get("stage") != stage:
+        raise ConfigError(f"this is the {stage} command; the config is for stage {config.get('stage')!r}")
+    if set(config.keys()) - set(ref.keys()):
+        raise run_config._unknown("the run config", config.keys(), ref.keys())
+    for section, fields in ref.items():
+        if not hasattr(fields, "keys"):
+            continue
+        keys = config[section].keys() if section in config else ()
+        if set(keys) - set(fields.keys()):
+            raise run_config._unknown(f"config.{section}", keys, fields.keys())
 
 
 def check_lr(train_cfg) -> None:
@@ -282,7 +299,7 @@ def _loop(config, workdir, stage: Stage, step_fn, state, schedule, setup, ckpts,
     total, log_every = int(tc.total_steps), int(tc.log_every)
     every = int(config.checkpoint.every_steps) or total
     progress = bool(config.get("progress", True)) and jax.process_index() == 0
-    batches = stage.batches(start, end - start)
+    batches = stage.batches(start_step=start, num_steps=end - start)
     writer = MetricWriter(workdir, start_step=start)
     bar = None
     if progress:
@@ -366,6 +383,19 @@ def step_batches(
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
+
+
+def stage_batches(example, data_cfg) -> Callable[[int, int], Iterator[dict]]:
+    """`Stage.batches` over `example(i)` with the batch size and grain settings of `config.data`."""
+    dc = data_cfg
+    return functools.partial(
+        step_batches,
+        example,
+        batch_size=int(dc.batch_size),
+        num_workers=int(dc.num_workers),
+        read_threads=int(dc.read_threads),
+        prefetch=int(dc.prefetch),
+    )
 
 
 def window_mean(values) -> float:

@@ -68,15 +68,9 @@ def default_config() -> ConfigDict:
 
 def validate(config) -> None:
     """Unknown sections or keys, another stage, SAM overrides `SamConfig` lacks: a ConfigError naming them."""
-    ref = default_config()
-    if config.get("stage") != STAGE:
-        raise ConfigError(f"this is the {STAGE} command; the config is for stage {config.get('stage')!r}")
-    if set(config.keys()) - set(ref.keys()):
-        raise run_config._unknown("the run config", config.keys(), ref.keys())
-    for section in ("model", "init", "data", "train", "mesh", "checkpoint", "eval"):
-        keys = config[section].keys() if section in config else ()
-        if set(keys) - set(ref[section].keys()):
-            raise run_config._unknown(f"config.{section}", keys, ref[section].keys())
+    from read_jax.pretrain.runner import validate_sections
+
+    validate_sections(config, default_config(), STAGE)
     sam_config(config)
     pc = prompt_config(config.data)
     if int(config.eval.sasp_pos) < 1 or int(config.eval.sasp_pos) + int(config.eval.sasp_neg) > pc.num_points:

@@ -349,38 +349,12 @@ def batch_spec(batch_size: int, sam_cfg: SamConfig, pc: PromptConfig) -> dict:
     }
 
 
-class _TrainExample:
-    """Picklable `index -> train_example(index)` for grain's worker processes."""
+class TrainExample:
+    """Picklable `index -> train_example(index)` (grain's worker processes): the stage's training stream,
+    whose batches `read_jax.pretrain.runner.stage_batches` builds (batch b: examples [b B, (b+1) B))."""
 
     def __init__(self, seed: int, sam_cfg: SamConfig, pc: PromptConfig):
         self.seed, self.sam_cfg, self.pc = seed, sam_cfg, pc
 
     def __call__(self, index: int) -> dict:
         return train_example(int(index), seed=self.seed, sam_cfg=self.sam_cfg, pc=self.pc)
-
-
-def train_batches(
-    *,
-    seed: int,
-    sam_cfg: SamConfig,
-    pc: PromptConfig,
-    batch_size: int,
-    start_step: int = 0,
-    num_steps: int = 2**30,
-    num_workers: int = 0,
-    read_threads: int = 2,
-    prefetch: int = 8,
-):
-    """An iterator of training batches `start_step`, `start_step + 1`, ... (`runner.step_batches`: grain,
-    `read_threads` threads build examples ahead of the step). Batch b: examples [b B, (b+1)B)."""
-    from read_jax.pretrain.runner import step_batches
-
-    return step_batches(
-        _TrainExample(seed, sam_cfg, pc),
-        batch_size=batch_size,
-        start_step=start_step,
-        num_steps=num_steps,
-        num_workers=num_workers,
-        read_threads=read_threads,
-        prefetch=prefetch,
-    )

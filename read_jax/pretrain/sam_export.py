@@ -15,17 +15,16 @@ arrays and `assign_sam_stage` writes them into a built `ReadModel`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from read_jax import checkpoint as ck
-from read_jax.config import ConfigError, SamConfig
+from read_jax.config import SamConfig
+from read_jax.pretrain import exports
 from read_jax.pretrain.sam_config import COMMAND, STAGE
 from read_jax.tree_util import load_leaves, path_str
 
@@ -38,44 +37,33 @@ _FREE = ("dtype", "param_dtype", "pe_dtype")
 def export_sam(sam_state: nnx.State, sam_cfg: SamConfig, out_dir: str | os.PathLike, info: dict) -> Path:
     """Write SAM's variables (params and buffers of a `Sam` module's state) to `out_dir` (replacing an
     earlier export of this stage); `info` goes into sam_config.json. Returns the directory."""
-    with ck.atomic_directory(out_dir, overwrite=True) as tmp:
-        writer = ck.PartWriter(tmp / ck.PARAMS_DIR)
-        for path, var in nnx.to_flat_state(sam_state):
-            writer.add(PREFIX + path_str(path), np.asarray(jax.device_get(var.get_value())))
-        writer.close(extra={"stage": STAGE})
-        meta = {**info, "stage": STAGE, "sam": dataclasses.asdict(sam_cfg)}
-        (tmp / SAM_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
-    return Path(out_dir)
+    meta = {**info, "sam": dataclasses.asdict(sam_cfg)}
+    return exports.write(sam_state, out_dir, prefix=PREFIX, stage=STAGE, config_file=SAM_CONFIG, meta=meta)
 
 
 def read_stage_config(path: str | os.PathLike) -> dict:
     """sam_config.json of a SAM-stage export; a clear error naming the command that makes one."""
-    p = Path(path)
-    f = p / SAM_CONFIG
-    if not f.is_file():
-        what = "does not exist" if not p.exists() else f"holds no {SAM_CONFIG}"
-        raise FileNotFoundError(
-            f"init.sam={path}: {what}; it must be the SAM stage's export RUN/sam, made by `{COMMAND}`"
-        )
-    meta = json.loads(f.read_text())
-    if meta.get("stage") != STAGE:
-        raise ConfigError(f"{f}: not a {STAGE} export (stage {meta.get('stage')!r})")
-    return meta
+    return exports.read_meta(
+        path,
+        config_file=SAM_CONFIG,
+        stage=STAGE,
+        flag="init.sam",
+        what="the SAM stage's export RUN/sam",
+        command=COMMAND,
+    )
 
 
 def check_sam_config(path, stored: dict, want: SamConfig) -> None:
     """The export's SAM architecture must be the model's (dtypes aside)."""
-    have = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
-    diff = [
-        f"{f.name}={have.get(f.name)!r} there, {getattr(want, f.name)!r} here"
-        for f in dataclasses.fields(want)
-        if f.name not in _FREE and have.get(f.name) != getattr(want, f.name)
-    ]
-    if diff:
-        raise ConfigError(
-            f"init.sam={path}: the SAM stage trained another SAM ({'; '.join(diff[:4])}): pretrain this "
-            "model's SAM (same model.preset / model.sam) with the SAM stage"
-        )
+    exports.check_arch(
+        stored,
+        want,
+        free=_FREE,
+        flag="init.sam",
+        path=path,
+        remedy="the SAM stage trained another SAM ({diff}): pretrain this model's SAM (same model.preset / "
+        "model.sam) with the SAM stage",
+    )
 
 
 def load_sam_stage(path: str | os.PathLike, sam_cfg: SamConfig | None = None) -> dict[str, np.ndarray]:
@@ -83,10 +71,7 @@ def load_sam_stage(path: str | os.PathLike, sam_cfg: SamConfig | None = None) ->
     meta = read_stage_config(path)
     if sam_cfg is not None:
         check_sam_config(path, meta["sam"], sam_cfg)
-    out: dict[str, np.ndarray] = {}
-    for part in ck.iter_parts(path):
-        out.update(part)
-    return out
+    return exports.load_leaves(path)
 
 
 def assign_sam_stage(model, path: str | os.PathLike) -> None:

@@ -3,7 +3,7 @@ scenes, resuming from the workdir's latest checkpoint (`read_jax.pretrain.runner
 from-scratch stage shares); `run` also exports the weights and scores held-out scenes.
 
 The data position is the step: batch b is examples [b B, (b+1) B) of the training stream
-(`sam_data.train_batches`). Every checkpoint's meta names the stage and this SAM's architecture, so a workdir
+(`sam_data.TrainExample`). Every checkpoint's meta names the stage and this SAM's architecture, so a workdir
 of another stage (or another SAM) is refused before anything is built.
 """
 
@@ -47,27 +47,12 @@ def base_reference(config) -> dict:
 def stage(config) -> runner.Stage:
     """The SAM stage as the runner trains it: SAM, its loss, point / box / attribute prompt batches."""
     cfg, pc, dc = sam_config(config), prompt_config(config.data), config.data
-    b = int(dc.batch_size)
-
-    def batches(start: int, num: int):
-        return sam_data.train_batches(
-            seed=int(dc.seed),
-            sam_cfg=cfg,
-            pc=pc,
-            batch_size=b,
-            start_step=start,
-            num_steps=num,
-            num_workers=int(dc.num_workers),
-            read_threads=int(dc.read_threads),
-            prefetch=int(dc.prefetch),
-        )
-
     return runner.Stage(
         name=STAGE,
         make_module=functools.partial(Sam, cfg),
         loss=functools.partial(stage_loss, lc=loss_config(config.train)),
-        batch_spec=sam_data.batch_spec(b, cfg, pc),
-        batches=batches,
+        batch_spec=sam_data.batch_spec(int(dc.batch_size), cfg, pc),
+        batches=runner.stage_batches(sam_data.TrainExample(int(dc.seed), cfg, pc), dc),
         base=base_reference(config),
         postfix={"loss": "loss", "iou": "mask_iou"},
         cfg=cfg,

@@ -33,14 +33,12 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from read_jax import checkpoint as ck
 from read_jax.clip import ClipVisionModel
 from read_jax.config import ClipVisionConfig, ConfigError
 from read_jax.data.preprocess import clip_normalize
-from read_jax.pretrain import runner, vision_data
+from read_jax.pretrain import exports, runner, vision_data
 from read_jax.train import config as run_config
 from read_jax.train.checkpoints import write_run_summary
-from read_jax.tree_util import path_str
 
 STAGE = "pretrain_vision"
 COMMAND = "python -m read_jax.cli.pretrain_vision --config configs/pretrain_vision.py --workdir RUN"
@@ -80,15 +78,7 @@ def default_config() -> ConfigDict:
 
 def validate(config) -> None:
     """Unknown sections or keys, another stage, CLIP overrides `ClipVisionConfig` lacks: a ConfigError."""
-    ref = default_config()
-    if config.get("stage") != STAGE:
-        raise ConfigError(f"this is the {STAGE} command; the config is for stage {config.get('stage')!r}")
-    if set(config.keys()) - set(ref.keys()):
-        raise run_config._unknown("the run config", config.keys(), ref.keys())
-    for section in ("model", "init", "data", "train", "mesh", "checkpoint", "eval"):
-        keys = config[section].keys() if section in config else ()
-        if set(keys) - set(ref[section].keys()):
-            raise run_config._unknown(f"config.{section}", keys, ref[section].keys())
+    runner.validate_sections(config, default_config(), STAGE)
     clip_config(config)
     for key in ("train.total_steps", "data.batch_size", "eval.num_scenes", "eval.batch_size"):
         section, field = key.split(".")
@@ -151,26 +141,13 @@ def base_reference(config) -> dict:
 
 def stage(config) -> runner.Stage:
     cfg, dc = clip_config(config), config.data
-    b = int(dc.batch_size)
     fn = vision_data.Example(int(dc.seed), vision_data.TRAIN_STREAM, cfg.image_size, cfg.patch_size)
-
-    def batches(start: int, num: int):
-        return runner.step_batches(
-            fn,
-            batch_size=b,
-            start_step=start,
-            num_steps=num,
-            num_workers=int(dc.num_workers),
-            read_threads=int(dc.read_threads),
-            prefetch=int(dc.prefetch),
-        )
-
     return runner.Stage(
         name=STAGE,
         make_module=functools.partial(VisionProbe, cfg),
         loss=stage_loss,
-        batch_spec=vision_data.batch_spec(b, cfg.image_size, cfg.patch_size),
-        batches=batches,
+        batch_spec=vision_data.batch_spec(int(dc.batch_size), cfg.image_size, cfg.patch_size),
+        batches=runner.stage_batches(fn, dc),
         base=base_reference(config),
         postfix={"loss": "loss", "kind": "kind_acc"},
         cfg=cfg,
@@ -182,7 +159,7 @@ def train(config, workdir: str | os.PathLike, *, stop_at: int | None = None) -> 
     return runner.train(config, workdir, stage(config), stop_at=stop_at)
 
 
-def evaluate(setup: runner.ModuleSetup, params, rest, config) -> dict:
+def evaluate_held_out(setup: runner.ModuleSetup, params, rest, config) -> dict:
     """Held-out scenes (`vision_data.EVAL_STREAM`): per attribute, the accuracy of the head's argmax on the
     patches one instance covers more than half of, and the mean of the loss terms."""
     cfg, ec = setup.cfg, config.eval
@@ -217,53 +194,40 @@ def evaluate(setup: runner.ModuleSetup, params, rest, config) -> dict:
 
 def export_clip(state: nnx.State, cfg: ClipVisionConfig, out_dir: str | os.PathLike, info: dict) -> Path:
     """Write the vision tower's variables to `out_dir` (replacing an earlier export of this stage)."""
-    with ck.atomic_directory(out_dir, overwrite=True) as tmp:
-        writer = ck.PartWriter(tmp / ck.PARAMS_DIR)
-        for path, var in nnx.to_flat_state(state):
-            writer.add(PREFIX + path_str(path), np.asarray(jax.device_get(var.get_value())))
-        writer.close(extra={"stage": STAGE})
-        meta = {**info, "stage": STAGE, "clip": dataclasses.asdict(cfg)}
-        (tmp / CLIP_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
-    return Path(out_dir)
+    meta = {**info, "clip": dataclasses.asdict(cfg)}
+    return exports.write(state, out_dir, prefix=PREFIX, stage=STAGE, config_file=CLIP_CONFIG, meta=meta)
 
 
 def check_clip_stage(path: str | os.PathLike, want: ClipVisionConfig) -> dict:
     """clip_config.json of a vision-stage export, checked against the model's CLIP: clear errors for a
     missing export, another stage's directory or another CLIP architecture."""
-    p = Path(path)
-    f = p / CLIP_CONFIG
-    if not f.is_file():
-        what = "does not exist" if not p.exists() else f"holds no {CLIP_CONFIG}"
-        raise FileNotFoundError(
-            f"init.clip={path}: {what}; it must be the vision stage's export RUN/clip, made by `{COMMAND}`"
-        )
-    meta = json.loads(f.read_text())
-    if meta.get("stage") != STAGE:
-        raise ConfigError(f"{f}: not a {STAGE} export (stage {meta.get('stage')!r})")
-    have = meta.get("clip") or {}
-    diff = [
-        f"{fl.name}={have.get(fl.name)!r} there, {getattr(want, fl.name)!r} here"
-        for fl in dataclasses.fields(want)
-        if fl.name not in _FREE and have.get(fl.name) != getattr(want, fl.name)
-    ]
-    if diff:
-        raise ConfigError(
-            f"init.clip={path}: the vision stage trained another CLIP ({'; '.join(diff[:4])}): pretrain this "
-            "model's CLIP (same model.preset / model.clip) with the vision stage"
-        )
+    meta = exports.read_meta(
+        path,
+        config_file=CLIP_CONFIG,
+        stage=STAGE,
+        flag="init.clip",
+        what="the vision stage's export RUN/clip",
+        command=COMMAND,
+    )
+    exports.check_arch(
+        meta.get("clip") or {},
+        want,
+        free=_FREE,
+        flag="init.clip",
+        path=path,
+        remedy="the vision stage trained another CLIP ({diff}): pretrain this model's CLIP (same "
+        "model.preset / model.clip) with the vision stage",
+    )
     return meta
 
 
 def load_clip_stage(path: str | os.PathLike, want: ClipVisionConfig) -> dict[str, np.ndarray]:
     """The exported `llava/vision_tower/...` leaves as host arrays (`check_clip_stage` first)."""
     check_clip_stage(path, want)
-    out: dict[str, np.ndarray] = {}
-    for part in ck.iter_parts(path):
-        out.update(part)
-    return out
+    return exports.load_leaves(path)
 
 
-def run(config, workdir: str | os.PathLike, *, evaluate_: bool = True, stop_at: int | None = None) -> dict:
+def run(config, workdir: str | os.PathLike, *, evaluate: bool = True, stop_at: int | None = None) -> dict:
     """The stage, end to end: train (or resume), export `workdir/clip`, score the held-out scenes into
     `workdir/eval.json`. Returns the summary written to `workdir/summary.json`."""
     out = train(config, workdir, stop_at=stop_at)
@@ -275,8 +239,8 @@ def run(config, workdir: str | os.PathLike, *, evaluate_: bool = True, stop_at: 
     info = {"step": out["final_step"], "seed": int(config.init.seed), "data_seed": int(config.data.seed)}
     export_clip(tower, setup.cfg, workdir / "clip", info)
     out["export"] = str(workdir / "clip")
-    if evaluate_:
-        res = evaluate(setup, params, rest, config)
+    if evaluate:
+        res = evaluate_held_out(setup, params, rest, config)
         (workdir / "eval.json").write_text(json.dumps({"step": out["final_step"], **res}, indent=1))
         out["eval"] = res
     return write_run_summary(workdir, out)
