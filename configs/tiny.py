@@ -41,10 +41,10 @@ The chain:
             ReasonSeg mix 10:1:1:1:1:10.
 
 Sizes (`ReadConfig.shapes()`): a 128-wide LLaMA (LLaMA's 32,003-token vocabulary, so the release is
-READ-shaped), CLIP on a 112-pixel crop (8 x 8 = 64 image tokens), SAM on a 128 frame (16 x 16 embedding).
-One deliberate difference from READ-7B's SasP: the map is not downsampled (READ-7B takes 12 x 12 of its
-24 x 24 grid), since 8 x 8 is already coarser than READ's 12 x 12; thresholds 0.8 / 0.2 and 30 points are
-READ-7B's.
+READ-shaped), a 4-layer 128-wide CLIP on a 112-pixel crop (8 x 8 = 64 image tokens), SAM on a 128 frame
+(16 x 16 embedding). One deliberate difference from READ-7B's SasP: the map is not downsampled (READ-7B takes
+12 x 12 of its 24 x 24 grid), since 8 x 8 is already coarser than READ's 12 x 12; thresholds 0.8 / 0.2 and 30
+points are READ-7B's.
 """
 
 import os

@@ -30,6 +30,17 @@ def smoke_config():
     return load_config_file(CONFIG + ":smoke")
 
 
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_stage_config_validates_and_trains_its_presets_clip(arg):
+    """configs/pretrain_vision.py (covered here, not by test_train_configs: another command's config)."""
+    c = load_config_file(CONFIG + (f":{arg}" if arg else ""))
+    vision_train.validate(c)
+    assert vision_train.clip_config(c) == (ReadConfig.smoke() if arg else ReadConfig.shapes()).clip
+    c.train.lrr = 1.0
+    with pytest.raises(ConfigError, match="unknown"):
+        vision_train.validate(c)
+
+
 # ---- targets ----------------------------------------------------------------------------------------------
 def test_coverage_of_a_rectangle_is_its_exact_area_in_the_crop():
     """A rectangle given in the original picture's pixels, mapped by CLIP's resize + centre crop: two whole

@@ -60,7 +60,10 @@ def shallow(cfg):
 
 
 # Configs of other commands than train.py, each loaded and built by the tests of its command.
-OTHER_COMMANDS = {"pretrain_sam": "tests/test_pretrain_sam.py"}
+OTHER_COMMANDS = {
+    "pretrain_sam": "tests/test_pretrain_sam.py",
+    "pretrain_vision": "tests/test_pretrain_vision.py",
+}
 
 
 def test_every_config_file_is_covered():
