@@ -147,9 +147,11 @@ def test_command_line_overrides_and_named_stages():
     bad.train.lora_dropout = False
     with pytest.raises(ConfigError, match=r"'lora_dropout'"):
         run_config.validate(bad)
-    # Overrides change what they name and leave what the file set (the LLaVA stage trains the towers).
+    # Overrides change what they name and leave what the file set (the LLaVA stage trains the projector and
+    # the LLM on the vision stage's frozen CLIP).
     tiny = load("tiny", "llava", "--config.data.root=/tmp/x", "--config.train.lr=1e-4")
-    assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4 and not tiny.model.freeze_vision_towers
+    assert tiny.data.root == "/tmp/x" and tiny.train.lr == 1e-4 and tiny.model.freeze_vision_towers
+    assert not any("vision_tower" in r for r in tiny.model.trainable_regexes)
 
 
 def test_7b_step_lowers_on_8_devices_shallow():
