@@ -35,7 +35,7 @@ The chain:
             scenes' conversations. Measured on a lent H200 from the attribute SAM stage and a LLaVA stage on
             a dense-label CLIP (docs/tiny_chain.md): validation gIoU 0.198 at step 1000 with SESAME's mix (1
             ReasonSeg sample in 27), 0.247 at 1200 with READ-7B's (10 in 24), 0.274 at 2000 with ReasonSeg
-            alone.
+            alone. This chain on CPU (the third release): validation 0.287 at step 3000, test 0.296.
   * read:   READ's recipe on that release: LoRA r=8 on q/v, embed_tokens/lm_head/mask decoder/fcs trainable,
             towers frozen, CE + 2 BCE + 0.5 Dice, SasP on with READ-7B's thresholds and point count, READ's
             ReasonSeg mix 10:1:1:1:1:10.
