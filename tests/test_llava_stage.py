@@ -2,7 +2,8 @@
 
 The LLaVA stage is `train.py --config configs/tiny.py:llava,smoke` run in-process (8 fake CPU devices, its
 shapes VQA data written at smoke size); the stages after it take every `llava/...` leaf (CLIP, projector,
-LLaMA) from that workdir, nothing else, and record where they took it from.
+LLaMA) from that workdir, nothing else, and record where they took it from. The LLaVA stage itself starts its
+frozen CLIP from the smoke vision stage (`init.clip`).
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ def flat(state) -> dict:
 
 @pytest.fixture(scope="module")
 def llava_run(tmp_path_factory) -> Path:
-    """The LLaVA stage's workdir: 3 steps of `configs/tiny.py:llava,smoke` (all of llava/ trains)."""
+    """The LLaVA stage's workdir: 3 steps of `configs/tiny.py:llava,smoke` (projector and LLaMA train) on the
+    smoke vision stage's CLIP (`base/vision/clip`, frozen)."""
+    from read_jax.cli import pretrain_vision
     from read_jax.cli import train as train_cli
 
     base = tmp_path_factory.mktemp("llava_stage")
+    vision = str(ROOT / "configs" / "pretrain_vision.py") + ":smoke"
+    assert pretrain_vision.main(["--config", vision, "--workdir", str(base / "vision"), "--no-eval"]) == 0
     workdir = base / "llava"
     argv = ["--config", f"{TINY}:llava,smoke", "--workdir", str(workdir)]
+    argv += [f"--config.init.clip={base / 'vision' / 'clip'}"]
     argv += [f"--config.data.root={base / 'data'}", "--config.data.batch_size=8"]  # 1 image per device
     argv += ["--config.progress=False", "--config.checkpoint.async_save=False"]
     err = io.StringIO()
@@ -74,15 +80,21 @@ def test_sesame_stage_starts_every_llava_leaf_from_the_llava_workdir(llava_run, 
     """`init.llava` in the SESAME stage's config: every llava/ leaf, the frozen CLIP and projector and the
     trainable LLaMA alike, is the LLaVA workdir's trained value (in the state's dtype and sharding), every
     other leaf is the fresh init's; the run's base reference records the workdir."""
+    from read_jax.pretrain import vision_train
     from read_jax.train import checkpoints
     from read_jax.train import config as run_config
     from read_jax.train import state as tstate
 
     leaves, untrained = trained
     assert all(any(k.startswith(p) for k in leaves) for p in PARTS)
-    # What the LLaVA stage moved: leaves of all three parts (the rest got no gradient in 3 steps).
+    # What the LLaVA stage moved: projector and LLaMA leaves (the rest got no gradient in 3 steps); its vision
+    # tower is the vision stage's export, frozen.
     moved = {k for k in leaves if not np.array_equal(leaves[k], untrained[k])}
-    assert all(any(k.startswith(p) for k in moved) for p in PARTS), sorted(moved)
+    assert all(any(k.startswith(p) for k in moved) for p in PARTS[1:]), sorted(moved)
+    clip_cfg = run_config.read_config(load("llava,smoke").model).clip
+    clip = vision_train.load_clip_stage(llava_run.parent / "vision" / "clip", clip_cfg)
+    assert set(clip) == {k for k in leaves if k.startswith(PARTS[0])}
+    assert all(np.array_equal(leaves[k], clip[k]) for k in clip)
 
     config = load("sesame,smoke", f"--config.init.llava={llava_run}")
     cfg = run_config.read_config(config.model)
