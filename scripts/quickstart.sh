@@ -59,7 +59,10 @@ echo "$stamp" >"$OUT/release.stamp"
 rm -rf "$OUT/eval_sesame" "$OUT/eval_read" "$OUT/see_sesame" "$OUT/see_read" "$OUT/chat" "$OUT/report.md"
 
 echo "== 1. convert the tiny SESAME release -> $OUT/tiny-sesame"
-"$PY" convert_weights.py --hf "$RELEASE" --clip "$RELEASE/vision_tower" --base "$base" \
+# In fp32 (the release's bf16 values, upcast): a converted checkpoint computes in its own dtype, the fine-tune
+# in configs/tiny.py's fp32, and the chain scores the release converted the same way; so both rows of the
+# report, and the release card, come from the same arithmetic.
+"$PY" convert_weights.py --hf "$RELEASE" --clip "$RELEASE/vision_tower" --base "$base" --dtype fp32 \
   --out "$OUT/tiny-sesame" --overwrite --no-progress
 
 echo "== 2. fine-tune it with READ's recipe -> $OUT/read"
