@@ -107,6 +107,10 @@ def test_quickstart_runs_end_to_end_and_its_last_line_is_the_report(release, tmp
     ev_ses = json.loads((out / "eval_sesame" / "summary.json").read_text())
     assert (read_g, read_c) == (round(ev_read["gIoU"], 3), round(ev_read["cIoU"], 3))
     assert sesame_g == round(ev_ses["gIoU"], 3) and n == ev_read["num_queries"] > 0
+    # the SESAME row is the release card's figure: the same weights in the same (fp32) arithmetic as the
+    # chain's evaluation of its converted release (a bf16 conversion computes in bf16 and moves it)
+    conv = json.loads((base / "chain" / "release_eval" / "summary.json").read_text())
+    assert (ev_ses["gIoU"], ev_ses["cIoU"]) == (conv["gIoU"], conv["cIoU"])
     # the converted release prompts SAM with [SEG] alone; the fine-tune with SasP's points
     assert ev_ses["sasp"]["enabled"] is False and ev_read["sasp"]["enabled"] is True
     assert list((out / "eval_read" / "pictures").glob("*.png"))
