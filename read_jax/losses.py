@@ -15,6 +15,7 @@ Differences from the reference, all numerically invisible at fp32:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -32,11 +33,14 @@ class LossWeights:
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    # Not in READ (0 there): `similarity_loss`, the tiny SESAME stage's stand-in for LLaVA-1.5's image-text
+    # alignment (configs/tiny.py:sesame).
+    sim: float = 0.0
 
     @property
     def masks(self) -> bool:
         """Whether any term needs the masks (False: a text-only forward, SAM skipped)."""
-        return bool(self.bce or self.dice)
+        return bool(self.bce or self.dice or self.sim)
 
 
 def ce_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -103,6 +107,56 @@ def mask_losses(logits: jax.Array, targets: jax.Array, pixel_valid: jax.Array, m
     return (bce * w).sum() / (n + 1e-8), (dice * w).sum() / (n + 1e-8)
 
 
+def cell_coverage(
+    targets: jax.Array, extent_hw: jax.Array, orig_hw: jax.Array, grid: int, sub: int = 4
+) -> jax.Array:
+    """Fraction of each CLIP grid cell covered by the GT mask: float32[M, grid * grid] (raster order).
+
+    The CLIP view is the centred min(H, W) square of the original image (READ's short-side resize + centre
+    crop); each cell is sampled at `sub` x `sub` points, mapped into the GT canvas, whose mask extent
+    `extent_hw` may be a downscaled copy of the original (H, W).
+
+    Args:
+      targets: {0,1}[M, Hc, Wc] GT masks on a padded canvas.
+      extent_hw: int[M, 2] the mask's extent on the canvas; orig_hw: int[M, 2] the original image size.
+    """
+    m = targets.shape[0]
+    ext = extent_hw.astype(jnp.float32)
+    orig = orig_hw.astype(jnp.float32)
+    side = jnp.min(orig, axis=-1)  # [M]
+    start = (orig - side[:, None]) / 2  # [M, 2] (y0, x0) of the crop
+    u = (jnp.arange(grid * sub, dtype=jnp.float32) + 0.5) / (grid * sub)  # [G*sub] in (0, 1)
+    pos = start[:, None, :] + u[None, :, None] * side[:, None, None]  # [M, G*sub, 2] original pixels
+    idx = jnp.floor(pos * (ext / orig)[:, None, :]).astype(jnp.int32)
+    idx = jnp.clip(idx, 0, jnp.maximum(extent_hw[:, None, :] - 1, 0))
+    rows = jnp.arange(m)[:, None, None]
+    samples = targets[rows, idx[:, :, None, 0], idx[:, None, :, 1]].astype(jnp.float32)  # [M, G*sub, G*sub]
+    return samples.reshape(m, grid, sub, grid, sub).mean(axis=(2, 4)).reshape(m, grid * grid)
+
+
+def similarity_loss(sim_logits: jax.Array, coverage: jax.Array, mask_valid: jax.Array) -> jax.Array:
+    """KL(coverage distribution || softmax(similarity)) over the CLIP grid, mean over the supervised masks.
+
+    Not part of READ's recipe (weight 0 there). READ starts from a pretrained LLaVA whose [SEG] similarity map
+    already peaks on the object; a LLaVA pretrained on the tiny shapes world has no such alignment, and READ's
+    fine-tune cannot teach it: the point selection is not differentiable and DtoC only moves points within a
+    cell's neighbourhood. This term teaches the map where the target is (the tiny SESAME stage,
+    configs/tiny.py). Masks whose target lies outside the CLIP view (zero coverage) are skipped.
+
+    Args:
+      sim_logits: float[M, P] scaled [SEG] . image-token similarities; coverage: float[M, P]
+        (`cell_coverage`).
+      mask_valid: bool[M].
+    """
+    total = coverage.sum(axis=-1, keepdims=True)
+    valid = mask_valid & (total[:, 0] > 0)
+    t = coverage / jnp.maximum(total, 1e-8)
+    logp = jax.nn.log_softmax(sim_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.where(t > 0, t * (jnp.log(jnp.maximum(t, 1e-30)) - logp), 0.0), axis=-1)
+    w = valid.astype(jnp.float32)
+    return (kl * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The READ batch loss: what the train step calls
 # ----------------------------------------------------------------------------------------------------
@@ -126,7 +180,7 @@ def text_ce(out: ReadOutput) -> tuple[jax.Array, jax.Array, jax.Array]:
 def read_batch_loss(
     out: ReadOutput, batch: Mapping[str, jax.Array], weights: LossWeights = LossWeights()
 ) -> tuple[jax.Array, dict]:
-    """READ's loss of a teacher-forced batch: ce * CE + bce * BCE + dice * Dice.
+    """READ's loss of a teacher-forced batch: ce * CE + bce * BCE + dice * Dice (+ sim * the similarity term).
 
     GT masks come per [SEG] slot: `batch["masks"]` uint8[R, S', Hc, Wc] (or [R, Hc, Wc] for S' = 1, the usual
     one-[SEG]-per-conversation case) on the canvas of the predictions, with `batch["mask_valid"]` bool[R, S']
@@ -134,7 +188,7 @@ def read_batch_loss(
     without a predicted [SEG] are not supervised.
 
     Returns:
-      (loss, metrics): loss/ce/bce/dice, num_tokens, num_masks, ce_dropped_tokens.
+      (loss, metrics): loss/ce/bce/dice (+ sim), num_tokens, num_masks, ce_dropped_tokens.
     """
     if not weights.masks:  # a text-only stage (the tiny LLaVA pretraining): no SAM in the forward
         ce, n_tok, dropped = text_ce(out)
@@ -171,4 +225,12 @@ def read_batch_loss(
     bce, dice = mask_losses(logits.reshape(r * s_gt, *canvas), targets, pv, valid)
     loss = weights.ce * ce + weights.bce * bce + weights.dice * dice
     metrics = {"ce": ce, "bce": bce, "dice": dice, "num_tokens": n_tok, "num_masks": valid.sum()}
+    if weights.sim:
+        # The raw similarity scaled like attention logits (1 / sqrt(C)) before the softmax.
+        sim = out.masks.similarity[:, :s_gt] * out.hidden.shape[-1] ** -0.5  # [R, S', P]
+        grid = math.isqrt(sim.shape[-1])
+        orig = jnp.repeat(batch["orig_hw"][conv_image], s_gt, axis=0)
+        cov = cell_coverage(targets, jnp.repeat(extent, s_gt, axis=0), orig, grid)
+        metrics["sim"] = similarity_loss(sim.reshape(r * s_gt, -1), cov, valid)
+        loss = loss + weights.sim * metrics["sim"]
     return loss, {"loss": loss, **metrics, "ce_dropped_tokens": dropped}

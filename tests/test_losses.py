@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from read_jax.losses import LossWeights, ce_loss, mask_losses, read_batch_loss
+from read_jax.losses import LossWeights, ce_loss, cell_coverage, mask_losses, read_batch_loss, similarity_loss
 from read_jax.read_model import MaskOutput, ReadOutput, SegStates
 from read_jax.sam.transforms import pixel_valid
 from tests.helpers import require_torch
@@ -105,3 +105,77 @@ def test_dice_scale_makes_eps_matter_for_tiny_masks():
         16 / (1 + np.exp(20)) / 1000 + 1 / 1000 + 1e-6
     )
     assert float(dice) == pytest.approx(expected, rel=1e-5)
+
+
+def _coverage_loops(mask, extent_hw, orig_hw, grid, sub):
+    """Direct transcription of the rule, one sample at a time: the centred min(H, W) square of the original
+    image split into grid x grid cells, each sampled at sub x sub evenly spaced points, mapped into the mask
+    extent."""
+    (eh, ew), (h, w) = extent_hw, orig_hw
+    side = min(h, w)
+    y0, x0 = (h - side) / 2, (w - side) / 2
+    out = np.zeros((grid, grid))
+    for ci in range(grid):
+        for cj in range(grid):
+            hits = 0
+            for a in range(sub):
+                for b in range(sub):
+                    y = y0 + (ci * sub + a + 0.5) / (grid * sub) * side
+                    x = x0 + (cj * sub + b + 0.5) / (grid * sub) * side
+                    yi = min(int(np.floor(y * eh / h)), eh - 1)
+                    xi = min(int(np.floor(x * ew / w)), ew - 1)
+                    hits += mask[yi, xi]
+            out[ci, cj] = hits / sub**2
+    return out.reshape(-1)
+
+
+def test_cell_coverage_of_aligned_rectangles_is_exact():
+    """A 300x200 (WxH) image: the CLIP view is x in [50, 250). Its top-left quarter is covered exactly by the
+    GT, whether the GT is stored at full size or downscaled to half (the pipeline's `mask_hw`)."""
+    full = np.zeros((1, 224, 320), np.uint8)
+    full[0, :100, 50:150] = 1
+    half = np.zeros((1, 224, 320), np.uint8)
+    half[0, :50, 25:75] = 1
+    want = np.zeros((4, 4))
+    want[:2, :2] = 1
+    for m, ext in ((full, (200, 300)), (half, (100, 150))):
+        got = cell_coverage(jnp.asarray(m), jnp.array([ext]), jnp.array([[200, 300]]), 4)
+        np.testing.assert_array_equal(np.asarray(got).reshape(4, 4), want)
+
+
+def test_cell_coverage_matches_a_per_sample_transcription():
+    rng = np.random.default_rng(0)
+    cases = [
+        ((240, 320), (240, 320)),
+        ((300, 117), (300, 117)),
+        ((224, 128), (448, 256)),
+        ((97, 97), (97, 97)),
+    ]
+    masks = np.zeros((len(cases), 300, 320), np.uint8)
+    for i, (ext, _) in enumerate(cases):
+        masks[i, : ext[0], : ext[1]] = rng.random(ext) > 0.6
+        masks[i, ext[0] :, :] = 1  # outside the extent: must never be sampled
+        masks[i, :, ext[1] :] = 1
+    ext = jnp.array([c[0] for c in cases])
+    orig = jnp.array([c[1] for c in cases])
+    got = np.asarray(cell_coverage(jnp.asarray(masks), ext, orig, grid=6, sub=3))
+    for i, (e, o) in enumerate(cases):
+        np.testing.assert_allclose(
+            got[i], _coverage_loops(masks[i], e, o, 6, 3), atol=1e-6, err_msg=str(cases[i])
+        )
+
+
+def test_similarity_loss_is_the_kl_to_the_coverage_distribution():
+    cov = jnp.array([[1.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    valid = jnp.array([True, True, True, False])
+    # Uniform logits: KL = log(P / k) for k equally covered cells; row 2 (target outside the view) and row 3
+    # (invalid) are not averaged in.
+    uniform = similarity_loss(jnp.zeros((4, 4)), cov, valid)
+    np.testing.assert_allclose(float(uniform), (np.log(4 / 2) + np.log(4 / 1)) / 2, rtol=1e-6)
+    # Logits that reproduce the target distribution give 0, whatever the excluded rows hold.
+    perfect = jnp.log(jnp.maximum(cov / jnp.maximum(cov.sum(-1, keepdims=True), 1e-8), 1e-12))
+    perfect = perfect.at[2:].set(jnp.array([[5.0, -3.0, 2.0, 0.0]] * 2))
+    assert float(similarity_loss(perfect, cov, valid)) < 1e-6
+    # The gradient raises the covered cells and lowers the others.
+    g = np.asarray(jax.grad(similarity_loss)(jnp.zeros((4, 4)), cov, valid))
+    assert (g[0, :2] < 0).all() and (g[0, 2:] > 0).all() and not g[2:].any()

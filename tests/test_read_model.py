@@ -221,6 +221,28 @@ def test_vision_towers_get_gradients_only_when_unfrozen(pair):
     assert tstate.check_trainable_regexes(model, open_cfg.replace(trainable_regexes=towers))[towers[0]] > 0
 
 
+def test_similarity_term_is_added_only_when_weighted(pair, jax_run):
+    from read_jax.losses import LossWeights, cell_coverage, similarity_loss
+
+    cfg, _, _ = pair
+    batch, terms, out, _ = jax_run
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    w = LossWeights(sim=0.7)
+    loss, t2 = read_batch_loss(out, b, w)
+    assert "sim" not in terms  # weight 0: the term is not computed at all
+    # The raw [SEG] . image-token similarity, scaled like attention logits by 1 / sqrt(LLM width).
+    sim = out.masks.similarity * cfg.llama.hidden_size**-0.5
+    # Rows 0 (slot 0), 1 (slots 0, 1) carry a [SEG] and a GT; row 2 has neither.
+    hw = b["orig_hw"][b["conv_image"]]
+    cov = cell_coverage(
+        (b["masks"] == 1).reshape(6, *CANVAS), jnp.repeat(hw, 2, 0), jnp.repeat(hw, 2, 0), cfg.clip.grid_size
+    )
+    want = similarity_loss(sim.reshape(6, -1), cov, jnp.asarray(batch["mask_valid"]).reshape(-1))
+    np.testing.assert_allclose(float(t2["sim"]), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(terms["loss"]) + 0.7 * float(want), rtol=1e-6)
+    assert float(want) > 0
+
+
 def test_text_only_loss_skips_sam_and_equals_the_full_forwards_ce(pair, jax_run):
     """A text-only stage (mask weights 0) runs no SAM: its loss is the full forward's CE, nothing but the
     LLM side gets a gradient, and the mask decoder's gradient is exactly zero."""

@@ -110,6 +110,8 @@ def default_config() -> ConfigDict:
             "ce_weight": 1.0,
             "bce_weight": 2.0,
             "dice_weight": 0.5,
+            # Not READ's: a similarity-map loss (`losses.similarity_loss`; the tiny SESAME stage); 0 = off.
+            "sim_weight": 0.0,
             # > 0: the text CE on at most this many supervised positions per micro-batch (no full logits).
             "ce_max_tokens": 0,
             # Dropout while training (LoRA's is the only dropout of the model); False: deterministic steps.
@@ -209,6 +211,7 @@ def loss_weights(train_cfg) -> LossWeights:
         ce=float(train_cfg.ce_weight),
         bce=float(train_cfg.bce_weight),
         dice=float(train_cfg.dice_weight),
+        sim=float(train_cfg.get("sim_weight", 0.0)),
     )
 
 
