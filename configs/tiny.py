@@ -29,13 +29,18 @@ The chain:
   * sesame: the [SEG] model with SasP off (LISA/SESAME's prompt: the [SEG] embedding alone) with false
             premises, CE + 2 BCE + 0.5 Dice; the LLaMA, text_hidden_fcs and the mask decoder train, the
             towers are frozen; 3000 steps. Exported with `convert_weights.py --export` as the tiny SESAME
-            release. One deliberate difference from SESAME: the mix is READ-7B's (sem_seg, refer_seg,
-            correct_refer_seg, vqa, neg_refer_seg, reason_seg = 10:1:1:1:1:10), not SESAME's 10:10:2:3:1:1,
-            because the real SESAME starts from an LLM that already reasons and this one has seen only the
-            scenes' conversations. Measured on a lent H200 from the attribute SAM stage and a LLaVA stage on
-            a dense-label CLIP (docs/tiny_chain.md): validation gIoU 0.198 at step 1000 with SESAME's mix (1
-            ReasonSeg sample in 27), 0.247 at 1200 with READ-7B's (10 in 24), 0.274 at 2000 with ReasonSeg
-            alone. This chain on CPU (the third release): validation 0.287 at step 3000, test 0.296.
+            release. Two deliberate differences from SESAME, both because the real SESAME starts from an LLM
+            that already reasons and has aligned image and text, and this one has seen only the scenes'
+            conversations (docs/tiny_chain.md has the measurements):
+              - the mix: every source, false premises included, weighted to ReasonSeg (sem_seg, refer_seg,
+                correct_refer_seg, vqa, neg_refer_seg, reason_seg = 4:1:1:1:1:16), not SESAME's
+                10:10:2:3:1:1 (1 ReasonSeg sample in 27); ReasonSeg-heavier mixes learned faster in every
+                trial (validation gIoU at step 2000: 0.274 ReasonSeg alone, ~0.25 READ-7B's 10:1:1:1:1:10);
+              - the similarity-map term at weight 0.25 (`train.sim_weight`, `losses.similarity_loss`): the KL
+                from the target's coverage of the 8 x 8 CLIP grid to the softmax of the [SEG] state's
+                similarity to the image tokens, the alignment a pretrained LLaVA-1.5 brings and READ's SasP
+                reads its points from. Without it the map never had to point: READ's points then lay on the
+                target for ~11% of the queries and its fine-tune fell below the release.
   * read:   READ's recipe on that release: LoRA r=8 on q/v, embed_tokens/lm_head/mask decoder/fcs trainable,
             towers frozen, CE + 2 BCE + 0.5 Dice, SasP on with READ-7B's thresholds and point count, READ's
             ReasonSeg mix 10:1:1:1:1:10.
@@ -64,7 +69,10 @@ SESAME_TRAINABLE = (
     r"text_hidden_fcs/.*",
     r"visual_model/mask_decoder/.*",
 )
-SESAME_RATES = "read_7b"  # 10:1:1:1:1:10, not SESAME's 10:10:2:3:1:1: see the module docstring
+# sem_seg 4, refer_seg 1, correct_refer_seg 1, vqa 1, neg_refer_seg 1, reason_seg 16 (not SESAME's
+# 10:10:2:3:1:1): see the module docstring
+SESAME_RATES = "sem_seg:4,refer_seg:1,correct_refer_seg:1,vqa:1,neg_refer_seg:1,reason_seg:16"
+SESAME_SIM_WEIGHT = 0.25  # the similarity-map term (`losses.similarity_loss`): see the module docstring
 
 
 def get_config(arg: str | None = None):
@@ -131,6 +139,7 @@ def _sesame(c) -> None:
     c.model.sasp = {"enabled": False, "grid_size": 8, "num_points": 30}
     c.data.rates = SESAME_RATES
     c.data.max_convs = 3
+    c.train.sim_weight = SESAME_SIM_WEIGHT
     c.train.lr = 5e-4
     c.train.warmup_steps = 100
     c.train.epochs = 6

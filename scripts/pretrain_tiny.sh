@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The tiny pretraining chain that makes the shipped tiny SESAME release (assets/tiny-sesame), READ's own
 # starting point in miniature: vision stage (CLIP learns what covers each patch) -> LLaVA stage (projector +
-# LLaMA on the shapes world's conversations, on that CLIP, frozen) -> SAM stage (SAM on point, box and attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on READ-7B's
-# mix: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage resumes from its own
-# checkpoints when rerun, and a stage whose predecessor is missing stops with a message naming the command
-# that makes it.
+# LLaMA on the shapes world's conversations, on that CLIP, frozen) -> SAM stage (SAM on point, box and
+# attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on a ReasonSeg-weighted mix of every source,
+# with the similarity-map term: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage
+# resumes from its own checkpoints when rerun, and a stage whose predecessor is missing stops with a message
+# naming the command that makes it.
 #
 #   bash scripts/pretrain_tiny.sh                 # everything, CPU (see README for the wall time)
 #   OUT=runs/tiny SEED=0 bash scripts/pretrain_tiny.sh

@@ -74,6 +74,12 @@ def _mix(rates: str) -> str:
     return f"the {rates} mix ({listed})" if isinstance(parsed, str) else f"the mix {listed}"
 
 
+def _sim_term(run_cfg: dict) -> str:
+    """', plus the similarity-map term (weight w)' when the stage trained with it (`train.sim_weight`)."""
+    w = float(run_cfg["train"].get("sim_weight", 0.0))
+    return f", plus the similarity-map term (weight {w:g})" if w else ""
+
+
 def _sam_row(sam_cfg: dict, sam: dict) -> tuple[str, str, str]:
     attributes = int(sam_cfg["data"].get("class_prompts", 0)) > 0 and (
         float(sam_cfg["train"].get("attribute_weight", 0.0)) > 0
@@ -143,7 +149,7 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
         (
             "SESAME (`configs/tiny.py:sesame`)",
             f"the [SEG] model, SasP off, {ses_steps} steps on {_mix(ses_cfg['data']['rates'])} with false "
-            "premises",
+            f"premises{_sim_term(ses_cfg)}",
             f"ReasonSeg test gIoU {ses['gIoU']:.3f} cIoU {ses['cIoU']:.3f} ({_kinds(ses)})",
         ),
         (

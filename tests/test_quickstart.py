@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from read_jax.data.loaders import parse_rates
+from read_jax.data.mixture import RATE_PRESETS
 from read_jax.train.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +92,11 @@ def test_pretraining_chain_ships_a_sesame_release_with_its_card(release):
     assert f"the attribute prompt {sam['mIoU_class']:.3f}" in card  # the chain's SAM stage is :attributes
     ses_cfg = load_config_file(str(ROOT / "configs" / "tiny.py") + ":sesame,smoke")
     steps = ses_cfg.train.epochs * ses_cfg.train.steps_per_epoch
-    assert f"{steps} steps on the {ses_cfg.data.rates} mix (sem_seg 10, refer_seg 1, " in card
+    rates = parse_rates(ses_cfg.data.rates)
+    mix = RATE_PRESETS[rates] if isinstance(rates, str) else rates
+    assert f"{steps} steps on the " in card and ", ".join(f"{k} {float(v):g}" for k, v in mix.items()) in card
+    sim = ses_cfg.train.get("sim_weight", 0.0)
+    assert (f"similarity-map term (weight {sim:g})" in card) == bool(sim)
 
 
 def test_quickstart_runs_end_to_end_and_its_last_line_is_the_report(release, tmp_path):
