@@ -36,11 +36,15 @@ class LossWeights:
     # Not in READ (0 there): `similarity_loss`, the tiny SESAME stage's stand-in for LLaVA-1.5's image-text
     # alignment (configs/tiny.py:sesame).
     sim: float = 0.0
+    # Not in READ either: `peak_loss`, the same KL on the map as SasP reads it (min-max normalised, sharpened
+    # by `peak_beta`), so that only the target's cells clear READ's t_pos (configs/tiny.py:sesame).
+    peak: float = 0.0
+    peak_beta: float = 10.0
 
     @property
     def masks(self) -> bool:
         """Whether any term needs the masks (False: a text-only forward, SAM skipped)."""
-        return bool(self.bce or self.dice or self.sim)
+        return bool(self.bce or self.dice or self.sim or self.peak)
 
 
 def ce_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -157,6 +161,28 @@ def similarity_loss(sim_logits: jax.Array, coverage: jax.Array, mask_valid: jax.
     return (kl * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
+def peak_loss(sim: jax.Array, coverage: jax.Array, mask_valid: jax.Array, beta: float = 10.0) -> jax.Array:
+    """`similarity_loss` of the map SasP thresholds: KL(coverage || softmax(beta * minmax(sim))).
+
+    SasP min-max normalises the map and takes every cell >= t_pos (0.8) as a positive point, so what decides
+    the points is where each cell sits between the map's min and max, not the raw logits `similarity_loss`
+    matches: a map whose softmax already puts its mass on the target can still have a plateau of distractor
+    cells within 20% of the max, and each becomes a positive point. On the normalised map scaled by `beta`, a
+    distractor at 0.8 carries exp(-0.2 beta) of a target cell's mass, so the term pushes distractors down
+    towards the map's floor and lifts the target's cells to its top. Scale-free; gradients reach the map
+    through its min and max too. Masks with no coverage, or with a constant map, are skipped.
+
+    Args:
+      sim: float[M, P] [SEG] . image-token similarities (any scale); coverage: float[M, P];
+      mask_valid: bool[M].
+    """
+    x = sim.astype(jnp.float32)
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    span = hi - lo
+    f = (x - lo) / jnp.maximum(span, 1e-12)
+    return similarity_loss(beta * f, coverage, mask_valid & (span[:, 0] > 0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The READ batch loss: what the train step calls
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +206,7 @@ def text_ce(out: ReadOutput) -> tuple[jax.Array, jax.Array, jax.Array]:
 def read_batch_loss(
     out: ReadOutput, batch: Mapping[str, jax.Array], weights: LossWeights = LossWeights()
 ) -> tuple[jax.Array, dict]:
-    """READ's loss of a teacher-forced batch: ce * CE + bce * BCE + dice * Dice (+ sim * the similarity term).
+    """READ's loss of a teacher-forced batch: ce * CE + bce * BCE + dice * Dice (+ the similarity terms).
 
     GT masks come per [SEG] slot: `batch["masks"]` uint8[R, S', Hc, Wc] (or [R, Hc, Wc] for S' = 1, the usual
     one-[SEG]-per-conversation case) on the canvas of the predictions, with `batch["mask_valid"]` bool[R, S']
@@ -188,7 +214,7 @@ def read_batch_loss(
     without a predicted [SEG] are not supervised.
 
     Returns:
-      (loss, metrics): loss/ce/bce/dice (+ sim), num_tokens, num_masks, ce_dropped_tokens.
+      (loss, metrics): loss/ce/bce/dice (+ sim, peak), num_tokens, num_masks, ce_dropped_tokens.
     """
     if not weights.masks:  # a text-only stage (the tiny LLaVA pretraining): no SAM in the forward
         ce, n_tok, dropped = text_ce(out)
@@ -225,12 +251,17 @@ def read_batch_loss(
     bce, dice = mask_losses(logits.reshape(r * s_gt, *canvas), targets, pv, valid)
     loss = weights.ce * ce + weights.bce * bce + weights.dice * dice
     metrics = {"ce": ce, "bce": bce, "dice": dice, "num_tokens": n_tok, "num_masks": valid.sum()}
-    if weights.sim:
+    if weights.sim or weights.peak:
         # The raw similarity scaled like attention logits (1 / sqrt(C)) before the softmax.
         sim = out.masks.similarity[:, :s_gt] * out.hidden.shape[-1] ** -0.5  # [R, S', P]
         grid = math.isqrt(sim.shape[-1])
         orig = jnp.repeat(batch["orig_hw"][conv_image], s_gt, axis=0)
         cov = cell_coverage(targets, jnp.repeat(extent, s_gt, axis=0), orig, grid)
-        metrics["sim"] = similarity_loss(sim.reshape(r * s_gt, -1), cov, valid)
-        loss = loss + weights.sim * metrics["sim"]
+        sim = sim.reshape(r * s_gt, -1)
+        if weights.sim:
+            metrics["sim"] = similarity_loss(sim, cov, valid)
+            loss = loss + weights.sim * metrics["sim"]
+        if weights.peak:
+            metrics["peak"] = peak_loss(sim, cov, valid, weights.peak_beta)
+            loss = loss + weights.peak * metrics["peak"]
     return loss, {"loss": loss, **metrics, "ce_dropped_tokens": dropped}

@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from read_jax.losses import LossWeights, ce_loss, cell_coverage, mask_losses, read_batch_loss, similarity_loss
+from read_jax.losses import (
+    LossWeights,
+    ce_loss,
+    cell_coverage,
+    mask_losses,
+    peak_loss,
+    read_batch_loss,
+    similarity_loss,
+)
 from read_jax.read_model import MaskOutput, ReadOutput, SegStates
 from read_jax.sam.transforms import pixel_valid
 from tests.helpers import require_torch
@@ -179,3 +187,25 @@ def test_similarity_loss_is_the_kl_to_the_coverage_distribution():
     # The gradient raises the covered cells and lowers the others.
     g = np.asarray(jax.grad(similarity_loss)(jnp.zeros((4, 4)), cov, valid))
     assert (g[0, :2] < 0).all() and (g[0, 2:] > 0).all() and not g[2:].any()
+
+
+def test_peak_loss_scores_the_min_max_map_that_sasp_thresholds():
+    cov = jnp.array([[1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    valid = jnp.array([True, True, True])
+    beta = 10.0
+    # By hand: f = (x - min) / (max - min); the KL to a one-cell target is -log softmax(beta f)_0.
+    x = np.array([[3.0, 2.8, -1.0, -1.0, -1.0], [30.0, 10.0, -10.0, -10.0, -10.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    f = (x - x.min(-1, keepdims=True)) / np.maximum(np.ptp(x, -1, keepdims=True), 1e-12)
+    z = beta * f
+    nll = -(z[:, 0] - np.log(np.exp(z).sum(-1)))
+    got = float(peak_loss(jnp.asarray(x), cov, valid, beta))
+    # Row 2's map is constant (no min-max): skipped, as SasP would have no points to give.
+    np.testing.assert_allclose(got, nll[:2].mean(), rtol=1e-5)
+    # Scale-free, as SasP's min-max is: multiplying or shifting the map changes nothing.
+    np.testing.assert_allclose(float(peak_loss(jnp.asarray(7.0 * x - 3.0), cov, valid, beta)), got, rtol=1e-5)
+    # A distractor within 20% of the max (row 0's cell 1: a SasP positive) costs far more than one at half
+    # the range (row 1's cell 1), though both rows put the max on the target.
+    assert nll[0] > 0.4 and nll[1] < 0.01
+    # The gradient lowers the distractor and raises the target, through the normalisation.
+    g = np.asarray(jax.grad(peak_loss)(jnp.asarray(x), cov, valid, beta))
+    assert g[0, 1] > 0 and g[0, 0] < 0 and not g[2].any()

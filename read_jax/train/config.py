@@ -112,6 +112,9 @@ def default_config() -> ConfigDict:
             "dice_weight": 0.5,
             # Not READ's: a similarity-map loss (`losses.similarity_loss`; the tiny SESAME stage); 0 = off.
             "sim_weight": 0.0,
+            # Not READ's either: that term on SasP's min-max normalised map (`losses.peak_loss`).
+            "peak_weight": 0.0,
+            "peak_beta": 10.0,
             # > 0: the text CE on at most this many supervised positions per micro-batch (no full logits).
             "ce_max_tokens": 0,
             # Dropout while training (LoRA's is the only dropout of the model); False: deterministic steps.
@@ -212,6 +215,8 @@ def loss_weights(train_cfg) -> LossWeights:
         bce=float(train_cfg.bce_weight),
         dice=float(train_cfg.dice_weight),
         sim=float(train_cfg.get("sim_weight", 0.0)),
+        peak=float(train_cfg.get("peak_weight", 0.0)),
+        peak_beta=float(train_cfg.get("peak_beta", 10.0)),
     )
 
 
