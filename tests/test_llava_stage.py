@@ -117,7 +117,7 @@ def test_sesame_stage_starts_every_llava_leaf_from_the_llava_workdir(llava_run, 
     assert any(k.startswith("llava/mm_projector/") for k in changed & set(flat(fr)))
 
     base = checkpoints.base_reference(config, cfg)
-    assert base["llava"] == {"path": str(llava_run.absolute())}
+    assert base["llava"] == {"path": str(llava_run.resolve())}
     assert "llava" not in checkpoints.base_reference(load("sesame,smoke"), cfg)
 
 

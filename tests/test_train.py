@@ -424,6 +424,30 @@ def test_init_from_a_converted_checkpoint(tmp_path):
     assert ckpts.base_reference(_config(), CFG)["kind"] == "scratch"
 
 
+def test_a_moved_or_linked_stage_is_the_same_base_but_other_content_is_not(tmp_path):
+    """A run resumes on its stages wherever they now live when their content is the one it trained on (a
+    stage with a manifest hash); a LLaVA stage (no hash) is taken through symlinks, by its real path."""
+    was = {
+        "kind": "scratch",
+        "seed": 0,
+        "config_sha256": "a",
+        "clip": {"path": "/old/vision/clip", "manifest_sha256": "h"},
+        "llava": {"path": str((tmp_path / "llava").resolve())},
+    }
+    meta = {"base": was}
+    moved = {**was, "clip": {"path": "/new/vision/clip", "manifest_sha256": "h"}}
+    ckpts.check_base(tmp_path, meta, moved)
+    with pytest.raises(ConfigError, match="frozen base"):
+        ckpts.check_base(tmp_path, meta, {**was, "clip": {"path": "/old/clip", "manifest_sha256": "g"}})
+    with pytest.raises(ConfigError, match="frozen base"):
+        ckpts.check_base(tmp_path, meta, {**was, "llava": {"path": "/elsewhere/llava"}})
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "llava")
+    c = _config()
+    c.init.llava = str(tmp_path / "link")
+    assert ckpts.base_reference(c, CFG)["llava"] == was["llava"]
+
+
 def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
     """`data.make_shapes`: missing splits are written; a split with fewer images than `num_shapes` asks for is
     topped up, and the images already there come out byte-identical (the generator is a function of the

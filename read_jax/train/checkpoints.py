@@ -150,9 +150,9 @@ def base_reference(config, cfg: ReadConfig) -> dict:
     base = _base_reference(config, cfg)
     for key in ("sam", "clip"):
         if stage := config.init.get(key) or "":
-            base[key] = {"path": str(Path(stage).absolute()), "manifest_sha256": _manifest_digest(stage)}
+            base[key] = {"path": str(Path(stage).resolve()), "manifest_sha256": _manifest_digest(stage)}
     if llava := config.init.get("llava") or "":
-        base["llava"] = {"path": str(Path(llava).absolute())}
+        base["llava"] = {"path": str(Path(llava).resolve())}
     return base
 
 
@@ -161,7 +161,7 @@ def _base_reference(config, cfg: ReadConfig) -> dict:
     if path:
         return {
             "kind": "converted",
-            "path": str(Path(path).absolute()),
+            "path": str(Path(path).resolve()),
             "manifest_sha256": _manifest_digest(path),
         }
     # What determines the frozen weights: the architecture and the trainable split, not SasP, max_segs or
@@ -217,10 +217,21 @@ def check_resumable(workdir, meta: dict, config, base: dict, flag: str = "--work
     check_base(workdir, meta, base, flag)
 
 
+def _identity(ref):
+    """A base reference as what it holds: where a manifest hash names the content, the path (a moved or
+    symlinked copy of the same stage) does not count."""
+    if not isinstance(ref, dict):
+        return ref
+    out = {k: _identity(v) for k, v in ref.items()}
+    if "manifest_sha256" in out:
+        out.pop("path", None)
+    return out
+
+
 def check_base(workdir, meta: dict, base: dict, flag: str = "--workdir") -> None:
     """A run's checkpoints belong to the frozen base they were trained on."""
     was = meta.get("base")
-    if was is not None and was != base:
+    if was is not None and _identity(was) != _identity(base):
         what = {
             k: f"{was.get(k)!r} there, {base.get(k)!r} here"
             for k in sorted(set(was) | set(base))
