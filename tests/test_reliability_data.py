@@ -29,6 +29,15 @@ def processor():
     return P.ExampleProcessor(dc, ReadConfig.smoke().sam, TOKENIZER)
 
 
+def test_a_missing_tokenizer_fails_once_with_the_override_to_pass(tmp_path):
+    """Not every item skipped as unusable: the pipeline refuses to start, naming the path and the flag."""
+    dc = P.DataConfig(batch_size=1, max_convs=3, length_buckets=(LIMIT,), max_mask_side=64)
+    gone = str(tmp_path / "old_checkout" / "tests" / "assets" / "tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"--config\.data\.tokenizer=DIR") as e:
+        P.ExampleProcessor(dc, ReadConfig.smoke().sam, gone)
+    assert f"data.tokenizer={gone}" in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scene.png"

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -191,6 +192,13 @@ class ExampleProcessor:
     """
 
     def __init__(self, cfg: DataConfig, sam_cfg: SamConfig, tokenizer_path: str):
+        # A missing tokenizer fails here, once, not as every item skipped as unusable (a run's saved config
+        # names the tokenizer of the checkout it was made in, which may be gone).
+        if not (tokenizer_path and os.path.exists(tokenizer_path)):
+            raise FileNotFoundError(
+                f"data.tokenizer={tokenizer_path}: no such file or directory (a run's saved config names the "
+                "tokenizer of the checkout that made it); pass --config.data.tokenizer=DIR"
+            )
         self.cfg, self.sam_cfg, self.tokenizer_path = cfg, sam_cfg, tokenizer_path
         self._tok = None
 
