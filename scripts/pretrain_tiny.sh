@@ -3,7 +3,8 @@
 # starting point in miniature: vision stage (CLIP learns what covers each patch) -> LLaVA stage (projector +
 # LLaMA on the shapes world's conversations, on that CLIP, frozen) -> SAM stage (SAM on point, box and
 # attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on a ReasonSeg-weighted mix of every source,
-# with the similarity-map term: configs/tiny.py says why) -> export in a SESAME release's layout. Each stage
+# with the similarity-map term: configs/tiny.py says why) -> points stage (its best checkpoint continued with
+# the term on the map as SasP reads it) -> export in a SESAME release's layout. Each stage
 # resumes from its own checkpoints when rerun, and a stage whose predecessor is missing stops with a message
 # naming the command that makes it.
 #
@@ -44,10 +45,16 @@ echo "== SESAME stage -> $OUT/sesame"
 "$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/sesame" --split reasonseg_test \
   --config.data.root="$DATA" --out "$OUT/sesame/eval_test"
 
+echo "== points stage -> $OUT/points"
+"$PY" train.py --config "configs/tiny.py:points$v" --workdir "$OUT/points" "${common[@]}" \
+  --config.init.llava="$OUT/llava" --config.init.sam="$OUT/sam/sam" --config.init.trainables_from="$OUT/sesame"
+"$PY" evaluate.py --config "configs/tiny.py:points$v" --checkpoint "$OUT/points" --split reasonseg_test \
+  --config.data.root="$DATA" --out "$OUT/points/eval_test"
+
 echo "== export -> $RELEASE, converted back and evaluated (the bf16-rounded weights a user gets)"
 base=shapes
 if [ -n "$SMOKE" ]; then base=smoke; fi
-"$PY" convert_weights.py --export "$OUT/sesame" --out "$RELEASE" --dtype bf16 --overwrite
+"$PY" convert_weights.py --export "$OUT/points" --out "$RELEASE" --dtype bf16 --overwrite
 "$PY" convert_weights.py --hf "$RELEASE" --clip "$RELEASE/vision_tower" --base "$base" --dtype fp32 \
   --out "$OUT/release_converted" --overwrite --no-progress
 "$PY" evaluate.py --config "configs/tiny.py:sesame$v" --checkpoint "$OUT/release_converted" \

@@ -5,10 +5,10 @@
 
 `scripts/pretrain_tiny.sh` runs it last. The figures come from the stages' own outputs: the vision stage's
 held-out per-patch accuracy (`vision/eval.json`), the LLaVA stage's VQA probe (`llava/vqa_val.json`), the
-SAM stage's held-out mIoU (`sam/eval.json`), the SESAME stage's ReasonSeg test evaluation
-(`sesame/eval_test/summary.json`) and the same evaluation of the release converted back (`--converted-eval`:
-bf16-rounded weights). SHA256SUMS lists every file of the release (the card included),
-which `scripts/quickstart.sh` checks before it converts anything.
+SAM stage's held-out mIoU (`sam/eval.json`), the SESAME and points stages' ReasonSeg test evaluations
+(`sesame/eval_test/summary.json`, `points/eval_test/summary.json`) and the same evaluation of the release
+converted back (`--converted-eval`: bf16-rounded weights). SHA256SUMS lists every file of the release (the
+card included), which `scripts/quickstart.sh` checks before it converts anything.
 """
 
 from __future__ import annotations
@@ -80,6 +80,20 @@ def _sim_term(run_cfg: dict) -> str:
     return f", plus the similarity-map term (weight {w:g})" if w else ""
 
 
+def _peak_term(run_cfg: dict) -> str:
+    """' and the term on SasP's min-max map (weight w)' when the stage trained with it (`peak_weight`)."""
+    w = float(run_cfg["train"].get("peak_weight", 0.0))
+    return f" and the term on SasP's min-max map (weight {w:g})" if w else ""
+
+
+def _best_step(workdir: Path) -> int:
+    """The step of a train.py run's best checkpoint (what `init.trainables_from` and the export take)."""
+    steps = [int(p.name) for p in (workdir / "best").glob("*") if p.name.isdigit()]
+    if not steps:
+        raise SystemExit(f"release_card: {workdir} has no best checkpoint (run scripts/pretrain_tiny.sh)")
+    return max(steps)
+
+
 def _sam_row(sam_cfg: dict, sam: dict) -> tuple[str, str, str]:
     attributes = int(sam_cfg["data"].get("class_prompts", 0)) > 0 and (
         float(sam_cfg["train"].get("attribute_weight", 0.0)) > 0
@@ -109,9 +123,12 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
     vqa = _load(chain / "llava" / "vqa_val.json")
     sam = _load(chain / "sam" / "eval.json")
     ses = _load(chain / "sesame" / "eval_test" / "summary.json")
+    pts = _load(chain / "points" / "eval_test" / "summary.json")
     conv = _load(converted / "summary.json")
     ses_cfg = _run_config(chain / "sesame")
     ses_steps = int(ses_cfg["train"]["epochs"]) * int(ses_cfg["train"]["steps_per_epoch"])
+    pts_cfg = _run_config(chain / "points")
+    pts_steps = int(pts_cfg["train"]["epochs"]) * int(pts_cfg["train"]["steps_per_epoch"])
     other = vqa.get("other_image")  # `vqa_eval --image-control`: each question asked about another image
     per_kind = ", ".join(
         f"{k} {v['exact']:.3f}" + (f" / {other['per_kind'][k]['exact']:.3f}" if other else "")
@@ -153,8 +170,16 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
             f"ReasonSeg test gIoU {ses['gIoU']:.3f} cIoU {ses['cIoU']:.3f} ({_kinds(ses)})",
         ),
         (
+            "points (`configs/tiny.py:points`)",
+            f"the SESAME stage's best checkpoint (step {_best_step(chain / 'sesame')}) {pts_steps} steps "
+            "more, "
+            f"SasP off, on {_mix(pts_cfg['data']['rates'])}{_sim_term(pts_cfg)}{_peak_term(pts_cfg)}: the "
+            "release",
+            f"ReasonSeg test gIoU {pts['gIoU']:.3f} cIoU {pts['cIoU']:.3f} ({_kinds(pts)})",
+        ),
+        (
             "this release, converted back",
-            "the SESAME weights rounded to bf16",
+            "the points stage's weights rounded to bf16",
             f"ReasonSeg test gIoU {conv['gIoU']:.3f} cIoU {conv['cIoU']:.3f}",
         ),
     ]
@@ -209,7 +234,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--release", required=True, type=Path)
     p.add_argument(
-        "--chain", required=True, type=Path, help="the chain's OUT directory (llava/, sam/, sesame/)"
+        "--chain", required=True, type=Path, help="the chain's OUT directory (llava/, sam/, sesame/, points/)"
     )
     p.add_argument("--converted-eval", required=True, type=Path, help="evaluate.py --out of the release")
     p.add_argument("--seed", type=int, default=0)

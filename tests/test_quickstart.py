@@ -1,7 +1,7 @@
 """The main job end to end at smoke size, as a user runs it: `scripts/pretrain_tiny.sh` makes a smoke
-tiny-SESAME release (LLaVA stage -> VQA probe -> SAM stage -> SESAME stage -> export -> card), and
-`scripts/quickstart.sh` converts it, fine-tunes it with READ's recipe, evaluates both, chats and prints the
-report. Plus the bad-input paths: a missing or corrupt release, and a SESAME stage without its LLaVA stage."""
+tiny-SESAME release (LLaVA stage -> VQA probe -> SAM stage -> SESAME stage -> points stage -> export ->
+card), and `scripts/quickstart.sh` converts it, fine-tunes it with READ's recipe, evaluates both, chats and
+prints the report. Plus the bad-input paths: a missing or corrupt release, a stage without its predecessor."""
 
 import json
 import os
@@ -97,6 +97,13 @@ def test_pretraining_chain_ships_a_sesame_release_with_its_card(release):
     assert f"{steps} steps on the " in card and ", ".join(f"{k} {float(v):g}" for k, v in mix.items()) in card
     sim = ses_cfg.train.get("sim_weight", 0.0)
     assert (f"similarity-map term (weight {sim:g})" in card) == bool(sim)
+    # the release is the points stage's: its figure, its step count and its term are in the card too
+    pts = json.loads((base / "chain" / "points" / "eval_test" / "summary.json").read_text())
+    assert f"ReasonSeg test gIoU {pts['gIoU']:.3f} cIoU {pts['cIoU']:.3f}" in card
+    pts_cfg = load_config_file(str(ROOT / "configs" / "tiny.py") + ":points,smoke")
+    steps = pts_cfg.train.epochs * pts_cfg.train.steps_per_epoch
+    assert f") {steps} steps more, SasP off" in card
+    assert f"the term on SasP's min-max map (weight {pts_cfg.train.peak_weight:g})" in card
 
 
 def test_quickstart_runs_end_to_end_and_its_last_line_is_the_report(release, tmp_path):
@@ -142,17 +149,25 @@ def test_quickstart_refuses_a_missing_or_corrupt_release(release, tmp_path):
     assert not (tmp_path / "b").exists()  # nothing was started
 
 
-def test_sesame_stage_without_its_llava_stage_names_the_command(tmp_path):
+@pytest.mark.parametrize(
+    "stage, override, command",
+    [
+        ("sesame", "init.llava=", "configs/tiny.py:llava"),  # the SESAME stage without its LLaVA stage
+        ("points", "init.trainables_from=", "configs/tiny.py:sesame"),  # the points stage without SESAME's
+    ],
+)
+def test_a_stage_without_its_predecessor_names_the_command(tmp_path, stage, override, command):
+    missing = tmp_path / "no_predecessor"
     p = subprocess.run(
         [
             os.sys.executable,
             str(ROOT / "train.py"),
             "--config",
-            str(ROOT / "configs" / "tiny.py") + ":sesame,smoke",
+            str(ROOT / "configs" / "tiny.py") + f":{stage},smoke",
             "--workdir",
             str(tmp_path / "run"),
             f"--config.data.root={tmp_path / 'data'}",
-            f"--config.init.llava={tmp_path / 'no_llava'}",
+            f"--config.{override}{missing}",
         ],
         env=_env(tmp_path),
         cwd=ROOT,
@@ -162,4 +177,5 @@ def test_sesame_stage_without_its_llava_stage_names_the_command(tmp_path):
     )
     assert p.returncode != 0
     err = p.stderr.strip().splitlines()[-1]
-    assert "init.llava=" in err and "no_llava" in err and "configs/tiny.py:llava" in err
+    assert override + str(missing) in err and "no such directory" in err and command in err
+    assert not missing.exists()  # the check creates nothing where the predecessor belongs

@@ -36,6 +36,8 @@ CONFIGS = [
     ("tiny", "llava,smoke"),
     ("tiny", "sesame"),
     ("tiny", "sesame,smoke"),
+    ("tiny", "points"),
+    ("tiny", "points,smoke"),
     ("tiny", "read"),
     ("tiny", "read,smoke"),
 ]

@@ -31,6 +31,7 @@ from read_jax.train import config as run_config
 from read_jax.train.checkpoints import RunCheckpoints, base_reference, check_resumable, write_run_summary
 from read_jax.train.state import (
     check_llava_stage,
+    check_trainables_from,
     fast_compile_options,
     init_params,
     make_optimizer,
@@ -253,12 +254,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     )
     base = base_reference(config, cfg)
     start = ckpts.latest_step()
-    if start is not None:
-        try:
+    try:
+        if start is not None:
             check_resumable(workdir, ckpts.read_meta(start), config, base)
-        except BaseException:
-            ckpts.close()
-            raise
+        elif src := config.init.get("trainables_from") or "":  # a fresh run needs its predecessor's
+            check_trainables_from(src)
+    except BaseException:
+        ckpts.close()
+        raise
 
     # ---- mesh --------------------------------------------------------------------------------------------
     mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp))

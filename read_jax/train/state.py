@@ -191,6 +191,21 @@ def check_llava_stage(path: str) -> None:
         )
 
 
+def check_trainables_from(path: str) -> None:
+    """FileNotFoundError, naming the command that makes it, unless `path` is a train.py workdir holding a
+    checkpoint (`init.trainables_from`: e.g. the tiny chain's points stage starts from its SESAME stage)."""
+    p = Path(path)
+    ckpt_dir = p / "checkpoints"
+    steps = [c for c in ckpt_dir.iterdir() if c.name.isdigit()] if ckpt_dir.is_dir() else []
+    if not steps:
+        what = "no such directory" if not p.is_dir() else "no checkpoint under checkpoints/ in it"
+        raise FileNotFoundError(
+            f"init.trainables_from={path}: {what}; it is an earlier train.py run's workdir (the tiny "
+            "chain's points stage starts from its SESAME stage, made by `python train.py --config "
+            "configs/tiny.py:sesame --workdir DIR`; scripts/pretrain_tiny.sh runs the chain)"
+        )
+
+
 def with_llava_stage(setup: ModelSetup, tr, fr, path: str):
     """(trainable, frozen) with their `llava/...` leaves (CLIP, projector, LLaMA) taken from the model at
     `path` (the LLaVA stage's train.py workdir on the config it saved, or a converted checkpoint), cast to
