@@ -37,7 +37,7 @@ class LossWeights:
     # alignment (configs/tiny.py:sesame).
     sim: float = 0.0
     # Not in READ either: `peak_loss`, the same KL on the map as SasP reads it (min-max normalised, sharpened
-    # by `peak_beta`), so that only the target's cells clear READ's t_pos (configs/tiny.py:sesame).
+    # by `peak_beta`), so that only the target's cells clear READ's t_pos (configs/tiny.py:points).
     peak: float = 0.0
     peak_beta: float = 10.0
 

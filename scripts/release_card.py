@@ -88,10 +88,20 @@ def _peak_term(run_cfg: dict) -> str:
 
 def _best_step(workdir: Path) -> int:
     """The step of a train.py run's best checkpoint (what `init.trainables_from` and the export take)."""
-    steps = [int(p.name) for p in (workdir / "best").glob("*") if p.name.isdigit()]
-    if not steps:
+    from read_jax.train.checkpoints import RunCheckpoints
+
+    ckpts = RunCheckpoints(workdir, keep=1, async_save=False)
+    try:
+        step = ckpts.best.latest_step()
+    finally:
+        ckpts.close()
+    if step is None:
         raise SystemExit(f"release_card: {workdir} has no best checkpoint (run scripts/pretrain_tiny.sh)")
-    return max(steps)
+    return int(step)
+
+
+def _steps(run_cfg: dict) -> int:
+    return int(run_cfg["train"]["epochs"]) * int(run_cfg["train"]["steps_per_epoch"])
 
 
 def _sam_row(sam_cfg: dict, sam: dict) -> tuple[str, str, str]:
@@ -126,9 +136,7 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
     pts = _load(chain / "points" / "eval_test" / "summary.json")
     conv = _load(converted / "summary.json")
     ses_cfg = _run_config(chain / "sesame")
-    ses_steps = int(ses_cfg["train"]["epochs"]) * int(ses_cfg["train"]["steps_per_epoch"])
     pts_cfg = _run_config(chain / "points")
-    pts_steps = int(pts_cfg["train"]["epochs"]) * int(pts_cfg["train"]["steps_per_epoch"])
     other = vqa.get("other_image")  # `vqa_eval --image-control`: each question asked about another image
     per_kind = ", ".join(
         f"{k} {v['exact']:.3f}" + (f" / {other['per_kind'][k]['exact']:.3f}" if other else "")
@@ -165,16 +173,15 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
         _sam_row(_run_config(chain / "sam"), sam),
         (
             "SESAME (`configs/tiny.py:sesame`)",
-            f"the [SEG] model, SasP off, {ses_steps} steps on {_mix(ses_cfg['data']['rates'])} with false "
-            f"premises{_sim_term(ses_cfg)}",
+            f"the [SEG] model, SasP off, {_steps(ses_cfg)} steps on {_mix(ses_cfg['data']['rates'])} with "
+            f"false premises{_sim_term(ses_cfg)}",
             f"ReasonSeg test gIoU {ses['gIoU']:.3f} cIoU {ses['cIoU']:.3f} ({_kinds(ses)})",
         ),
         (
             "points (`configs/tiny.py:points`)",
-            f"the SESAME stage's best checkpoint (step {_best_step(chain / 'sesame')}) {pts_steps} steps "
-            "more, "
-            f"SasP off, on {_mix(pts_cfg['data']['rates'])}{_sim_term(pts_cfg)}{_peak_term(pts_cfg)}: the "
-            "release",
+            f"the SESAME stage's best checkpoint (step {_best_step(chain / 'sesame')}) {_steps(pts_cfg)} "
+            f"steps more, SasP off, on {_mix(pts_cfg['data']['rates'])}{_sim_term(pts_cfg)}"
+            f"{_peak_term(pts_cfg)}: the release",
             f"ReasonSeg test gIoU {pts['gIoU']:.3f} cIoU {pts['cIoU']:.3f} ({_kinds(pts)})",
         ),
         (
