@@ -479,3 +479,34 @@ def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
     d.num_shapes = (9, 1, 0)
     loaders.ensure_shapes_data(d)  # off: nothing written
     assert len(files("train")) == 10
+
+
+def test_a_source_takes_its_own_training_count(tmp_path):
+    """`data.num_train_of`: the sources it names get their own number of training scenes (a pool two sources
+    share, the larger); the held-out splits and every other source keep `num_shapes`."""
+    import glob
+
+    from ml_collections import ConfigDict
+
+    from read_jax.data.shapes.write import pool_counts
+
+    counts = {"train": 2, "val": 1, "test": 1}
+    plan = pool_counts(["refer_seg", "neg_refer_seg", "reason_seg"], counts, {"neg_refer_seg": 5})
+    assert plan[("refer", "train")] == 5 and plan[("refclef", "train")] == 2  # refer: shared with refer_seg
+    assert plan[("reason_seg", "train")] == 2 and plan[("reason_seg", "test")] == 1
+    d = ConfigDict(
+        {
+            "make_shapes": True,
+            "root": str(tmp_path),
+            "reason_seg_dir": "{root}",
+            "rates": "reason_seg:1",
+            "num_shapes": (2, 1, 0),
+            "num_train_of": "reason_seg:4",
+        }
+    )
+    loaders.ensure_shapes_data(d)
+    assert len(glob.glob(str(tmp_path / "train" / "*.json"))) == 4
+    assert len(glob.glob(str(tmp_path / "val" / "*.json"))) == 1
+    d.num_train_of = "reason_seg=4"
+    with pytest.raises(ConfigError, match=r"reason_seg=4.*SOURCE:N"):
+        loaders.ensure_shapes_data(d)

@@ -38,6 +38,7 @@ SOURCE_KEYS = (
     "reason_seg_false_premise",
     "make_shapes",
     "num_shapes",
+    "num_train_of",
     "templates",
     "sem_seg_data",
     "refer_seg_data",
@@ -134,9 +135,10 @@ def mixture_sources(data_cfg) -> tuple[str, ...]:
 
 def ensure_shapes_data(data_cfg) -> None:
     """`data.make_shapes`: the generated shapes mix (`read_jax.data.make_shapes`) of the sources the run reads
-    (`data.rates`; all when unset), `data.num_shapes` = (train scenes per source, val, test) of them, in
-    `data.root` (ReasonSeg in `data.reason_seg_dir`, which must lie inside it). Written only into a directory
-    the generator owns (it holds `make_shapes.MARKER`), and only the files that are absent.
+    (`data.rates`; all when unset), `data.num_shapes` = (train scenes per source, val, test) of them
+    (`data.num_train_of`, "SOURCE:N,...": another training count for the sources it names), in `data.root`
+    (ReasonSeg in `data.reason_seg_dir`, which must lie inside it). Written only into a directory the
+    generator owns (it holds `make_shapes.MARKER`), and only the files that are absent.
 
     An absent or empty `data.root` is created and marked; in a marked one every scene that is missing is
     written (a pure function of (seed, source, split, index), so a set made by `python -m
@@ -180,6 +182,7 @@ def ensure_shapes_data(data_cfg) -> None:
             seed=int((marker or {}).get("seed", 0)),
             sources=sources,
             reason_seg_dir=reason_seg_dir(data_cfg),
+            train_of=make_shapes.parse_train_of(data_cfg.get("num_train_of", "")),
         )
     except (FileExistsError, ValueError) as e:
         raise ConfigError(f"data.make_shapes: {e}") from e

@@ -1,6 +1,7 @@
 """The generated shapes world as READ's whole data mix, in a SESAME-style `dataset/` root.
 
     python -m read_jax.data.make_shapes --out DIR [--num-train 2000 --num-val 200 --num-test 200 --seed 0]
+        [--num-train-of reason_seg:10000]
         [--sources sem_seg,refer_seg,correct_refer_seg,vqa,neg_refer_seg,reason_seg] [--workers N]
 
 writes scenes of coloured shapes (circle, triangle, square, pentagon, hexagon, star in six colours, at
@@ -16,14 +17,14 @@ format (read_reference.md §9), so the real readers read them:
   llava_dataset/shapes_vqa_{val,test}.json + coco/val2017/   held-out VQA (same layout; one single-round
                                            item per scene and question kind, for scoring per kind)
 
-Train counts are per source; the held-out val/test counts apply to ReasonSeg, RefCOCO's val/test splits
-(FP-RefCOCO's and R-RefCOCO's val) and VQA, whose held-out scenes share no scene with any training source.
-Read it with `mixture.build_reference_sources(DIR, sub_datasets=SUB_DATASETS)` or a run config with
-`data.root=DIR`, `data.sem_seg_data="mapillary||paco_lvis"`. Every file is written atomically; a rerun
-writes only what is missing (resumable, and a larger count extends the set); the same seed writes the same
-bytes. DIR must be new, empty, or written by this command (it holds its marker, `.read_jax_shapes.json`).
-The scenes, queries and formats: `read_jax.data.shapes`.
-"""
+Train counts are per source (`--num-train`, or `--num-train-of` for the sources it names); the held-out
+val/test counts apply to ReasonSeg, RefCOCO's val/test splits (FP-RefCOCO's and R-RefCOCO's val) and VQA,
+whose held-out scenes share no scene with any training source. Read it with
+`mixture.build_reference_sources(DIR, sub_datasets=SUB_DATASETS)` or a run config with `data.root=DIR`,
+`data.sem_seg_data="mapillary||paco_lvis"`. Every file is written atomically; a rerun writes only what is
+missing (resumable, and a larger count extends the set); the same seed writes the same bytes. DIR must be new,
+empty, or written by this command (it holds its marker, `.read_jax_shapes.json`). The scenes, queries and
+formats: `read_jax.data.shapes`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from read_jax.data.shapes import (  # noqa: F401  (the public names of the shape
     example_paths,
     is_foreign,
     make_example,
+    parse_train_of,
     query_kind,
     random_scene,
     read_marker,
@@ -62,6 +64,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="the dataset root to write (new, empty, or this command's)")
     p.add_argument("--num-train", type=int, default=2000, help="training scenes per source")
+    p.add_argument(
+        "--num-train-of",
+        default="",
+        help="SOURCE:N[,SOURCE:N]: another training count for these sources (e.g. reason_seg:10000)",
+    )
     p.add_argument("--num-val", type=int, default=200, help="held-out val scenes (ReasonSeg, RefCOCO, VQA)")
     p.add_argument("--num-test", type=int, default=200, help="held-out test scenes (ReasonSeg, RefCOCO, VQA)")
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +87,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         plan = write_mix(
-            args.out, counts, args.seed, sources, reason_seg_dir=args.reason_seg_dir, workers=args.workers
+            args.out,
+            counts,
+            args.seed,
+            sources,
+            reason_seg_dir=args.reason_seg_dir,
+            train_of=parse_train_of(args.num_train_of),
+            workers=args.workers,
         )
     except (FileExistsError, ValueError) as e:
         print(f"make_shapes: {e}", file=sys.stderr)

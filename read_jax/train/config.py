@@ -87,6 +87,8 @@ def default_config() -> ConfigDict:
             # `root` if absent, (train scenes per source, val, test).
             "make_shapes": False,
             "num_shapes": (2000, 200, 200),
+            # "SOURCE:N[,SOURCE:N]": another training count for the sources it names ("reason_seg:10000").
+            "num_train_of": "",
             # The share of ReasonSeg samples drawn as false-premise corrections; -1: SESAME's 0.15.
             "reason_seg_false_premise": -1.0,
             # The reference's template lists (path to READ's `dataloaders/qa_template.py`, read as data) for

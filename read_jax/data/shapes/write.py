@@ -157,18 +157,41 @@ def scene_job(job: tuple) -> object:
     return record
 
 
-def pool_counts(sources: Iterable[str], counts: Mapping[str, int]) -> dict[tuple[str, str], int]:
+def parse_train_of(spec: str) -> dict[str, int]:
+    """ "reason_seg:10000,vqa:3000" -> {"reason_seg": 10000, "vqa": 3000}; "" -> {}."""
+    out = {}
+    for part in (p.strip() for p in str(spec or "").split(",")):
+        if not part:
+            continue
+        src, sep, n = part.partition(":")
+        if not sep or src.strip() not in SOURCE_POOLS or not n.strip().isdigit():
+            raise ValueError(
+                f"training scenes per source {spec!r}: write SOURCE:N[,SOURCE:N], SOURCE one of {SOURCES}"
+            )
+        out[src.strip()] = int(n)
+    return out
+
+
+def pool_counts(
+    sources: Iterable[str], counts: Mapping[str, int], train_of: Mapping[str, int] | None = None
+) -> dict[tuple[str, str], int]:
     """{(pool, split): scenes} for `sources` with `counts` = {"train": n, "val": n, "test": n}: every pool
-    gets `counts["train"]` training scenes; ReasonSeg, the refer pool (RefCOCO's val/test, FP-RefCOCO's val)
-    and VQA also get the held-out counts."""
+    gets `counts["train"]` training scenes, or `train_of[source]` for a source named there (a pool two
+    sources share gets the larger); ReasonSeg, the refer pool (RefCOCO's val/test, FP-RefCOCO's val) and VQA
+    also get the held-out counts."""
+    train_of = dict(train_of or {})
+    unknown = sorted(set(train_of) - set(SOURCE_POOLS))
+    if unknown:
+        raise ValueError(f"training counts for unknown sources {unknown}; known: {SOURCES}")
     out = {}
     for src in sources:
         if src not in SOURCE_POOLS:
             raise ValueError(f"unknown source {src!r}; known: {SOURCES}")
         for pool in SOURCE_POOLS[src]:
             for split in SPLITS:
-                if (pool, split) in STREAMS and int(counts.get(split, 0)) > 0:
-                    out[(pool, split)] = int(counts[split])
+                n = int(train_of.get(src, counts.get(split, 0)) if split == "train" else counts.get(split, 0))
+                if (pool, split) in STREAMS and n > 0:
+                    out[(pool, split)] = max(n, out.get((pool, split), 0))
     return out
 
 
@@ -296,6 +319,7 @@ def write_mix(
     sources: Sequence[str] = SOURCES,
     *,
     reason_seg_dir: str | None = None,
+    train_of: Mapping[str, int] | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[tuple[str, str], int]:
@@ -307,7 +331,8 @@ def write_mix(
     rewritten unless edited by hand (`files.write_index_files`). A call whose plan the marker records as
     complete, with every file present, returns at once. `root` must be the generator's or new
     (FileExistsError otherwise) and of the same seed; `reason_seg_dir` (default `root/reason_seg/ReasonSeg`)
-    must lie inside it. `workers`: processes (None: the CPU count; small jobs run in-process).
+    must lie inside it. `train_of`: {source: training scenes} where a source takes another count than
+    `counts["train"]` (`pool_counts`). `workers`: processes (None: the CPU count; small jobs run in-process).
     """
     reason_dir = reason_seg_dir or default_reason_seg_dir(root)
     rel = os.path.relpath(os.path.abspath(reason_dir), os.path.abspath(root))
@@ -320,8 +345,10 @@ def write_mix(
     if unknown:
         raise ValueError(f"unknown sources {unknown}; known: {SOURCES}")
     sources = [s for s in SOURCES if s in sources]
-    plan = pool_counts(sources, counts)
+    plan = pool_counts(sources, counts, train_of)
     key = {"sources": sources, "counts": {s: int(counts.get(s, 0)) for s in SPLITS}, "reason_seg_dir": rel}
+    if train_of:
+        key["train_of"] = {k: int(v) for k, v in sorted(train_of.items())}
     if _complete(root, reason_dir, plan, key):
         return plan
     files.remove_stale_tmp(root)  # what an interrupted run left half-written
