@@ -74,6 +74,18 @@ def _mix(rates: str) -> str:
     return f"the {rates} mix ({listed})" if isinstance(parsed, str) else f"the mix {listed}"
 
 
+def _reason_scenes(run_cfg: dict) -> str:
+    """' (10000 ReasonSeg training scenes)': what the stage's ReasonSeg directory held, counted (a config's
+    `data.num_train_of` says what it asked for, not what was there); '' when it is not on this machine."""
+    from ml_collections import ConfigDict
+
+    from read_jax.data.loaders import reason_seg_dir
+
+    train = Path(reason_seg_dir(ConfigDict(run_cfg["data"]))) / "train"
+    n = len(list(train.glob("*.json"))) if train.is_dir() else 0
+    return f" ({n} ReasonSeg training scenes)" if n else ""
+
+
 def _sim_term(run_cfg: dict) -> str:
     """', plus the similarity-map term (weight w)' when the stage trained with it (`train.sim_weight`)."""
     w = float(run_cfg["train"].get("sim_weight", 0.0))
@@ -173,15 +185,15 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
         _sam_row(_run_config(chain / "sam"), sam),
         (
             "SESAME (`configs/tiny.py:sesame`)",
-            f"the [SEG] model, SasP off, {_steps(ses_cfg)} steps on {_mix(ses_cfg['data']['rates'])} with "
-            f"false premises{_sim_term(ses_cfg)}",
+            f"the [SEG] model, SasP off, {_steps(ses_cfg)} steps on {_mix(ses_cfg['data']['rates'])}"
+            f"{_reason_scenes(ses_cfg)} with false premises{_sim_term(ses_cfg)}",
             f"ReasonSeg test gIoU {ses['gIoU']:.3f} cIoU {ses['cIoU']:.3f} ({_kinds(ses)})",
         ),
         (
             "points (`configs/tiny.py:points`)",
             f"the SESAME stage's best checkpoint (step {_best_step(chain / 'sesame')}) {_steps(pts_cfg)} "
-            f"steps more, SasP off, on {_mix(pts_cfg['data']['rates'])}{_sim_term(pts_cfg)}"
-            f"{_peak_term(pts_cfg)}: the release",
+            f"steps more, SasP off, on {_mix(pts_cfg['data']['rates'])}{_reason_scenes(pts_cfg)}"
+            f"{_sim_term(pts_cfg)}{_peak_term(pts_cfg)}: the release",
             f"ReasonSeg test gIoU {pts['gIoU']:.3f} cIoU {pts['cIoU']:.3f} ({_kinds(pts)})",
         ),
         (

@@ -95,6 +95,8 @@ def test_pretraining_chain_ships_a_sesame_release_with_its_card(release):
     rates = parse_rates(ses_cfg.data.rates)
     mix = RATE_PRESETS[rates] if isinstance(rates, str) else rates
     assert f"{steps} steps on the " in card and ", ".join(f"{k} {float(v):g}" for k, v in mix.items()) in card
+    n_reason = len(list((base / "data" / "reason_seg" / "ReasonSeg" / "train").glob("*.json")))
+    assert n_reason == ses_cfg.data.num_shapes[0] and f" ({n_reason} ReasonSeg training scenes) with " in card
     sim = ses_cfg.train.get("sim_weight", 0.0)
     assert (f"similarity-map term (weight {sim:g})" in card) == bool(sim)
     # the release is the points stage's: its figure, its step count and its term are in the card too
