@@ -43,14 +43,16 @@ The chain:
                 similarity to the image tokens, the alignment a pretrained LLaVA-1.5 brings and READ's SasP
                 reads its points from. Without it the map never had to point: READ's points then lay on the
                 target for ~11% of the queries and its fine-tune fell below the release.
-            The fourth release (this stage alone): test gIoU 0.301; READ's fine-tune of it 0.300.
+            The fourth release (this stage alone, 2000 ReasonSeg scenes): test gIoU 0.301, READ's fine-tune
+            of it 0.300; on 10,000 ReasonSeg scenes (`data.num_train_of`, the sixth release's): 0.353.
   * points: the SESAME stage's best checkpoint, 500 steps more on the same mix (lr 2e-4), plus the same KL
             on the map as SasP reads it at weight 0.5 (`train.peak_weight`, `losses.peak_loss`: the min-max
             normalised map x 5). SasP takes every cell within 20% of the map's maximum as a positive point;
             the raw-logit KL leaves a plateau of such cells off the target (9.8 positives a query, 13% of
             them on the target, from the fourth release), each a wrong point READ's fine-tune has to
             overrule. With the term: 4.5 positives, 23% on the target, and READ's fine-tune 0.390 against
-            0.339 for the same 500 steps without it (x 2.5: 0.361, x 10: 0.374; docs/tiny_chain.md).
+            0.339 for the same 500 steps without it (x 2.5: 0.361, x 10: 0.374; docs/tiny_chain.md). On
+            10,000 ReasonSeg scenes (the sixth release): test 0.350, READ's fine-tune 0.433.
             Exported with `convert_weights.py --export` as the tiny SESAME release (SasP still off).
   * read:   READ's recipe on that release: LoRA r=8 on q/v, embed_tokens/lm_head/mask decoder/fcs trainable,
             towers frozen, CE + 2 BCE + 0.5 Dice, SasP on with READ-7B's thresholds and point count, READ's
