@@ -448,26 +448,25 @@ def test_a_moved_or_linked_stage_is_the_same_base_but_other_content_is_not(tmp_p
     assert ckpts.base_reference(c, CFG)["llava"] == was["llava"]
 
 
+def _reason_seg_only(root, **data):
+    """A `data` section that generates ReasonSeg alone into `root`."""
+    from ml_collections import ConfigDict
+
+    return ConfigDict(
+        {"make_shapes": True, "root": str(root), "reason_seg_dir": "{root}", "rates": "reason_seg:1", **data}
+    )
+
+
 def test_shapes_set_is_written_then_topped_up_identically(tmp_path):
     """`data.make_shapes`: missing splits are written; a split with fewer images than `num_shapes` asks for is
     topped up, and the images already there come out byte-identical (the generator is a function of the
     index)."""
     import glob
 
-    from ml_collections import ConfigDict
-
     def files(split):
         return {os.path.basename(p): open(p, "rb").read() for p in glob.glob(str(tmp_path / split / "*"))}
 
-    d = ConfigDict(
-        {
-            "make_shapes": True,
-            "root": str(tmp_path),
-            "reason_seg_dir": "{root}",
-            "rates": "reason_seg:1",
-            "num_shapes": (3, 1, 0),
-        }
-    )
+    d = _reason_seg_only(tmp_path, num_shapes=(3, 1, 0))
     loaders.ensure_shapes_data(d)
     first = files("train")
     assert len(first) == 6 and len(files("val")) == 2 and not (tmp_path / "test").exists()
@@ -486,24 +485,13 @@ def test_a_source_takes_its_own_training_count(tmp_path):
     share, the larger); the held-out splits and every other source keep `num_shapes`."""
     import glob
 
-    from ml_collections import ConfigDict
-
     from read_jax.data.shapes.write import pool_counts
 
     counts = {"train": 2, "val": 1, "test": 1}
     plan = pool_counts(["refer_seg", "neg_refer_seg", "reason_seg"], counts, {"neg_refer_seg": 5})
     assert plan[("refer", "train")] == 5 and plan[("refclef", "train")] == 2  # refer: shared with refer_seg
     assert plan[("reason_seg", "train")] == 2 and plan[("reason_seg", "test")] == 1
-    d = ConfigDict(
-        {
-            "make_shapes": True,
-            "root": str(tmp_path),
-            "reason_seg_dir": "{root}",
-            "rates": "reason_seg:1",
-            "num_shapes": (2, 1, 0),
-            "num_train_of": "reason_seg:4",
-        }
-    )
+    d = _reason_seg_only(tmp_path, num_shapes=(2, 1, 0), num_train_of="reason_seg:4")
     loaders.ensure_shapes_data(d)
     assert len(glob.glob(str(tmp_path / "train" / "*.json"))) == 4
     assert len(glob.glob(str(tmp_path / "val" / "*.json"))) == 1
