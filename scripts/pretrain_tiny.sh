@@ -34,10 +34,10 @@ echo "== vision stage -> $OUT/vision"
 echo "== LLaVA stage -> $OUT/llava"
 "$PY" train.py --config "configs/tiny.py:llava$v" --workdir "$OUT/llava" "${common[@]}" \
   --config.init.clip="$OUT/vision/clip"
-# This checkout's config, not the one the stage saved: a stage trained in another checkout names that
-# checkout's tokenizer and data.
-"$PY" -m read_jax.cli.vqa_eval --config "configs/tiny.py:llava$v" --checkpoint "$OUT/llava" --split val \
-  --image-control --out "$OUT/llava/vqa_val.json" --config.data.root="$DATA"
+# The stage's saved config, with this checkout's tokenizer (configs/tiny.py's): a stage trained in another
+# checkout names that checkout's.
+"$PY" -m read_jax.cli.vqa_eval --checkpoint "$OUT/llava" --split val --image-control \
+  --out "$OUT/llava/vqa_val.json" --config.data.tokenizer="$PWD/tests/assets/tokenizer" --config.data.root="$DATA"
 
 echo "== SAM stage -> $OUT/sam"
 "$PY" -m read_jax.cli.pretrain_sam --config "$sam_cfg" --workdir "$OUT/sam"
