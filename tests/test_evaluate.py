@@ -381,6 +381,30 @@ def test_evaluate_cli_data_parallel_8_devices_equals_single_device(model, cfg, s
     assert len(os.listdir(tmp_path / "pics")) == NUM_VAL
 
 
+def test_evaluate_scores_a_converted_checkpoint_in_the_dtype_asked_for(model, shapes, tmp_path):
+    """`evaluate.py --dtype bfloat16` on an fp32 conversion loads it in bf16 (recorded in the summary); without
+    the flag the checkpoint's own dtype holds. A model passed in cannot take another dtype."""
+    from read_jax.eval import run as evaluate
+    from read_jax.inference import save_for_inference
+
+    ckpt = str(tmp_path / "ckpt")
+    save_for_inference(model, ckpt, TOKENIZER)
+    assert model.config.llama.dtype == "float32"
+    got = {}
+    for dtype in (None, "bfloat16"):
+        out = tmp_path / f"eval_{dtype}"
+        summary = evaluate.run(
+            _config(shapes), ckpt, "reasonseg_val", out=str(out), max_batches=1, progress=False, dtype=dtype
+        )
+        with open(out / "summary.json") as f:
+            assert json.load(f)["dtype"] == summary["dtype"]
+        got[dtype] = summary
+    assert got[None]["dtype"] == "float32" and got["bfloat16"]["dtype"] == "bfloat16"
+    assert got[None]["num_queries"] == got["bfloat16"]["num_queries"] > 0
+    with pytest.raises(ValueError, match="dtype"):
+        evaluate.run(_config(shapes), ckpt, "reasonseg_val", model=model, dtype="bfloat16", progress=False)
+
+
 def _assert_same_records(got: list, want: list) -> None:
     """Every field of every query equal, up to the bound of float reductions partitioned another way.
 

@@ -11,7 +11,8 @@
 --which=init scores the run's untrained starting point, a baseline) or a converted checkpoint
 (`convert_weights.py`, `inference.save_for_inference`: config.json + params/, whose config.json gives the
 architecture). --config supplies the data, mesh and eval settings; any field can be overridden with
-`--config.<section>.<field>=value`.
+`--config.<section>.<field>=value`. The model's dtype is the checkpoint's (`--dtype` picks another, e.g.
+bf16 scoring of an fp32 conversion; the summary records it).
 
 Splits: reasonseg_{val,test} (teacher-forced, LISA's fixed templates; test adds short/long),
   refcoco_{val,testA,
@@ -90,6 +91,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--points-prompt-num", type=int, help="Appendix B: number of similarity points (default: SasP's)"
     )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="score in this compute/parameter dtype instead of the checkpoint's (a converted checkpoint's "
+        "config.json, a workdir's run config); recorded in the summary",
+    )
     p.add_argument("--analysis-limit", type=int, help="Appendix B: at most this many PNGs")
     p.add_argument(
         "--max-batches", type=int, help="stop after this many batches (quick looks; not the protocol)"
@@ -115,6 +122,7 @@ def main(argv=None) -> int:
             max_batches=args.max_batches,
             generate=args.generate,
             dump_masks=args.dump_masks,
+            dtype=args.dtype,
         )
         return 0
 

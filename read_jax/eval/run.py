@@ -158,7 +158,9 @@ def _write_sweep(out: str, meta: dict, results: dict) -> str:
     return table
 
 
-def _meta(config, split, checkpoint, kind, reader, dc, sasp_cfg, generation: bool, devices: int) -> dict:
+def _meta(
+    config, split, checkpoint, kind, reader, dc, sasp_cfg, generation: bool, devices: int, dtype: str
+) -> dict:
     """What a summary records besides the figures; prints the template note when one applies."""
     meta = {
         "split": split,
@@ -168,6 +170,7 @@ def _meta(config, split, checkpoint, kind, reader, dc, sasp_cfg, generation: boo
         "sasp": dataclasses.asdict(sasp_cfg),
         "templates": reader.templates.source if kind != "reasonseg" else "LISA's fixed ReasonSeg templates",
         "devices": devices,
+        "dtype": str(dtype),
         # The protocol scores every image at its original size; a cap is an explicit, recorded departure.
         "resolution": "native" if not dc.max_mask_side else f"capped at {dc.max_mask_side} px",
     }
@@ -199,24 +202,33 @@ def run(
     generate: bool = False,
     dump_masks: bool = False,
     generate_fn=None,
+    dtype: str | None = None,
 ) -> dict:
     """Evaluate `checkpoint` (a converted checkpoint or a train.py workdir) on `split`; returns the summary
     (or the sweep's results). `model`/`tokenizer_dir` skip loading `checkpoint` (tests, notebooks); `mesh`
     defaults to `config.mesh`. `generate`: the generation protocol of `test_read.py` on a teacher-forced
     split; `dump_masks`: every query's masks under OUT/masks; `generate_fn`: a test's stand-in for greedy
-    decoding."""
+    decoding; `dtype`: the compute dtype to score in ('bfloat16', 'float32'), instead of the one the
+    checkpoint was converted or trained in."""
     kind, dataset, sub = parse_split(split)
     generation = kind == "fp" or generate
     if generation and (threshold_search or analysis_dir or sweep):
         raise ValueError(
             "--threshold-search/--analysis/--sweep apply to the teacher-forced protocol, not to generation"
         )
+    if model is not None and dtype:
+        raise ValueError("dtype applies to the checkpoint run() loads, not to a model passed in")
     if mesh is None:
         mesh = shd.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
     if model is None:
+        converted = build.is_converted_checkpoint(checkpoint)
         if build.is_run_dir(checkpoint):  # the run's own model and frozen base; data/eval from `config`
             config = with_run_model(config, checkpoint)
-        model = build.load_model(checkpoint, mesh=mesh, run_config=config, which=which)
+            if dtype:
+                config.model.dtype = dtype
+        model = build.load_model(
+            checkpoint, mesh=mesh, run_config=config, which=which, dtype=dtype if converted else None
+        )
         tokenizer_dir = build.tokenizer_dir(checkpoint)
     cfg = model.config
     tokenizer_dir = tokenizer_dir or config.data.get("tokenizer")
@@ -236,7 +248,9 @@ def run(
     if analysis_dir:
         _writable(analysis_dir, "--analysis")
     ev = protocols.Evaluator(model, mesh)
-    meta = _meta(config, split, checkpoint, kind, reader, dc, sasp_cfg, generation, int(mesh.size))
+    meta = _meta(
+        config, split, checkpoint, kind, reader, dc, sasp_cfg, generation, int(mesh.size), cfg.llama.dtype
+    )
     dump_dir = out if dump_masks else None
     common = dict(evaluator=ev, total=total, progress=progress, sasp_cfg=sasp_cfg, dump_dir=dump_dir)
     if sweep:
