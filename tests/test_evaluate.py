@@ -382,8 +382,8 @@ def test_evaluate_cli_data_parallel_8_devices_equals_single_device(model, cfg, s
 
 
 def test_evaluate_scores_a_converted_checkpoint_in_the_dtype_asked_for(model, shapes, tmp_path):
-    """`evaluate.py --dtype bfloat16` on an fp32 conversion loads it in bf16 (recorded in the summary); without
-    the flag the checkpoint's own dtype holds. A model passed in cannot take another dtype."""
+    """`evaluate.py --dtype bfloat16` on an fp32 conversion loads it in bf16 (recorded in the summary);
+    without the flag the checkpoint's own dtype holds. A model passed in cannot take another dtype."""
     from read_jax.eval import run as evaluate
     from read_jax.inference import save_for_inference
 
