@@ -4,9 +4,9 @@
 # LLaMA on the shapes world's conversations, on that CLIP, frozen) -> SAM stage (SAM on point, box and
 # attribute prompts) -> SESAME stage (the [SEG] model, SasP off, on a ReasonSeg-weighted mix of every source,
 # with the similarity-map term: configs/tiny.py says why) -> points stage (its best checkpoint continued with
-# the term on the map as SasP reads it) -> export in a SESAME release's layout. Each stage
-# resumes from its own checkpoints when rerun, and a stage whose predecessor is missing stops with a message
-# naming the command that makes it.
+# the term on the map as SasP reads it) -> export of the points stage's best checkpoint in a SESAME release's
+# layout. Each stage resumes from its own checkpoints when rerun, and a stage whose predecessor is missing
+# stops with a message naming the command that makes it.
 #
 #   bash scripts/pretrain_tiny.sh                 # everything, CPU (see README for the wall time)
 #   OUT=runs/tiny SEED=0 bash scripts/pretrain_tiny.sh

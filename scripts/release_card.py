@@ -193,7 +193,8 @@ def card(release: Path, chain: Path, seed: int, seconds: float, converted: Path,
             "points (`configs/tiny.py:points`)",
             f"the SESAME stage's best checkpoint (step {_best_step(chain / 'sesame')}) {_steps(pts_cfg)} "
             f"steps more, SasP off, on {_mix(pts_cfg['data']['rates'])}{_reason_scenes(pts_cfg)}"
-            f"{_sim_term(pts_cfg)}{_peak_term(pts_cfg)}: the release",
+            f"{_sim_term(pts_cfg)}{_peak_term(pts_cfg)}; its best checkpoint by validation cIoU "
+            f"(step {_best_step(chain / 'points')}) is the release",
             f"ReasonSeg test gIoU {pts['gIoU']:.3f} cIoU {pts['cIoU']:.3f} ({_kinds(pts)})",
         ),
         (

@@ -106,6 +106,9 @@ def test_pretraining_chain_ships_a_sesame_release_with_its_card(release):
     steps = pts_cfg.train.epochs * pts_cfg.train.steps_per_epoch
     assert f") {steps} steps more, SasP off" in card
     assert f"the term on SasP's min-max map (weight {pts_cfg.train.peak_weight:g})" in card
+    # the release is the points stage's best checkpoint, the one its export and evaluation take
+    (best,) = [int(p.name) for p in (base / "chain" / "points" / "best").iterdir() if p.name.isdigit()]
+    assert f"its best checkpoint by validation cIoU (step {best}) is the release" in card
 
 
 def test_quickstart_runs_end_to_end_and_its_last_line_is_the_report(release, tmp_path):
