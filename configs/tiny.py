@@ -45,15 +45,19 @@ The chain:
                 target for ~11% of the queries and its fine-tune fell below the release.
             The fourth release (this stage alone, 2000 ReasonSeg scenes): test gIoU 0.301, READ's fine-tune
             of it 0.300; on 10,000 ReasonSeg scenes (`data.num_train_of`, the sixth release's): 0.353.
-  * points: the SESAME stage's best checkpoint, 500 steps more on the same mix (lr 2e-4), plus the same KL
-            on the map as SasP reads it at weight 0.5 (`train.peak_weight`, `losses.peak_loss`: the min-max
-            normalised map x 5). SasP takes every cell within 20% of the map's maximum as a positive point;
-            the raw-logit KL leaves a plateau of such cells off the target (9.8 positives a query, 13% of
-            them on the target, from the fourth release), each a wrong point READ's fine-tune has to
-            overrule. With the term: 4.5 positives, 23% on the target, and READ's fine-tune 0.390 against
-            0.339 for the same 500 steps without it (x 2.5: 0.361, x 10: 0.374; docs/tiny_chain.md). On
-            10,000 ReasonSeg scenes (the sixth release): test 0.350, READ's fine-tune 0.433.
-            Exported with `convert_weights.py --export` as the tiny SESAME release (SasP still off).
+  * points: the SESAME stage's best checkpoint, 1000 steps more on the same mix (lr 2e-4), plus the same KL
+            on the map as SasP reads it at weight 2 (`train.peak_weight`, `losses.peak_loss`: the min-max
+            normalised map x 5); validation at steps 500 and 1000, the best by cIoU is the release.
+            SasP takes every cell within 20% of the map's maximum as a positive point; the raw-logit KL
+            leaves a plateau of such cells off the target (9.8 positives a query, 13% of them on the
+            target, from the fourth release), each a wrong point READ's fine-tune has to overrule. With the
+            term at 0.5 for 500 steps (the fifth release): 4.5 positives, 23% on the target, and READ's
+            fine-tune 0.390 against 0.339 for the same 500 steps without it (x 2.5: 0.361, x 10: 0.374).
+            From the sixth release's SESAME stage, 1000 steps with the term at 0.5 / 1 / 2 / 4 gave the
+            [SEG] model 0.373 / 0.382 / 0.392 / 0.397 on the test queries (0.349 after 500 steps at 0.5)
+            and READ's fine-tune 0.449 / 0.472 / 0.484 / 0.475 (0.433). Weight 2 is the one READ's
+            fine-tune validates best on (0.473 against 0.461 at 4; docs/tiny_chain.md, "The seventh
+            release"). Exported with `convert_weights.py --export` as the tiny SESAME release (SasP off).
   * read:   READ's recipe on that release: LoRA r=8 on q/v, embed_tokens/lm_head/mask decoder/fcs trainable,
             towers frozen, CE + 2 BCE + 0.5 Dice, SasP on with READ-7B's thresholds and point count, READ's
             ReasonSeg mix 10:1:1:1:1:10.
@@ -86,7 +90,7 @@ SESAME_TRAINABLE = (
 # 10:10:2:3:1:1): see the module docstring
 SESAME_RATES = "sem_seg:4,refer_seg:1,correct_refer_seg:1,vqa:1,neg_refer_seg:1,reason_seg:16"
 SESAME_SIM_WEIGHT = 0.25  # the similarity-map term (`losses.similarity_loss`): see the module docstring
-POINTS_PEAK_WEIGHT = 4.0  # the term on SasP's min-max map (`losses.peak_loss`): see the module docstring
+POINTS_PEAK_WEIGHT = 2.0  # the term on SasP's min-max map (`losses.peak_loss`): see the module docstring
 
 
 def get_config(arg: str | None = None):
