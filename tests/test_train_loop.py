@@ -269,3 +269,35 @@ def test_export_of_a_workdir_converts_back_to_the_trained_model(uninterrupted, t
     assert set(trained) <= set(converted)
     for path, v in trained.items():
         np.testing.assert_array_equal(np.asarray(converted[path]), np.asarray(v), err_msg=path)
+
+
+def test_export_which_picks_the_workdir_checkpoint(uninterrupted, tmp_path, capsys):
+    """`--export WORKDIR --which latest|init` exports that checkpoint, as `evaluate.py --which` scores it:
+    converted back, each equals `load_trained(..., which=...)` leaf for leaf (and the two differ: the run
+    trained). `--which` refuses a converted checkpoint and `--hf`, whose inputs hold one set of weights."""
+    from read_jax.build import load_model
+    from read_jax.cli import convert as convert_cli
+    from read_jax.train.checkpoints import load_trained, saved_run_config
+    from read_jax.tree_util import abstract_leaves
+
+    config = saved_run_config(uninterrupted)
+    got = {}
+    for which in ("latest", "init"):
+        hf, back = tmp_path / f"hf_{which}", tmp_path / f"back_{which}"
+        args = ["--export", str(uninterrupted), "--which", which, "--out", str(hf), "--dtype", "fp32"]
+        assert convert_cli.main(args) == 0
+        args = ["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--base", "smoke", "--dtype", "fp32"]
+        assert convert_cli.main([*args, "--out", str(back), "--no-progress"]) == 0
+        want = abstract_leaves(load_trained(config, uninterrupted, which=which)[0])
+        got[which] = abstract_leaves(load_model(back))
+        for path, v in want.items():
+            np.testing.assert_array_equal(np.asarray(got[which][path]), np.asarray(v), err_msg=path)
+    latest, init = got["latest"], got["init"]
+    assert any(not np.array_equal(np.asarray(v), np.asarray(init[k])) for k, v in latest.items())
+    back = tmp_path / "back_latest"
+    assert convert_cli.main(["--export", str(back), "--which", "best", "--out", str(tmp_path / "x")]) == 2
+    assert "is a converted checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        hf = str(tmp_path / "hf_latest")
+        convert_cli.main(["--hf", hf, "--which", "latest", "--out", str(tmp_path / "y")])
+    assert "--which picks the checkpoint" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def parse_args(argv=None):
     mode.add_argument(
         "--export",
         metavar="CKPT",
-        help="read_jax checkpoint, or a train.py --workdir (its best checkpoint), to export as HF READ",
+        help="read_jax checkpoint, or a train.py --workdir (its --which checkpoint), to export as HF READ",
     )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output directory (must not exist unless --overwrite)"
@@ -61,6 +61,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--merge-lora", action="store_true", help="--export: fold LoRA into the base weights")
     p.add_argument(
+        "--which",
+        choices=("best", "latest", "init"),
+        help="--export of a train.py workdir: its 'best' checkpoint (by the run's best metric, else the "
+        "latest; the default), its 'latest', or 'init' (the run's untrained start), as evaluate.py --which",
+    )
+    p.add_argument(
         "--part-mb", type=int, default=256, help="converted MiB buffered per orbax part (memory knob)"
     )
     p.add_argument(
@@ -83,12 +89,15 @@ def parse_args(argv=None):
         help="replace --out if it is a read_jax output (never an input, nor a folder holding one)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.which and not args.export:
+        p.error("--which picks the checkpoint of a train.py --workdir to --export; --hf converts one release")
+    return args
 
 
 def _export_run(src: str, out: str, args, dtype: str):
-    """A `train.py --workdir` (its best, else latest, checkpoint on the config it saved) -> the HF layout,
-    with the run's tokenizer (`data.tokenizer`) beside the weights."""
+    """A `train.py --workdir` (its `--which` checkpoint, by default the best, else the latest, on the config
+    it saved) -> the HF layout, with the run's tokenizer (`data.tokenizer`) beside the weights."""
     import os
 
     from read_jax.build import load_model
@@ -101,7 +110,7 @@ def _export_run(src: str, out: str, args, dtype: str):
             "--workdir with checkpoints"
         )
     config = saved_run_config(src)
-    model = load_model(src, run_config=config)
+    model = load_model(src, run_config=config, which=args.which or "best")
     tok = config.data.get("tokenizer") or None
     return export_model(
         model,
@@ -129,6 +138,11 @@ def main(argv=None, *, model_fn=None) -> int:
             check_output(out, overwrite=args.overwrite, inputs=[src])
             dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
             if is_converted_checkpoint(src):
+                if args.which:
+                    raise ValueError(
+                        f"--which {args.which}: {args.export} is a converted checkpoint, which holds one set "
+                        "of weights; --which picks a checkpoint of a train.py --workdir"
+                    )
                 path = export_checkpoint(
                     src, out, merge_lora=args.merge_lora, dtype=dtype, overwrite=args.overwrite
                 )
