@@ -130,8 +130,8 @@ def _common(c) -> None:
     c.train.grad_accum = 1  # READ accumulates 10 micro-batches; here one batch of 16 images is a step
     # The CE on at most 512 supervised positions a step (no [R, E, 32003] logits): a departure from READ,
     # whose CE takes every one. In READ's fine-tune it leaves out ~91 of ~600 a step (the later turns of the
-    # VQA conversations); taking them all scored 0.438 on the test queries against 0.484 (docs/tiny_chain.md,
-    # "How much of the last 0.016 is the fine-tune's own spread").
+    # VQA conversations); taking them all scored 0.438 on the test queries against 0.484, a cap of 384 0.501
+    # (one seed each; docs/tiny_chain.md, "How much of the last 0.016 is the fine-tune's own spread").
     c.train.ce_max_tokens = 512
     c.train.dropout = False
     c.train.log_every = 25
