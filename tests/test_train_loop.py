@@ -241,6 +241,14 @@ def _get(tree, path):
     return tree
 
 
+def _convert_back(hf, back):
+    """`convert_weights.py --hf` of an export (with its CLIP directory) into `back`, in fp32."""
+    from read_jax.cli import convert as convert_cli
+
+    args = ["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--base", "smoke", "--dtype", "fp32"]
+    assert convert_cli.main([*args, "--out", str(back), "--no-progress"]) == 0
+
+
 def test_export_of_a_workdir_converts_back_to_the_trained_model(uninterrupted, tmp_path):
     """`convert_weights.py --export WORKDIR` (the run's best-else-latest checkpoint, on the config it saved)
     writes the HF READ layout with a release's tokenizer files, and converting that back gives the trained
@@ -260,8 +268,7 @@ def test_export_of_a_workdir_converts_back_to_the_trained_model(uninterrupted, t
     ):
         assert json.loads((hf / mine).read_text()) == json.loads((real / theirs).read_text()), mine
     assert not (hf / "goldens.json").exists()  # only tokenizer files travel with the weights
-    args = ["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--base", "smoke", "--dtype", "fp32"]
-    assert convert_cli.main([*args, "--out", str(back), "--no-progress"]) == 0
+    _convert_back(hf, back)
     conversion = json.loads((back / "conversion.json").read_text())
     assert conversion["ignored_keys"] == [] and conversion["uninitialized"] == []
     trained = abstract_leaves(load_model(uninterrupted))  # the config the run saved
@@ -286,8 +293,7 @@ def test_export_which_picks_the_workdir_checkpoint(uninterrupted, tmp_path, caps
         hf, back = tmp_path / f"hf_{which}", tmp_path / f"back_{which}"
         args = ["--export", str(uninterrupted), "--which", which, "--out", str(hf), "--dtype", "fp32"]
         assert convert_cli.main(args) == 0
-        args = ["--hf", str(hf), "--clip", str(hf / "vision_tower"), "--base", "smoke", "--dtype", "fp32"]
-        assert convert_cli.main([*args, "--out", str(back), "--no-progress"]) == 0
+        _convert_back(hf, back)
         want = abstract_leaves(load_trained(config, uninterrupted, which=which)[0])
         got[which] = abstract_leaves(load_model(back))
         for path, v in want.items():
